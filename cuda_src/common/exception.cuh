@@ -1,0 +1,45 @@
+// Error reporting from kernels to Python, and bounded waits.
+//
+// Every kernel that waits on a peer takes an `ErrorRecord*` (4 int32 in device memory, zeroed by
+// the host) and a timeout in nanoseconds. A wait that runs out records {code, phase, peer, rank}
+// (first writer wins) and the kernel returns; the Python launcher reads the record after the
+// stream completes and raises DeepEPTimeout naming the rank, the phase and the peer. Phase ids are
+// listed in deepep_cupy/kernel_errors.py.
+#pragma once
+#include "common/utils.cuh"
+
+namespace deepep {
+
+enum ErrorCode : int { kOk = 0, kTimeout = 1, kBadValue = 2 };
+
+struct ErrorRecord {
+    int code;
+    int phase;
+    int peer;
+    int rank;
+};
+
+DEEPEP_DEVICE void record_error(ErrorRecord* rec, int code, int phase, int peer, int rank) {
+    if (atomicCAS(&rec->code, 0, code) == 0) {
+        rec->phase = phase;
+        rec->peer = peer;
+        rec->rank = rank;
+        __threadfence_system();
+    }
+}
+
+// Spin until *flag >= expected (acquire, system scope) or the deadline passes.
+// Returns true on success; on timeout records the error and returns false.
+DEEPEP_DEVICE bool wait_geq(const uint64_t* flag, uint64_t expected, uint64_t timeout_ns,
+                            ErrorRecord* rec, int phase, int peer, int rank) {
+    const uint64_t start = global_timer_ns();
+    while (ld_acquire_sys(flag) < expected) {
+        if (global_timer_ns() - start > timeout_ns) {
+            record_error(rec, kTimeout, phase, peer, rank);
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace deepep

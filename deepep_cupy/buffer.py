@@ -1,0 +1,440 @@
+"""``Buffer``: the one public class, DeepEP's ``deep_ep.Buffer`` without PyTorch.
+
+Methods are ordered as in DeepEP: lifecycle, static helpers, high-throughput mode, low-latency
+mode. Every public method validates its arguments first (``validation.py``): bad input raises
+before anything is launched or sent, and the buffer stays usable. Then it hands CuPy views (GPU
+backend) or numpy arrays (reference backend) to the backend and returns the results in the
+caller's framework.
+
+Backends:
+    * ``"gpu"``: CUDA kernels over NVLink/NVSHMEM (``gpu_backend.py``).
+    * ``"reference"``: the same API on the CPU across the MPI ranks (``reference_backend.py``), for
+      developing MoE code with no GPU; also the oracle the GPU tests compare against.
+    * ``"auto"``: ``"gpu"`` when a GPU is visible, else ``"reference"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from . import arrays, discovery, jit
+from .config import Config
+from .errors import DeepEPInvalid, DeepEPTypeError
+from .event import EventOverlap
+from .validation import (check_index_range, expect_array, expect_bool, expect_int,
+                         expect_optional_array)
+
+__all__ = ["Buffer"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "gpu", "reference")
+
+
+class Buffer:
+    """Communication buffers and kernels for expert-parallel dispatch and combine.
+
+    Collective: every rank of ``comm`` constructs it together, and every collective method must be
+    called by every rank in the same order.
+
+    Arguments:
+        comm: an mpi4py communicator (``None``: ``MPI.COMM_WORLD``); one process per GPU, the rank
+            on its node picks the GPU. A communicator of size 1 works (a notebook).
+        num_nvl_bytes: symmetric bytes for the intranode (NVLink) high-throughput kernels.
+        num_rdma_bytes: symmetric bytes for the internode and low-latency kernels.
+        low_latency_mode: reserve the buffer for the low-latency kernels (DeepEP's flag).
+        num_qps_per_rank: RDMA queue pairs per peer (DeepEP's knob; kept for API parity).
+        ranks_per_node: ranks sharing one NVLink domain; ``None`` detects it
+            (``MPI.COMM_TYPE_SHARED``); a smaller value makes one host behave as several nodes.
+        backend: ``"auto"``, ``"gpu"`` or ``"reference"``.
+        jit_options: how kernels are compiled (``deepep_cupy.JitOptions``); default NVRTC.
+
+    Raises:
+        DeepEPInvalid / DeepEPTypeError: bad arguments. DeepEPError: GPU or NVSHMEM setup failed.
+    """
+
+    # -------------------------------------------------------------------------------- lifecycle
+    def __init__(self, comm=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 ranks_per_node: Optional[int] = None, backend: str = "auto",
+                 jit_options: Optional[jit.JitOptions] = None):
+        from mpi4py import MPI
+
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Comm):
+            raise DeepEPTypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
+        self.num_nvl_bytes = expect_int(num_nvl_bytes, "num_nvl_bytes", minimum=0)
+        self.num_rdma_bytes = expect_int(num_rdma_bytes, "num_rdma_bytes", minimum=0)
+        self.low_latency_mode = expect_bool(low_latency_mode, "low_latency_mode")
+        self.num_qps_per_rank = expect_int(num_qps_per_rank, "num_qps_per_rank", minimum=1)
+        if backend not in BACKENDS:
+            raise DeepEPInvalid(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if jit_options is not None and not isinstance(jit_options, jit.JitOptions):
+            raise DeepEPTypeError(f"jit_options: expected a JitOptions, got {type(jit_options).__name__}")
+        self.comm = comm
+        self.rank, self.num_ranks = comm.Get_rank(), comm.Get_size()
+        self.ranks_per_node = self._resolve_ranks_per_node(comm, ranks_per_node)
+        self.num_nodes = self.num_ranks // self.ranks_per_node
+
+        # every rank must pick the same backend, or the collectives below would not match
+        local_choice = backend if backend != "auto" else ("gpu" if discovery.gpu_count() > 0 else "reference")
+        choices = comm.allgather(local_choice)
+        if len(set(choices)) != 1:
+            raise DeepEPInvalid(f"backend: ranks disagree on the backend ({choices}); "
+                                "pass backend= explicitly")
+        self.backend_name = local_choice
+        if local_choice == "gpu":
+            from .gpu_backend import GpuBackend
+            self._backend = GpuBackend(comm, self.num_nvl_bytes, self.num_rdma_bytes,
+                                       self.ranks_per_node, jit_options)
+        else:
+            from .reference_backend import ReferenceBackend
+            self._backend = ReferenceBackend(comm, ranks_per_node=self.ranks_per_node)
+        self._destroyed = False
+        log.info("rank %d/%d: Buffer up (backend %s, %d nodes of %d)", self.rank, self.num_ranks,
+                 self.backend_name, self.num_nodes, self.ranks_per_node)
+
+    @staticmethod
+    def _resolve_ranks_per_node(comm, ranks_per_node) -> int:
+        from mpi4py import MPI
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        detected = local.Get_size()
+        local.Free()
+        sizes = set(comm.allgather(detected))
+        num_ranks = comm.Get_size()
+        if ranks_per_node is None:
+            if len(sizes) != 1:
+                raise DeepEPInvalid(f"ranks_per_node: nodes hold different rank counts {sorted(sizes)}; "
+                                    "pass ranks_per_node explicitly")
+            return detected
+        ranks_per_node = expect_int(ranks_per_node, "ranks_per_node", minimum=1)
+        if num_ranks % ranks_per_node or ranks_per_node > min(sizes):
+            raise DeepEPInvalid(f"ranks_per_node: expected a divisor of the {num_ranks} ranks that is at "
+                                f"most the {min(sizes)} ranks sharing a node, got {ranks_per_node}")
+        return ranks_per_node
+
+    def destroy(self) -> None:
+        """Collective: free the buffer's memory; the last buffer of the process finalises NVSHMEM.
+
+        Explicit, because garbage collection order across ranks is not collective. Idempotent.
+        """
+        if getattr(self, "_destroyed", True):
+            return
+        self._destroyed = True
+        destroy = getattr(self._backend, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def _live(self):
+        if self._destroyed:
+            raise DeepEPInvalid("self: this Buffer was destroyed")
+        return self._backend
+
+    # ---------------------------------------------------------------------------- static helpers
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """Default high-throughput dispatch configuration for ``num_ranks`` (tuned table: issue 3)."""
+        expect_int(num_ranks, "num_ranks", minimum=1)
+        return Config()
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """Default high-throughput combine configuration for ``num_ranks`` (tuned table: issue 3)."""
+        expect_int(num_ranks, "num_ranks", minimum=1)
+        return Config()
+
+    # ------------------------------------------------------------------------- arrays in and out
+    @property
+    def _device(self) -> tuple:
+        return self._backend.device if self.backend_name == "gpu" else ("cpu", None)
+
+    def _take(self, x, name: str):
+        """A validated input as the backend's array type (CuPy view or numpy)."""
+        return arrays.to_cupy(x, name) if self.backend_name == "gpu" else arrays.to_numpy(x, name)
+
+    def _give(self, arr, like_framework, dtype: Optional[str] = None):
+        """A backend result in the caller's framework (numpy stays numpy)."""
+        if arr is None or self.backend_name != "gpu":
+            return arr
+        return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
+
+    def _check_num_experts(self, num_experts) -> int:
+        num_experts = expect_int(num_experts, "num_experts", minimum=1)
+        if num_experts % self.num_ranks:
+            raise DeepEPInvalid(f"num_experts: expected a multiple of the {self.num_ranks} ranks, "
+                                f"got {num_experts}")
+        return num_experts
+
+    def _check_topk_idx(self, topk_idx, num_experts: int) -> "arrays.ArrayDesc":
+        desc = expect_array(topk_idx, "topk_idx", dtype="int64", ndim=2, device=self._device)
+        if desc.shape[1] < 1:
+            raise DeepEPInvalid(f"topk_idx: expected at least one top-k column, got shape {desc.shape}")
+        return desc
+
+    # ---------------------------------------------------------------------- high-throughput mode
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: Optional[EventOverlap] = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False) -> tuple:
+        """Count what a dispatch will send: tokens per rank, per node and per expert.
+
+        Arguments:
+            topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot.
+            num_experts: total experts over all ranks (a multiple of the rank count); expert ``e``
+                lives on rank ``e // (num_experts // num_ranks)``.
+            previous_event: wait for this ``EventOverlap`` instead of the current stream.
+            async_finish: return an event rather than making the current stream wait.
+            allocate_on_comm_stream: allocate the outputs on the communication stream.
+
+        Returns:
+            num_tokens_per_rank: int32 ``[num_ranks]``, tokens with at least one expert on each rank.
+            num_tokens_per_rdma_rank: int32 ``[num_nodes]`` likewise per node, or None on one node.
+            num_tokens_per_expert: int32 ``[num_experts]``, (token, slot) entries per expert.
+            is_token_in_rank: bool ``[num_tokens, num_ranks]``.
+            event: ``EventOverlap`` (waitable only with ``async_finish``).
+        """
+        backend = self._live()
+        num_experts = self._check_num_experts(num_experts)
+        from .layout import MAX_LAYOUT_EXPERTS
+        if num_experts > MAX_LAYOUT_EXPERTS:
+            raise DeepEPInvalid(f"num_experts: at most {MAX_LAYOUT_EXPERTS} supported, got {num_experts}")
+        desc = self._check_topk_idx(topk_idx, num_experts)
+        async_finish = expect_bool(async_finish, "async_finish")
+        allocate_on_comm_stream = expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+        idx = self._take(topk_idx, "topk_idx")
+        if self.backend_name != "gpu":
+            import numpy as np
+            check_index_range(idx, "topk_idx", -1, num_experts, np)
+            if previous_event is not None and not isinstance(previous_event, EventOverlap):
+                raise DeepEPTypeError(f"previous_event: expected an EventOverlap or None, got "
+                                      f"{type(previous_event).__name__}")
+            out = backend.get_dispatch_layout(idx, num_experts)
+            return tuple(out) + (EventOverlap(None),)
+        per_rank, per_rdma, per_expert, in_rank, event = backend.get_dispatch_layout(
+            idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
+        fw = desc.framework
+        return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
+                self._give(in_rank, fw), event)
+
+    def _reference_only(self, what: str, issue: int):
+        if self.backend_name == "gpu":
+            raise NotImplementedError(
+                f"{what} on the GPU backend lands with issue #{issue}; use backend='reference' "
+                "(CPU, same API) meanwhile")
+
+    def _check_x(self, x, name: str = "x"):
+        """``x`` is ``[T, H]`` bf16/float32, or an FP8 pair ``(x_e4m3 [T, H], scales float32 [T, H/128])``.
+        Returns (data, scales or None, data desc)."""
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise DeepEPInvalid(f"{name}: an FP8 input is a pair (x_e4m3, scales), got {len(x)} items")
+            d = expect_array(x[0], f"{name}[0]", dtype="float8_e4m3fn", ndim=2, device=self._device)
+            if d.shape[1] % 128:
+                raise DeepEPInvalid(f"{name}[0]: FP8 hidden size must be a multiple of 128, got {d.shape[1]}")
+            expect_array(x[1], f"{name}[1]", dtype="float32", shape=(d.shape[0], d.shape[1] // 128),
+                         device=self._device)
+            return self._take(x[0], f"{name}[0]"), self._take(x[1], f"{name}[1]"), d
+        d = expect_array(x, name, dtype=("bfloat16", "float32"), ndim=2, device=self._device)
+        return self._take(x, name), None, d
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> tuple:
+        """Send every token to the ranks holding its top-k experts (collective).
+
+        Arguments:
+            x: bf16 or float32 ``[T, H]``, or the FP8 pair ``(x_e4m3 [T, H], scales float32 [T, H/128])``.
+            handle: a previous dispatch's handle: cached mode (same routing, only ``x`` travels;
+                ``topk_idx``/``topk_weights`` must be None and come back as None).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert:
+                the outputs of ``get_dispatch_layout`` for ``topk_idx`` (shapes checked; routing
+                follows ``topk_idx``). ``num_tokens_per_expert`` is required (it gives num_experts).
+            topk_idx: int64 ``[T, K]`` (required without ``handle``). topk_weights: float32 ``[T, K]``.
+            expert_alignment: round each per-expert count up to a multiple of this.
+            num_worst_tokens: > 0 pads every output to this many rows and skips the host
+                synchronisation (graph-capturable); ``num_recv_tokens_per_expert_list`` is then ``[]``.
+            config, previous_event, async_finish, allocate_on_comm_stream: as DeepEP's.
+
+        Returns:
+            recv_x: like ``x`` (FP8: a pair), ``[N, H]`` ordered by source rank then token index.
+            recv_topk_idx: int64 ``[N, K]`` local expert ids, -1 elsewhere (None in cached mode).
+            recv_topk_weights: float32 ``[N, K]``, 0 where not local (None in cached mode or without weights).
+            num_recv_tokens_per_expert_list: list of ``num_experts / num_ranks`` ints (aligned).
+            handle: drives ``combine`` and cached dispatches.
+            event: ``EventOverlap``.
+        """
+        self._live()
+        self._reference_only("dispatch", 3)
+        data, scales, xd = self._check_x(x)
+        expert_alignment = expect_int(expert_alignment, "expert_alignment", minimum=1)
+        num_worst_tokens = expect_int(num_worst_tokens, "num_worst_tokens", minimum=0)
+        if config is not None and not isinstance(config, Config):
+            raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
+        num_tokens = xd.shape[0]
+        if handle is not None:
+            self._check_handle(handle, "ReferenceDispatchHandle")
+            if topk_idx is not None or topk_weights is not None:
+                raise DeepEPInvalid("topk_idx: must be None in cached mode (with handle)")
+            if num_tokens != handle.num_tokens:
+                raise DeepEPInvalid(f"x: the handle was made for {handle.num_tokens} tokens, got {num_tokens}")
+            out = self._backend.dispatch(data, scales, None, None, handle.num_experts, handle=handle)
+        else:
+            if topk_idx is None:
+                raise DeepEPInvalid("topk_idx: required without a handle (it decides the routing)")
+            if num_tokens_per_expert is None:
+                raise DeepEPInvalid("num_tokens_per_expert: required without a handle (from get_dispatch_layout)")
+            ed = expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32", ndim=1,
+                              device=self._device)
+            num_experts = self._check_num_experts(ed.shape[0])
+            kd = self._check_topk_idx(topk_idx, num_experts)
+            if kd.shape[0] != num_tokens:
+                raise DeepEPInvalid(f"topk_idx: expected {num_tokens} rows like x, got {kd.shape[0]}")
+            expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=kd.shape,
+                                  device=self._device)
+            expect_optional_array(num_tokens_per_rank, "num_tokens_per_rank", dtype="int32",
+                                  shape=(self.num_ranks,), device=self._device)
+            expect_optional_array(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtype="int32",
+                                  shape=(self.num_nodes,), device=self._device)
+            expect_optional_array(is_token_in_rank, "is_token_in_rank", dtype="bool",
+                                  shape=(num_tokens, self.num_ranks), device=self._device)
+            idx = self._take(topk_idx, "topk_idx")
+            import numpy as np
+            check_index_range(idx, "topk_idx", -1, num_experts, np)
+            weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
+            out = self._backend.dispatch(data, scales, idx, weights, num_experts, expert_alignment,
+                                         num_worst_tokens)
+        recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        return recv, recv_idx, recv_w, per_expert, new_handle, EventOverlap(None)
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> tuple:
+        """Bring every token's copies back to its source and sum them (collective; unweighted,
+        like DeepEP's normal combine).
+
+        Arguments:
+            x: bf16 or float32 ``[N, H]``, rows as ``dispatch`` returned them.
+            handle: the dispatch's handle.
+            topk_weights: float32 ``[N, K]``, reduced the same way (optional).
+            bias: ``[T, H]`` array or a pair of them (either may be None), added once.
+            config, previous_event, async_finish, allocate_on_comm_stream: as DeepEP's.
+
+        Returns:
+            combined_x ``[T, H]`` (dtype of ``x``), combined_topk_weights float32 ``[T, K]`` or None,
+            event.
+        """
+        self._live()
+        self._reference_only("combine", 3)
+        self._check_handle(handle, "ReferenceDispatchHandle")
+        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        xd = expect_array(x, "x", dtype=("bfloat16", "float32"), shape=(rows, None), device=self._device)
+        expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=(rows, None),
+                              device=self._device)
+        biases = bias if isinstance(bias, tuple) else (bias,)
+        if len(biases) > 2:
+            raise DeepEPInvalid(f"bias: expected an array or a pair, got {len(biases)} items")
+        for i, b in enumerate(biases):
+            expect_optional_array(b, f"bias[{i}]" if isinstance(bias, tuple) else "bias",
+                                  dtype=("bfloat16", "float32"), shape=(handle.num_tokens, xd.shape[1]),
+                                  device=self._device)
+        taken = tuple(None if b is None else self._take(b, "bias") for b in biases)
+        combined, combined_w = self._backend.combine(
+            self._take(x, "x"), handle,
+            None if topk_weights is None else self._take(topk_weights, "topk_weights"),
+            taken if isinstance(bias, tuple) else taken[0])
+        return combined, combined_w, EventOverlap(None)
+
+    # ---------------------------------------------------------------------------- low-latency mode
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False) -> tuple:
+        """Send each token to each of its top-k experts for decoding (collective).
+
+        Arguments:
+            x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: int64 ``[T, K]``, -1 for none.
+            num_max_dispatch_tokens_per_rank: ``M``, fixed for the buffer's life.
+            num_experts: total experts (a multiple of the rank count).
+            use_fp8: cast to e4m3 with one float scale per 128 channels; round_scale: powers-of-two
+                scales; use_ue8m0: pack those as exponent bytes (needs round_scale).
+            async_finish, return_recv_hook: as DeepEP's (the reference backend finishes at once and
+                its hook does nothing).
+
+        Returns:
+            recv_x: bf16 ``[L, R*M, H]`` or the pair ``(e4m3 [L, R*M, H], scales)``; recv_count
+            int32 ``[L]``; handle; event; hook (None without ``return_recv_hook``).
+        """
+        self._live()
+        self._reference_only("low_latency_dispatch", 4)
+        m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
+        num_experts = self._check_num_experts(num_experts)
+        xd = expect_array(x, "x", dtype="bfloat16", ndim=2, device=self._device)
+        kd = self._check_topk_idx(topk_idx, num_experts)
+        for flag, name in ((use_fp8, "use_fp8"), (round_scale, "round_scale"), (use_ue8m0, "use_ue8m0"),
+                           (async_finish, "async_finish"), (return_recv_hook, "return_recv_hook")):
+            expect_bool(flag, name)
+        if kd.shape[0] != xd.shape[0]:
+            raise DeepEPInvalid(f"topk_idx: expected {xd.shape[0]} rows like x, got {kd.shape[0]}")
+        if xd.shape[0] > m:
+            raise DeepEPInvalid(f"x: {xd.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m}")
+        if use_fp8 and xd.shape[1] % 128:
+            raise DeepEPInvalid(f"x: FP8 dispatch needs a hidden size that is a multiple of 128, got {xd.shape[1]}")
+        if use_ue8m0 and not round_scale:
+            raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
+        idx = self._take(topk_idx, "topk_idx")
+        import numpy as np
+        check_index_range(idx, "topk_idx", -1, num_experts, np)
+        recv_x, recv_count, handle = self._backend.low_latency_dispatch(
+            self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
+        hook = (lambda: None) if return_recv_hook else None
+        return recv_x, recv_count, handle, EventOverlap(None), hook
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None) -> tuple:
+        """Weighted sum of each token's top-k expert outputs, back at its source (collective).
+
+        Arguments:
+            x: bf16 ``[L, R*M, H]`` expert outputs in the layout ``low_latency_dispatch`` returned.
+            topk_idx: int64 ``[T, K]`` as dispatched. topk_weights: float32 ``[T, K]``.
+            handle: the dispatch's handle. zero_copy, async_finish, return_recv_hook: as DeepEP's.
+            out: optional bf16 ``[T, H]`` to write into.
+
+        Returns:
+            combined_x bf16 ``[T, H]``, event, hook (None without ``return_recv_hook``).
+        """
+        self._live()
+        self._reference_only("low_latency_combine", 4)
+        self._check_handle(handle, "ReferenceLowLatencyHandle")
+        num_local = handle.num_experts // self.num_ranks
+        slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+        expect_array(x, "x", dtype="bfloat16", shape=(num_local, slots, handle.hidden), device=self._device)
+        kd = self._check_topk_idx(topk_idx, handle.num_experts)
+        if kd.shape[0] != handle.num_tokens:
+            raise DeepEPInvalid(f"topk_idx: the handle was made for {handle.num_tokens} tokens, got {kd.shape[0]}")
+        expect_array(topk_weights, "topk_weights", dtype="float32", shape=kd.shape, device=self._device)
+        expect_optional_array(out, "out", dtype="bfloat16", shape=(handle.num_tokens, handle.hidden),
+                              device=self._device)
+        combined = self._backend.low_latency_combine(
+            self._take(x, "x"), self._take(topk_idx, "topk_idx"), self._take(topk_weights, "topk_weights"),
+            handle, out=None if out is None else self._take(out, "out"))
+        hook = (lambda: None) if return_recv_hook else None
+        return (out if out is not None else combined), EventOverlap(None), hook
+
+    def _check_handle(self, handle, kind: str) -> None:
+        if type(handle).__name__ != kind:
+            raise DeepEPTypeError(f"handle: expected the {kind} returned by this backend's dispatch, "
+                                  f"got {type(handle).__name__}")
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self._destroyed else self.backend_name
+        return f"Buffer(rank={self.rank}, num_ranks={self.num_ranks}, {state})"

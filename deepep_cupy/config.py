@@ -1,0 +1,89 @@
+"""Settings and the high-throughput kernel configuration. The only module that reads os.environ.
+
+``settings`` holds process-wide knobs (cache folder, timeouts, value checks). Each attribute is
+typed and documented; an environment variable is only its fallback default, read once at import.
+Change a setting in code with ``deepep_cupy.settings.<name> = value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import DeepEPInvalid
+
+__all__ = ["Settings", "settings", "Config"]
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw is None else float(raw)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Process-wide settings.
+
+    Attributes:
+        cache_dir: where compiled kernels are kept ($DEEPEP_CUPY_CACHE_DIR, default
+            ~/.cache/deepep_cupy/kernels).
+        cuda_src_dir: override of the kernel-source folder ($DEEPEP_CUPY_CUDA_SRC); None = built in.
+        jit_route: default compile route, "nvrtc" or "nvcc" ($DEEPEP_CUPY_JIT_ROUTE).
+        timeout_seconds: how long a GPU wait loop spins before it gives up with an exception naming
+            the rank and the phase ($DEEPEP_CUPY_TIMEOUT_S, default 100 s, like DeepEP's).
+        check_values: check index values (expert ids in [-1, num_experts)) before a launch; costs one
+            small device reduction and a host read, skipped during CUDA-graph capture
+            ($DEEPEP_CUPY_CHECK_VALUES, default on).
+        nvshmem_home: NVSHMEM install to use instead of the pip wheel ($NVSHMEM_HOME).
+    """
+
+    cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        "DEEPEP_CUPY_CACHE_DIR", str(Path.home() / ".cache" / "deepep_cupy" / "kernels")))
+    cuda_src_dir: Optional[str] = dataclasses.field(
+        default_factory=lambda: os.environ.get("DEEPEP_CUPY_CUDA_SRC"))
+    jit_route: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("DEEPEP_CUPY_JIT_ROUTE", "nvrtc"))
+    timeout_seconds: float = dataclasses.field(
+        default_factory=lambda: _env_float("DEEPEP_CUPY_TIMEOUT_S", 100.0))
+    check_values: bool = dataclasses.field(
+        default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_VALUES", True))
+    nvshmem_home: Optional[str] = dataclasses.field(
+        default_factory=lambda: os.environ.get("NVSHMEM_HOME"))
+
+
+settings = Settings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """SM budget and chunking of the high-throughput kernels (DeepEP's ``Config``).
+
+    Arguments:
+        num_sms: SMs the communication kernels may occupy (even: one send and one receive SM per
+            channel, as in DeepEP).
+        num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens: NVLink chunk sizes.
+        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: RDMA chunk sizes.
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise DeepEPInvalid(f"Config.{f.name}: expected a positive int, got {v!r}")
+        if self.num_sms % 2:
+            raise DeepEPInvalid(f"Config.num_sms: expected an even number, got {self.num_sms}")

@@ -1,0 +1,106 @@
+"""The GPU backend of ``Buffer``: NVSHMEM runtime, symmetric memory, communication stream, kernels.
+
+Arrays reaching this module are CuPy views (see ``arrays.to_cupy``), already validated by the
+front end (``buffer.py``); results go back as CuPy arrays and the front end hands them out in the
+caller's framework.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from . import jit
+from .config import settings
+from .layout import LayoutKernel
+from .runtime import nvshmem as nvshmem_runtime
+from .streams import CommStreamScope
+from .validation import check_index_range
+
+__all__ = ["GpuBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class GpuBackend:
+    """Owns this rank's share of the buffer on its GPU.
+
+    Arguments:
+        comm: mpi4py communicator. num_nvl_bytes, num_rdma_bytes: symmetric memory to allocate
+        (one NVSHMEM allocation of their sum). ranks_per_node: NVLink domain size.
+        jit_options: how kernels are compiled.
+    """
+
+    name = "gpu"
+
+    def __init__(self, comm, num_nvl_bytes: int, num_rdma_bytes: int, ranks_per_node: int,
+                 jit_options: Optional[jit.JitOptions] = None):
+        import cupy
+
+        self.comm = comm
+        self.num_ranks = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.ranks_per_node = ranks_per_node
+        self.jit_options = jit_options or jit.JitOptions(route=settings.jit_route)
+        self.runtime = nvshmem_runtime.acquire(comm, num_nvl_bytes + num_rdma_bytes)
+        try:
+            self.device_id = self.runtime.device_id
+            cupy.cuda.Device(self.device_id).use()
+            self.comm_stream = cupy.cuda.Stream(non_blocking=True)
+            total = num_nvl_bytes + num_rdma_bytes
+            self.symmetric = self.runtime.alloc(total) if total > 0 else None
+            if self.symmetric is not None:
+                self.symmetric.fill(0)
+                cupy.cuda.Device(self.device_id).synchronize()
+            self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+            self._layout: Optional[LayoutKernel] = None
+        except BaseException:
+            nvshmem_runtime.release()
+            raise
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> tuple:
+        """``("cuda", device_id)``: where inputs must live."""
+        return ("cuda", self.device_id)
+
+    def destroy(self) -> None:
+        """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM."""
+        import cupy
+        cupy.cuda.Device(self.device_id).synchronize()
+        if self.symmetric is not None:
+            self.comm.Barrier()   # nobody may still be writing into our memory
+            self.runtime.free(self.symmetric)
+            self.symmetric = None
+        nvshmem_runtime.release()
+
+    def peer_view(self, pe: int):
+        """A CuPy uint8 view of PE ``pe``'s symmetric buffer over NVLink, or None if unreachable."""
+        import cupy
+        if self.symmetric is None:
+            return None
+        ptr = self.runtime.peer_ptr(self.symmetric, pe)
+        if ptr == 0:
+            return None
+        mem = cupy.cuda.UnownedMemory(ptr, self.symmetric.nbytes, self)
+        return cupy.ndarray((self.symmetric.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+
+    def layout_kernel(self) -> LayoutKernel:
+        """The layout kernel for this rank count (compiled or loaded on first use)."""
+        if self._layout is None:
+            self._layout = LayoutKernel(self.num_ranks, self.ranks_per_node, self.jit_options)
+        return self._layout
+
+    # ------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event, async_finish: bool,
+                            allocate_on_comm_stream: bool) -> tuple:
+        """See ``Buffer.get_dispatch_layout``; ``topk_idx`` is a CuPy int64 [T, K]."""
+        import cupy
+        kernel = self.layout_kernel()
+        if settings.check_values and not cupy.cuda.get_current_stream().is_capturing():
+            check_index_range(topk_idx, "topk_idx", -1, num_experts, cupy)
+        with CommStreamScope(self.comm_stream, previous_event, async_finish,
+                             allocate_on_comm_stream) as scope:
+            outputs = kernel(topk_idx, num_experts, self.comm_stream)
+        event = scope.finish(keep_alive=(topk_idx,) + tuple(o for o in outputs if o is not None))
+        return outputs + (event,)

@@ -1,0 +1,51 @@
+"""The error record kernels write (cuda_src/common/exception.cuh) and its translation to exceptions."""
+
+from __future__ import annotations
+
+from .errors import DeepEPError, DeepEPTimeout
+
+__all__ = ["PHASES", "ErrorRecordArray", "raise_if_error"]
+
+# phase ids written by kernels -> names users read in exceptions
+PHASES = {
+    1: "selftest ring signal wait",
+    2: "selftest peer mapping (nvshmem_ptr returned NULL)",
+}
+
+_CODES = {1: "timed out", 2: "bad value"}
+
+
+class ErrorRecordArray:
+    """A zeroed int32[4] device array {code, phase, peer, rank} that kernels report into."""
+
+    def __init__(self):
+        import cupy
+        self.array = cupy.zeros(4, dtype=cupy.int32)
+
+    @property
+    def ptr(self) -> int:
+        """Device address to pass to kernels."""
+        return int(self.array.data.ptr)
+
+    def reset(self, stream=None) -> None:
+        """Zero it (on ``stream`` when given)."""
+        import cupy
+        with (stream or cupy.cuda.get_current_stream()):
+            self.array.fill(0)
+
+    def check(self, what: str) -> None:
+        """Read the record (synchronises with the device) and raise if a kernel reported an error."""
+        raise_if_error(self.array.get().tolist(), what)
+
+
+def raise_if_error(record, what: str) -> None:
+    """Raise ``DeepEPTimeout``/``DeepEPError`` for a non-zero record ``[code, phase, peer, rank]``."""
+    code, phase, peer, rank = (int(v) for v in record)
+    if code == 0:
+        return
+    phase_name = PHASES.get(phase, f"phase {phase}")
+    msg = (f"{what}: rank {rank} {_CODES.get(code, f'error {code}')} in {phase_name} "
+           f"waiting on rank {peer}")
+    if code == 1:
+        raise DeepEPTimeout(msg + " (the peer never arrived: did every rank make the same call?)")
+    raise DeepEPError(msg)

@@ -1,0 +1,22 @@
+"""The registry of JIT instances: every kernel the package can build, for the CPU compile tests
+and for warming the cache (scripts/warm_cache.py)."""
+
+from __future__ import annotations
+
+from typing import List
+
+from . import jit
+from .layout import LayoutKernel
+from .selftest import SELFTEST_SPEC
+
+__all__ = ["all_specs"]
+
+
+def all_specs(rank_counts=(2, 4, 8), ranks_per_node=8) -> List[jit.KernelSpec]:
+    """One spec per kernel source and configuration that a run on up to 8 GPUs per node needs."""
+    specs = [SELFTEST_SPEC]
+    for r in rank_counts:
+        specs.append(LayoutKernel.spec_for(r, min(r, ranks_per_node)))
+    specs.append(LayoutKernel.spec_for(16, ranks_per_node))      # two nodes of eight
+    specs.append(LayoutKernel.spec_for(128, ranks_per_node))     # the generic (> 64 ranks) path
+    return specs

@@ -1,0 +1,290 @@
+"""CPU "reference" backend: deepep_cupy's operations across real MPI ranks, on numpy arrays.
+
+Each MPI process is one rank. The backend runs exactly the per-rank pieces of
+:mod:`deepep_cupy.reference` (pack on the sender, unpack/reduce on the receiver) and moves the
+pieces with ``comm.alltoall`` (each rank sends every other rank only the rows meant for it), so
+its results are bit-identical to the single-process reference model.
+
+Arguments reach this class already validated by the ``Buffer`` front end. Every method is a
+collective: all ranks must call the same methods in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import reference as ref
+from .errors import DeepEPInvalid
+
+__all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceDispatchHandle:
+    """Routing of one high-throughput dispatch, kept on every rank; drives cached dispatch and
+    combine.
+
+    Fields:
+        is_token_in_rank: bool ``[T, R]`` of this rank's tokens (sender side).
+        rank_prefix_matrix: int32 ``[R, R]``; ``[i][j]`` = tokens rank ``j`` receives from ranks
+            ``0..i`` (identical on all ranks).
+        recv_src_rank: int32 ``[N]`` source rank of each received row (-1 for padding).
+        recv_src_idx: int32 ``[N]`` source token index of each received row (-1 for padding).
+        num_tokens: ``T`` of this rank.
+        num_recv_tokens: real received rows on this rank (``N`` may be larger when padded).
+        num_worst_tokens: the padding of the original dispatch (0 = none); cached dispatches
+            reuse it so rows stay aligned.
+        num_experts: ``E``.
+        hidden: ``H`` of the original dispatch.
+        src_num_tokens: tuple of ``T_s`` of every rank.
+    """
+
+    is_token_in_rank: np.ndarray
+    rank_prefix_matrix: np.ndarray
+    recv_src_rank: np.ndarray
+    recv_src_idx: np.ndarray
+    num_tokens: int
+    num_recv_tokens: int
+    num_worst_tokens: int
+    num_experts: int
+    hidden: int
+    src_num_tokens: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceLowLatencyHandle:
+    """Routing of one low-latency dispatch (receiver-side layout), used by the combine.
+
+    Fields:
+        recv_src_info: int32 ``[L, R*M]`` source token index of each slot (-1 unused).
+        recv_src_k: int32 ``[L, R*M]`` top-k slot of each entry (-1 unused).
+        layout_begin: int32 ``[L, R]`` first slot of source ``s``'s entries for expert ``l``.
+        layout_count: int32 ``[L, R]`` number of those entries.
+        num_max_dispatch_tokens_per_rank: ``M``.
+        hidden: ``H``.
+        num_experts: ``E``.
+        num_tokens: ``T`` of this rank at dispatch.
+        use_fp8, use_ue8m0: flags of the dispatch.
+
+    Property ``layout_range``: int64 ``[L, R]`` = ``(begin << 32) | count``.
+    """
+
+    recv_src_info: np.ndarray
+    recv_src_k: np.ndarray
+    layout_begin: np.ndarray
+    layout_count: np.ndarray
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    num_tokens: int
+    use_fp8: bool
+    use_ue8m0: bool
+
+    @property
+    def layout_range(self) -> np.ndarray:
+        """int64 ``[L, R]``: ``(int64(layout_begin) << 32) | layout_count``."""
+        return ((self.layout_begin.astype(np.int64) << 32)
+                | self.layout_count.astype(np.int64))
+
+
+def _detect_ranks_per_node(comm) -> int:
+    """Ranks per node from ``MPI.COMM_TYPE_SHARED``; the world size when nodes are uneven."""
+    from mpi4py import MPI
+
+    size = comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        local_size = local.Get_size()
+    finally:
+        local.Free()
+    sizes = comm.allgather(local_size)
+    if len(set(sizes)) == 1 and size % sizes[0] == 0:
+        return sizes[0]
+    return size
+
+
+class ReferenceBackend:
+    """Runs deepep_cupy's operations on the CPU across the ranks of an MPI communicator.
+
+    Arguments:
+        comm: an ``mpi4py`` communicator (any size, including 1); every process is one rank.
+        ranks_per_node: ranks per node (node of rank ``r`` is ``r // ranks_per_node``); ``None``
+            detects it with ``MPI.COMM_TYPE_SHARED`` (a collective call). It only affects
+            ``num_tokens_per_rdma_rank``.
+    """
+
+    def __init__(self, comm, ranks_per_node: Optional[int] = None):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.num_ranks = comm.Get_size()
+        if ranks_per_node is None:
+            ranks_per_node = _detect_ranks_per_node(comm)
+        self.ranks_per_node = int(ranks_per_node)
+
+    # ---------------------------------------------------------------- high throughput
+
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        """Layout of this rank's tokens (local, no communication).
+
+        Arguments:
+            topk_idx: int64 ``[T, K]``.
+            num_experts: ``E``.
+
+        Returns:
+            ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R/ranks_per_node]
+            or None, num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])``.
+        """
+        return ref.get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.ranks_per_node)
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment=1,
+                 num_worst_tokens=0, handle: Optional[ReferenceDispatchHandle] = None):
+        """High-throughput dispatch (collective).
+
+        Arguments:
+            x: ``[T, H]`` (bf16, float32, float8_e4m3fn, ...).
+            x_scales: ``[T, S]`` scales for FP8 ``x``, or ``None``.
+            topk_idx: int64 ``[T, K]``, ignored with ``handle``.
+            topk_weights: float32 ``[T, K]`` or ``None``, ignored with ``handle``.
+            num_experts: ``E``.
+            expert_alignment: alignment of the per-expert counts.
+            num_worst_tokens: 0, or the padded row count. With ``handle`` the handle's value is
+                used.
+            handle: a :class:`ReferenceDispatchHandle` for a cached dispatch (same routing, only
+                ``x``/``x_scales`` travel).
+
+        Returns:
+            ``(recv_x [N, H], recv_x_scales [N, S] or None, recv_topk_idx int64 [N, K] or None,
+            recv_topk_weights float32 [N, K] or None, num_recv_tokens_per_expert_list (list of
+            L ints; [] when num_worst_tokens > 0; None when cached), handle)``.
+
+        Raises:
+            DeepEPInvalid: some rank would receive more than ``num_worst_tokens`` tokens (raised
+            on every rank, before any data moves).
+        """
+        comm = self.comm
+        num_ranks = self.num_ranks
+        if handle is not None:
+            pieces = ref.dispatch_pack(x, x_scales, None, None, handle.is_token_in_rank)
+            received = comm.alltoall(pieces)
+            res = ref.dispatch_unpack(
+                received, rank=self.rank, num_experts=handle.num_experts,
+                rank_prefix_matrix=handle.rank_prefix_matrix,
+                src_num_tokens=handle.src_num_tokens, x_template=x[:0],
+                scales_template=None if x_scales is None else x_scales[:0],
+                num_topk=0, with_topk=False, with_weights=False,
+                num_worst_tokens=handle.num_worst_tokens)
+            return res.recv_x, res.recv_x_scales, None, None, None, handle
+
+        topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
+        is_token_in_rank = ref.token_in_rank(topk_idx, num_experts, num_ranks)
+        counts = is_token_in_rank.sum(axis=0, dtype=np.int64)
+        gathered = comm.allgather((int(x.shape[0]), counts))
+        src_num_tokens = tuple(g[0] for g in gathered)
+        prefix = ref.rank_prefix_matrix_from_counts(np.stack([g[1] for g in gathered]))
+        if num_worst_tokens > 0:
+            totals = prefix[-1]
+            too_many = np.nonzero(totals > num_worst_tokens)[0]
+            if too_many.size:
+                r = int(too_many[0])
+                raise DeepEPInvalid(f"num_worst_tokens={num_worst_tokens} is too small: rank {r} "
+                                    f"receives {int(totals[r])} tokens")
+        pieces = ref.dispatch_pack(x, x_scales, topk_idx, topk_weights, is_token_in_rank)
+        received = comm.alltoall(pieces)
+        res = ref.dispatch_unpack(
+            received, rank=self.rank, num_experts=num_experts, rank_prefix_matrix=prefix,
+            src_num_tokens=src_num_tokens, x_template=x[:0],
+            scales_template=None if x_scales is None else x_scales[:0],
+            num_topk=topk_idx.shape[1], with_topk=True, with_weights=topk_weights is not None,
+            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
+        new_handle = ReferenceDispatchHandle(
+            is_token_in_rank=is_token_in_rank, rank_prefix_matrix=res.rank_prefix_matrix,
+            recv_src_rank=res.recv_src_rank, recv_src_idx=res.recv_src_idx,
+            num_tokens=int(x.shape[0]), num_recv_tokens=res.num_recv_tokens,
+            num_worst_tokens=int(num_worst_tokens), num_experts=int(num_experts),
+            hidden=int(x.shape[1]), src_num_tokens=src_num_tokens)
+        return (res.recv_x, res.recv_x_scales, res.recv_topk_idx, res.recv_topk_weights,
+                res.num_recv_tokens_per_expert_list, new_handle)
+
+    def combine(self, x, handle: ReferenceDispatchHandle, topk_weights=None, bias=None):
+        """High-throughput combine (collective): sum every token's copies back at its source.
+
+        Arguments:
+            x: ``[N, H]`` rows aligned with the dispatch output (padding rows ignored).
+            handle: the :class:`ReferenceDispatchHandle` of the dispatch.
+            topk_weights: float32 ``[N, K]`` or ``None``.
+            bias: ``None``, a ``[T, H]`` array, or a pair ``(b0, b1)``; added once.
+
+        Returns:
+            ``(combined_x [T, H] dtype of x, combined_topk_weights float32 [T, K] or None)``.
+        """
+        pieces = ref.combine_pack(x, topk_weights, handle.rank_prefix_matrix, self.rank)
+        received = self.comm.alltoall(pieces)
+        token_indices = [np.nonzero(handle.is_token_in_rank[:, r])[0]
+                         for r in range(self.num_ranks)]
+        return ref.combine_reduce(
+            token_indices, received, num_tokens=handle.num_tokens, hidden=x.shape[1],
+            out_dtype=x.dtype, num_topk=0 if topk_weights is None else topk_weights.shape[1],
+            with_weights=topk_weights is not None, bias=bias)
+
+    # ---------------------------------------------------------------- low latency
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             use_fp8=True, round_scale=False, use_ue8m0=False):
+        """Low-latency dispatch (collective).
+
+        Arguments:
+            x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: int64 ``[T, K]``.
+            num_max_dispatch_tokens_per_rank: ``M``.
+            num_experts: ``E``.
+            use_fp8, round_scale, use_ue8m0: as :func:`deepep_cupy.reference.low_latency_dispatch`.
+
+        Returns:
+            ``(recv_x, recv_count int32 [L], handle)``; ``recv_x`` is bf16 ``[L, R*M, H]``, or
+            with ``use_fp8`` the pair ``(float8_e4m3fn [L, R*M, H], scales)`` with scales float32
+            ``[L, R*M, H/128]`` or packed int32 ``[L, R*M, ceil(H/512)]``.
+        """
+        topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
+        pieces = ref.low_latency_pack(x, topk_idx, num_experts, self.num_ranks, use_fp8,
+                                      round_scale, use_ue8m0)
+        received = self.comm.alltoall(pieces)
+        res = ref.low_latency_unpack(
+            received, rank=self.rank, num_experts=num_experts,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            hidden=x.shape[1], use_fp8=use_fp8, use_ue8m0=use_ue8m0)
+        handle = ReferenceLowLatencyHandle(
+            recv_src_info=res.recv_src_info, recv_src_k=res.recv_src_k,
+            layout_begin=res.layout_begin, layout_count=res.layout_count,
+            num_max_dispatch_tokens_per_rank=int(num_max_dispatch_tokens_per_rank),
+            hidden=int(x.shape[1]), num_experts=int(num_experts), num_tokens=int(x.shape[0]),
+            use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0))
+        recv_x = (res.recv_x, res.recv_x_scales) if use_fp8 else res.recv_x
+        return recv_x, res.recv_count, handle
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: ReferenceLowLatencyHandle,
+                            out=None):
+        """Low-latency combine (collective): weighted sum over the top-k experts.
+
+        Arguments:
+            x: bf16 ``[L, R*M, H]`` expert outputs in the received layout.
+            topk_idx: int64 ``[T, K]`` as dispatched.
+            topk_weights: float32 ``[T, K]``.
+            handle: the :class:`ReferenceLowLatencyHandle` of the dispatch.
+            out: optional bf16 ``[T, H]`` array written in place and returned.
+
+        Returns:
+            bf16 ``[T, H]``.
+        """
+        topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
+        pieces = ref.low_latency_combine_pack(x, handle.layout_begin, handle.layout_count)
+        received = self.comm.alltoall(pieces)
+        combined = ref.low_latency_combine_reduce(received, topk_idx,
+                                                  np.asarray(topk_weights, dtype=np.float32),
+                                                  handle.num_experts, handle.hidden)
+        if out is not None:
+            out[...] = combined
+            return out
+        return combined

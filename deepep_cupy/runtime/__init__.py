@@ -1,0 +1,1 @@
+"""Process-level runtime: the NVSHMEM library lifecycle (see nvshmem.py)."""

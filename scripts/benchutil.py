@@ -1,0 +1,40 @@
+"""Timing helpers for scripts/bench_*.py (benchmarks are scripts, never timed tests).
+
+``time_calls`` follows DeepEP's method so figures compare: flush L2 before each call, CUDA events
+around each call (so host overhead that delays the GPU counts), many calls after warm-up; it
+returns every sample so the caller can report the median and the spread.
+"""
+
+import statistics
+
+
+def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True):
+    """Per-call times in microseconds (list), events on the current stream around each call."""
+    import cupy as cp
+    cache = cp.empty(256 << 20, dtype=cp.int8) if flush_l2 else None
+    for _ in range(num_warmups):
+        fn()
+    cp.cuda.Device().synchronize()
+    starts = [cp.cuda.Event() for _ in range(num_tests)]
+    ends = [cp.cuda.Event() for _ in range(num_tests)]
+    for i in range(num_tests):
+        if cache is not None:
+            cache.fill(i & 0x7F)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    cp.cuda.Device().synchronize()
+    return [cp.cuda.get_elapsed_time(s, e) * 1000.0 for s, e in zip(starts, ends)]
+
+
+def summarize(samples):
+    """(median, p10, p90) of a list of numbers."""
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+    return statistics.median(s), pick(0.1), pick(0.9)
+
+
+def fmt_us(samples):
+    """'12.3 us (p10 11.9, p90 13.0)'."""
+    med, lo, hi = summarize(samples)
+    return f"{med:8.2f} us (p10 {lo:.2f}, p90 {hi:.2f})"

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine (run from the repository root, with .whl/ carried):
+#
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo (default: all)
+#
+# Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
+# only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
+# runs the GPU test tier under `mpirun -n $NUM_RANKS`, the benchmarks and the demo, writes every
+# log under $OUT (or ./out), and prints a short table last.
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUTD="${OUT:-$ROOT/out}"
+mkdir -p "$OUTD"
+STEPS="${1:-env,tests,bench,demo}"
+NUM_RANKS="${NUM_RANKS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
+T0=$(date +%s)
+say() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+declare -a TABLE=()
+row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+# ---- environment the shared GPU machine requires, in every process -----------------------------
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NVSHMEM_REMOTE_TRANSPORT="${NVSHMEM_REMOTE_TRANSPORT:-none}"   # one node: NVLink only
+export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}"
+export NVSHMEM_DISABLE_NCCL=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false        # JAX must leave memory for NVSHMEM
+export PYTHONUNBUFFERED=1
+export DEEPEP_CUPY_CACHE_DIR="${DEEPEP_CUPY_CACHE_DIR:-/tmp/deepep_cupy_cache}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+PY="${PY:-python3}"
+
+# ---- carried wheels ----------------------------------------------------------------------------
+SITE=/tmp/deepep_site
+if [ -d .whl ]; then
+  rm -rf "$SITE"; mkdir -p "$SITE"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE/py" \
+      .whl/nvshmem4py_cu13-*.whl .whl/cuda_core-*.whl .whl/cuda_pathfinder-*.whl 2>&1 | tail -3
+fi
+export PYTHONPATH="$ROOT:$SITE/py${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- MPI launcher: the image's Open MPI, else carried MPICH -------------------------------------
+MPIRUN="mpirun --oversubscribe --bind-to none"
+mpi_ok() { timeout 60 $MPIRUN -n 2 $PY -c "from mpi4py import MPI; import sys; sys.exit(0 if MPI.COMM_WORLD.Get_size()==2 else 3)" >/dev/null 2>&1; }
+if ! mpi_ok && ls .whl/mpich-*.whl >/dev/null 2>&1; then
+  say "image mpirun + mpi4py failed; using carried MPICH"
+  $PY -m pip install -q --no-index --no-deps --prefix "$SITE/mpich" .whl/mpich-*.whl 2>&1 | tail -3
+  LIBMPI="$(find "$SITE/mpich" -name 'libmpi.so.12' | head -1)"
+  export MPI4PY_LIBMPI="$LIBMPI" LD_LIBRARY_PATH="$(dirname "$LIBMPI")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  MPIRUN="$(find "$SITE/mpich" -name mpiexec.hydra | head -1)"
+fi
+mpi_ok && row "mpi launcher" "$MPIRUN" || row "mpi launcher" "BROKEN ($MPIRUN)"
+
+if [[ "$STEPS" == *env* ]]; then
+  say "environment"
+  { nvidia-smi -L; nvidia-smi topo -m | head -4; $PY - <<'EOF'
+import importlib
+for m in ("cupy", "numpy", "mpi4py", "cuda.bindings", "cuda.core", "cuda.pathfinder", "nvshmem", "jax", "torch", "ml_dtypes"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m:16s} {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{m:16s} IMPORT FAILED {e!r}")
+from deepep_cupy import discovery
+print("nvshmem", discovery.nvshmem())
+print("cuda headers", discovery.cuda_headers())
+EOF
+  } 2>&1 | tee "$OUTD/env.log"
+fi
+
+if [[ "$STEPS" == *tests* ]]; then
+  say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
+  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -p no:cacheprovider tests/gpu tests/multirank \
+      > "$OUTD/gpu_tests.log" 2>&1
+  rc=$?
+  grep -E "passed|failed|error|Error" "$OUTD/gpu_tests.log" | tail -6
+  row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUTD/gpu_tests.log" | tail -2 | tr '\n' ' ')"
+  say "CPU tier on the GPU machine's python (single process)"
+  timeout -k 10 300 $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_mpi_launch.py \
+      --ignore=tests/gpu --ignore=tests/multirank > "$OUTD/cpu_tests.log" 2>&1
+  rc=$?
+  row "cpu tier (single process)" "rc=$rc $(tail -1 "$OUTD/cpu_tests.log")"
+fi
+
+if [[ "$STEPS" == *bench* ]]; then
+  say "bench_layout"
+  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY scripts/bench_layout.py > "$OUTD/bench_layout.log" 2>&1
+  row "bench_layout" "rc=$?"
+  tail -25 "$OUTD/bench_layout.log"
+fi
+
+if [[ "$STEPS" == *demo* ]]; then
+  say "demo"
+  timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/demo.py > "$OUTD/demo.log" 2>&1
+  row "demo" "rc=$? $(grep -E '^DEMO' "$OUTD/demo.log" | tail -1)"
+fi
+
+say "done; logs in $OUTD"
+echo "-------------------------------------------------------------------------------"
+for l in "${TABLE[@]}"; do echo "$l"; done
+grep -h -A5 "SUMMARY" "$OUTD"/bench_*.log 2>/dev/null

@@ -1,0 +1,57 @@
+"""GPU tier: the NVSHMEM runtime lifecycle and a symmetric exchange between all ranks.
+
+Run with ``mpirun -n 2 python -m pytest tests/gpu`` on the GPU machine; skips without GPUs.
+These tests come first in the file order because they need NVSHMEM not to be running yet.
+"""
+
+import pytest
+
+from testutil import assert_all_ranks, gpu_skip_reason, world
+
+pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
+
+
+def test_init_exchange_finalize_twice_in_one_process():
+    import deepep_cupy as ep
+    from deepep_cupy import selftest
+    from deepep_cupy.runtime import nvshmem as rt
+
+    comm = world()
+    assert rt.active() is None, "another test left NVSHMEM running"
+    for round_id in (1, 2):
+        buf = ep.Buffer(comm, num_nvl_bytes=16 << 20, backend="gpu")
+        assert rt.active() is not None and rt.active().num_ranks == comm.Get_size()
+        report = selftest.symmetric_exchange(buf, num_bytes=4 << 20, round_id=round_id)
+        assert_all_ranks(comm, report.ok, str(report))
+        assert report.put_bytes == 4 << 20 and report.put_mismatches == 0
+        assert report.peer_mapped and report.store_mismatches == 0
+        buf.destroy()
+        buf.destroy()  # idempotent
+        assert rt.active() is None, "the last buffer must finalise NVSHMEM"
+
+
+def test_finalised_only_when_the_last_buffer_goes():
+    import deepep_cupy as ep
+    from deepep_cupy import selftest
+    from deepep_cupy.runtime import nvshmem as rt
+
+    comm = world()
+    with ep.Buffer(comm, num_nvl_bytes=4 << 20, backend="gpu") as first:
+        second = ep.Buffer(comm, num_nvl_bytes=4 << 20, backend="gpu")
+        assert rt.active() is not None
+        second.destroy()
+        assert rt.active() is not None, "first buffer still holds NVSHMEM"
+        report = selftest.symmetric_exchange(first, num_bytes=1 << 20, round_id=7)
+        assert_all_ranks(comm, report.ok, str(report))
+    assert rt.active() is None
+
+
+def test_destroyed_buffer_rejects_calls():
+    import numpy as np
+    import cupy as cp
+    import deepep_cupy as ep
+
+    buf = ep.Buffer(world(), num_nvl_bytes=1 << 20, backend="gpu")
+    buf.destroy()
+    with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
+        buf.get_dispatch_layout(cp.asarray(np.zeros((4, 2), np.int64)), 8)

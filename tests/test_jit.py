@@ -1,0 +1,112 @@
+"""The JIT on the CPU: every kernel compiles for sm_90 through the path users hit (NVRTC, and the
+nvcc device-link route), the disk cache hits and misses when it should, errors carry the log."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import deepep_cupy as ep
+from deepep_cupy import jit, kernels
+from deepep_cupy.config import settings
+from deepep_cupy.errors import DeepEPCompileError, DeepEPInvalid
+
+ROUTES = ["nvrtc", "nvcc"]
+
+
+def _route_available(route):
+    if route == "nvcc":
+        try:
+            from deepep_cupy import discovery
+            discovery.nvcc_path()
+        except Exception as e:  # noqa: BLE001
+            return str(e)
+    return None
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "cache_dir", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("spec", kernels.all_specs(), ids=lambda s: f"{s.source}{dict(s.defines)}")
+def test_every_kernel_compiles_for_sm90(spec, route, cache):
+    why = _route_available(route)
+    if why:
+        pytest.skip(why)
+    compiled = jit.build(spec, jit.JitOptions(arch="sm_90", route=route))
+    blob = Path(compiled.cubin_path).read_bytes()
+    assert blob[:4] == b"\x7fELF", "a cubin is an ELF file"
+    assert not compiled.from_cache and compiled.compile_seconds > 0
+    for name in spec.kernels:
+        assert name.encode() in blob, f"entry point {name} missing from the cubin"
+        res = compiled.resources.get(name)
+        assert res is not None, f"no ptxas report for {name}: {compiled.resources}"
+        assert res["spill_store_bytes"] == 0 and res["spill_load_bytes"] == 0, res
+    if route == "nvrtc":   # no local-memory arrays in our own kernels
+        for name in spec.kernels:
+            assert compiled.resources[name]["stack_bytes"] == 0, (name, compiled.resources[name])
+
+
+def test_cache_hit_and_source_edit_recompiles(cache, tmp_path, monkeypatch):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(jit.cuda_src_dir(), src)
+    monkeypatch.setattr(settings, "cuda_src_dir", str(src))
+    spec = jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 4})
+    opts = jit.JitOptions(arch="sm_90")
+    first = jit.build(spec, opts)
+    second = jit.build(spec, opts)
+    assert not first.from_cache and second.from_cache
+    assert second.cubin_path == first.cubin_path
+    # editing an included header (not the .cu itself) changes the key
+    header = src / "common" / "utils.cuh"
+    header.write_text(header.read_text() + "\n// edited\n")
+    third = jit.build(spec, opts)
+    assert not third.from_cache and third.key != first.key
+    # other defines are another instance
+    other = jit.build(jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 8}), opts)
+    assert other.key != third.key
+
+
+def test_compile_error_carries_log_with_file_and_line(cache, tmp_path, monkeypatch):
+    src = tmp_path / "cuda_src"
+    shutil.copytree(jit.cuda_src_dir(), src)
+    (src / "broken.cu").write_text('#include "common/utils.cuh"\n'
+                                   'extern "C" __global__ void k(int* p) {\n'
+                                   '    p[0] = undefined_name;\n}\n')
+    monkeypatch.setattr(settings, "cuda_src_dir", str(src))
+    with pytest.raises(DeepEPCompileError) as info:
+        jit.build(jit.KernelSpec.make("broken.cu", ["k"]), jit.JitOptions(arch="sm_90"))
+    text = str(info.value)
+    assert "broken.cu(3)" in text and "undefined_name" in text, text
+
+
+def test_jit_options_validation():
+    with pytest.raises(DeepEPInvalid, match="route"):
+        jit.JitOptions(route="clang")
+    with pytest.raises(DeepEPInvalid, match="arch"):
+        jit.JitOptions(arch="hopper").resolved_arch()
+    with pytest.raises(DeepEPInvalid, match="source"):
+        jit.build(jit.KernelSpec.make("nope.cu", ["k"]), jit.JitOptions(arch="sm_90"))
+
+
+def test_ptxas_report_parser():
+    text = ("ptxas info    : Compiling entry function 'k1' for 'sm_90'\n"
+            "ptxas info    : Function properties for k1\n"
+            "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+            "ptxas info    : Used 40 registers, used 1 barriers\n")
+    assert jit.parse_ptxas_report(text) == {"k1": {"stack_bytes": 8, "spill_store_bytes": 4,
+                                                   "spill_load_bytes": 4, "registers": 40}}
+
+
+def test_public_names_have_docstrings():
+    for name in ep.__all__:
+        if name.startswith("__"):
+            continue
+        obj = getattr(ep, name)
+        assert (obj.__doc__ or "").strip(), f"deepep_cupy.{name} has no docstring"
+    for attr in dir(ep.Buffer):
+        if not attr.startswith("_"):
+            assert (getattr(ep.Buffer, attr).__doc__ or "").strip(), f"Buffer.{attr} has no docstring"
