@@ -15,7 +15,7 @@ from .config import settings
 from .layout import LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
-from .validation import check_index_range
+from .checks import IndexRangeChecker
 
 __all__ = ["GpuBackend"]
 
@@ -54,6 +54,7 @@ class GpuBackend:
                 cupy.cuda.Device(self.device_id).synchronize()
             self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
             self._layout: Optional[LayoutKernel] = None
+            self._range_checker: Optional[IndexRangeChecker] = None
         except BaseException:
             nvshmem_runtime.release()
             raise
@@ -91,14 +92,23 @@ class GpuBackend:
             self._layout = LayoutKernel(self.num_ranks, self.ranks_per_node, self.jit_options)
         return self._layout
 
+    def check_index_range(self, values, name: str, low: int, high: int) -> None:
+        """Value check before a launch (when ``settings.check_values`` is on and not capturing)."""
+        import cupy
+        stream = cupy.cuda.get_current_stream()
+        if not settings.check_values or stream.is_capturing():
+            return
+        if self._range_checker is None:
+            self._range_checker = IndexRangeChecker(self.jit_options)
+        self._range_checker(values, name, low, high, stream)
+
     # ------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event, async_finish: bool,
                             allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.get_dispatch_layout``; ``topk_idx`` is a CuPy int64 [T, K]."""
         import cupy
         kernel = self.layout_kernel()
-        if settings.check_values and not cupy.cuda.get_current_stream().is_capturing():
-            check_index_range(topk_idx, "topk_idx", -1, num_experts, cupy)
+        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
             outputs = kernel(topk_idx, num_experts, self.comm_stream)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import List
 
 from . import jit
+from .checks import CHECKS_SPEC
 from .layout import LayoutKernel
 from .selftest import SELFTEST_SPEC
 
@@ -14,7 +15,7 @@ __all__ = ["all_specs"]
 
 def all_specs(rank_counts=(2, 4, 8), ranks_per_node=8) -> List[jit.KernelSpec]:
     """One spec per kernel source and configuration that a run on up to 8 GPUs per node needs."""
-    specs = [SELFTEST_SPEC]
+    specs = [SELFTEST_SPEC, CHECKS_SPEC]
     for r in rank_counts:
         specs.append(LayoutKernel.spec_for(r, min(r, ranks_per_node)))
     specs.append(LayoutKernel.spec_for(16, ranks_per_node))      # two nodes of eight

@@ -70,10 +70,10 @@ fi
 
 if [[ "$STEPS" == *tests* ]]; then
   say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
-  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -p no:cacheprovider tests/gpu tests/multirank \
+  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA -p no:cacheprovider tests/gpu tests/multirank \
       > "$OUTD/gpu_tests.log" 2>&1
   rc=$?
-  grep -E "passed|failed|error|Error" "$OUTD/gpu_tests.log" | tail -6
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12
   row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUTD/gpu_tests.log" | tail -2 | tr '\n' ' ')"
   say "CPU tier on the GPU machine's python (single process)"
   timeout -k 10 300 $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_mpi_launch.py \
@@ -84,7 +84,7 @@ fi
 
 if [[ "$STEPS" == *bench* ]]; then
   say "bench_layout"
-  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY scripts/bench_layout.py > "$OUTD/bench_layout.log" 2>&1
+  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY -X faulthandler scripts/bench_layout.py > "$OUTD/bench_layout.log" 2>&1
   row "bench_layout" "rc=$?"
   tail -25 "$OUTD/bench_layout.log"
 fi

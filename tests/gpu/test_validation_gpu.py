@@ -1,0 +1,69 @@
+"""GPU tier: bad input to the GPU backend raises before launch, naming the argument, and the buffer
+stays usable (a good layout call right after each one matches the reference)."""
+
+import numpy as np
+import pytest
+
+from testutil import assert_all_ranks, gpu_skip_reason, world
+
+pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
+
+E, T, K = 256, 512, 8
+
+
+@pytest.fixture(scope="module")
+def buf():
+    import deepep_cupy as ep
+    b = ep.Buffer(world(), num_nvl_bytes=1 << 20, backend="gpu")
+    yield b
+    b.destroy()
+
+
+def _good(rank):
+    rng = np.random.default_rng(rank)
+    return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)
+
+
+def _cases(num_ranks):
+    import cupy as cp
+    from deepep_cupy import EventOverlap
+    topk = _good(0)
+    g = cp.asarray(topk)
+    return [
+        ("int32", lambda b: b.get_dispatch_layout(g.astype(cp.int32), E), TypeError, "topk_idx: expected dtype int64"),
+        ("1-D", lambda b: b.get_dispatch_layout(g[:, 0].copy(), E), ValueError, "expected 2 dimensions"),
+        ("non-contiguous", lambda b: b.get_dispatch_layout(g[:, ::2], E), ValueError, "C-contiguous"),
+        ("host array to the GPU backend", lambda b: b.get_dispatch_layout(topk, E), ValueError, "topk_idx: expected an array on cuda"),
+        ("expert id >= num_experts", lambda b: b.get_dispatch_layout(cp.where(g == 3, E + 5, g), E), ValueError, f"found {E + 5}"),
+        ("expert id < -1", lambda b: b.get_dispatch_layout(cp.where(g == 3, -7, g), E), ValueError, "found -7"),
+        ("num_experts not divisible", lambda b: b.get_dispatch_layout(g, num_ranks * 4 + 1), ValueError, "multiple of the"),
+        ("num_experts too large", lambda b: b.get_dispatch_layout(g, 1 << 20), ValueError, "at most"),
+        ("previous_event type", lambda b: b.get_dispatch_layout(g, E, previous_event=1), TypeError, "previous_event"),
+        ("allocate_on_comm_stream alone", lambda b: b.get_dispatch_layout(g, E, allocate_on_comm_stream=True), TypeError, "allocate_on_comm_stream"),
+        ("async_finish not a bool", lambda b: b.get_dispatch_layout(g, E, async_finish="yes"), TypeError, "async_finish"),
+        ("dispatch not yet on GPU", lambda b: b.dispatch(cp.zeros((T, 128), cp.float32)), NotImplementedError, "issue #3"),
+    ]
+
+
+def test_bad_inputs_then_good_call(buf):
+    import cupy as cp
+    import deepep_cupy as ep
+    from deepep_cupy import reference
+    comm = world()
+    problems = []
+    good = _good(buf.rank)
+    want = reference.get_dispatch_layout(good, E, buf.num_ranks)
+    for name, call, exc_type, fragment in _cases(buf.num_ranks):
+        try:
+            call(buf)
+            problems.append(f"{name}: no exception")
+        except exc_type as e:
+            if fragment not in str(e):
+                problems.append(f"{name}: message {e!r} lacks {fragment!r}")
+            if exc_type is not NotImplementedError and not isinstance(e, ep.DeepEPInvalid):
+                problems.append(f"{name}: {type(e).__name__} is not a DeepEPInvalid")
+        outs = buf.get_dispatch_layout(cp.asarray(good), E)
+        got = [cp.asnumpy(o) for o in (outs[0], outs[2], outs[3])]
+        if not all(np.array_equal(a, b) for a, b in zip(got, (want[0], want[2], want[3]))):
+            problems.append(f"{name}: the good call after it was wrong")
+    assert_all_ranks(comm, not problems, "\n".join(problems))

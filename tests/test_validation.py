@@ -1,0 +1,117 @@
+"""Bad input raises a clear exception naming the argument, before anything runs, and the buffer
+stays usable (the reference backend, one rank; tests/gpu/test_validation_gpu.py does the same on
+the GPU backend). Each case below is one distinct mistake a user can make."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import deepep_cupy as ep
+
+E, T, K, H = 8, 16, 2, 256
+BF16, FP8 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def buf():
+    from mpi4py import MPI
+    b = ep.Buffer(MPI.COMM_SELF, backend="reference")
+    yield b
+    b.destroy()
+
+
+def good_inputs():
+    rng = np.random.default_rng(0)
+    topk = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    w = rng.random((T, K)).astype(np.float32)
+    return topk, x, w
+
+
+def layout(buf, topk, e=E):
+    return buf.get_dispatch_layout(topk, e)
+
+
+def dispatch_kwargs(buf, topk, x, w):
+    per_rank, _, per_expert, in_rank, _ = layout(buf, topk)
+    return dict(x=x, topk_idx=topk, topk_weights=w, num_tokens_per_rank=per_rank,
+                num_tokens_per_expert=per_expert, is_token_in_rank=in_rank)
+
+
+def _cases():
+    topk, x, w = good_inputs()
+    with_topk = lambda **kw: dict(kw)
+    return [
+        # (id, call(buf), exception type, message must contain)
+        ("topk_idx int32", lambda b: layout(b, topk.astype(np.int32)), TypeError, "topk_idx: expected dtype int64"),
+        ("topk_idx 1-D", lambda b: layout(b, topk[:, 0].copy()), ValueError, "topk_idx: expected 2 dimensions"),
+        ("topk_idx non-contiguous", lambda b: layout(b, np.asfortranarray(topk)), ValueError, "topk_idx: expected a C-contiguous"),
+        ("topk_idx not an array", lambda b: layout(b, topk.tolist()), TypeError, "topk_idx"),
+        ("topk_idx zero columns", lambda b: layout(b, np.zeros((T, 0), np.int64)), ValueError, "top-k column"),
+        ("expert id >= num_experts", lambda b: layout(b, np.where(topk == 0, E, topk)), ValueError, f"topk_idx: expected values in [-1, {E})"),
+        ("expert id < -1", lambda b: layout(b, np.where(topk == 0, -2, topk)), ValueError, "found -2"),
+        ("num_experts not an int", lambda b: layout(b, topk, 8.0), TypeError, "num_experts: expected an int"),
+        ("num_experts zero", lambda b: layout(b, topk, 0), ValueError, "num_experts: expected >= 1"),
+        ("x int32", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "x": np.zeros((T, H), np.int32)}), TypeError, "x: expected dtype bfloat16 or float32"),
+        ("x rows != topk rows", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "x": x[:-1].copy()}), ValueError, "topk_idx: expected 15 rows like x"),
+        ("topk_weights shape", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "topk_weights": w[:, :1].copy()}), ValueError, "topk_weights: expected shape"),
+        ("topk_weights float16", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "topk_weights": w.astype(np.float16)}), TypeError, "topk_weights: expected dtype float32"),
+        ("fp8 scales shape", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "x": (x.astype(FP8), np.ones((T, 1), np.float32))}), ValueError, "x[1]: expected shape"),
+        ("fp8 hidden not /128", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "x": (np.zeros((T, 100), FP8), np.ones((T, 1), np.float32))}), ValueError, "multiple of 128"),
+        ("expert_alignment 0", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), expert_alignment=0), ValueError, "expert_alignment: expected >= 1"),
+        ("num_worst_tokens negative", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), num_worst_tokens=-1), ValueError, "num_worst_tokens"),
+        ("num_worst_tokens too small", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), num_worst_tokens=1), ValueError, "num_worst_tokens"),
+        ("is_token_in_rank shape", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "is_token_in_rank": np.zeros((T, 2), bool)}), ValueError, "is_token_in_rank: expected shape"),
+        ("missing topk_idx", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "topk_idx": None}), ValueError, "topk_idx: required"),
+        ("combine with a bad handle", lambda b: b.combine(x, handle=("not", "a", "handle")), TypeError, "handle: expected"),
+        ("config of the wrong type", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), config={"num_sms": 20}), TypeError, "config: expected a Config"),
+        ("ll tokens > max per rank", lambda b: b.low_latency_dispatch(x, topk, 4, E), ValueError, "num_max_dispatch_tokens_per_rank=4"),
+        ("ll ue8m0 without round_scale", lambda b: b.low_latency_dispatch(x, topk, T, E, use_ue8m0=True), ValueError, "use_ue8m0"),
+        ("ll x float32", lambda b: b.low_latency_dispatch(x.astype(np.float32), topk, T, E), TypeError, "x: expected dtype bfloat16"),
+        ("previous_event wrong type", lambda b: b.get_dispatch_layout(topk, E, previous_event="event"), TypeError, "previous_event"),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_and_buffer_stays_usable(buf, case):
+    name, call, exc_type, fragment = case
+    with pytest.raises(exc_type) as info:
+        call(buf)
+    assert isinstance(info.value, ep.DeepEPInvalid), type(info.value)
+    assert fragment in str(info.value), f"{name}: {info.value}"
+    # the buffer still works: a full good round trip
+    topk, x, w = good_inputs()
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(**dispatch_kwargs(buf, topk, x, w))
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    np.testing.assert_array_equal(combined, x)
+    np.testing.assert_array_equal(combined_w, w)
+
+
+def test_at_least_fifteen_distinct_bad_inputs():
+    assert len({c[0] for c in CASES}) >= 15
+
+
+def test_buffer_constructor_rejects_bad_arguments():
+    from mpi4py import MPI
+    with pytest.raises(ep.DeepEPInvalid, match="backend"):
+        ep.Buffer(MPI.COMM_SELF, backend="tpu")
+    with pytest.raises(TypeError, match="comm"):
+        ep.Buffer("world", backend="reference")
+    with pytest.raises(ValueError, match="num_nvl_bytes"):
+        ep.Buffer(MPI.COMM_SELF, num_nvl_bytes=-1, backend="reference")
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        ep.Buffer(MPI.COMM_SELF, ranks_per_node=2, backend="reference")
+    with pytest.raises(ValueError, match="num_sms"):
+        ep.Config(num_sms=3)
+
+
+def test_destroyed_buffer_raises():
+    from mpi4py import MPI
+    b = ep.Buffer(MPI.COMM_SELF, backend="reference")
+    b.destroy()
+    topk, _, _ = good_inputs()
+    with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
+        b.get_dispatch_layout(topk, E)
