@@ -69,6 +69,11 @@ JAX           all dtypes (FP8 via the capsule path)   float/int/bf16: zero-copy 
                                                       DLPack code, else a warned copy.
 ============  ======================================  ==========================================
 
+Checked on the GPU machine (CuPy 14.2, PyTorch 2.11, jax 0.11.2, H200) by
+tests/gpu/test_arrays_gpu.py: every cell above is zero-copy there, JAX FP8 included in both
+directions (jaxlib exports and imports ``kDLFloat8_e4m3fn``), and the capsule path frees
+JAX buffers when the CuPy view dies.
+
 Whenever JAX's result of :func:`from_cupy` does not sit on the CuPy pointer, a one-time
 ``ZeroCopyWarning`` says so. Streams: imports use the DLPack consumer-stream protocol, so
 the producer's pending work is ordered before CuPy's current stream (CuPy's own

@@ -24,6 +24,7 @@ kernels by their plain names.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -387,6 +388,12 @@ class LoadedKernel:
 
 
 _loaded: dict = {}
+
+
+@atexit.register
+def _unload_at_exit() -> None:
+    # unload modules while CuPy is still whole, rather than in interpreter teardown order
+    _loaded.clear()
 
 
 def load(spec: KernelSpec, options: Optional[JitOptions] = None) -> LoadedKernel:

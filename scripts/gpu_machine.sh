@@ -70,7 +70,7 @@ fi
 
 if [[ "$STEPS" == *tests* ]]; then
   say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
-  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA -p no:cacheprovider tests/gpu tests/multirank \
+  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider tests/gpu tests/multirank \
       > "$OUTD/gpu_tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12

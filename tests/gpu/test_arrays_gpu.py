@@ -29,7 +29,6 @@ def _gpu_count():
 if _gpu_count() == 0:
     pytest.skip("no CUDA GPU visible to CuPy", allow_module_level=True)
 
-import ml_dtypes  # noqa: E402
 
 from deepep_cupy import arrays as A  # noqa: E402
 from deepep_cupy.arrays import (  # noqa: E402
