@@ -1,8 +1,9 @@
 """GPU value checks before a launch (cuda_src/checks.cu): index arrays must lie in range.
 
-One small kernel writes into a pinned host record, and the host polls that record's block counter
-rather than synchronising the stream (a driver synchronisation wakes the host up tens to hundreds
-of microseconds late in a VM); so a check costs about one launch. Skipped during CUDA-graph capture and when
+One small kernel reduces into a device scratch record; its last block writes the verdict and a
+sequence number into a pinned host record, which the host polls rather than synchronising the
+stream (a driver synchronisation woke the host ~150 us late on the GPU machine); so a check costs
+about one launch. Skipped during CUDA-graph capture and when
 ``settings.check_values`` is off (the production setting once inputs are trusted).
 """
 
@@ -28,8 +29,10 @@ class IndexRangeChecker:
 
         self._kernel = jit.load(CHECKS_SPEC, jit_options)["check_index_range"]
         self._pinned = cupy.cuda.alloc_pinned_memory(24)
-        self._record = np.frombuffer(self._pinned, dtype=np.int64, count=3)  # num_bad, example, done
+        self._record = np.frombuffer(self._pinned, dtype=np.int64, count=3)  # num_bad, example, seq
         self._record[:] = 0
+        self._scratch = cupy.zeros(3, dtype=cupy.uint64)   # zeroed once; the kernel keeps it so
+        self._seq = 0
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._max_blocks = 2 * sms
 
@@ -40,14 +43,16 @@ class IndexRangeChecker:
         import cupy
         if values.size == 0:
             return
-        blocks = max(1, min(self._max_blocks, (values.size + 255) // 256))
+        blocks = max(1, min(self._max_blocks, (values.size + 1023) // 1024))
         record = self._record
-        record[:] = 0
+        self._seq += 1
+        seq = self._seq
         with stream:
             self._kernel((blocks,), (256,), (values, cupy.int64(values.size), cupy.int64(low),
-                                             cupy.int64(high), cupy.uint64(self._pinned.ptr)))
+                                             cupy.int64(high), self._scratch, cupy.uint64(self._pinned.ptr),
+                                             cupy.uint64(seq)))
         spins, deadline = 0, None
-        while record[2] != blocks:          # the kernel's blocks count themselves done
+        while record[2] != seq:             # the last block publishes the sequence number
             spins += 1
             if spins % 4096 == 0:
                 now = time.monotonic()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo (default: all)
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,extra (default: all
+#                                              but extra; extra runs "$EXTRA" in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -93,6 +94,11 @@ if [[ "$STEPS" == *demo* ]]; then
   say "demo"
   timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/demo.py > "$OUTD/demo.log" 2>&1
   row "demo" "rc=$? $(grep -E '^DEMO' "$OUTD/demo.log" | tail -1)"
+fi
+
+if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EXTRA="..." bash ...
+  say "extra: $EXTRA"
+  eval "$EXTRA" 2>&1 | tee "$OUTD/extra.log" | tail -40
 fi
 
 say "done; logs in $OUTD"
