@@ -32,6 +32,7 @@ class IndexRangeChecker:
         self._record = np.frombuffer(self._pinned, dtype=np.int64, count=3)  # num_bad, example, seq
         self._record[:] = 0
         self._scratch = cupy.zeros(3, dtype=cupy.uint64)   # zeroed once; the kernel keeps it so
+        cupy.cuda.Device().synchronize()   # the zeroing is done before any stream launches a check
         self._seq = 0
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self._max_blocks = 2 * sms

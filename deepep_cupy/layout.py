@@ -14,7 +14,6 @@ from . import jit
 __all__ = ["LayoutKernel", "MAX_LAYOUT_EXPERTS"]
 
 _THREADS = 256
-_SMEM_LIMIT = 48 * 1024
 MAX_LAYOUT_EXPERTS = 8192  # shared memory holds one int32 counter per expert (32 KiB)
 
 
@@ -41,11 +40,12 @@ class LayoutKernel:
         return jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"],
                                    {"DEEPEP_NUM_RANKS": num_ranks, "DEEPEP_RANKS_PER_NODE": ranks_per_node})
 
-    def _workspace_for(self, num_experts: int):
+    def _workspace_for(self, num_experts: int, stream):
         import cupy
         need = num_experts + self.num_ranks + self.num_nodes + 1
         if self._workspace is None or self._workspace.size < need:
-            self._workspace = cupy.zeros(need, dtype=cupy.int32)  # zeroed once; kernels keep it so
+            with stream:  # zeroed on the launch stream, so the kernel is ordered after it
+                self._workspace = cupy.zeros(need, dtype=cupy.int32)  # kernels leave it zeroed
         return self._workspace
 
     def __call__(self, topk_idx, num_experts: int, stream) -> tuple:
@@ -61,7 +61,7 @@ class LayoutKernel:
         per_rdma = cupy.empty(self.num_nodes, dtype=cupy.int32) if self.num_nodes > 1 else None
         per_expert = cupy.empty(num_experts, dtype=cupy.int32)
         in_rank = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.bool_)
-        workspace = self._workspace_for(num_experts)
+        workspace = self._workspace_for(num_experts, stream)
         smem = (num_experts + self.num_ranks + self.num_nodes) * 4
         blocks = max(1, (num_tokens + _THREADS - 1) // _THREADS)
         with stream:
