@@ -11,7 +11,8 @@
 #include "common/utils.cuh"
 
 namespace {
-constexpr int kPhaseRingSignal = 1;  // names in deepep_cupy/kernel_errors.py
+constexpr int kPhaseRingSignal = 1;   // names in deepep_cupy/kernel_errors.py
+constexpr int kPhasePeerMapping = 2;
 }
 
 extern "C" __global__ void ring_put_signal(uint8_t* dst, const uint8_t* src, uint64_t num_bytes,
@@ -34,13 +35,14 @@ extern "C" __global__ void ring_put_signal(uint8_t* dst, const uint8_t* src, uin
 }
 
 // Every thread of the grid stores into the right neighbour's copy of `buf` through its NVLink
-// mapping (nvshmem_ptr). Writes -1 into error->code's peer slot when the peer is not mapped.
+// mapping (nvshmem_ptr). Records {kBadValue, kPhasePeerMapping, peer, rank} when the peer has no
+// load/store mapping (then only NVSHMEM puts can reach it).
 extern "C" __global__ void peer_store(int* buf, int num_ints, deepep::ErrorRecord* error) {
     const int me = nvshmem_my_pe();
     const int right = (me + 1) % nvshmem_n_pes();
     int* remote = static_cast<int*>(nvshmem_ptr(buf, right));
     if (remote == nullptr) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) deepep::record_error(error, deepep::kBadValue, 2, right, me);
+        if (blockIdx.x == 0 && threadIdx.x == 0) deepep::record_error(error, deepep::kBadValue, kPhasePeerMapping, right, me);
         return;
     }
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < num_ints; i += blockDim.x * gridDim.x)

@@ -78,12 +78,14 @@ class Buffer:
         self.ranks_per_node = self._resolve_ranks_per_node(comm, ranks_per_node)
         self.num_nodes = self.num_ranks // self.ranks_per_node
 
-        # every rank must pick the same backend, or the collectives below would not match
+        # every rank must pick the same backend and sizes, or the collectives below would not match
         local_choice = backend if backend != "auto" else ("gpu" if discovery.gpu_count() > 0 else "reference")
-        choices = comm.allgather(local_choice)
-        if len(set(choices)) != 1:
-            raise DeepEPInvalid(f"backend: ranks disagree on the backend ({choices}); "
-                                "pass backend= explicitly")
+        mine = (local_choice, self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode)
+        everyone = comm.allgather(mine)
+        for what, i in (("backend", 0), ("num_nvl_bytes", 1), ("num_rdma_bytes", 2), ("low_latency_mode", 3)):
+            values = [e[i] for e in everyone]
+            if len(set(values)) != 1:
+                raise DeepEPInvalid(f"{what}: every rank must pass the same value, got {values} by rank")
         self.backend_name = local_choice
         if local_choice == "gpu":
             from .gpu_backend import GpuBackend
@@ -203,7 +205,7 @@ class Buffer:
         backend = self._live()
         num_experts = self._check_num_experts(num_experts)
         from .layout import MAX_LAYOUT_EXPERTS
-        if num_experts > MAX_LAYOUT_EXPERTS:
+        if self.backend_name == "gpu" and num_experts > MAX_LAYOUT_EXPERTS:
             raise DeepEPInvalid(f"num_experts: at most {MAX_LAYOUT_EXPERTS} supported, got {num_experts}")
         desc = self._check_topk_idx(topk_idx, num_experts)
         async_finish = expect_bool(async_finish, "async_finish")
@@ -389,11 +391,16 @@ class Buffer:
             raise DeepEPInvalid(f"x: {xd.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m}")
         if use_fp8 and xd.shape[1] % 128:
             raise DeepEPInvalid(f"x: FP8 dispatch needs a hidden size that is a multiple of 128, got {xd.shape[1]}")
-        if use_ue8m0 and not round_scale:
+        if use_fp8 and use_ue8m0 and not round_scale:
             raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
         idx = self._take(topk_idx, "topk_idx")
         import numpy as np
         check_index_range(idx, "topk_idx", -1, num_experts, np)
+        # one source fills at most M slots of an expert's region (only duplicates could exceed it)
+        per_expert = np.bincount(idx[idx >= 0].ravel(), minlength=num_experts)
+        if per_expert.size and int(per_expert.max()) > m:
+            raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
+                                f"times, more than num_max_dispatch_tokens_per_rank={m}")
         recv_x, recv_count, handle = self._backend.low_latency_dispatch(
             self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
         hook = (lambda: None) if return_recv_hook else None
@@ -421,6 +428,8 @@ class Buffer:
         kd = self._check_topk_idx(topk_idx, handle.num_experts)
         if kd.shape[0] != handle.num_tokens:
             raise DeepEPInvalid(f"topk_idx: the handle was made for {handle.num_tokens} tokens, got {kd.shape[0]}")
+        import numpy as np
+        check_index_range(self._take(topk_idx, "topk_idx"), "topk_idx", -1, handle.num_experts, np)
         expect_array(topk_weights, "topk_weights", dtype="float32", shape=kd.shape, device=self._device)
         expect_optional_array(out, "out", dtype="bfloat16", shape=(handle.num_tokens, handle.hidden),
                               device=self._device)

@@ -58,6 +58,8 @@ class IndexRangeChecker:
             if spins % 4096 == 0:
                 now = time.monotonic()
                 deadline = deadline or now + settings.timeout_seconds
+                if spins > (1 << 20):
+                    time.sleep(50e-6)       # a long wait (a busy stream): stop burning a core
                 if now > deadline:
                     raise DeepEPTimeout(f"{name}: the value check did not finish within "
                                         f"{settings.timeout_seconds} s (is the stream blocked?)")

@@ -1,8 +1,10 @@
-"""Settings and the high-throughput kernel configuration. The only module that reads os.environ.
+"""Settings and the high-throughput kernel configuration.
 
-``settings`` holds process-wide knobs (cache folder, timeouts, value checks). Each attribute is
-typed and documented; an environment variable is only its fallback default, read once at import.
-Change a setting in code with ``deepep_cupy.settings.<name> = value``.
+``settings`` holds the package's own process-wide knobs (cache folder, timeouts, value checks). Each
+attribute is typed and documented; an environment variable is only its fallback default, read once
+at import, here and nowhere else. (Other environment variables the package touches belong to other
+tools' conventions: ``CUDA_PATH``/``CUDA_HOME`` in discovery.py and ``NVSHMEM_SYMMETRIC_SIZE`` in
+runtime/nvshmem.py.) Change a setting in code with ``deepep_cupy.settings.<name> = value``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Settings:
         cache_dir: where compiled kernels are kept ($DEEPEP_CUPY_CACHE_DIR, default
             ~/.cache/deepep_cupy/kernels).
         cuda_src_dir: override of the kernel-source folder ($DEEPEP_CUPY_CUDA_SRC); None = built in.
-        jit_route: default compile route, "nvrtc" or "nvcc" ($DEEPEP_CUPY_JIT_ROUTE).
+        jit_route: default compile route, "nvrtc" or "nvcc" ($DEEPEP_CUPY_JIT_ROUTE); used wherever
+            no ``JitOptions`` is given.
         timeout_seconds: how long a GPU wait loop spins before it gives up with an exception naming
             the rank and the phase ($DEEPEP_CUPY_TIMEOUT_S, default 100 s, like DeepEP's).
         check_values: check index values (expert ids in [-1, num_experts)) before a launch; costs one

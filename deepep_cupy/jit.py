@@ -5,7 +5,8 @@ How a kernel goes from source to a launch:
 1. ``build(KernelSpec, JitOptions)`` reads ``cuda_src/<name>.cu`` and every ``#include "..."`` it
    pulls from cuda_src/ (transitively), and hashes them with the defines, the flags, the compiler's
    version and, for NVSHMEM kernels, the NVSHMEM header version. That digest names a directory in
-   the disk cache (``Settings.cache_dir``). A hit costs a few ``stat`` calls and one file read.
+   the disk cache (``Settings.cache_dir``). A hit re-reads the (small) cuda_src files to follow their
+   includes, re-hashes them only when a file's mtime or size changed, and reads one JSON record.
 2. On a miss it compiles to a cubin, with no GPU needed:
      * route ``"nvrtc"`` (default): cuda.bindings' NVRTC, header-only NVSHMEM (every device
        function inlined; NVLink/P2P and CPU-proxy transports, no IBGDA);
@@ -79,7 +80,7 @@ class JitOptions:
         return discovery.current_gpu_arch() or "sm_90"
 
     def __post_init__(self):
-        if self.route not in ROUTES:
+        if self.route not in ROUTES:  # also catches a bad settings.jit_route
             raise DeepEPInvalid(f"JitOptions.route: expected one of {ROUTES}, got {self.route!r}")
 
 
@@ -266,6 +267,10 @@ def _compile_nvcc(src_path: Path, flags: list, arch: str, uses_nvshmem: bool, wo
     if not uses_nvshmem:
         out = _run([nvcc, "-cubin", *flags, str(src_path), "-o", str(cubin_path)], "compile")
         return cubin_path.read_bytes(), out
+    device_lib = discovery.nvshmem().device_lib
+    if not os.path.isfile(device_lib):
+        raise DeepEPCompileError(f"the nvcc route links {device_lib}, which does not exist; "
+                                 "use route 'nvrtc' or an NVSHMEM install with its device library")
     obj = workdir / "kernel.o"
     out = _run([nvcc, "-rdc=true", "-c", *flags, str(src_path), "-o", str(obj)], "compile (-rdc)")
     out += "\n" + _run([nvcc, f"-arch={arch}", "-dlink", "-cubin", str(obj),
@@ -324,7 +329,7 @@ def build(spec: KernelSpec, options: Optional[JitOptions] = None) -> CompiledKer
     Raises:
         DeepEPCompileError: the compiler failed; the message holds its log.
     """
-    options = options or JitOptions()
+    options = options or JitOptions(route=settings.jit_route)
     root = cuda_src_dir()
     key, arch, flags = cache_key(spec, options)
     stem = Path(spec.source).stem

@@ -187,6 +187,10 @@ def acquire(comm, symmetric_bytes: int) -> NvshmemRuntime:
                 heap = want
             else:
                 heap = _parse_size(user)
+                if heap < int(symmetric_bytes) + _HEAP_HEADROOM:
+                    raise DeepEPInvalid(f"num_nvl_bytes/num_rdma_bytes: {symmetric_bytes} bytes plus "
+                                        f"{_HEAP_HEADROOM >> 20} MiB of NVSHMEM state exceed "
+                                        f"NVSHMEM_SYMMETRIC_SIZE={user}; raise it or unset it")
             rt = NvshmemRuntime(comm, heap)
             _state.runtime = rt
         else:
@@ -219,8 +223,13 @@ def active() -> Optional[NvshmemRuntime]:
 
 
 def _parse_size(text: str) -> int:
-    text = text.strip().upper()
+    """NVSHMEM_SYMMETRIC_SIZE as NVSHMEM reads it: bytes, or a number with K/M/G/T (an optional B)."""
+    raw = text
+    text = text.strip().upper().removesuffix("B")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in scale:
-        return int(float(text[:-1]) * scale[text[-1]])
-    return int(text)
+    try:
+        if text and text[-1] in scale:
+            return int(float(text[:-1]) * scale[text[-1]])
+        return int(text)
+    except ValueError:
+        raise DeepEPInvalid(f"NVSHMEM_SYMMETRIC_SIZE: expected bytes like 2147483648 or 2G, got {raw!r}") from None

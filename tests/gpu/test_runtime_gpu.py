@@ -1,7 +1,8 @@
 """GPU tier: the NVSHMEM runtime lifecycle and a symmetric exchange between all ranks.
 
 Run with ``mpirun -n 2 python -m pytest tests/gpu`` on the GPU machine; skips without GPUs.
-These tests come first in the file order because they need NVSHMEM not to be running yet.
+These tests need NVSHMEM not to be running when they start: other GPU test modules destroy their
+buffers in module-scoped fixtures, so they may run before or after this file.
 """
 
 import pytest
