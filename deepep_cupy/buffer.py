@@ -143,6 +143,20 @@ class Buffer:
 
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
+    def get_intranode_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                num_topk: int = 8) -> int:
+        """``num_nvl_bytes`` the GPU high-throughput kernels need for up to ``num_max_tokens_per_rank``
+        tokens of ``hidden`` bf16 (or FP8 + scales) channels with ``num_topk`` experts each, on
+        ``num_ranks`` ranks of one NVLink domain: the control area plus a dispatch and a combine
+        staging area, each with one slot of that many rows per other rank."""
+        from .intranode import size_hint
+        expect_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", minimum=1)
+        expect_int(hidden, "hidden", minimum=1)
+        expect_int(num_ranks, "num_ranks", minimum=1)
+        expect_int(num_topk, "num_topk", minimum=0, maximum=32)
+        return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk)
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """Default high-throughput dispatch configuration for ``num_ranks`` (tuned table: issue 3)."""
         expect_int(num_ranks, "num_ranks", minimum=1)
@@ -237,13 +251,17 @@ class Buffer:
         if isinstance(x, tuple):
             if len(x) != 2:
                 raise DeepEPInvalid(f"{name}: an FP8 input is a pair (x_e4m3, scales), got {len(x)} items")
-            d = expect_array(x[0], f"{name}[0]", dtype="float8_e4m3fn", ndim=2, device=self._device)
+            # CuPy has no FP8 dtype: its users pass the e4m3 bytes as uint8
+            d = expect_array(x[0], f"{name}[0]", dtype=("float8_e4m3fn", "uint8"), ndim=2, device=self._device)
             if d.shape[1] % 128:
                 raise DeepEPInvalid(f"{name}[0]: FP8 hidden size must be a multiple of 128, got {d.shape[1]}")
             expect_array(x[1], f"{name}[1]", dtype="float32", shape=(d.shape[0], d.shape[1] // 128),
                          device=self._device)
             return self._take(x[0], f"{name}[0]"), self._take(x[1], f"{name}[1]"), d
         d = expect_array(x, name, dtype=("bfloat16", "float32"), ndim=2, device=self._device)
+        if self.backend_name == "gpu" and (d.shape[1] * d.itemsize) % 16:
+            raise DeepEPInvalid(f"{name}: a row must be a multiple of 16 bytes, got hidden {d.shape[1]} "
+                                f"of {d.dtype}")
         return self._take(x, name), None, d
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -275,19 +293,27 @@ class Buffer:
             event: ``EventOverlap``.
         """
         self._live()
-        self._reference_only("dispatch", 3)
         data, scales, xd = self._check_x(x)
         expert_alignment = expect_int(expert_alignment, "expert_alignment", minimum=1)
         num_worst_tokens = expect_int(num_worst_tokens, "num_worst_tokens", minimum=0)
         if config is not None and not isinstance(config, Config):
             raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
         num_tokens = xd.shape[0]
+        if self.backend_name == "gpu":
+            config = config or self.get_dispatch_config(self.num_ranks)
+            self._check_num_sms(config)
         if handle is not None:
-            self._check_handle(handle, "ReferenceDispatchHandle")
+            self._check_handle(handle, self._handle_kind)
             if topk_idx is not None or topk_weights is not None:
                 raise DeepEPInvalid("topk_idx: must be None in cached mode (with handle)")
             if num_tokens != handle.num_tokens:
                 raise DeepEPInvalid(f"x: the handle was made for {handle.num_tokens} tokens, got {num_tokens}")
+            if self.backend_name == "gpu":
+                out = self._backend.dispatch(
+                    data, scales, None, None, None, None, None, handle.num_experts, 1, handle.num_worst_tokens,
+                    handle, config, previous_event, expect_bool(async_finish, "async_finish"),
+                    expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
+                return self._gpu_dispatch_result(out, xd, scales is not None)
             out = self._backend.dispatch(data, scales, None, None, handle.num_experts, handle=handle)
         else:
             if topk_idx is None:
@@ -308,15 +334,45 @@ class Buffer:
                                   shape=(self.num_nodes,), device=self._device)
             expect_optional_array(is_token_in_rank, "is_token_in_rank", dtype="bool",
                                   shape=(num_tokens, self.num_ranks), device=self._device)
+            if kd.shape[1] > 32 and self.backend_name == "gpu":
+                raise DeepEPInvalid(f"topk_idx: at most 32 top-k columns on the GPU, got {kd.shape[1]}")
+            if num_experts // self.num_ranks > 1022 and self.backend_name == "gpu":
+                raise DeepEPInvalid(f"num_tokens_per_expert: at most 1022 experts per rank, got "
+                                    f"{num_experts // self.num_ranks}")
             idx = self._take(topk_idx, "topk_idx")
+            weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
+            if self.backend_name == "gpu":
+                take = lambda a, n: None if a is None else self._take(a, n)
+                out = self._backend.dispatch(
+                    data, scales, idx, weights, take(num_tokens_per_rank, "num_tokens_per_rank"),
+                    take(is_token_in_rank, "is_token_in_rank"), take(num_tokens_per_expert, "num_tokens_per_expert"),
+                    num_experts, expert_alignment, num_worst_tokens, None, config, previous_event,
+                    expect_bool(async_finish, "async_finish"),
+                    expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
+                return self._gpu_dispatch_result(out, xd, scales is not None)
             import numpy as np
             check_index_range(idx, "topk_idx", -1, num_experts, np)
-            weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
             out = self._backend.dispatch(data, scales, idx, weights, num_experts, expert_alignment,
                                          num_worst_tokens)
         recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
         recv = (recv_x, recv_scales) if scales is not None else recv_x
         return recv, recv_idx, recv_w, per_expert, new_handle, EventOverlap(None)
+
+    @property
+    def _handle_kind(self) -> str:
+        return "IntranodeHandle" if self.backend_name == "gpu" else "ReferenceDispatchHandle"
+
+    def _check_num_sms(self, config: Config) -> None:
+        if config.num_sms < 2:
+            raise DeepEPInvalid(f"config.num_sms: need at least 2 (a sender and a receiver), got {config.num_sms}")
+
+    def _gpu_dispatch_result(self, out, xd, fp8: bool) -> tuple:
+        recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event = out
+        fw = xd.framework
+        recv = self._give(recv_x, fw, xd.dtype)
+        if fp8:
+            recv = (recv, self._give(recv_scales, fw, "float32"))
+        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, handle, event)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
@@ -336,10 +392,11 @@ class Buffer:
             event.
         """
         self._live()
-        self._reference_only("combine", 3)
-        self._check_handle(handle, "ReferenceDispatchHandle")
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
+        self._check_handle(handle, self._handle_kind)
+        rows = handle.num_rows if self.backend_name == "gpu" else (handle.num_worst_tokens or handle.num_recv_tokens)
         xd = expect_array(x, "x", dtype=("bfloat16", "float32"), shape=(rows, None), device=self._device)
+        if self.backend_name == "gpu" and (xd.shape[1] * xd.itemsize) % 16:
+            raise DeepEPInvalid(f"x: a row must be a multiple of 16 bytes, got hidden {xd.shape[1]} of {xd.dtype}")
         expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=(rows, None),
                               device=self._device)
         biases = bias if isinstance(bias, tuple) else (bias,)
@@ -349,7 +406,24 @@ class Buffer:
             expect_optional_array(b, f"bias[{i}]" if isinstance(bias, tuple) else "bias",
                                   dtype=("bfloat16", "float32"), shape=(handle.num_tokens, xd.shape[1]),
                                   device=self._device)
+        for i, b in enumerate(biases):
+            if b is not None and arrays.describe(b).dtype != xd.dtype:
+                raise DeepEPTypeError(f"bias: expected dtype {xd.dtype} like x, got {arrays.describe(b).dtype}")
         taken = tuple(None if b is None else self._take(b, "bias") for b in biases)
+        if self.backend_name == "gpu":
+            if config is not None and not isinstance(config, Config):
+                raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
+            config = config or self.get_combine_config(self.num_ranks)
+            self._check_num_sms(config)
+            if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
+                raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
+            out, out_w, event = self._backend.combine(
+                self._take(x, "x"), handle, None if topk_weights is None else self._take(topk_weights, "topk_weights"),
+                taken[0], taken[1] if len(taken) > 1 else None, config, previous_event,
+                expect_bool(async_finish, "async_finish"),
+                expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
+            fw = xd.framework
+            return self._give(out, fw, xd.dtype), self._give(out_w, fw), event
         combined, combined_w = self._backend.combine(
             self._take(x, "x"), handle,
             None if topk_weights is None else self._take(topk_weights, "topk_weights"),

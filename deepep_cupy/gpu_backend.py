@@ -16,6 +16,8 @@ from .layout import LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
 from .checks import IndexRangeChecker
+from .config import Config
+from .intranode import IntranodeHandle, IntranodeKernels
 
 __all__ = ["GpuBackend"]
 
@@ -55,6 +57,7 @@ class GpuBackend:
             self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
             self._layout: Optional[LayoutKernel] = None
             self._range_checker: Optional[IndexRangeChecker] = None
+            self._intranode: Optional[IntranodeKernels] = None
         except BaseException:
             nvshmem_runtime.release()
             raise
@@ -92,6 +95,12 @@ class GpuBackend:
             self._layout = LayoutKernel(self.num_ranks, self.ranks_per_node, self.jit_options)
         return self._layout
 
+    def intranode(self) -> IntranodeKernels:
+        """The intranode dispatch/combine kernels bound to this buffer (built on first use)."""
+        if self._intranode is None:
+            self._intranode = IntranodeKernels(self, self.jit_options)
+        return self._intranode
+
     def check_index_range(self, values, name: str, low: int, high: int) -> None:
         """Value check before a launch (when ``settings.check_values`` is on and not capturing)."""
         import cupy
@@ -114,3 +123,61 @@ class GpuBackend:
             outputs = kernel(topk_idx, num_experts, self.comm_stream)
         event = scope.finish(keep_alive=(topk_idx,) + tuple(o for o in outputs if o is not None))
         return outputs + (event,)
+
+    # ------------------------------------------------------------------------------------------
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
+                 handle: Optional[IntranodeHandle], config: Config, previous_event, async_finish: bool,
+                 allocate_on_comm_stream: bool) -> tuple:
+        """See ``Buffer.dispatch``. CuPy arrays in (fp8 as uint8 storage); CuPy arrays out:
+        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert list, handle, event)."""
+        kernels = self.intranode()
+        kernels.check_errors("dispatch")
+        if handle is None and topk_idx is not None:
+            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
+                               or num_tokens_per_expert is None):
+            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
+                topk_idx, num_experts, previous_event, False, False)
+        with CommStreamScope(self.comm_stream, previous_event, async_finish,
+                             allocate_on_comm_stream) as scope:
+            stream = self.comm_stream
+            if handle is None:
+                send_pos, recv_info, info = kernels.notify(
+                    is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                    expert_alignment, wait=num_worst_tokens == 0, stream=stream)
+                r = self.num_ranks
+                if info is None:
+                    num_rows, num_recv, per_expert = num_worst_tokens, -1, []
+                else:
+                    num_recv = int(info[r])
+                    per_expert = [int(v) for v in info[2 * r + 1:]]
+                    num_rows = num_recv
+                outs = kernels.dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos,
+                                        recv_info, num_rows, num_experts, num_worst_tokens, None,
+                                        config.num_sms, stream)
+                recv_x, recv_scales, recv_idx, recv_w, recv_src = outs
+                handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]),
+                                         num_rows, num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+            else:
+                outs = kernels.dispatch(x, x_scales, None, None, handle.is_token_in_rank, handle.send_pos,
+                                        handle.recv_info, handle.num_rows, handle.num_experts,
+                                        handle.num_worst_tokens, handle.recv_src_idx, config.num_sms, stream)
+                recv_x, recv_scales, recv_idx, recv_w, _ = outs
+                per_expert = None
+        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx, recv_w)
+                     if a is not None)
+        event = scope.finish(keep_alive=keep)
+        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
+
+    def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, config: Config,
+                previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
+        """See ``Buffer.combine``. Returns (combined_x, combined_topk_weights or None, event)."""
+        kernels = self.intranode()
+        kernels.check_errors("combine")
+        with CommStreamScope(self.comm_stream, previous_event, async_finish,
+                             allocate_on_comm_stream) as scope:
+            out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
+                                         self.comm_stream)
+        keep = tuple(a for a in (x, topk_weights, bias0, bias1, out, out_w) if a is not None)
+        return out, out_w, scope.finish(keep_alive=keep)

@@ -10,6 +10,12 @@ __all__ = ["PHASES", "ErrorRecordArray", "raise_if_error"]
 PHASES = {
     1: "selftest ring signal wait",
     2: "selftest peer mapping (nvshmem_ptr returned NULL)",
+    10: "dispatch notify (waiting for a peer's counts)",
+    11: "dispatch receive (waiting for a peer's chunk)",
+    12: "combine barrier (waiting for a peer to start combine)",
+    13: "combine receive (waiting for a peer's chunk)",
+    14: "cached dispatch barrier (waiting for a peer to start dispatch)",
+    15: "dispatch: more rows than num_worst_tokens (rows dropped)",
 }
 
 _CODES = {1: "timed out", 2: "bad value"}
@@ -44,6 +50,9 @@ def raise_if_error(record, what: str) -> None:
     if code == 0:
         return
     phase_name = PHASES.get(phase, f"phase {phase}")
+    if code == 2 and phase == 15:
+        raise DeepEPError(f"{what}: rank {rank} received more tokens than num_worst_tokens in an earlier "
+                          f"dispatch (rows from rank {peer} were dropped); raise num_worst_tokens")
     msg = (f"{what}: rank {rank} {_CODES.get(code, f'error {code}')} in {phase_name} "
            f"waiting on rank {peer}")
     if code == 1:

@@ -7,6 +7,7 @@ from typing import List
 
 from . import jit
 from .checks import CHECKS_SPEC
+from .intranode import intranode_spec
 from .layout import LayoutKernel
 from .selftest import SELFTEST_SPEC
 
@@ -20,4 +21,5 @@ def all_specs(rank_counts=(2, 4, 8), ranks_per_node=8) -> List[jit.KernelSpec]:
         specs.append(LayoutKernel.spec_for(r, min(r, ranks_per_node)))
     specs.append(LayoutKernel.spec_for(16, ranks_per_node))      # two nodes of eight
     specs.append(LayoutKernel.spec_for(128, ranks_per_node))     # the generic (> 64 ranks) path
+    specs += [intranode_spec(r) for r in rank_counts]
     return specs

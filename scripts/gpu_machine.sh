@@ -88,6 +88,10 @@ if [[ "$STEPS" == *bench* ]]; then
   timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY -X faulthandler scripts/bench_layout.py > "$OUTD/bench_layout.log" 2>&1
   row "bench_layout" "rc=$?"
   tail -25 "$OUTD/bench_layout.log"
+  say "bench_intranode"
+  timeout -k 10 400 $MPIRUN -n "$NUM_RANKS" $PY -X faulthandler scripts/bench_intranode.py > "$OUTD/bench_intranode.log" 2>&1
+  row "bench_intranode" "rc=$?"
+  tail -30 "$OUTD/bench_intranode.log"
 fi
 
 if [[ "$STEPS" == *demo* ]]; then

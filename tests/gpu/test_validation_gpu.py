@@ -41,7 +41,8 @@ def _cases(num_ranks):
         ("previous_event type", lambda b: b.get_dispatch_layout(g, E, previous_event=1), TypeError, "previous_event"),
         ("allocate_on_comm_stream alone", lambda b: b.get_dispatch_layout(g, E, allocate_on_comm_stream=True), TypeError, "allocate_on_comm_stream"),
         ("async_finish not a bool", lambda b: b.get_dispatch_layout(g, E, async_finish="yes"), TypeError, "async_finish"),
-        ("dispatch not yet on GPU", lambda b: b.dispatch(cp.zeros((T, 128), cp.float32)), NotImplementedError, "issue #3"),
+        ("dispatch without topk_idx", lambda b: b.dispatch(cp.zeros((T, 128), cp.float32)), ValueError, "topk_idx: required"),
+        ("low-latency not yet on GPU", lambda b: b.low_latency_dispatch(cp.zeros((T, 128), cp.float32), g, T, E), NotImplementedError, "issue #4"),
     ]
 
 

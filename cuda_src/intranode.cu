@@ -1,0 +1,585 @@
+// High-throughput dispatch and combine between the ranks of one NVLink domain.
+//
+// Every rank's symmetric buffer (the same layout on every rank, see deepep_cupy/intranode.py):
+//   control   notify slots [R][kNotifyInts] int32  (rank s writes its counts for me into slot s)
+//             notify flag  [R] uint64, barrier flag [R] uint64
+//             dispatch chunk flags [R][max_chunks] uint64 + chunk ranges [R][max_chunks] int2
+//             combine chunk flags  [R][max_chunks] uint64
+//   staging   dispatch: [R-1 source slots][slot_rows][dispatch_row_bytes]
+//             combine:  [R-1 source slots][slot_rows][combine_row_bytes]
+// Flags carry the operation's sequence number (the same on every rank, since collective calls come
+// in the same order), so nothing is ever reset: a wait is "flag >= seq".
+//
+// dispatch = notify kernel (counts exchange, one block per peer) -> host reads the receive count
+//            -> dispatch kernel (sender blocks push rows: remote ones into the peer's staging slot,
+//               local ones straight into recv_x; receiver blocks move arrived chunks from staging
+//               into recv_x)
+// combine  = combine kernel (a barrier; sender blocks push every received row back into its
+//            source's combine staging; reducer blocks sum each token's copies in rank order)
+//
+// The sequence number is read from device memory (`seq_ptr`), advanced by intranode_bump_seq at
+// the start of every operation, so CUDA-graph replays advance it too.
+//
+// Compile-time constants: DEEPEP_NUM_RANKS.
+#include "common/exception.cuh"
+#include "common/utils.cuh"
+
+#ifndef DEEPEP_NUM_RANKS
+#error "DEEPEP_NUM_RANKS must be defined"
+#endif
+
+namespace {
+
+constexpr int kNumRanks = DEEPEP_NUM_RANKS;
+constexpr int kChunk = 32;          // tokens (dispatch) or rows (combine) per published chunk
+constexpr int kWarpSize = 32;
+
+// phase ids (names in deepep_cupy/kernel_errors.py)
+constexpr int kPhaseNotify = 10;
+constexpr int kPhaseDispatchRecv = 11;
+constexpr int kPhaseCombineBarrier = 12;
+constexpr int kPhaseCombineRecv = 13;
+constexpr int kPhaseDispatchBarrier = 14;
+constexpr int kPhaseWorstOverflow = 15;
+
+template <bool B, typename T, typename F>
+struct pick { using type = T; };
+template <typename T, typename F>
+struct pick<false, T, F> { using type = F; };
+
+// Every rank's symmetric buffer as this GPU sees it (NVLink mappings): a device array of R
+// pointers (a by-value struct would be copied to local memory when indexed by a runtime rank).
+struct PeerBases {
+    uint8_t* const* base;
+};
+
+struct Layout {
+    long long notify_slots;      // int32 [R][notify_ints]
+    long long notify_flags;      // uint64 [R]
+    long long barrier_flags;     // uint64 [R]
+    long long dispatch_flags;    // uint64 [R][max_chunks]
+    long long dispatch_ranges;   // int2 [R][max_chunks]
+    long long combine_flags;     // uint64 [R][max_chunks]
+    long long dispatch_staging;  // [R-1][slot_rows][dispatch_row_bytes]
+    long long combine_staging;   // [R-1][slot_rows][combine_row_bytes]
+    int notify_ints;
+    int max_chunks;
+};
+
+template <typename T>
+DEEPEP_DEVICE T* at(uint8_t* base, long long offset) {
+    return reinterpret_cast<T*>(base + offset);
+}
+
+DEEPEP_DEVICE void st_release_sys_u64(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// slot of source `src` in the staging area of rank `dst` (no slot for a rank's own rows)
+DEEPEP_DEVICE int slot_of(int src, int dst) { return src < dst ? src : src - 1; }
+
+// Copy `bytes` (a multiple of 16) from src to dst with the lanes of one warp, 16 bytes per lane
+// per step, several steps in flight.
+DEEPEP_DEVICE void warp_copy(void* dst, const void* src, int bytes, int lane) {
+    const int4* s = reinterpret_cast<const int4*>(src);
+    int4* d = reinterpret_cast<int4*>(dst);
+    const int n = bytes >> 4;
+    constexpr int kUnroll = 4;
+    int i = lane;
+    for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * kWarpSize];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) d[i + u * kWarpSize] = v[u];
+    }
+    for (; i < n; i += kWarpSize) d[i] = s[i];
+}
+
+DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns,
+                             deepep::ErrorRecord* err, int phase, int peer, int rank) {
+    return deepep::wait_geq(flag, seq, timeout_ns, err, phase, peer, rank);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Every operation starts with this one-thread launch: the operation's sequence number lives in
+// device memory, so a captured CUDA graph advances it on every replay.
+extern "C" __global__ void intranode_bump_seq(uint64_t* seq) { *seq += 1; }
+
+// ------------------------------------------------------------------------------------------------
+// notify: block j (< R) scans column j of is_token_in_rank into send_pos[:, j] and, for j != me,
+// writes {tokens for j, this rank's token count, per-expert counts for j} into rank j's notify
+// slot `me`, then raises rank j's notify flag. Block 0 then waits for every peer's flag and
+// derives this rank's receive layout: recv_offsets[R + 1] (rows from rank s start at
+// recv_offsets[s]), the per-local-expert counts (aligned up), and the source token counts; it
+// writes them to `recv_info` (device) and to the pinned host record `host_info` (last word: seq).
+//
+// recv_info / host_info int32 layout: [0..R] offsets, [R+1..2R] source token counts,
+// [2R+1..2R+L] aligned per-expert counts, then at the end (host only) the seq as int64.
+extern "C" __global__ void __launch_bounds__(1024, 1)
+intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
+                 const int* __restrict__ num_tokens_per_rank,
+                 const int* __restrict__ num_tokens_per_expert, int num_local_experts,
+                 int expert_alignment, int* __restrict__ send_pos, int* __restrict__ recv_info,
+                 int* __restrict__ host_info, const uint64_t* peer_bases, const Layout* layout_ptr, int rank,
+                 const uint64_t* seq_ptr, uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
+    const Layout layout = *layout_ptr;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
+    const int j = blockIdx.x;
+    __shared__ int warp_sums[32];
+    __shared__ int carry;
+
+    // exclusive scan of column j: send_pos[t, j] = rows before t that go to j (-1 if t does not)
+    if (threadIdx.x == 0) carry = 0;
+    __syncthreads();
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    for (int base = 0; base < num_tokens; base += blockDim.x) {
+        const int t = base + threadIdx.x;
+        const int flag = (t < num_tokens && is_token_in_rank[static_cast<long long>(t) * kNumRanks + j]) ? 1 : 0;
+        int incl = flag;
+#pragma unroll
+        for (int o = 1; o < kWarpSize; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
+        }
+        if (lane == kWarpSize - 1) warp_sums[warp] = incl;
+        __syncthreads();
+        if (warp == 0) {
+            int w = lane < num_warps ? warp_sums[lane] : 0;
+#pragma unroll
+            for (int o = 1; o < kWarpSize; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += v;
+            }
+            if (lane < num_warps) warp_sums[lane] = w;  // inclusive over warps
+        }
+        __syncthreads();
+        const int before = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl - flag;
+        if (t < num_tokens) send_pos[static_cast<long long>(t) * kNumRanks + j] = flag ? before : -1;
+        __syncthreads();
+        if (threadIdx.x == 0) carry += warp_sums[num_warps - 1];
+        __syncthreads();
+    }
+
+    // post my counts for j into j's slot `rank`
+    // two slot sets by seq parity: a peer can be at most one notify ahead of me
+    const long long parity = static_cast<long long>(seq & 1) * kNumRanks * layout.notify_ints;
+    int* slot = at<int>(peers.base[j], layout.notify_slots) + parity + rank * layout.notify_ints;
+    for (int i = threadIdx.x; i < 2 + num_local_experts; i += blockDim.x) {
+        int v;
+        if (i == 0) v = num_tokens_per_rank[j];
+        else if (i == 1) v = num_tokens;
+        else v = num_tokens_per_expert[j * num_local_experts + (i - 2)];
+        slot[i] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[j], layout.notify_flags) + rank, seq);
+    }
+    if (j != 0) return;
+
+    // block 0: gather everyone's counts for me
+    __shared__ bool ok;
+    if (threadIdx.x == 0) {
+        ok = true;
+        uint8_t* mine = peers.base[rank];
+        for (int s = 0; s < kNumRanks && ok; ++s)
+            ok = wait_flag(at<uint64_t>(mine, layout.notify_flags) + s, seq, timeout_ns, err,
+                           kPhaseNotify, s, rank);
+    }
+    __syncthreads();
+    const int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
+    const int num_info = 2 * kNumRanks + 1 + num_local_experts;
+    if (!ok) {
+        if (threadIdx.x == 0) {
+            __threadfence_system();
+            reinterpret_cast<volatile long long*>(host_info + ((num_info + 1) & ~1))[0] = static_cast<long long>(seq);
+        }
+        return;
+    }
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int s = 0; s < kNumRanks; ++s) {
+            recv_info[s] = acc;
+            host_info[s] = acc;
+            acc += slots[s * layout.notify_ints + 0];
+            recv_info[kNumRanks + 1 + s] = slots[s * layout.notify_ints + 1];
+            host_info[kNumRanks + 1 + s] = slots[s * layout.notify_ints + 1];
+        }
+        recv_info[kNumRanks] = acc;
+        host_info[kNumRanks] = acc;
+    }
+    for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
+        int total = 0;
+        for (int s = 0; s < kNumRanks; ++s) total += slots[s * layout.notify_ints + 2 + l];
+        total = (total + expert_alignment - 1) / expert_alignment * expert_alignment;
+        recv_info[2 * kNumRanks + 1 + l] = total;
+        host_info[2 * kNumRanks + 1 + l] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        reinterpret_cast<volatile long long*>(host_info + ((num_info + 1) & ~1))[0] = static_cast<long long>(seq);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// barrier over the ranks of the domain (used by cached dispatch and combine before they write into
+// peers' staging): raise my flag on every peer, wait for every peer's flag on me.
+DEEPEP_DEVICE bool domain_barrier(const PeerBases& peers, const Layout& layout, int rank, uint64_t seq,
+                                  uint64_t timeout_ns, deepep::ErrorRecord* err, int phase) {
+    __shared__ bool ok;
+    if (threadIdx.x < kNumRanks) {
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[threadIdx.x], layout.barrier_flags) + rank, seq);
+    }
+    if (threadIdx.x == 0) {
+        ok = true;
+        for (int s = 0; s < kNumRanks && ok; ++s)
+            ok = wait_flag(at<uint64_t>(peers.base[rank], layout.barrier_flags) + s, seq, timeout_ns,
+                           err, phase, s, rank);
+    }
+    __syncthreads();
+    return ok;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dispatch. Blocks [0, num_senders) send; the rest receive.
+//   sender: token chunk c (kChunk tokens) belongs to sender block c % num_senders. A warp takes a
+//     token and copies its row to every destination j with is_token_in_rank[t, j]: j == rank ->
+//     straight into recv_x at recv_offsets[rank] + send_pos; otherwise into j's staging slot at
+//     row send_pos (with scales, top-k ids as int32 and weights behind the data). After the chunk,
+//     thread 0 publishes per remote j the chunk's row range and raises j's chunk flag.
+//   receiver: remote source s's chunks are spread over receiver blocks; each waits for the chunk's
+//     flag and copies its rows from staging into recv_x (+ scales, local top-k ids, weights).
+// Row bytes: hidden_bytes (data) + scale_bytes + 4K (int32 ids) + 4K (weights) + 4 (source token
+// index), padded to 16.
+extern "C" __global__ void __launch_bounds__(512, 1)
+intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_scales,
+                   const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+                   const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
+                   const int* __restrict__ recv_info, uint8_t* __restrict__ recv_x,
+                   uint8_t* __restrict__ recv_x_scales, int64_t* __restrict__ recv_topk_idx,
+                   float* __restrict__ recv_topk_weights, int* __restrict__ recv_src_idx,
+                   int num_tokens, int hidden_bytes, int scale_bytes, int num_topk,
+                   int num_local_experts, int row_bytes, int slot_rows, int num_senders, int num_worst_tokens,
+                   int barrier_first, const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
+                   uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
+    const Layout layout = *layout_ptr;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const bool with_topk = topk_idx != nullptr;
+    const bool with_weights = topk_weights != nullptr;
+    const int* recv_offsets = recv_info;
+    const int* src_tokens = recv_info + kNumRanks + 1;
+    const int expert_lo = rank * num_local_experts;
+
+    if (barrier_first && !domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
+        return;
+
+    if (static_cast<int>(blockIdx.x) < num_senders) {
+        const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
+        for (int c = blockIdx.x; c < num_chunks; c += num_senders) {
+            const int t_end = min(num_tokens, (c + 1) * kChunk);
+            for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+                const uint8_t* row = x + static_cast<long long>(t) * hidden_bytes;
+                for (int j = 0; j < kNumRanks; ++j) {
+                    const int pos = send_pos[static_cast<long long>(t) * kNumRanks + j];
+                    if (pos < 0) continue;
+                    if (j == rank) {
+                        const long long r = recv_offsets[rank] + pos;
+                        if (num_worst_tokens > 0 && r >= num_worst_tokens) {  // would overflow recv_x
+                            if (lane == 0) deepep::record_error(err, deepep::kBadValue, kPhaseWorstOverflow, rank, rank);
+                            continue;
+                        }
+                        warp_copy(recv_x + r * hidden_bytes, row, hidden_bytes, lane);
+                        if (scale_bytes)
+                            warp_copy(recv_x_scales + r * scale_bytes,
+                                      x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
+                        if (lane < num_topk) {
+                            if (with_topk) {
+                                const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + lane];
+                                const bool local = e >= expert_lo && e < expert_lo + num_local_experts;
+                                recv_topk_idx[r * num_topk + lane] = local ? e - expert_lo : -1;
+                                if (with_weights)
+                                    recv_topk_weights[r * num_topk + lane] =
+                                        local ? topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
+                            }
+                        }
+                        if (lane == 0) recv_src_idx[r] = t;
+                    } else {
+                        uint8_t* dst = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
+                                       (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
+                        warp_copy(dst, row, hidden_bytes, lane);
+                        if (scale_bytes)
+                            warp_copy(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
+                                      scale_bytes, lane);
+                        int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
+                        if (with_topk && lane < num_topk) {
+                            ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
+                            if (with_weights)
+                                reinterpret_cast<float*>(ids + num_topk)[lane] =
+                                    topk_weights[static_cast<long long>(t) * num_topk + lane];
+                        }
+                        if (lane == 0) ids[2 * num_topk] = t;  // source token index
+                    }
+                }
+            }
+            __syncthreads();
+            if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+                const int j = threadIdx.x;
+                // rows [first, last) of this chunk for j: positions of the chunk's tokens
+                int first = 0, count = 0;
+                bool have = false;
+                for (int t = c * kChunk; t < t_end; ++t) {
+                    const int p = send_pos[static_cast<long long>(t) * kNumRanks + j];
+                    if (p >= 0) {
+                        if (!have) first = p, have = true;
+                        ++count;
+                    }
+                }
+                __threadfence_system();
+                int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
+                ranges[0] = first;
+                ranges[1] = count;
+                __threadfence_system();
+                st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
+            }
+        }
+        return;
+    }
+
+    // receivers
+    const int recv_block = blockIdx.x - num_senders;
+    const int num_receivers = gridDim.x - num_senders;
+    uint8_t* mine = peers.base[rank];
+    __shared__ int s_range[2];
+    __shared__ bool s_ok;
+    for (int s = 0; s < kNumRanks; ++s) {
+        if (s == rank) continue;
+        const int num_chunks = (src_tokens[s] + kChunk - 1) / kChunk;
+        const uint8_t* slot = at<uint8_t>(mine, layout.dispatch_staging) +
+                              static_cast<long long>(slot_of(s, rank)) * slot_rows * row_bytes;
+        for (int c = recv_block; c < num_chunks; c += num_receivers) {
+            if (threadIdx.x == 0) {
+                s_ok = wait_flag(at<uint64_t>(mine, layout.dispatch_flags) + s * layout.max_chunks + c, seq,
+                                 timeout_ns, err, kPhaseDispatchRecv, s, rank);
+                const int* ranges = at<int>(mine, layout.dispatch_ranges) + 2 * (s * layout.max_chunks + c);
+                s_range[0] = reinterpret_cast<const volatile int*>(ranges)[0];
+                s_range[1] = reinterpret_cast<const volatile int*>(ranges)[1];
+            }
+            __syncthreads();
+            if (!s_ok) return;
+            const int first = s_range[0], count = s_range[1];
+            for (int i = warp; i < count; i += num_warps) {
+                const int pos = first + i;
+                const uint8_t* src = slot + static_cast<long long>(pos) * row_bytes;
+                const long long r = recv_offsets[s] + pos;
+                if (num_worst_tokens > 0 && r >= num_worst_tokens) {
+                    if (lane == 0) deepep::record_error(err, deepep::kBadValue, kPhaseWorstOverflow, s, rank);
+                    continue;
+                }
+                warp_copy(recv_x + r * hidden_bytes, src, hidden_bytes, lane);
+                if (scale_bytes) warp_copy(recv_x_scales + r * scale_bytes, src + hidden_bytes, scale_bytes, lane);
+                const int* ids = reinterpret_cast<const int*>(src + hidden_bytes + scale_bytes);
+                if (lane == 0) recv_src_idx[r] = ids[2 * num_topk];
+                if (with_topk && lane < num_topk) {
+                    const int e = ids[lane];
+                    const bool local = e >= expert_lo && e < expert_lo + num_local_experts;
+                    recv_topk_idx[r * num_topk + lane] = local ? e - expert_lo : -1;
+                    if (with_weights)
+                        recv_topk_weights[r * num_topk + lane] =
+                            local ? reinterpret_cast<const float*>(ids + num_topk)[lane] : 0.0f;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // padding rows of a num_worst_tokens dispatch: top-k ids -1, weights 0, source -1
+    if (num_worst_tokens > 0) {
+        const int total = recv_offsets[kNumRanks];
+        for (int r = total + recv_block * blockDim.x + threadIdx.x; r < num_worst_tokens;
+             r += num_receivers * blockDim.x) {
+            recv_src_idx[r] = -1;
+            for (int k = 0; k < num_topk && with_topk; ++k) {
+                recv_topk_idx[static_cast<long long>(r) * num_topk + k] = -1;
+                if (with_weights) recv_topk_weights[static_cast<long long>(r) * num_topk + k] = 0.0f;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// combine (bf16 or float32 rows; accumulation in float32 in rank order, as the reference).
+//   sender blocks: rows of remote source s (recv_offsets[s] .. recv_offsets[s+1]) go, in chunks of
+//     kChunk rows, to s's combine staging slot at their position (row - recv_offsets[s]), weights
+//     behind the data; then s's chunk flag is raised.
+//   reducer blocks: tokens in chunks; for token t: acc = bias0 + bias1 + sum over ranks r in order
+//     with is_token_in_rank[t, r] of (r == rank ? x[recv_offsets[rank] + send_pos[t, rank]]
+//     : staging[r][send_pos[t, r]]), after waiting for that row's chunk flag.
+template <typename T>
+DEEPEP_DEVICE float to_float(T v);
+template <>
+DEEPEP_DEVICE float to_float<float>(float v) { return v; }
+struct bf16_raw {
+    unsigned short bits;
+};
+template <>
+DEEPEP_DEVICE float to_float<bf16_raw>(bf16_raw v) { return __uint_as_float(static_cast<unsigned int>(v.bits) << 16); }
+
+DEEPEP_DEVICE unsigned short float_to_bf16_rn(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40);  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<unsigned short>(u >> 16);
+}
+
+template <bool kBf16>
+DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __restrict__ topk_weights,
+                                const uint8_t* __restrict__ bias0, const uint8_t* __restrict__ bias1,
+                                const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
+                                const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
+                                float* __restrict__ combined_weights, int num_tokens, int hidden,
+                                int num_topk, int row_bytes, int slot_rows, int num_senders, const PeerBases& peers,
+                                const Layout& layout, int rank, uint64_t seq, uint64_t timeout_ns,
+                                deepep::ErrorRecord* err) {
+    constexpr int kElem = kBf16 ? 2 : 4;
+    const int hidden_bytes = hidden * kElem;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const bool with_weights = topk_weights != nullptr;
+
+    if (static_cast<int>(blockIdx.x) < num_senders) {
+        // chunks of every remote source's row block, round-robin over sender blocks
+        int chunk_id = 0;
+        for (int s = 0; s < kNumRanks; ++s) {
+            if (s == rank) continue;
+            const int row0 = recv_offsets[s], rows = recv_offsets[s + 1] - recv_offsets[s];
+            const int num_chunks = (rows + kChunk - 1) / kChunk;
+            uint8_t* slot = at<uint8_t>(peers.base[s], layout.combine_staging) +
+                            static_cast<long long>(slot_of(rank, s)) * slot_rows * row_bytes;
+            for (int c = 0; c < num_chunks; ++c, ++chunk_id) {
+                if (chunk_id % num_senders != static_cast<int>(blockIdx.x)) continue;
+                const int p_end = min(rows, (c + 1) * kChunk);
+                for (int p = c * kChunk + warp; p < p_end; p += num_warps) {
+                    const long long r = row0 + p;
+                    uint8_t* dst = slot + static_cast<long long>(p) * row_bytes;
+                    warp_copy(dst, x + r * hidden_bytes, hidden_bytes, lane);
+                    if (with_weights && lane < num_topk)
+                        reinterpret_cast<float*>(dst + hidden_bytes)[lane] = topk_weights[r * num_topk + lane];
+                }
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    __threadfence_system();
+                    st_release_sys_u64(at<uint64_t>(peers.base[s], layout.combine_flags) + rank * layout.max_chunks + c, seq);
+                }
+            }
+        }
+        return;
+    }
+
+    // reducers: a warp per token, lanes over the hidden dimension in 16-byte pieces
+    const int reducer = blockIdx.x - num_senders;
+    const int num_reducers = gridDim.x - num_senders;
+    uint8_t* mine = peers.base[rank];
+    for (int t = reducer * num_warps + warp; t < num_tokens; t += num_reducers * num_warps) {
+        const uint8_t* srcs[kNumRanks];
+        int num_srcs = 0;
+        bool ok = true;
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r) {
+            const int pos = send_pos[static_cast<long long>(t) * kNumRanks + r];
+            const uint8_t* src = nullptr;
+            if (pos >= 0) {
+                if (r == rank) {
+                    src = x + static_cast<long long>(recv_offsets[rank] + pos) * hidden_bytes;
+                } else {
+                    if (lane == 0)
+                        ok &= wait_flag(at<uint64_t>(mine, layout.combine_flags) + r * layout.max_chunks + pos / kChunk,
+                                        seq, timeout_ns, err, kPhaseCombineRecv, r, rank);
+                    src = at<uint8_t>(mine, layout.combine_staging) +
+                          (static_cast<long long>(slot_of(r, rank)) * slot_rows + pos) * row_bytes;
+                }
+            }
+            srcs[r] = src;
+            num_srcs += src != nullptr;
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        if (!ok) return;
+        __syncwarp();
+        // 16 bytes per lane per step: 8 bf16 or 4 float
+        constexpr int kPer = 16 / kElem;
+        for (int h = lane * kPer; h < hidden; h += kWarpSize * kPer) {
+            float acc[kPer];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
+            const uint8_t* biases[2] = {bias0, bias1};
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                if (biases[b] == nullptr) continue;
+                const int4 v = *reinterpret_cast<const int4*>(biases[b] + (static_cast<long long>(t) * hidden + h) * kElem);
+                const auto* e = reinterpret_cast<const typename pick<kBf16, bf16_raw, float>::type*>(&v);
+#pragma unroll
+                for (int i = 0; i < kPer; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
+            }
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r) {
+                if (srcs[r] == nullptr) continue;
+                const int4 v = *reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem);
+                const auto* e = reinterpret_cast<const typename pick<kBf16, bf16_raw, float>::type*>(&v);
+#pragma unroll
+                for (int i = 0; i < kPer; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
+            }
+            int4 out;
+            if constexpr (kBf16) {
+                unsigned short* o = reinterpret_cast<unsigned short*>(&out);
+#pragma unroll
+                for (int i = 0; i < kPer; ++i) o[i] = float_to_bf16_rn(acc[i]);
+            } else {
+                float* o = reinterpret_cast<float*>(&out);
+#pragma unroll
+                for (int i = 0; i < kPer; ++i) o[i] = acc[i];
+            }
+            *reinterpret_cast<int4*>(combined_x + (static_cast<long long>(t) * hidden + h) * kElem) = out;
+        }
+        if (with_weights && lane < num_topk) {
+            float w = 0.0f;
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r) {
+                if (srcs[r] == nullptr) continue;
+                const int pos = send_pos[static_cast<long long>(t) * kNumRanks + r];
+                const float* wrow = r == rank ? topk_weights + static_cast<long long>(recv_offsets[rank] + pos) * num_topk
+                                              : reinterpret_cast<const float*>(srcs[r] + hidden_bytes);
+                w = __fadd_rn(w, wrow[lane]);
+            }
+            combined_weights[static_cast<long long>(t) * num_topk + lane] = w;
+        }
+    }
+}
+
+#define DEEPEP_COMBINE_ENTRY(NAME, BF16)                                                                        \
+    extern "C" __global__ void __launch_bounds__(512, 1)                                                         \
+    NAME(const uint8_t* x, const float* topk_weights, const uint8_t* bias0, const uint8_t* bias1,             \
+         const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
+         float* combined_weights, int num_tokens, int hidden, int num_topk, int row_bytes, int slot_rows,      \
+         int num_senders,                                                                                      \
+         const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                         \
+         deepep::ErrorRecord* err) {                                                                          \
+        const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};                                 \
+        const Layout layout = *layout_ptr;                                                                    \
+        const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);                            \
+        if (!domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;         \
+        combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,            \
+                           combined_x, combined_weights, num_tokens, hidden, num_topk, row_bytes, slot_rows,  \
+                           num_senders, peers, layout, rank, seq, timeout_ns, err);                           \
+    }
+
+DEEPEP_COMBINE_ENTRY(intranode_combine_bf16, true)
+DEEPEP_COMBINE_ENTRY(intranode_combine_f32, false)

@@ -1,0 +1,331 @@
+"""Launchers of cuda_src/intranode.cu: high-throughput dispatch and combine inside one NVLink domain.
+
+Design (docs/intranode.md has the diagrams):
+  * The buffer's symmetric memory (``num_nvl_bytes``) holds a control area (notify slots, flags,
+    chunk ranges) and two staging areas, one for dispatch and one for combine, each with one slot
+    per other rank. Every rank computes the same ``SymmetricLayout`` from (num_ranks, bytes).
+  * dispatch: ``bump_seq`` -> ``notify`` (exchange counts, scan ``send_pos``) -> the host reads the
+    receive count from a pinned record (skipped with ``num_worst_tokens``) -> ``dispatch``
+    (sender blocks push rows: remote ones into the peer's staging slot, own ones straight into
+    ``recv_x``; receiver blocks move arrived chunks from staging into ``recv_x``).
+  * combine: ``bump_seq`` -> ``combine`` (domain barrier; sender blocks push received rows back
+    into their source's combine staging; reducer blocks sum each token's copies in rank order,
+    reading their own rows in place).
+Every wait on a peer is bounded; a timeout lands in a pinned error record that the next call (or
+the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import numpy as np
+
+from . import jit
+from .config import settings
+from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
+from .kernel_errors import raise_if_error
+
+__all__ = ["intranode_spec", "SymmetricLayout", "IntranodeHandle", "IntranodeKernels", "dispatch_row_bytes",
+           "combine_row_bytes", "size_hint", "MAX_LOCAL_EXPERTS", "CHUNK_TOKENS"]
+
+CHUNK_TOKENS = 32            # kChunk in the kernel
+MAX_CHUNKS = 4096            # -> at most 131072 tokens per rank
+MAX_LOCAL_EXPERTS = 1022     # notify slot: 2 counts + per-expert counts
+NOTIFY_THREADS = 1024
+DATA_THREADS = 512
+_ALIGN = 256
+
+
+def _align(x: int, a: int = _ALIGN) -> int:
+    return (x + a - 1) // a * a
+
+
+def dispatch_row_bytes(hidden_bytes: int, scale_bytes: int, num_topk: int) -> int:
+    """Bytes of one staged dispatch row: data, scales, int32 expert ids, float weights, source index."""
+    return _align(hidden_bytes + scale_bytes + 8 * num_topk + 4, 16)
+
+
+def combine_row_bytes(hidden_bytes: int, num_topk: int) -> int:
+    """Bytes of one staged combine row: data and float weights."""
+    return _align(hidden_bytes + 4 * num_topk, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class SymmetricLayout:
+    """Byte offsets inside every rank's symmetric buffer (identical on all ranks)."""
+
+    num_ranks: int
+    total_bytes: int
+    notify_slots: int
+    notify_flags: int
+    barrier_flags: int
+    dispatch_flags: int
+    dispatch_ranges: int
+    combine_flags: int
+    dispatch_staging: int
+    combine_staging: int
+    notify_ints: int = MAX_LOCAL_EXPERTS + 2
+    max_chunks: int = MAX_CHUNKS
+
+    @staticmethod
+    def control_bytes(num_ranks: int) -> int:
+        """Bytes before the staging areas."""
+        r = num_ranks
+        return _align(2 * r * (MAX_LOCAL_EXPERTS + 2) * 4) + 2 * _align(8 * r) + \
+            3 * _align(8 * r * MAX_CHUNKS)
+
+    @classmethod
+    def build(cls, num_ranks: int, total_bytes: int) -> "SymmetricLayout":
+        """Carve ``total_bytes`` (the buffer's num_nvl_bytes) for ``num_ranks`` ranks."""
+        r = num_ranks
+        off = 0
+        parts = {}
+        for name, size in (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
+                           ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
+                           ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
+                           ("combine_flags", 8 * r * MAX_CHUNKS)):
+            parts[name] = off
+            off += _align(size)
+        staging = max(0, (total_bytes - off) // 2 // _ALIGN * _ALIGN)
+        parts["dispatch_staging"] = off
+        parts["combine_staging"] = off + staging
+        return cls(num_ranks=r, total_bytes=total_bytes, **parts)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of each staging area."""
+        return self.combine_staging - self.dispatch_staging
+
+    def slot_rows(self, row_bytes: int) -> int:
+        """Rows of ``row_bytes`` one source slot holds (0 for a single rank: no slots needed)."""
+        if self.num_ranks == 1:
+            return 0
+        return self.staging_bytes // (self.num_ranks - 1) // row_bytes
+
+    def device_struct(self):
+        """The kernel's ``Layout`` struct as a CuPy byte array (8 int64 + 2 int32)."""
+        import cupy
+        host = np.zeros(10, dtype=np.int64)
+        host[:8] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
+                    self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging]
+        host.view(np.int32)[16:18] = [self.notify_ints, self.max_chunks]
+        return cupy.asarray(host.view(np.uint8))
+
+
+def size_hint(num_ranks: int, max_tokens_per_rank: int, hidden: int, num_topk: int,
+              elem_bytes: int = 2, fp8_scales: bool = True) -> int:
+    """Symmetric bytes (``num_nvl_bytes``) the intranode kernels need for ``max_tokens_per_rank``
+    tokens of ``hidden`` channels: control area plus both staging areas, each with
+    ``num_ranks - 1`` slots of ``max_tokens_per_rank`` rows of the largest row format."""
+    if num_ranks == 1:
+        return _align(SymmetricLayout.control_bytes(1)) + _ALIGN
+    scale_bytes = hidden // 128 * 4 if fp8_scales else 0
+    row = max(dispatch_row_bytes(hidden * elem_bytes, 0, num_topk),
+              dispatch_row_bytes(hidden, scale_bytes, num_topk),
+              combine_row_bytes(hidden * elem_bytes, num_topk))
+    per_area = _align((num_ranks - 1) * max_tokens_per_rank * row)
+    return SymmetricLayout.control_bytes(num_ranks) + 2 * per_area + 2 * _ALIGN
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IntranodeHandle:
+    """Routing of one GPU dispatch; drives cached dispatches and combine.
+
+    Fields (CuPy arrays on the buffer's GPU unless noted):
+        is_token_in_rank: bool [T, R]. send_pos: int32 [T, R], row of each token in each
+        destination's block (-1 where not sent). recv_info: int32 [2R+1+L]: receive offsets per
+        source (R+1), source token counts (R), aligned per-expert counts (L).
+        recv_src_idx: int32 [rows], source token index of each received row (-1 padding).
+        num_tokens: T (host int). num_rows: received rows, or num_worst_tokens when padded (host).
+        num_recv_tokens: real received rows (host int; -1 when unknown: num_worst_tokens mode).
+        num_worst_tokens, num_experts, hidden: of the dispatch (host ints).
+    """
+
+    is_token_in_rank: object
+    send_pos: object
+    recv_info: object
+    recv_src_idx: object
+    num_tokens: int
+    num_rows: int
+    num_recv_tokens: int
+    num_worst_tokens: int
+    num_experts: int
+    hidden: int
+
+    @property
+    def recv_offsets(self):
+        """int32 [R+1] view: first received row of each source rank, then the total."""
+        r = self.send_pos.shape[1]
+        return self.recv_info[:r + 1]
+
+
+def intranode_spec(num_ranks: int) -> jit.KernelSpec:
+    """The JIT instance of cuda_src/intranode.cu for ``num_ranks`` ranks."""
+    return jit.KernelSpec.make(
+        "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch",
+                         "intranode_combine_bf16", "intranode_combine_f32"],
+        {"DEEPEP_NUM_RANKS": num_ranks})
+
+
+class IntranodeKernels:
+    """The intranode module for one rank count, bound to one buffer's symmetric memory."""
+
+    def __init__(self, backend, jit_options: Optional[jit.JitOptions] = None):
+        import cupy
+
+        self.backend = backend
+        self.num_ranks = backend.num_ranks
+        self.rank = backend.rank
+        rt = backend.runtime
+        if backend.symmetric is None:
+            raise DeepEPInvalid("num_nvl_bytes: the high-throughput kernels need symmetric memory; "
+                                f"at least {size_hint(self.num_ranks, 1, 128, 1)} bytes")
+        self.layout = SymmetricLayout.build(self.num_ranks, int(backend.symmetric.nbytes))
+        bases = [rt.peer_ptr(backend.symmetric, pe) for pe in range(self.num_ranks)]
+        missing = [pe for pe, b in enumerate(bases) if b == 0]
+        if missing:
+            raise DeepEPError(f"rank {self.rank}: ranks {missing} are not reachable over NVLink "
+                              "(nvshmem_ptr is NULL); the intranode kernels need every rank in one "
+                              "NVLink domain")
+        self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
+        self.layout_struct = self.layout.device_struct()
+        self.seq = cupy.zeros(1, dtype=np.uint64)
+        self.module = jit.load(intranode_spec(self.num_ranks), jit_options)
+        # pinned host records: notify results (polled) and the error record (read without sync)
+        self._info_words = 2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS + 4
+        self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4 + 16)
+        self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words + 4)
+        self.host_info[:] = 0
+        self._err_pinned = cupy.cuda.alloc_pinned_memory(16)
+        self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
+        self.error_record[:] = 0
+        cupy.cuda.Device().synchronize()
+        self.timeout_ns = int(settings.timeout_seconds * 1e9)
+
+    # ------------------------------------------------------------------------------------------
+    def check_errors(self, what: str) -> None:
+        """Raise if an earlier kernel of this buffer recorded a timeout (reads pinned memory)."""
+        rec = self.error_record.tolist()
+        if rec[0]:
+            self.error_record[:] = 0
+            raise_if_error(rec, what)
+
+    def _seq_word_index(self, num_local_experts: int) -> int:
+        num_info = 2 * self.num_ranks + 1 + num_local_experts
+        return ((num_info + 1) & ~1) // 2   # int64 index in host_info
+
+    def _common_tail(self):
+        import cupy
+        return (self.peer_bases, self.layout_struct, cupy.int32(self.rank), self.seq,
+                cupy.uint64(self.timeout_ns), cupy.uint64(self._err_pinned.ptr))
+
+    # ------------------------------------------------------------------------------------------
+    def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
+               expert_alignment: int, wait: bool, stream):
+        """bump_seq + notify on ``stream``. Returns (send_pos, recv_info, host view or None)."""
+        import cupy
+        num_tokens = is_token_in_rank.shape[0]
+        num_local = num_experts // self.num_ranks
+        send_pos = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.int32)
+        recv_info = cupy.empty(2 * self.num_ranks + 1 + num_local, dtype=cupy.int32)
+        seq_view = self.host_info.view(np.int64)
+        seq_index = self._seq_word_index(num_local)
+        before = int(seq_view[seq_index])
+        with stream:
+            self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
+            self.module["intranode_notify"](
+                (self.num_ranks,), (NOTIFY_THREADS,),
+                (is_token_in_rank, cupy.int32(num_tokens), num_tokens_per_rank, num_tokens_per_expert,
+                 cupy.int32(num_local), cupy.int32(expert_alignment), send_pos, recv_info,
+                 cupy.uint64(self._info_pinned.ptr)) + self._common_tail())
+        if not wait:
+            return send_pos, recv_info, None
+        deadline = time.monotonic() + settings.timeout_seconds + 5.0
+        spins = 0
+        while int(seq_view[seq_index]) == before:
+            spins += 1
+            if spins % 4096 == 0:
+                self.check_errors("dispatch (notify)")
+                if time.monotonic() > deadline:
+                    raise DeepEPTimeout(f"rank {self.rank}: dispatch notify did not finish within "
+                                        f"{settings.timeout_seconds} s (a peer never called dispatch?)")
+                if spins > (1 << 20):
+                    time.sleep(50e-6)
+        self.check_errors("dispatch (notify)")
+        info = self.host_info[:2 * self.num_ranks + 1 + num_local].copy()
+        return send_pos, recv_info, info
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info,
+                 num_rows: int, num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int,
+                 stream):
+        """The data kernel on ``stream``; allocates and returns (recv_x, recv_scales, recv_topk_idx,
+        recv_topk_weights, recv_src_idx). Raw-storage CuPy arrays (fp8 as uint8)."""
+        import cupy
+        num_tokens, hidden = x.shape
+        hidden_bytes = hidden * x.itemsize
+        scale_bytes = 0 if x_scales is None else x_scales.shape[1] * 4
+        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+        if topk_idx is None and cached_src_idx is None:
+            raise DeepEPInvalid("topk_idx: required")
+        row_bytes = dispatch_row_bytes(hidden_bytes, scale_bytes, num_topk)
+        slot_rows = self.layout.slot_rows(row_bytes)
+        self._check_capacity(num_tokens, slot_rows, row_bytes, "dispatch")
+        # outputs on the current stream (the caller's, or the communication stream with
+        # allocate_on_comm_stream: CommStreamScope decides)
+        recv_x = cupy.empty((num_rows, hidden), dtype=x.dtype)
+        recv_scales = None if x_scales is None else cupy.empty((num_rows, x_scales.shape[1]), cupy.float32)
+        recv_idx = None if topk_idx is None else cupy.empty((num_rows, num_topk), cupy.int64)
+        recv_w = None if topk_weights is None else cupy.empty((num_rows, num_topk), cupy.float32)
+        recv_src = cached_src_idx if cached_src_idx is not None else cupy.empty(num_rows, cupy.int32)
+        null = cupy.uint64(0)
+        num_senders = max(1, num_sms // 2)
+        with stream:
+            if cached_src_idx is not None:
+                self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
+            self.module["intranode_dispatch"](
+                (num_sms,), (DATA_THREADS,),
+                (x, null if x_scales is None else x_scales, null if topk_idx is None else topk_idx,
+                 null if topk_weights is None else topk_weights, is_token_in_rank, send_pos, recv_info,
+                 recv_x, null if recv_scales is None else recv_scales, null if recv_idx is None else recv_idx,
+                 null if recv_w is None else recv_w, recv_src, cupy.int32(num_tokens), cupy.int32(hidden_bytes),
+                 cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(num_experts // self.num_ranks),
+                 cupy.int32(row_bytes), cupy.int32(slot_rows), cupy.int32(num_senders),
+                 cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0))
+                + self._common_tail())
+        return recv_x, recv_scales, recv_idx, recv_w, recv_src
+
+    def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, num_sms: int, stream):
+        """bump_seq + combine on ``stream``; returns (combined_x, combined_weights or None)."""
+        import cupy
+        hidden = x.shape[1]
+        num_topk = 0 if topk_weights is None else topk_weights.shape[1]
+        row_bytes = combine_row_bytes(hidden * x.itemsize, num_topk)
+        slot_rows = self.layout.slot_rows(row_bytes)
+        self._check_capacity(handle.num_tokens, slot_rows, row_bytes, "combine")
+        out = cupy.empty((handle.num_tokens, hidden), dtype=x.dtype)
+        out_w = None if topk_weights is None else cupy.empty((handle.num_tokens, num_topk), cupy.float32)
+        null = cupy.uint64(0)
+        kernel = "intranode_combine_bf16" if x.itemsize == 2 else "intranode_combine_f32"
+        with stream:
+            self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
+            self.module[kernel](
+                (num_sms,), (DATA_THREADS,),
+                (x, null if topk_weights is None else topk_weights, null if bias0 is None else bias0,
+                 null if bias1 is None else bias1, handle.is_token_in_rank, handle.send_pos,
+                 handle.recv_offsets, out, null if out_w is None else out_w, cupy.int32(handle.num_tokens),
+                 cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(row_bytes), cupy.int32(slot_rows),
+                 cupy.int32(max(1, num_sms // 2))) + self._common_tail())
+        return out, out_w
+
+    def _check_capacity(self, num_tokens: int, slot_rows: int, row_bytes: int, what: str) -> None:
+        if self.num_ranks > 1 and num_tokens > slot_rows:
+            need = SymmetricLayout.control_bytes(self.num_ranks) + \
+                2 * _align((self.num_ranks - 1) * num_tokens * row_bytes) + 2 * _ALIGN
+            raise DeepEPInvalid(f"x: {num_tokens} tokens per rank exceed the {slot_rows} rows the buffer's "
+                                f"staging holds for this {what} ({row_bytes} bytes a row); allocate "
+                                f"num_nvl_bytes >= {need} (Buffer.get_intranode_size_hint gives it)")
+        if num_tokens > CHUNK_TOKENS * MAX_CHUNKS:
+            raise DeepEPInvalid(f"x: at most {CHUNK_TOKENS * MAX_CHUNKS} tokens per rank, got {num_tokens}")
