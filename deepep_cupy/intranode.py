@@ -195,9 +195,10 @@ class IntranodeKernels:
         self.seq = cupy.zeros(1, dtype=np.uint64)
         self.module = jit.load(intranode_spec(self.num_ranks), jit_options)
         # pinned host records: notify results (polled) and the error record (read without sync)
-        self._info_words = 2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS + 4
-        self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4 + 16)
-        self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words + 4)
+        # int32 words: offsets, source counts, per-expert counts, then an int64 seq (even index)
+        self._info_words = (2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS + 4 + 1) // 2 * 2
+        self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4)
+        self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words)
         self.host_info[:] = 0
         self._err_pinned = cupy.cuda.alloc_pinned_memory(16)
         self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
