@@ -78,8 +78,17 @@ DEEPEP_DEVICE void st_release_sys_u64(uint64_t* p, uint64_t v) {
 // slot of source `src` in the staging area of rank `dst` (no slot for a rank's own rows)
 DEEPEP_DEVICE int slot_of(int src, int dst) { return src < dst ? src : src - 1; }
 
+// 16-byte load; kPeerWritten reads memory another GPU wrote during this kernel, so it bypasses L1
+// (ld.global.cg), which is not coherent with remote writes.
+template <bool kPeerWritten>
+DEEPEP_DEVICE int4 load16(const int4* p) {
+    if constexpr (kPeerWritten) return __ldcg(p);
+    else return *p;
+}
+
 // Copy `bytes` (a multiple of 16) from src to dst with the lanes of one warp, 16 bytes per lane
 // per step, several steps in flight.
+template <bool kPeerWritten = false>
 DEEPEP_DEVICE void warp_copy(void* dst, const void* src, int bytes, int lane) {
     const int4* s = reinterpret_cast<const int4*>(src);
     int4* d = reinterpret_cast<int4*>(dst);
@@ -89,11 +98,19 @@ DEEPEP_DEVICE void warp_copy(void* dst, const void* src, int bytes, int lane) {
     for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
         int4 v[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * kWarpSize];
+        for (int u = 0; u < kUnroll; ++u) v[u] = load16<kPeerWritten>(s + i + u * kWarpSize);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) d[i + u * kWarpSize] = v[u];
     }
-    for (; i < n; i += kWarpSize) d[i] = s[i];
+    for (; i < n; i += kWarpSize) d[i] = load16<kPeerWritten>(s + i);
+}
+
+// FP8 scales: H/128 floats, not always a multiple of 16 bytes: 4 bytes per lane.
+template <bool kPeerWritten = false>
+DEEPEP_DEVICE void warp_copy_words(void* dst, const void* src, int bytes, int lane) {
+    const int* s = reinterpret_cast<const int*>(src);
+    int* d = reinterpret_cast<int*>(dst);
+    for (int i = lane; i < (bytes >> 2); i += kWarpSize) d[i] = kPeerWritten ? __ldcg(s + i) : s[i];
 }
 
 DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns,
@@ -193,7 +210,7 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
                            kPhaseNotify, s, rank);
     }
     __syncthreads();
-    const int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
+    const volatile int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
     const int num_info = 2 * kNumRanks + 1 + num_local_experts;
     if (!ok) {
         if (threadIdx.x == 0) {
@@ -301,8 +318,8 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                         }
                         warp_copy(recv_x + r * hidden_bytes, row, hidden_bytes, lane);
                         if (scale_bytes)
-                            warp_copy(recv_x_scales + r * scale_bytes,
-                                      x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
+                            warp_copy_words(recv_x_scales + r * scale_bytes,
+                                            x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
                         if (lane < num_topk) {
                             if (with_topk) {
                                 const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + lane];
@@ -319,8 +336,8 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                                        (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
                         warp_copy(dst, row, hidden_bytes, lane);
                         if (scale_bytes)
-                            warp_copy(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
-                                      scale_bytes, lane);
+                            warp_copy_words(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
+                                            scale_bytes, lane);
                         int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
                         if (with_topk && lane < num_topk) {
                             ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
@@ -386,17 +403,17 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                     if (lane == 0) deepep::record_error(err, deepep::kBadValue, kPhaseWorstOverflow, s, rank);
                     continue;
                 }
-                warp_copy(recv_x + r * hidden_bytes, src, hidden_bytes, lane);
-                if (scale_bytes) warp_copy(recv_x_scales + r * scale_bytes, src + hidden_bytes, scale_bytes, lane);
+                warp_copy<true>(recv_x + r * hidden_bytes, src, hidden_bytes, lane);
+                if (scale_bytes) warp_copy_words<true>(recv_x_scales + r * scale_bytes, src + hidden_bytes, scale_bytes, lane);
                 const int* ids = reinterpret_cast<const int*>(src + hidden_bytes + scale_bytes);
-                if (lane == 0) recv_src_idx[r] = ids[2 * num_topk];
+                if (lane == 0) recv_src_idx[r] = __ldcg(ids + 2 * num_topk);
                 if (with_topk && lane < num_topk) {
-                    const int e = ids[lane];
+                    const int e = __ldcg(ids + lane);
                     const bool local = e >= expert_lo && e < expert_lo + num_local_experts;
                     recv_topk_idx[r * num_topk + lane] = local ? e - expert_lo : -1;
                     if (with_weights)
                         recv_topk_weights[r * num_topk + lane] =
-                            local ? reinterpret_cast<const float*>(ids + num_topk)[lane] : 0.0f;
+                            local ? __ldcg(reinterpret_cast<const float*>(ids + num_topk) + lane) : 0.0f;
                 }
             }
             __syncthreads();
@@ -532,7 +549,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r) {
                 if (srcs[r] == nullptr) continue;
-                const int4 v = *reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem);
+                const int4 v = __ldcg(reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem));
                 const auto* e = reinterpret_cast<const typename pick<kBf16, bf16_raw, float>::type*>(&v);
 #pragma unroll
                 for (int i = 0; i < kPer; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
@@ -557,7 +574,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                 const int pos = send_pos[static_cast<long long>(t) * kNumRanks + r];
                 const float* wrow = r == rank ? topk_weights + static_cast<long long>(recv_offsets[rank] + pos) * num_topk
                                               : reinterpret_cast<const float*>(srcs[r] + hidden_bytes);
-                w = __fadd_rn(w, wrow[lane]);
+                w = __fadd_rn(w, __ldcg(wrow + lane));
             }
             combined_weights[static_cast<long long>(t) * num_topk + lane] = w;
         }
