@@ -283,7 +283,8 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                    const int* __restrict__ recv_info, uint8_t* __restrict__ recv_x,
                    uint8_t* __restrict__ recv_x_scales, int64_t* __restrict__ recv_topk_idx,
                    float* __restrict__ recv_topk_weights, int* __restrict__ recv_src_idx,
-                   int num_tokens, int hidden_bytes, int scale_bytes, int num_topk,
+                   int num_tokens, int hidden_bytes, int scale_bytes, int num_topk, int with_topk_flag,
+                   int with_weights_flag,
                    int num_local_experts, int row_bytes, int slot_rows, int num_senders, int num_worst_tokens,
                    int barrier_first, const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
                    uint64_t timeout_ns, deepep::ErrorRecord* err) {
@@ -292,8 +293,10 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
     const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
-    const bool with_topk = topk_idx != nullptr;
-    const bool with_weights = topk_weights != nullptr;
+    // explicit flags: an empty array's pointer is NULL on a rank with no tokens, yet that rank
+    // still receives top-k data from its peers
+    const bool with_topk = with_topk_flag != 0;
+    const bool with_weights = with_weights_flag != 0;
     const int* recv_offsets = recv_info;
     const int* src_tokens = recv_info + kNumRanks + 1;
     const int expert_lo = rank * num_local_experts;
@@ -464,14 +467,15 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                                 const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
                                 const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
                                 float* __restrict__ combined_weights, int num_tokens, int hidden,
-                                int num_topk, int row_bytes, int slot_rows, int num_senders, const PeerBases& peers,
+                                int num_topk, int with_weights_flag, int row_bytes, int slot_rows, int num_senders,
+                                const PeerBases& peers,
                                 const Layout& layout, int rank, uint64_t seq, uint64_t timeout_ns,
                                 deepep::ErrorRecord* err) {
     constexpr int kElem = kBf16 ? 2 : 4;
     const int hidden_bytes = hidden * kElem;
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
-    const bool with_weights = topk_weights != nullptr;
+    const bool with_weights = with_weights_flag != 0;   // not the pointer: empty arrays are NULL
 
     if (static_cast<int>(blockIdx.x) < num_senders) {
         // chunks of every remote source's row block, round-robin over sender blocks
@@ -585,7 +589,8 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     extern "C" __global__ void __launch_bounds__(512, 1)                                                         \
     NAME(const uint8_t* x, const float* topk_weights, const uint8_t* bias0, const uint8_t* bias1,             \
          const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
-         float* combined_weights, int num_tokens, int hidden, int num_topk, int row_bytes, int slot_rows,      \
+         float* combined_weights, int num_tokens, int hidden, int num_topk, int with_weights_flag,          \
+         int row_bytes, int slot_rows,                                                                         \
          int num_senders,                                                                                      \
          const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                         \
          deepep::ErrorRecord* err) {                                                                          \
@@ -594,7 +599,8 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
         const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);                            \
         if (!domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;         \
         combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,            \
-                           combined_x, combined_weights, num_tokens, hidden, num_topk, row_bytes, slot_rows,  \
+                           combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag,     \
+                           row_bytes, slot_rows,                                                              \
                            num_senders, peers, layout, rank, seq, timeout_ns, err);                           \
     }
 

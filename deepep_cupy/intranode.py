@@ -292,7 +292,8 @@ class IntranodeKernels:
                  null if topk_weights is None else topk_weights, is_token_in_rank, send_pos, recv_info,
                  recv_x, null if recv_scales is None else recv_scales, null if recv_idx is None else recv_idx,
                  null if recv_w is None else recv_w, recv_src, cupy.int32(num_tokens), cupy.int32(hidden_bytes),
-                 cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(num_experts // self.num_ranks),
+                 cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(topk_idx is not None),
+                 cupy.int32(topk_weights is not None), cupy.int32(num_experts // self.num_ranks),
                  cupy.int32(row_bytes), cupy.int32(slot_rows), cupy.int32(num_senders),
                  cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0))
                 + self._common_tail())
@@ -317,7 +318,8 @@ class IntranodeKernels:
                 (x, null if topk_weights is None else topk_weights, null if bias0 is None else bias0,
                  null if bias1 is None else bias1, handle.is_token_in_rank, handle.send_pos,
                  handle.recv_offsets, out, null if out_w is None else out_w, cupy.int32(handle.num_tokens),
-                 cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(row_bytes), cupy.int32(slot_rows),
+                 cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(topk_weights is not None),
+                 cupy.int32(row_bytes), cupy.int32(slot_rows),
                  cupy.int32(max(1, num_sms // 2))) + self._common_tail())
         return out, out_w
 
