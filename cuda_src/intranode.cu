@@ -93,7 +93,7 @@ DEEPEP_DEVICE void warp_copy(void* dst, const void* src, int bytes, int lane) {
     const int4* s = reinterpret_cast<const int4*>(src);
     int4* d = reinterpret_cast<int4*>(dst);
     const int n = bytes >> 4;
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;   // 4 KiB per warp in flight: enough to cover NVLink latency
     int i = lane;
     for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
         int4 v[kUnroll];
@@ -266,14 +266,15 @@ DEEPEP_DEVICE bool domain_barrier(const PeerBases& peers, const Layout& layout, 
 }
 
 // ------------------------------------------------------------------------------------------------
-// dispatch. Blocks [0, num_senders) send; the rest receive.
-//   sender: token chunk c (kChunk tokens) belongs to sender block c % num_senders. A warp takes a
-//     token and copies its row to every destination j with is_token_in_rank[t, j]: j == rank ->
-//     straight into recv_x at recv_offsets[rank] + send_pos; otherwise into j's staging slot at
-//     row send_pos (with scales, top-k ids as int32 and weights behind the data). After the chunk,
-//     thread 0 publishes per remote j the chunk's row range and raises j's chunk flag.
-//   receiver: remote source s's chunks are spread over receiver blocks; each waits for the chunk's
-//     flag and copies its rows from staging into recv_x (+ scales, local top-k ids, weights).
+// dispatch. Every block first sends, then receives. (A first version gave each block one role;
+// the senders, with twice the bytes of the receivers, set the pace: 295 us cached at 24 SMs.)
+//   send: token chunk c (kChunk tokens) belongs to block c % gridDim.x. A warp takes a token and
+//     copies its row into the staging slot of every remote destination j with
+//     is_token_in_rank[t, j], at row send_pos[t, j] (with scales, top-k ids as int32 and weights
+//     behind the data); then thread j publishes the chunk's row range to j and raises j's chunk
+//     flag; then the chunk's rows for this rank go straight into recv_x.
+//   receive: remote source s's chunks are spread over all blocks; each waits for the chunk's flag
+//     and copies its rows from staging into recv_x (+ scales, local top-k ids, weights).
 // Row bytes: hidden_bytes (data) + scale_bytes + 4K (int32 ids) + 4K (weights) + 4 (source token
 // index), padded to 16.
 extern "C" __global__ void __launch_bounds__(512, 1)
@@ -285,7 +286,7 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                    float* __restrict__ recv_topk_weights, int* __restrict__ recv_src_idx,
                    int num_tokens, int hidden_bytes, int scale_bytes, int num_topk, int with_topk_flag,
                    int with_weights_flag,
-                   int num_local_experts, int row_bytes, int slot_rows, int num_senders, int num_worst_tokens,
+                   int num_local_experts, int row_bytes, int slot_rows, int num_worst_tokens,
                    int barrier_first, const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
                    uint64_t timeout_ns, deepep::ErrorRecord* err) {
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
@@ -304,58 +305,37 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
     if (barrier_first && !domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
         return;
 
-    if (static_cast<int>(blockIdx.x) < num_senders) {
+    // 1. send: every block takes token chunks c = blockIdx.x, + gridDim.x, ...; remote rows first,
+    //    then the chunk is published to every peer, then the rows for this rank itself
+    {
         const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
-        for (int c = blockIdx.x; c < num_chunks; c += num_senders) {
+        for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
             const int t_end = min(num_tokens, (c + 1) * kChunk);
             for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
                 const uint8_t* row = x + static_cast<long long>(t) * hidden_bytes;
                 for (int j = 0; j < kNumRanks; ++j) {
                     const int pos = send_pos[static_cast<long long>(t) * kNumRanks + j];
-                    if (pos < 0) continue;
-                    if (j == rank) {
-                        const long long r = recv_offsets[rank] + pos;
-                        if (num_worst_tokens > 0 && r >= num_worst_tokens) {  // would overflow recv_x
-                            if (lane == 0) deepep::record_error(err, deepep::kBadValue, kPhaseWorstOverflow, rank, rank);
-                            continue;
-                        }
-                        warp_copy(recv_x + r * hidden_bytes, row, hidden_bytes, lane);
-                        if (scale_bytes)
-                            warp_copy_words(recv_x_scales + r * scale_bytes,
-                                            x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
-                        if (lane < num_topk) {
-                            if (with_topk) {
-                                const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + lane];
-                                const bool local = e >= expert_lo && e < expert_lo + num_local_experts;
-                                recv_topk_idx[r * num_topk + lane] = local ? e - expert_lo : -1;
-                                if (with_weights)
-                                    recv_topk_weights[r * num_topk + lane] =
-                                        local ? topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
-                            }
-                        }
-                        if (lane == 0) recv_src_idx[r] = t;
-                    } else {
-                        uint8_t* dst = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
-                                       (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
-                        warp_copy(dst, row, hidden_bytes, lane);
-                        if (scale_bytes)
-                            warp_copy_words(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
-                                            scale_bytes, lane);
-                        int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
-                        if (with_topk && lane < num_topk) {
-                            ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
-                            if (with_weights)
-                                reinterpret_cast<float*>(ids + num_topk)[lane] =
-                                    topk_weights[static_cast<long long>(t) * num_topk + lane];
-                        }
-                        if (lane == 0) ids[2 * num_topk] = t;  // source token index
+                    if (pos < 0 || j == rank) continue;
+                    uint8_t* dst = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
+                                   (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
+                    warp_copy(dst, row, hidden_bytes, lane);
+                    if (scale_bytes)
+                        warp_copy_words(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
+                                        scale_bytes, lane);
+                    int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
+                    if (with_topk && lane < num_topk) {
+                        ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
+                        if (with_weights)
+                            reinterpret_cast<float*>(ids + num_topk)[lane] =
+                                topk_weights[static_cast<long long>(t) * num_topk + lane];
                     }
+                    if (lane == 0) ids[2 * num_topk] = t;  // source token index
                 }
             }
             __syncthreads();
             if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
                 const int j = threadIdx.x;
-                // rows [first, last) of this chunk for j: positions of the chunk's tokens
+                // the chunk's rows for j: [first, first + count)
                 int first = 0, count = 0;
                 bool have = false;
                 for (int t = c * kChunk; t < t_end; ++t) {
@@ -372,13 +352,34 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                 __threadfence_system();
                 st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
             }
+            for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+                const int pos = send_pos[static_cast<long long>(t) * kNumRanks + rank];
+                if (pos < 0) continue;
+                const long long r = recv_offsets[rank] + pos;
+                if (num_worst_tokens > 0 && r >= num_worst_tokens) {  // would overflow recv_x
+                    if (lane == 0) deepep::record_error(err, deepep::kBadValue, kPhaseWorstOverflow, rank, rank);
+                    continue;
+                }
+                warp_copy(recv_x + r * hidden_bytes, x + static_cast<long long>(t) * hidden_bytes, hidden_bytes, lane);
+                if (scale_bytes)
+                    warp_copy_words(recv_x_scales + r * scale_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
+                                    scale_bytes, lane);
+                if (with_topk && lane < num_topk) {
+                    const int64_t e = topk_idx[static_cast<long long>(t) * num_topk + lane];
+                    const bool local = e >= expert_lo && e < expert_lo + num_local_experts;
+                    recv_topk_idx[r * num_topk + lane] = local ? e - expert_lo : -1;
+                    if (with_weights)
+                        recv_topk_weights[r * num_topk + lane] =
+                            local ? topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
+                }
+                if (lane == 0) recv_src_idx[r] = t;
+            }
         }
-        return;
     }
 
-    // receivers
-    const int recv_block = blockIdx.x - num_senders;
-    const int num_receivers = gridDim.x - num_senders;
+    // 2. receive: remote chunks spread over all blocks; most have landed by now
+    const int recv_block = blockIdx.x;
+    const int num_receivers = gridDim.x;
     uint8_t* mine = peers.base[rank];
     __shared__ int s_range[2];
     __shared__ bool s_ok;
@@ -438,10 +439,10 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
 
 // ------------------------------------------------------------------------------------------------
 // combine (bf16 or float32 rows; accumulation in float32 in rank order, as the reference).
-//   sender blocks: rows of remote source s (recv_offsets[s] .. recv_offsets[s+1]) go, in chunks of
-//     kChunk rows, to s's combine staging slot at their position (row - recv_offsets[s]), weights
-//     behind the data; then s's chunk flag is raised.
-//   reducer blocks: tokens in chunks; for token t: acc = bias0 + bias1 + sum over ranks r in order
+//   every block first sends back: rows of remote source s (recv_offsets[s] .. recv_offsets[s+1])
+//     go, in chunks of kChunk rows, to s's combine staging slot at their position
+//     (row - recv_offsets[s]), weights behind the data; then s's chunk flag is raised.
+//   then reduces, a warp per token: acc = bias0 + bias1 + sum over ranks r in order
 //     with is_token_in_rank[t, r] of (r == rank ? x[recv_offsets[rank] + send_pos[t, rank]]
 //     : staging[r][send_pos[t, r]]), after waiting for that row's chunk flag.
 template <typename T>
@@ -467,7 +468,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                                 const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
                                 const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
                                 float* __restrict__ combined_weights, int num_tokens, int hidden,
-                                int num_topk, int with_weights_flag, int row_bytes, int slot_rows, int num_senders,
+                                int num_topk, int with_weights_flag, int row_bytes, int slot_rows,
                                 const PeerBases& peers,
                                 const Layout& layout, int rank, uint64_t seq, uint64_t timeout_ns,
                                 deepep::ErrorRecord* err) {
@@ -477,8 +478,8 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     const int num_warps = blockDim.x / kWarpSize;
     const bool with_weights = with_weights_flag != 0;   // not the pointer: empty arrays are NULL
 
-    if (static_cast<int>(blockIdx.x) < num_senders) {
-        // chunks of every remote source's row block, round-robin over sender blocks
+    // 1. send back: chunks of every remote source's row block, round-robin over all blocks
+    {
         int chunk_id = 0;
         for (int s = 0; s < kNumRanks; ++s) {
             if (s == rank) continue;
@@ -487,7 +488,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
             uint8_t* slot = at<uint8_t>(peers.base[s], layout.combine_staging) +
                             static_cast<long long>(slot_of(rank, s)) * slot_rows * row_bytes;
             for (int c = 0; c < num_chunks; ++c, ++chunk_id) {
-                if (chunk_id % num_senders != static_cast<int>(blockIdx.x)) continue;
+                if (chunk_id % static_cast<int>(gridDim.x) != static_cast<int>(blockIdx.x)) continue;
                 const int p_end = min(rows, (c + 1) * kChunk);
                 for (int p = c * kChunk + warp; p < p_end; p += num_warps) {
                     const long long r = row0 + p;
@@ -503,12 +504,12 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                 }
             }
         }
-        return;
     }
 
-    // reducers: a warp per token, lanes over the hidden dimension in 16-byte pieces
-    const int reducer = blockIdx.x - num_senders;
-    const int num_reducers = gridDim.x - num_senders;
+    // 2. reduce: a warp per token, lanes over the hidden dimension, kSteps 16-byte pieces per lane
+    //    and source in flight
+    const int reducer = blockIdx.x;
+    const int num_reducers = gridDim.x;
     uint8_t* mine = peers.base[rank];
     for (int t = reducer * num_warps + warp; t < num_tokens; t += num_reducers * num_warps) {
         const uint8_t* srcs[kNumRanks];
@@ -535,40 +536,66 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
         ok = __shfl_sync(0xffffffffu, ok, 0);
         if (!ok) return;
         __syncwarp();
-        // 16 bytes per lane per step: 8 bf16 or 4 float
+        // 16 bytes per lane per piece: 8 bf16 or 4 float; kSteps pieces per lane in flight
         constexpr int kPer = 16 / kElem;
-        for (int h = lane * kPer; h < hidden; h += kWarpSize * kPer) {
-            float acc[kPer];
+        constexpr int kSteps = 4;
+        using Elem = typename pick<kBf16, bf16_raw, float>::type;
+        for (int h0 = lane * kPer; h0 < hidden; h0 += kWarpSize * kPer * kSteps) {
+            float acc[kSteps][kPer];
 #pragma unroll
-            for (int i = 0; i < kPer; ++i) acc[i] = 0.0f;
+            for (int u = 0; u < kSteps; ++u)
+#pragma unroll
+                for (int i = 0; i < kPer; ++i) acc[u][i] = 0.0f;
             const uint8_t* biases[2] = {bias0, bias1};
 #pragma unroll
             for (int b = 0; b < 2; ++b) {
                 if (biases[b] == nullptr) continue;
-                const int4 v = *reinterpret_cast<const int4*>(biases[b] + (static_cast<long long>(t) * hidden + h) * kElem);
-                const auto* e = reinterpret_cast<const typename pick<kBf16, bf16_raw, float>::type*>(&v);
+                int4 v[kSteps];
 #pragma unroll
-                for (int i = 0; i < kPer; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
+                for (int u = 0; u < kSteps; ++u) {
+                    const int h = h0 + u * kWarpSize * kPer;
+                    if (h < hidden)
+                        v[u] = *reinterpret_cast<const int4*>(biases[b] + (static_cast<long long>(t) * hidden + h) * kElem);
+                }
+#pragma unroll
+                for (int u = 0; u < kSteps; ++u) {
+                    const Elem* e = reinterpret_cast<const Elem*>(&v[u]);
+#pragma unroll
+                    for (int i = 0; i < kPer; ++i) acc[u][i] = __fadd_rn(acc[u][i], to_float(e[i]));
+                }
             }
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r) {
                 if (srcs[r] == nullptr) continue;
-                const int4 v = __ldcg(reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem));
-                const auto* e = reinterpret_cast<const typename pick<kBf16, bf16_raw, float>::type*>(&v);
+                int4 v[kSteps];
 #pragma unroll
-                for (int i = 0; i < kPer; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
+                for (int u = 0; u < kSteps; ++u) {
+                    const int h = h0 + u * kWarpSize * kPer;
+                    if (h < hidden) v[u] = __ldcg(reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem));
+                }
+#pragma unroll
+                for (int u = 0; u < kSteps; ++u) {
+                    const Elem* e = reinterpret_cast<const Elem*>(&v[u]);
+#pragma unroll
+                    for (int i = 0; i < kPer; ++i) acc[u][i] = __fadd_rn(acc[u][i], to_float(e[i]));
+                }
             }
-            int4 out;
-            if constexpr (kBf16) {
-                unsigned short* o = reinterpret_cast<unsigned short*>(&out);
 #pragma unroll
-                for (int i = 0; i < kPer; ++i) o[i] = float_to_bf16_rn(acc[i]);
-            } else {
-                float* o = reinterpret_cast<float*>(&out);
+            for (int u = 0; u < kSteps; ++u) {
+                const int h = h0 + u * kWarpSize * kPer;
+                if (h >= hidden) continue;
+                int4 out;
+                if constexpr (kBf16) {
+                    unsigned short* o = reinterpret_cast<unsigned short*>(&out);
 #pragma unroll
-                for (int i = 0; i < kPer; ++i) o[i] = acc[i];
+                    for (int i = 0; i < kPer; ++i) o[i] = float_to_bf16_rn(acc[u][i]);
+                } else {
+                    float* o = reinterpret_cast<float*>(&out);
+#pragma unroll
+                    for (int i = 0; i < kPer; ++i) o[i] = acc[u][i];
+                }
+                *reinterpret_cast<int4*>(combined_x + (static_cast<long long>(t) * hidden + h) * kElem) = out;
             }
-            *reinterpret_cast<int4*>(combined_x + (static_cast<long long>(t) * hidden + h) * kElem) = out;
         }
         if (with_weights && lane < num_topk) {
             float w = 0.0f;
@@ -591,7 +618,6 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
          const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
          float* combined_weights, int num_tokens, int hidden, int num_topk, int with_weights_flag,          \
          int row_bytes, int slot_rows,                                                                         \
-         int num_senders,                                                                                      \
          const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                         \
          deepep::ErrorRecord* err) {                                                                          \
         const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};                                 \
@@ -600,8 +626,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
         if (!domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;         \
         combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,            \
                            combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag,     \
-                           row_bytes, slot_rows,                                                              \
-                           num_senders, peers, layout, rank, seq, timeout_ns, err);                           \
+                           row_bytes, slot_rows, peers, layout, rank, seq, timeout_ns, err);                  \
     }
 
 DEEPEP_COMBINE_ENTRY(intranode_combine_bf16, true)

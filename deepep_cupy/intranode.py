@@ -282,7 +282,6 @@ class IntranodeKernels:
         recv_w = None if topk_weights is None else cupy.empty((num_rows, num_topk), cupy.float32)
         recv_src = cached_src_idx if cached_src_idx is not None else cupy.empty(num_rows, cupy.int32)
         null = cupy.uint64(0)
-        num_senders = max(1, num_sms // 2)
         with stream:
             if cached_src_idx is not None:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
@@ -294,7 +293,7 @@ class IntranodeKernels:
                  null if recv_w is None else recv_w, recv_src, cupy.int32(num_tokens), cupy.int32(hidden_bytes),
                  cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(topk_idx is not None),
                  cupy.int32(topk_weights is not None), cupy.int32(num_experts // self.num_ranks),
-                 cupy.int32(row_bytes), cupy.int32(slot_rows), cupy.int32(num_senders),
+                 cupy.int32(row_bytes), cupy.int32(slot_rows),
                  cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0))
                 + self._common_tail())
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
@@ -319,8 +318,7 @@ class IntranodeKernels:
                  null if bias1 is None else bias1, handle.is_token_in_rank, handle.send_pos,
                  handle.recv_offsets, out, null if out_w is None else out_w, cupy.int32(handle.num_tokens),
                  cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(topk_weights is not None),
-                 cupy.int32(row_bytes), cupy.int32(slot_rows),
-                 cupy.int32(max(1, num_sms // 2))) + self._common_tail())
+                 cupy.int32(row_bytes), cupy.int32(slot_rows)) + self._common_tail())
         return out, out_w
 
     def _check_capacity(self, num_tokens: int, slot_rows: int, row_bytes: int, what: str) -> None:
