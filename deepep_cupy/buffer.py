@@ -157,16 +157,27 @@ class Buffer:
         return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk)
 
     @staticmethod
+    def set_num_sms(num_sms: int) -> None:
+        """Set the SMs the high-throughput kernels take when no ``config`` is passed (process-wide,
+        ``deepep_cupy.settings.num_sms``; DeepEP's class-level knob). Must be even."""
+        from .config import settings
+        num_sms = expect_int(num_sms, "num_sms", minimum=2)
+        Config(num_sms=num_sms)   # validates evenness
+        settings.num_sms = num_sms
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """Default high-throughput dispatch configuration for ``num_ranks`` (tuned table: issue 3)."""
-        expect_int(num_ranks, "num_ranks", minimum=1)
-        return Config()
+        """Default high-throughput dispatch Config for ``num_ranks``: the tuned table
+        (deepep_cupy/tuned_configs.json, re-tuned by scripts/tune_intranode.py), with
+        ``set_num_sms`` overriding the SM count."""
+        from .config import tuned_config
+        return tuned_config("dispatch", expect_int(num_ranks, "num_ranks", minimum=1))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """Default high-throughput combine configuration for ``num_ranks`` (tuned table: issue 3)."""
-        expect_int(num_ranks, "num_ranks", minimum=1)
-        return Config()
+        """Default high-throughput combine Config for ``num_ranks`` (see ``get_dispatch_config``)."""
+        from .config import tuned_config
+        return tuned_config("combine", expect_int(num_ranks, "num_ranks", minimum=1))
 
     # ------------------------------------------------------------------------- arrays in and out
     @property

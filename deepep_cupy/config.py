@@ -16,7 +16,7 @@ from typing import Optional
 
 from .errors import DeepEPInvalid
 
-__all__ = ["Settings", "settings", "Config"]
+__all__ = ["Settings", "settings", "Config", "tuned_config"]
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -47,6 +47,10 @@ class Settings:
             small device reduction and a host read, skipped during CUDA-graph capture
             ($DEEPEP_CUPY_CHECK_VALUES, default on).
         nvshmem_home: NVSHMEM install to use instead of the pip wheel ($NVSHMEM_HOME).
+        num_sms: SMs of the high-throughput kernels when no Config is passed (set by
+            ``Buffer.set_num_sms``); None = the tuned table.
+        tuned_configs_path: the tuned defaults per rank count (JSON written by
+            scripts/tune_intranode.py; $DEEPEP_CUPY_TUNED_CONFIGS).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -61,6 +65,9 @@ class Settings:
         default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_VALUES", True))
     nvshmem_home: Optional[str] = dataclasses.field(
         default_factory=lambda: os.environ.get("NVSHMEM_HOME"))
+    num_sms: Optional[int] = None
+    tuned_configs_path: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        "DEEPEP_CUPY_TUNED_CONFIGS", str(Path(__file__).with_name("tuned_configs.json"))))
 
 
 settings = Settings()
@@ -90,3 +97,22 @@ class Config:
                 raise DeepEPInvalid(f"Config.{f.name}: expected a positive int, got {v!r}")
         if self.num_sms % 2:
             raise DeepEPInvalid(f"Config.num_sms: expected an even number, got {self.num_sms}")
+
+
+def tuned_config(kind: str, num_ranks: int) -> Config:
+    """The default Config for ``kind`` ("dispatch" or "combine") on ``num_ranks`` ranks: the tuned
+    table's entry for that rank count (or the nearest smaller one), with ``settings.num_sms``
+    overriding the SM count when set."""
+    import json
+    try:
+        table = json.loads(Path(settings.tuned_configs_path).read_text()).get(kind, {})
+    except (OSError, ValueError):
+        table = {}
+    known = sorted(int(k) for k in table)
+    pick = max((k for k in known if k <= num_ranks), default=known[0] if known else None)
+    entry = dict(table.get(str(pick), {})) if pick is not None else {}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in entry.items() if k in fields})
+    if settings.num_sms is not None:
+        cfg = dataclasses.replace(cfg, num_sms=settings.num_sms)
+    return cfg

@@ -4,10 +4,10 @@
     python scripts/demo.py            # launches itself under mpiexec (one rank per GPU, or 2 on CPUs)
     mpirun -n 2 python scripts/demo.py
 
-On every rank it routes a batch of tokens to top-k experts and checks, against the numpy reference
-model: the dispatch layout, then (where the backend has them) dispatch and combine. On the GPUs it
-first runs the symmetric-memory exchange (NVSHMEM puts + NVLink stores between all ranks).
-Kernels that have not landed on the GPU yet run on the reference backend, and the demo says so.
+On every rank it routes a batch of tokens to top-k experts and checks the dispatch layout against
+the numpy reference model, then dispatches and combines and checks that every token comes back as
+the sum of its copies with its weights intact. On the GPUs it first runs the symmetric-memory
+exchange (NVSHMEM puts + NVLink stores between all ranks).
 Exit code 0 only if every check passed on every rank; the last line starts with "DEMO".
 """
 
@@ -66,7 +66,8 @@ def main() -> int:
     experts = args.experts - args.experts % num_ranks or num_ranks
     checks = []
 
-    with ep.Buffer(comm, num_nvl_bytes=8 << 20, backend=args.backend) as buf:
+    nvl_bytes = max(8 << 20, ep.Buffer.get_intranode_size_hint(args.tokens, args.hidden, num_ranks, args.topk))
+    with ep.Buffer(comm, num_nvl_bytes=nvl_bytes, backend=args.backend) as buf:
         log(f"Buffer up: backend={buf.backend_name}, {buf.num_nodes} node(s) x {buf.ranks_per_node} ranks")
         if buf.backend_name == "gpu":
             from deepep_cupy import selftest
@@ -89,28 +90,30 @@ def main() -> int:
         log(f"layout: tokens per rank {outs[0].tolist()} -> {'OK' if ok else 'MISMATCH'}")
         checks.append(("layout", ok))
 
-        # dispatch + combine: GPU kernels land with issue 3; the reference backend runs them today
-        ref_buf = buf if buf.backend_name == "reference" else ep.Buffer(comm, backend="reference")
-        try:
-            x = rng.standard_normal((args.tokens, args.hidden)).astype(np.float32)
-            import ml_dtypes
-            x = x.astype(ml_dtypes.bfloat16)
-            weights = rng.random(topk_idx.shape).astype(np.float32)
-            recv_x, recv_idx, recv_w, per_expert, handle, _ = ref_buf.dispatch(
-                x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=want[0],
-                is_token_in_rank=want[3], num_tokens_per_expert=want[2])
-            combined, combined_w, _ = ref_buf.combine(recv_x, handle, topk_weights=recv_w)
-            copies = want[3].sum(axis=1, keepdims=True).astype(np.float32)
-            err = np.abs(combined.astype(np.float32) - x.astype(np.float32) * copies).max() if len(x) else 0.0
-            valid = topk_idx >= 0
-            ok = err <= 0.05 * max(1.0, float(np.abs(x.astype(np.float32)).max()) * copies.max()) and \
-                np.allclose(combined_w[valid], weights[valid], rtol=1e-6)
-            log(f"dispatch/combine ({ref_buf.backend_name} backend): received {len(recv_x)} tokens, "
-                f"experts {per_expert}, combine max err {err:.3g} -> {'OK' if ok else 'MISMATCH'}")
-            checks.append(("dispatch/combine", ok))
-        finally:
-            if ref_buf is not buf:
-                ref_buf.destroy()
+        # dispatch + combine (GPU kernels or the reference backend): every token comes back as the
+        # sum of its copies, i.e. x times the number of ranks it went to; weights come back whole
+        import ml_dtypes
+        x = rng.standard_normal((args.tokens, args.hidden)).astype(np.float32).astype(ml_dtypes.bfloat16)
+        weights = rng.random(topk_idx.shape).astype(np.float32)
+        if buf.backend_name == "gpu":
+            import cupy as cp
+            to_dev, to_host = cp.asarray, cp.asnumpy
+        else:
+            to_dev = to_host = (lambda a: a)
+        recv_x, recv_idx, recv_w, per_expert, handle, _ = buf.dispatch(
+            to_dev(x), topk_idx=to_dev(topk_idx), topk_weights=to_dev(weights),
+            num_tokens_per_rank=to_dev(want[0]), is_token_in_rank=to_dev(want[3]),
+            num_tokens_per_expert=to_dev(want[2]))
+        combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+        combined, combined_w = to_host(combined), to_host(combined_w)
+        copies = want[3].sum(axis=1, keepdims=True).astype(np.float32)
+        err = np.abs(combined.astype(np.float32) - x.astype(np.float32) * copies).max() if len(x) else 0.0
+        valid = topk_idx >= 0
+        ok = err <= 0.05 * max(1.0, float(np.abs(x.astype(np.float32)).max()) * copies.max()) and \
+            np.allclose(combined_w[valid], weights[valid], rtol=1e-6)
+        log(f"dispatch/combine ({buf.backend_name} backend): received {len(recv_x)} tokens, "
+            f"per local expert {per_expert[:8]}..., combine max err {err:.3g} -> {'OK' if ok else 'MISMATCH'}")
+        checks.append(("dispatch/combine", ok))
 
     failed = [name for name, ok in checks if not ok]
     all_failed = comm.allgather(failed)

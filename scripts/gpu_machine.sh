@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,extra (default: all
-#                                              but extra; extra runs "$EXTRA" in this environment)
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,extra (default:
+#                                              all but extra; extra runs "$EXTRA" in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -13,7 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUTD="${OUT:-$ROOT/out}"
 mkdir -p "$OUTD"
-STEPS="${1:-env,tests,bench,demo}"
+STEPS="${1:-env,tests,bench,demo,tune}"
 NUM_RANKS="${NUM_RANKS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
 T0=$(date +%s)
 say() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
@@ -98,6 +98,15 @@ if [[ "$STEPS" == *demo* ]]; then
   say "demo"
   timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/demo.py > "$OUTD/demo.log" 2>&1
   row "demo" "rc=$? $(grep -E '^DEMO' "$OUTD/demo.log" | tail -1)"
+fi
+
+if [[ "$STEPS" == *tune* ]]; then   # writes the table into the tree here and copies it to $OUT
+  say "tune_intranode"
+  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY scripts/tune_intranode.py --sms 8,16,24,32 --write \
+      > "$OUTD/tune_intranode.log" 2>&1
+  row "tune_intranode" "rc=$? $(grep -E '^best' "$OUTD/tune_intranode.log" | tr '\n' ' ')"
+  cp deepep_cupy/tuned_configs.json "$OUTD/" 2>/dev/null
+  tail -8 "$OUTD/tune_intranode.log"
 fi
 
 if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EXTRA="..." bash ...
