@@ -11,11 +11,11 @@
 // in the same order), so nothing is ever reset: a wait is "flag >= seq".
 //
 // dispatch = notify kernel (counts exchange, one block per peer) -> host reads the receive count
-//            -> dispatch kernel (sender blocks push rows: remote ones into the peer's staging slot,
-//               local ones straight into recv_x; receiver blocks move arrived chunks from staging
-//               into recv_x)
-// combine  = combine kernel (a barrier; sender blocks push every received row back into its
-//            source's combine staging; reducer blocks sum each token's copies in rank order)
+//            -> dispatch kernel (every block pushes its token chunks: remote rows into the peer's
+//               staging slot, own rows straight into recv_x; then moves arrived chunks from
+//               staging into recv_x)
+// combine  = combine kernel (a barrier; every block pushes its share of the received rows back
+//            into their source's combine staging, then sums tokens' copies in rank order)
 //
 // The sequence number is read from device memory (`seq_ptr`), advanced by intranode_bump_seq at
 // the start of every operation, so CUDA-graph replays advance it too.
@@ -126,9 +126,9 @@ DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeou
 extern "C" __global__ void intranode_bump_seq(uint64_t* seq) { *seq += 1; }
 
 // ------------------------------------------------------------------------------------------------
-// notify: block j (< R) scans column j of is_token_in_rank into send_pos[:, j] and, for j != me,
-// writes {tokens for j, this rank's token count, per-expert counts for j} into rank j's notify
-// slot `me`, then raises rank j's notify flag. Block 0 then waits for every peer's flag and
+// notify: block j (< R) scans column j of is_token_in_rank into send_pos[:, j] and writes
+// {tokens for j, this rank's token count, per-expert counts for j} into rank j's notify slot `me`
+// (j == me included: the gather reads every slot), then raises rank j's notify flag. Block 0 then waits for every peer's flag and
 // derives this rank's receive layout: recv_offsets[R + 1] (rows from rank s start at
 // recv_offsets[s]), the per-local-expert counts (aligned up), and the source token counts; it
 // writes them to `recv_info` (device) and to the pinned host record `host_info` (last word: seq).
@@ -212,8 +212,9 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
     __syncthreads();
     const volatile int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
     const int num_info = 2 * kNumRanks + 1 + num_local_experts;
-    if (!ok) {
-        if (threadIdx.x == 0) {
+    if (!ok) {  // timed out: an empty receive layout, so the data kernel moves nothing
+        for (int i = threadIdx.x; i < num_info; i += blockDim.x) recv_info[i] = 0;
+        if (threadIdx.x == 0 && host_info != nullptr) {
             __threadfence_system();
             reinterpret_cast<volatile long long*>(host_info + ((num_info + 1) & ~1))[0] = static_cast<long long>(seq);
         }
@@ -223,21 +224,20 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
         int acc = 0;
         for (int s = 0; s < kNumRanks; ++s) {
             recv_info[s] = acc;
-            host_info[s] = acc;
             acc += slots[s * layout.notify_ints + 0];
             recv_info[kNumRanks + 1 + s] = slots[s * layout.notify_ints + 1];
-            host_info[kNumRanks + 1 + s] = slots[s * layout.notify_ints + 1];
         }
         recv_info[kNumRanks] = acc;
-        host_info[kNumRanks] = acc;
     }
     for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
         int total = 0;
         for (int s = 0; s < kNumRanks; ++s) total += slots[s * layout.notify_ints + 2 + l];
         total = (total + expert_alignment - 1) / expert_alignment * expert_alignment;
         recv_info[2 * kNumRanks + 1 + l] = total;
-        host_info[2 * kNumRanks + 1 + l] = total;
     }
+    __syncthreads();
+    if (host_info == nullptr) return;   // num_worst_tokens: the host does not wait
+    for (int i = threadIdx.x; i < num_info; i += blockDim.x) host_info[i] = recv_info[i];
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();

@@ -139,6 +139,7 @@ class GpuBackend:
                                or num_tokens_per_expert is None):
             num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
                 topk_idx, num_experts, previous_event, False, False)
+        kernels.check_dispatch_capacity(x, x_scales, topk_idx if handle is None else None)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
             stream = self.comm_stream
@@ -165,7 +166,8 @@ class GpuBackend:
                                         handle.num_worst_tokens, handle.recv_src_idx, config.num_sms, stream)
                 recv_x, recv_scales, recv_idx, recv_w, _ = outs
                 per_expert = None
-        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, recv_x, recv_scales, recv_idx, recv_w)
+        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                 num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
                      if a is not None)
         event = scope.finish(keep_alive=keep)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event

@@ -183,7 +183,8 @@ class IntranodeKernels:
         if backend.symmetric is None:
             raise DeepEPInvalid("num_nvl_bytes: the high-throughput kernels need symmetric memory; "
                                 f"at least {size_hint(self.num_ranks, 1, 128, 1)} bytes")
-        self.layout = SymmetricLayout.build(self.num_ranks, int(backend.symmetric.nbytes))
+        # only the NVLink share of the symmetric buffer (num_rdma_bytes is for other kernels)
+        self.layout = SymmetricLayout.build(self.num_ranks, int(backend.num_nvl_bytes))
         bases = [rt.peer_ptr(backend.symmetric, pe) for pe in range(self.num_ranks)]
         missing = [pe for pe, b in enumerate(bases) if b == 0]
         if missing:
@@ -204,7 +205,6 @@ class IntranodeKernels:
         self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
         self.error_record[:] = 0
         cupy.cuda.Device().synchronize()
-        self.timeout_ns = int(settings.timeout_seconds * 1e9)
 
     # ------------------------------------------------------------------------------------------
     def check_errors(self, what: str) -> None:
@@ -221,7 +221,7 @@ class IntranodeKernels:
     def _common_tail(self):
         import cupy
         return (self.peer_bases, self.layout_struct, cupy.int32(self.rank), self.seq,
-                cupy.uint64(self.timeout_ns), cupy.uint64(self._err_pinned.ptr))
+                cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr))
 
     # ------------------------------------------------------------------------------------------
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
@@ -241,7 +241,9 @@ class IntranodeKernels:
                 (self.num_ranks,), (NOTIFY_THREADS,),
                 (is_token_in_rank, cupy.int32(num_tokens), num_tokens_per_rank, num_tokens_per_expert,
                  cupy.int32(num_local), cupy.int32(expert_alignment), send_pos, recv_info,
-                 cupy.uint64(self._info_pinned.ptr)) + self._common_tail())
+                 # no host record unless the host waits for it: a late write from an unwaited notify
+                 # must never wake the poll of a later one
+                 cupy.uint64(self._info_pinned.ptr if wait else 0)) + self._common_tail())
         if not wait:
             return send_pos, recv_info, None
         deadline = time.monotonic() + settings.timeout_seconds + 5.0
@@ -271,9 +273,7 @@ class IntranodeKernels:
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         if topk_idx is None and cached_src_idx is None:
             raise DeepEPInvalid("topk_idx: required")
-        row_bytes = dispatch_row_bytes(hidden_bytes, scale_bytes, num_topk)
-        slot_rows = self.layout.slot_rows(row_bytes)
-        self._check_capacity(num_tokens, slot_rows, row_bytes, "dispatch")
+        row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
         # outputs on the current stream (the caller's, or the communication stream with
         # allocate_on_comm_stream: CommStreamScope decides)
         recv_x = cupy.empty((num_rows, hidden), dtype=x.dtype)
@@ -297,6 +297,17 @@ class IntranodeKernels:
                  cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0))
                 + self._common_tail())
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
+
+    def check_dispatch_capacity(self, x, x_scales, topk_idx) -> tuple:
+        """(row_bytes, slot_rows) of a dispatch; raises before anything is launched when this rank's
+        tokens do not fit its staging slots."""
+        num_tokens, hidden = x.shape
+        scale_bytes = 0 if x_scales is None else x_scales.shape[1] * 4
+        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+        row_bytes = dispatch_row_bytes(hidden * x.itemsize, scale_bytes, num_topk)
+        slot_rows = self.layout.slot_rows(row_bytes)
+        self._check_capacity(num_tokens, slot_rows, row_bytes, "dispatch")
+        return row_bytes, slot_rows
 
     def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, num_sms: int, stream):
         """bump_seq + combine on ``stream``; returns (combined_x, combined_weights or None)."""

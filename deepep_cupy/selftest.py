@@ -49,24 +49,35 @@ def symmetric_exchange(buf, num_bytes: int = 1 << 20, round_id: int = 1) -> Exch
     """Collective: the ring exchange over ``buf``'s symmetric memory (GPU backend only).
 
     Arguments:
-        buf: a ``Buffer`` with ``num_nvl_bytes + num_rdma_bytes >= 2 * num_bytes + 64``.
+        buf: a ``Buffer`` on the GPU backend. The check allocates its own symmetric scratch
+            (collectively) and frees it: the buffer's memory holds the kernels' flags.
         num_bytes: bytes each rank sends (a multiple of 4).
         round_id: signal value for this round; use a larger one on each call.
     Raises:
         DeepEPTimeout: a neighbour never sent (names the rank and the phase).
     """
     import cupy
-    import numpy as np
 
     backend = buf._live()
     if buf.backend_name != "gpu":
         raise DeepEPInvalid("buf: symmetric_exchange needs the GPU backend")
-    sym = backend.symmetric
-    if num_bytes % 4 or sym is None or sym.nbytes < 2 * num_bytes + 64:
-        raise DeepEPInvalid(f"num_bytes: need a multiple of 4 with 2*num_bytes+64 <= the buffer's "
-                            f"{0 if sym is None else sym.nbytes} symmetric bytes, got {num_bytes}")
+    if num_bytes % 4 or num_bytes <= 0:
+        raise DeepEPInvalid(f"num_bytes: need a positive multiple of 4, got {num_bytes}")
     t0 = time.perf_counter()
     rt = backend.runtime
+    sym = rt.alloc(2 * num_bytes + 64)   # collective
+    try:
+        return _exchange(buf, backend, rt, sym, num_bytes, round_id, t0)
+    finally:
+        cupy.cuda.Device().synchronize()
+        buf.comm.Barrier()
+        rt.free(sym)                     # collective
+
+
+def _exchange(buf, backend, rt, sym, num_bytes, round_id, t0):
+    import cupy
+    import numpy as np
+
     module = jit.load(SELFTEST_SPEC, backend.jit_options)
     rt.register_module(module)
     rank, n = buf.rank, buf.num_ranks
@@ -75,6 +86,7 @@ def symmetric_exchange(buf, num_bytes: int = 1 << 20, round_id: int = 1) -> Exch
     src = sym[64:64 + num_bytes]
     dst = sym[64 + num_bytes:64 + 2 * num_bytes]
     pattern = lambda r: ((np.arange(num_bytes, dtype=np.int64) * 7 + r * 31 + round_id) & 0xFF).astype(np.uint8)
+    sym[:64].fill(0)       # fresh symmetric memory is not zeroed: clear the signal word
     src.set(pattern(rank))
     dst.fill(0)
     errors = ErrorRecordArray()
