@@ -48,6 +48,7 @@ __all__ = [
     "FP8_AMAX_MIN",
     # layout
     "token_in_rank",
+    "pack_layout_range",
     "get_dispatch_layout",
     # high-throughput dispatch / combine
     "DispatchPiece",
@@ -912,8 +913,12 @@ class LowLatencyDispatchResult:
     @property
     def layout_range(self) -> np.ndarray:
         """int64 ``[L, R]``: ``(int64(layout_begin) << 32) | layout_count``."""
-        return ((self.layout_begin.astype(np.int64) << 32)
-                | self.layout_count.astype(np.int64))
+        return pack_layout_range(self.layout_begin, self.layout_count)
+
+
+def pack_layout_range(layout_begin: np.ndarray, layout_count: np.ndarray) -> np.ndarray:
+    """DeepEP's packed low-latency layout: int64 ``(begin << 32) | count`` per (expert, source)."""
+    return (layout_begin.astype(np.int64) << 32) | layout_count.astype(np.int64)
 
 
 def _ll_entries(topk_idx: np.ndarray, experts_per_rank: int):

@@ -86,8 +86,7 @@ class ReferenceLowLatencyHandle:
     @property
     def layout_range(self) -> np.ndarray:
         """int64 ``[L, R]``: ``(int64(layout_begin) << 32) | layout_count``."""
-        return ((self.layout_begin.astype(np.int64) << 32)
-                | self.layout_count.astype(np.int64))
+        return ref.pack_layout_range(self.layout_begin, self.layout_count)
 
 
 def _detect_ranks_per_node(comm) -> int:
