@@ -289,7 +289,10 @@ class Buffer:
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert:
                 the outputs of ``get_dispatch_layout`` for ``topk_idx`` (shapes checked; routing
                 follows ``topk_idx``). ``num_tokens_per_expert`` is required (it gives num_experts).
-            topk_idx: int64 ``[T, K]`` (required without ``handle``). topk_weights: float32 ``[T, K]``.
+            topk_idx: int64 ``[T, K]``. Without it (and without ``handle``) the routing comes from
+                ``is_token_in_rank`` alone (with ``num_tokens_per_rank``), and no expert
+                information travels: ``recv_topk_idx``/``recv_topk_weights`` are None and the
+                per-expert list is empty. topk_weights: float32 ``[T, K]`` (needs topk_idx).
             expert_alignment: round each per-expert count up to a multiple of this.
             num_worst_tokens: > 0 pads every output to this many rows and skips the host
                 synchronisation (graph-capturable); ``num_recv_tokens_per_expert_list`` is then ``[]``.
@@ -328,7 +331,9 @@ class Buffer:
             out = self._backend.dispatch(data, scales, None, None, handle.num_experts, handle=handle)
         else:
             if topk_idx is None:
-                raise DeepEPInvalid("topk_idx: required without a handle (it decides the routing)")
+                return self._dispatch_by_rank_mask(
+                    data, scales, xd, num_tokens_per_rank, is_token_in_rank, topk_weights,
+                    num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
             if num_tokens_per_expert is None:
                 raise DeepEPInvalid("num_tokens_per_expert: required without a handle (from get_dispatch_layout)")
             ed = expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32", ndim=1,
@@ -368,6 +373,41 @@ class Buffer:
         recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
         recv = (recv_x, recv_scales) if scales is not None else recv_x
         return recv, recv_idx, recv_w, per_expert, new_handle, EventOverlap(None)
+
+    def _dispatch_by_rank_mask(self, data, scales, xd, num_tokens_per_rank, is_token_in_rank,
+                               topk_weights, num_worst_tokens, config, previous_event, async_finish,
+                               allocate_on_comm_stream) -> tuple:
+        """Dispatch routed by ``is_token_in_rank`` only (DeepEP's dispatch without ``topk_idx``):
+        internally one expert per rank, so rank r receives the tokens with is_token_in_rank[:, r]."""
+        if topk_weights is not None:
+            raise DeepEPInvalid("topk_weights: needs topk_idx")
+        if is_token_in_rank is None or num_tokens_per_rank is None:
+            raise DeepEPInvalid("topk_idx: required unless is_token_in_rank and num_tokens_per_rank "
+                                "give the routing")
+        num_tokens = xd.shape[0]
+        expect_array(is_token_in_rank, "is_token_in_rank", dtype="bool", shape=(num_tokens, self.num_ranks),
+                     device=self._device)
+        expect_array(num_tokens_per_rank, "num_tokens_per_rank", dtype="int32", shape=(self.num_ranks,),
+                     device=self._device)
+        in_rank = self._take(is_token_in_rank, "is_token_in_rank")
+        per_rank = self._take(num_tokens_per_rank, "num_tokens_per_rank")
+        if self.backend_name == "gpu":
+            import cupy
+            zeros = cupy.zeros(self.num_ranks, dtype=cupy.int32)   # one (empty) expert per rank
+            out = self._backend.dispatch(
+                data, scales, None, None, per_rank, in_rank, zeros, self.num_ranks, 1, num_worst_tokens,
+                None, config, previous_event, expect_bool(async_finish, "async_finish"),
+                expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
+            recv_x, recv_scales, _, _, _, handle, event = out
+            return self._gpu_dispatch_result((recv_x, recv_scales, None, None, [], handle, event),
+                                             xd, scales is not None)
+        import numpy as np
+        # one expert per rank: expert r is "on" rank r exactly when the token goes to rank r
+        synthetic = np.where(in_rank, np.arange(self.num_ranks, dtype=np.int64), -1)
+        recv_x, recv_scales, _, _, _, handle = self._backend.dispatch(
+            data, scales, synthetic, None, self.num_ranks, 1, num_worst_tokens)
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        return recv, None, None, [], handle, EventOverlap(None)
 
     @property
     def _handle_kind(self) -> str:

@@ -271,8 +271,6 @@ class IntranodeKernels:
         hidden_bytes = hidden * x.itemsize
         scale_bytes = 0 if x_scales is None else x_scales.shape[1] * 4
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
-        if topk_idx is None and cached_src_idx is None:
-            raise DeepEPInvalid("topk_idx: required")
         row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
         # outputs on the current stream (the caller's, or the communication stream with
         # allocate_on_comm_stream: CommStreamScope decides)

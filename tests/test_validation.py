@@ -62,7 +62,7 @@ def _cases():
         ("num_worst_tokens negative", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), num_worst_tokens=-1), ValueError, "num_worst_tokens"),
         ("num_worst_tokens too small", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), num_worst_tokens=1), ValueError, "num_worst_tokens"),
         ("is_token_in_rank shape", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "is_token_in_rank": np.zeros((T, 2), bool)}), ValueError, "is_token_in_rank: expected shape"),
-        ("missing topk_idx", lambda b: b.dispatch(**{**dispatch_kwargs(b, topk, x, w), "topk_idx": None}), ValueError, "topk_idx: required"),
+        ("missing topk_idx and is_token_in_rank", lambda b: b.dispatch(x, num_tokens_per_expert=layout(b, topk)[2]), ValueError, "topk_idx: required"),
         ("combine with a bad handle", lambda b: b.combine(x, handle=("not", "a", "handle")), TypeError, "handle: expected"),
         ("config of the wrong type", lambda b: b.dispatch(**dispatch_kwargs(b, topk, x, w), config={"num_sms": 20}), TypeError, "config: expected a Config"),
         ("ll tokens > max per rank", lambda b: b.low_latency_dispatch(x, topk, 4, E), ValueError, "num_max_dispatch_tokens_per_rank=4"),
@@ -115,3 +115,20 @@ def test_destroyed_buffer_raises():
     topk, _, _ = good_inputs()
     with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
         b.get_dispatch_layout(topk, E)
+
+
+def test_dispatch_without_topk_routes_by_rank_mask(buf):
+    """DeepEP's dispatch without topk_idx: is_token_in_rank alone decides where rows go."""
+    topk, x, w = good_inputs()
+    per_rank, _, per_expert, in_rank, _ = layout(buf, topk)
+    with_topk = buf.dispatch(x, topk_idx=topk, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank)
+    np.testing.assert_array_equal(recv_x, with_topk[0])
+    assert recv_idx is None and recv_w is None and counts == []
+    combined, combined_w, _ = buf.combine(recv_x, handle)
+    np.testing.assert_array_equal(combined, x)
+    assert combined_w is None
+    with pytest.raises(ValueError, match="topk_weights: needs topk_idx"):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, topk_weights=w)

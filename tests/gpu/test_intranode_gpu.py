@@ -289,3 +289,79 @@ def test_sm_budgets(buf, num_sms):
     if not np.array_equal(host(out).view(np.uint16), want.view(np.uint16)):
         problems.append(f"num_sms={num_sms}: combine differs")
     assert_all_ranks(world(), not problems, "\n".join(problems))
+
+
+def test_combine_with_single_bias_array(buf):
+    """bias as one array (the pair form is covered above)."""
+    import cupy as cp
+    from deepep_cupy import reference
+    R, me, T, H, E, K = buf.num_ranks, buf.rank, 200, 2048, 32, 4
+    xs, _, idxs, _ = make_inputs(55, R, T, H, K, E, "holes", False, False)
+    bias = [(np.arange(len(xs[r]) * H, dtype=np.float32).reshape(len(xs[r]), H) % 5 - 2).astype(BF16)
+            for r in range(R)]
+    idx_g = to_gpu(idxs[me])
+    recv_x, _, _, _, handle, _ = buf.dispatch(to_gpu(xs[me]), topk_idx=idx_g,
+                                              num_tokens_per_expert=buf.get_dispatch_layout(idx_g, E)[2])
+    got, _, _ = buf.combine(recv_x, handle, bias=to_gpu(bias[me]))
+    res = reference.dispatch(xs, idxs, None, E)
+    want, _ = reference.combine([r.recv_x for r in res], res, bias=bias)[me]
+    ok = np.array_equal(host(got).view(np.uint16), want.view(np.uint16))
+    assert_all_ranks(world(), ok, "combine with a single bias array differs from the reference")
+
+
+def test_zz_missing_peer_times_out_naming_rank_and_phase():
+    """Rank 1 skips a combine: rank 0's combine gives up after settings.timeout_seconds and the next
+    call raises DeepEPTimeout naming the rank and the phase; nobody hangs. Runs last (its own
+    buffer), since the ranks' sequence numbers disagree afterwards."""
+    import time
+    import cupy as cp
+    import deepep_cupy as ep
+    comm = world()
+    if comm.Get_size() < 2:
+        pytest.skip("needs 2 ranks")
+    old = ep.settings.timeout_seconds
+    ep.settings.timeout_seconds = 3.0
+    b = ep.Buffer(comm, num_nvl_bytes=ep.Buffer.get_intranode_size_hint(256, 2048, comm.Get_size()), backend="gpu")
+    try:
+        xs, _, idxs, _ = make_inputs(99, b.num_ranks, 256, 2048, 4, 32, "random", False, False)
+        idx_g = to_gpu(idxs[b.rank])
+        recv_x, _, _, _, handle, _ = b.dispatch(to_gpu(xs[b.rank]), topk_idx=idx_g,
+                                                num_tokens_per_expert=b.get_dispatch_layout(idx_g, 32)[2])
+        message = ""
+        if b.rank == 0:
+            t0 = time.monotonic()
+            b.combine(recv_x, handle)           # rank 1 never joins
+            cp.cuda.Device().synchronize()      # the kernel gives up after the timeout
+            waited = time.monotonic() - t0
+            try:
+                b.combine(recv_x, handle)       # the next call reports the timeout
+            except ep.DeepEPTimeout as e:
+                message = str(e)
+            ok = "rank 0" in message and "combine" in message and "rank 1" in message and waited < 30
+        else:
+            ok = True
+        assert_all_ranks(comm, ok, f"expected a DeepEPTimeout naming rank 0, the phase and peer rank 1; got {message!r}")
+    finally:
+        ep.settings.timeout_seconds = old
+        cp.cuda.Device().synchronize()
+        comm.Barrier()
+        b.destroy()
+
+
+def test_dispatch_without_topk_routes_by_rank_mask(buf):
+    """No topk_idx: is_token_in_rank alone routes; no expert data travels."""
+    import cupy as cp
+    from deepep_cupy import reference
+    R, me, T, H, E, K = buf.num_ranks, buf.rank, 333, 4096, 64, 6
+    xs, _, idxs, _ = make_inputs(123, R, T, H, K, E, "holes", False, False)
+    idx_g = to_gpu(idxs[me])
+    per_rank, _, _, in_rank, _ = buf.get_dispatch_layout(idx_g, E)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(to_gpu(xs[me]), num_tokens_per_rank=per_rank,
+                                                                is_token_in_rank=in_rank)
+    res = reference.dispatch(xs, idxs, None, E)
+    ok = recv_idx is None and recv_w is None and counts == []
+    ok &= np.array_equal(host(recv_x).view(np.uint16), res[me].recv_x.view(np.uint16))
+    got, _, _ = buf.combine(recv_x, handle)
+    want, _ = reference.combine([r.recv_x for r in res], res)[me]
+    ok &= np.array_equal(host(got).view(np.uint16), want.view(np.uint16))
+    assert_all_ranks(world(), ok, "dispatch without topk_idx differs from the reference routing")
