@@ -316,6 +316,7 @@ class Buffer:
         if self.backend_name == "gpu":
             config = config or self.get_dispatch_config(self.num_ranks)
             self._check_num_sms(config)
+            self._intranode_only("dispatch")
         if handle is not None:
             self._check_handle(handle, self._handle_kind)
             if topk_idx is not None or topk_weights is not None:
@@ -413,6 +414,13 @@ class Buffer:
     def _handle_kind(self) -> str:
         return "IntranodeHandle" if self.backend_name == "gpu" else "ReferenceDispatchHandle"
 
+    def _intranode_only(self, what: str) -> None:
+        if self.num_nodes > 1:
+            raise NotImplementedError(
+                f"{what} across {self.num_nodes} nodes (ranks_per_node={self.ranks_per_node}) needs the "
+                "hierarchical internode kernels, which are not written yet; the GPU backend runs "
+                "dispatch/combine inside one NVLink domain (backend='reference' runs any layout)")
+
     def _check_num_sms(self, config: Config) -> None:
         if config.num_sms < 2:
             raise DeepEPInvalid(f"config.num_sms: need at least 2 (a sender and a receiver), got {config.num_sms}")
@@ -466,6 +474,7 @@ class Buffer:
                 raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
             config = config or self.get_combine_config(self.num_ranks)
             self._check_num_sms(config)
+            self._intranode_only("combine")
             if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
                 raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
             out, out_w, event = self._backend.combine(

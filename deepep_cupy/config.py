@@ -78,10 +78,12 @@ class Config:
     """SM budget and chunking of the high-throughput kernels (DeepEP's ``Config``).
 
     Arguments:
-        num_sms: SMs the communication kernels may occupy (even: one send and one receive SM per
-            channel, as in DeepEP).
-        num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens: NVLink chunk sizes.
-        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: RDMA chunk sizes.
+        num_sms: SMs the intranode kernels occupy: their grid size, every block both sending and
+            receiving (even, as DeepEP requires, so configs carry over).
+        num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
+        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: DeepEP's chunk
+            sizes, kept for API parity; the intranode kernels publish fixed 32-token chunks and
+            read none of them.
     """
 
     num_sms: int = 20

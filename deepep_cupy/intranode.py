@@ -6,11 +6,11 @@ Design (docs/intranode.md has the diagrams):
     per other rank. Every rank computes the same ``SymmetricLayout`` from (num_ranks, bytes).
   * dispatch: ``bump_seq`` -> ``notify`` (exchange counts, scan ``send_pos``) -> the host reads the
     receive count from a pinned record (skipped with ``num_worst_tokens``) -> ``dispatch``
-    (sender blocks push rows: remote ones into the peer's staging slot, own ones straight into
-    ``recv_x``; receiver blocks move arrived chunks from staging into ``recv_x``).
-  * combine: ``bump_seq`` -> ``combine`` (domain barrier; sender blocks push received rows back
-    into their source's combine staging; reducer blocks sum each token's copies in rank order,
-    reading their own rows in place).
+    (every block pushes its token chunks: remote rows into the peer's staging slot, own rows
+    straight into ``recv_x``; then moves arrived chunks from staging into ``recv_x``).
+  * combine: ``bump_seq`` -> ``combine`` (domain barrier; every block pushes its share of the
+    received rows back into their source's combine staging, then sums tokens' copies in rank
+    order, reading its own rows in place).
 Every wait on a peer is bounded; a timeout lands in a pinned error record that the next call (or
 the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the peer.
 """

@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--sms", default="8,16,24")
+    ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
     args = ap.parse_args()

@@ -1,10 +1,11 @@
 // Error reporting from kernels to Python, and bounded waits.
 //
-// Every kernel that waits on a peer takes an `ErrorRecord*` (4 int32 in device memory, zeroed by
-// the host) and a timeout in nanoseconds. A wait that runs out records {code, phase, peer, rank}
-// (first writer wins) and the kernel returns; the Python launcher reads the record after the
-// stream completes and raises DeepEPTimeout naming the rank, the phase and the peer. Phase ids are
-// listed in deepep_cupy/kernel_errors.py.
+// Every kernel that waits on a peer takes an `ErrorRecord*` (4 int32, zeroed by the host) and a
+// timeout in nanoseconds. A wait that runs out records {code, phase, peer, rank} (first writer
+// wins) and the kernel returns. The record lives in device memory read after a sync (self-test),
+// or in pinned host memory read without a sync (intranode kernels: at the notify poll and at the
+// start of the next call); the host raises DeepEPTimeout naming the rank, the phase and the peer.
+// Phase ids are listed in deepep_cupy/kernel_errors.py.
 #pragma once
 #include "common/utils.cuh"
 
