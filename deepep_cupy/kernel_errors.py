@@ -16,6 +16,8 @@ PHASES = {
     13: "combine receive (waiting for a peer's chunk)",
     14: "cached dispatch barrier (waiting for a peer to start dispatch)",
     15: "dispatch: more rows than num_worst_tokens (rows dropped)",
+    20: "low-latency dispatch receive (waiting for a peer's tokens)",
+    21: "low-latency combine receive (waiting for a peer's expert outputs)",
 }
 
 _CODES = {1: "timed out", 2: "bad value"}

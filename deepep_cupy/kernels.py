@@ -9,6 +9,7 @@ from . import jit
 from .checks import CHECKS_SPEC
 from .intranode import intranode_spec
 from .layout import LayoutKernel
+from .low_latency import low_latency_spec
 from .selftest import SELFTEST_SPEC
 
 __all__ = ["all_specs"]
@@ -22,4 +23,5 @@ def all_specs(rank_counts=(2, 4, 8), ranks_per_node=8) -> List[jit.KernelSpec]:
     specs.append(LayoutKernel.spec_for(16, ranks_per_node))      # two nodes of eight
     specs.append(LayoutKernel.spec_for(128, ranks_per_node))     # the generic (> 64 ranks) path
     specs += [intranode_spec(r) for r in rank_counts]
+    specs += [low_latency_spec(r) for r in rank_counts]
     return specs

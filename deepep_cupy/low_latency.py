@@ -1,0 +1,263 @@
+"""Launchers of cuda_src/low_latency.cu: low-latency dispatch and combine (decode).
+
+STATUS: compiled in CI, not yet run on GPUs, and not wired into ``Buffer`` (which still raises
+``NotImplementedError`` for low-latency calls on the GPU backend): issue #4. The first GPU session
+runs tests/gpu/test_low_latency_gpu.py against these launchers directly, then wires them in.
+
+Design, buffer layout and protocol: docs/low_latency.md and the header of the .cu file. In short:
+the region ``[num_nvl_bytes, num_nvl_bytes + num_rdma_bytes)`` of the buffer's symmetric memory has
+two halves; ``ll_prepare`` ranks every (token, k) entry within its expert (deterministic order);
+``ll_dispatch_send`` sends each token once per destination rank (NVLink stores, or NVSHMEM puts for
+peers without an NVLink mapping / when forced); ``ll_dispatch_recv`` (the hook) unpacks per local
+expert in (source rank, token, k) order; combine mirrors it with one row per (token, k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from . import jit
+from .config import settings
+from .errors import DeepEPInvalid
+from .kernel_errors import raise_if_error
+
+__all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "low_latency_spec",
+           "size_hint", "MAX_TOPK", "SUPPORTED_HIDDEN"]
+
+MAX_TOPK = 16          # combine rows are sized for this many slots per token
+HEADER_BYTES = 16
+THREADS = 512
+SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+_ALIGN = 256
+
+
+def _align(x: int, a: int = _ALIGN) -> int:
+    return (x + a - 1) // a * a
+
+
+def low_latency_spec(num_ranks: int) -> jit.KernelSpec:
+    """The JIT instance of cuda_src/low_latency.cu for ``num_ranks`` ranks."""
+    return jit.KernelSpec.make(
+        "low_latency.cu", ["ll_prepare", "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
+                           "ll_combine_recv"], {"DEEPEP_NUM_RANKS": num_ranks}, uses_nvshmem=True)
+
+
+def payload_bytes(hidden: int) -> int:
+    """Bytes of the largest payload (bf16 data, or fp8 data plus float32 scales), padded to 16."""
+    return _align(max(2 * hidden, hidden + hidden // 32), 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyLayout:
+    """Offsets of one half of the low-latency region (both halves are alike); see the .cu header."""
+
+    num_ranks: int
+    max_tokens: int
+    hidden: int
+    num_experts: int
+    max_topk: int
+    msg_bytes: int
+    meta_ints: int
+    recv_msgs: int
+    recv_meta: int
+    recv_flags: int
+    combine_rows: int
+    combine_flags: int
+    send_msgs: int
+    combine_stage: int
+    meta_stage: int
+    half_bytes: int
+
+    @classmethod
+    def build(cls, max_tokens: int, hidden: int, num_ranks: int, num_experts: int,
+              max_topk: int = MAX_TOPK) -> "LowLatencyLayout":
+        """Lay out one half for M = ``max_tokens`` tokens per rank."""
+        r, m, k = num_ranks, max_tokens, max_topk
+        msg = _align(HEADER_BYTES + 8 * k, 16) + payload_bytes(hidden)
+        meta_ints = 1 + num_experts // num_ranks
+        off, parts = 0, {}
+        for name, size in (("recv_msgs", r * m * msg), ("recv_meta", r * meta_ints * 4), ("recv_flags", 8 * r),
+                           ("combine_rows", m * k * hidden * 2), ("combine_flags", 8 * r),
+                           ("send_msgs", m * msg), ("combine_stage", r * m * k * hidden * 2),
+                           ("meta_stage", r * meta_ints * 4)):
+            parts[name] = off
+            off += _align(size)
+        return cls(num_ranks=r, max_tokens=m, hidden=hidden, num_experts=num_experts, max_topk=k,
+                   msg_bytes=msg, meta_ints=meta_ints, half_bytes=off, **parts)
+
+    @property
+    def total_bytes(self) -> int:
+        """Both halves."""
+        return 2 * self.half_bytes
+
+    def device_struct(self):
+        """The kernel's ``LLLayout`` (9 int64 + 4 int32) as a CuPy byte array."""
+        import cupy
+        host = np.zeros(11, dtype=np.int64)
+        host[:9] = [self.half_bytes, self.recv_msgs, self.recv_meta, self.recv_flags, self.combine_rows,
+                    self.combine_flags, self.send_msgs, self.combine_stage, self.meta_stage]
+        host.view(np.int32)[18:22] = [self.msg_bytes, self.meta_ints, self.max_tokens, self.max_topk]
+        return cupy.asarray(host.view(np.uint8))
+
+
+def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int,
+              max_topk: int = MAX_TOPK) -> int:
+    """``num_rdma_bytes`` the low-latency kernels need (both halves)."""
+    return LowLatencyLayout.build(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
+                                  max_topk).total_bytes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LowLatencyHandle:
+    """What a low-latency combine needs from its dispatch (CuPy arrays on the GPU).
+
+    recv_src_info / recv_src_k: int32 [L, R*M] source token and top-k slot of each received entry.
+    layout_begin / layout_count: int32 [L, R]. recv_count: int32 [L]. Host ints: num_tokens,
+    num_experts, hidden, num_topk. use_fp8 / use_ue8m0: flags of the dispatch.
+    """
+
+    recv_src_info: object
+    recv_src_k: object
+    layout_begin: object
+    layout_count: object
+    recv_count: object
+    num_tokens: int
+    num_experts: int
+    hidden: int
+    num_topk: int
+    use_fp8: bool
+    use_ue8m0: bool
+
+    @property
+    def layout_range(self):
+        """int64 [L, R]: (begin << 32) | count (DeepEP's packing)."""
+        import cupy
+        return (self.layout_begin.astype(cupy.int64) << 32) | self.layout_count.astype(cupy.int64)
+
+
+class LowLatencyKernels:
+    """The low-latency kernels bound to one buffer's symmetric memory (region after num_nvl_bytes)."""
+
+    def __init__(self, backend, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int,
+                 max_topk: int = MAX_TOPK, force_puts: bool = False,
+                 jit_options: Optional[jit.JitOptions] = None):
+        import cupy
+
+        self.backend = backend
+        self.num_ranks, self.rank = backend.num_ranks, backend.rank
+        self.layout = LowLatencyLayout.build(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks,
+                                             num_experts, max_topk)
+        if backend.num_rdma_bytes < self.layout.total_bytes:
+            raise DeepEPInvalid(f"num_rdma_bytes: the low-latency kernels need {self.layout.total_bytes} bytes "
+                                f"for these shapes, the buffer has {backend.num_rdma_bytes} "
+                                "(Buffer.get_low_latency_rdma_size_hint)")
+        rt = backend.runtime
+        base = int(backend.symmetric.data.ptr) + backend.num_nvl_bytes
+        self.region = cupy.uint64(base)
+        peers = []
+        for pe in range(self.num_ranks):
+            ptr = 0 if force_puts else rt.peer_ptr(backend.symmetric, pe)
+            peers.append(ptr + backend.num_nvl_bytes if ptr else 0)
+        self.peer_regions = cupy.asarray(np.array(peers, dtype=np.uint64))
+        self.layout_struct = self.layout.device_struct()
+        self.seq = cupy.zeros(1, dtype=cupy.uint64)
+        self.done = cupy.zeros(4, dtype=cupy.uint32)   # last-block counters, one per kernel kind
+        self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
+        rt.register_module(self.module)
+        self._err_pinned = cupy.cuda.alloc_pinned_memory(16)
+        self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
+        self.error_record[:] = 0
+        self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        cupy.cuda.Device().synchronize()
+
+    def check_errors(self, what: str) -> None:
+        """Raise if an earlier low-latency kernel recorded a timeout."""
+        rec = self.error_record.tolist()
+        if rec[0]:
+            self.error_record[:] = 0
+            raise_if_error(rec, what)
+
+    def _shape(self, num_tokens: int, num_topk: int, use_fp8=False, round_scale=False, use_ue8m0=False):
+        import cupy
+        lay = self.layout
+        return (cupy.int32(num_tokens), cupy.int32(lay.hidden), cupy.int32(num_topk), cupy.int32(lay.num_experts),
+                cupy.int32(use_fp8), cupy.int32(round_scale), cupy.int32(use_ue8m0))
+
+    def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> None:
+        """Rank the entries and send every token (issued on ``stream``; returns at once)."""
+        import cupy
+        num_tokens, num_topk = topk_idx.shape
+        self._pending = (num_tokens, num_topk, use_fp8, use_ue8m0)
+        slots = cupy.empty((num_tokens, num_topk), dtype=cupy.int32)
+        counts = cupy.empty(self.layout.num_experts, dtype=cupy.int32)
+        warps_per_block = 8
+        blocks = max(1, -(-self.layout.num_experts // warps_per_block))
+        with stream:
+            self.module["ll_prepare"]((blocks,), (32 * warps_per_block,),
+                                      (topk_idx, cupy.int32(num_tokens * num_topk),
+                                       cupy.int32(self.layout.num_experts), slots, counts))
+            self.module["ll_dispatch_send"](
+                (max(1, min(num_tokens, self._sms)),), (THREADS,),
+                (x, topk_idx, slots, counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq,
+                   self.done[0:1]))
+        self._keep = (x, topk_idx, slots, counts)
+
+    def dispatch_recv(self, stream) -> tuple:
+        """Unpack into per-expert outputs (the receive hook). Returns (recv_x, recv_scales or None,
+        recv_count, handle); fp8 data as uint8 storage."""
+        import cupy
+        num_tokens, num_topk, use_fp8, use_ue8m0 = self._pending
+        lay = self.layout
+        num_local = lay.num_experts // self.num_ranks
+        slots = self.num_ranks * lay.max_tokens
+        h = lay.hidden
+        recv_x = cupy.empty((num_local, slots, h), dtype=cupy.uint8 if use_fp8 else cupy.dtype("bfloat16"))
+        recv_scales = None
+        if use_fp8:
+            recv_scales = (cupy.empty((num_local, slots, -(-h // 512)), dtype=cupy.int32) if use_ue8m0
+                           else cupy.empty((num_local, slots, h // 128), dtype=cupy.float32))
+        recv_count = cupy.empty(num_local, dtype=cupy.int32)
+        src_info = cupy.full((num_local, slots), -1, dtype=cupy.int32)
+        src_k = cupy.full((num_local, slots), -1, dtype=cupy.int32)
+        begin = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+        count = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+        null = cupy.uint64(0)
+        with stream:
+            self.module["ll_dispatch_recv"](
+                (self._sms,), (THREADS,),
+                (recv_x, null if recv_scales is None else recv_scales, recv_count, src_info, src_k, begin, count)
+                + self._shape(num_tokens, num_topk, use_fp8, False, use_ue8m0)
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[1:2],
+                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr)))
+        handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
+                                  h, num_topk, use_fp8, use_ue8m0)
+        return recv_x, recv_scales, recv_count, handle
+
+    def combine_send(self, x, handle: LowLatencyHandle, stream) -> None:
+        """Send every received slot's expert output back to its token's rank."""
+        import cupy
+        with stream:
+            self.module["ll_combine_send"](
+                (self._sms,), (THREADS,),
+                (x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
+                 handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq,
+                   self.done[2:3]))
+        self._keep_combine = (x, handle)
+
+    def combine_recv(self, topk_idx, topk_weights, handle: LowLatencyHandle, out, stream):
+        """Weighted sum per token (the receive hook); returns ``out`` (bf16 [T, H])."""
+        import cupy
+        if out is None:
+            out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
+        with stream:
+            self.module["ll_combine_recv"](
+                (max(1, min(self._sms, -(-handle.num_tokens // 16))),), (THREADS,),
+                (topk_idx, topk_weights, out) + self._shape(handle.num_tokens, handle.num_topk)
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[3:4],
+                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr)))
+        return out
