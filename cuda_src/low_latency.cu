@@ -232,6 +232,7 @@ ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict
                 if (peer != 0) {
                     warp_copy16(reinterpret_cast<uint8_t*>(peer) + off, msg, lay.msg_bytes, lane);
                 } else {
+                    __threadfence();   // the block's message writes are visible to the put engine
                     nvshmemx_putmem_nbi_warp(region + off, msg, lay.msg_bytes, r);
                 }
             }
