@@ -157,6 +157,20 @@ class Buffer:
         return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk)
 
     @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """``num_rdma_bytes`` the low-latency kernels need (both halves of the double buffer; combine
+        rows sized for up to 16 top-k slots). See docs/low_latency.md for the layout."""
+        from .low_latency import size_hint
+        m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
+        h = expect_int(hidden, "hidden", minimum=128)
+        r = expect_int(num_ranks, "num_ranks", minimum=1)
+        e = expect_int(num_experts, "num_experts", minimum=1)
+        if e % r:
+            raise DeepEPInvalid(f"num_experts: expected a multiple of num_ranks={r}, got {e}")
+        return size_hint(m, h, r, e)
+
+    @staticmethod
     def set_num_sms(num_sms: int) -> None:
         """Set the SMs the high-throughput kernels take when no ``config`` is passed (process-wide,
         ``deepep_cupy.settings.num_sms``; DeepEP's class-level knob). Must be even."""

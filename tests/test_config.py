@@ -40,3 +40,21 @@ def test_intranode_size_hint_grows_with_tokens_and_ranks():
     assert 110 << 20 < big < 120 << 20
     with pytest.raises(ValueError, match="num_topk"):
         ep.Buffer.get_intranode_size_hint(1, 128, 2, num_topk=64)
+
+
+def test_low_latency_size_hint_and_layout():
+    from deepep_cupy.low_latency import LowLatencyLayout
+    hint = ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 2, 256)
+    assert hint < 1908 * 10**6 // 10           # DeepEP's hint at this shape is 1908 MB
+    lay = LowLatencyLayout.build(128, 7168, 2, 256)
+    assert hint == lay.total_bytes == 2 * lay.half_bytes
+    regions = sorted([(lay.recv_msgs, 2 * 128 * lay.msg_bytes), (lay.recv_meta, 2 * lay.meta_ints * 4),
+                      (lay.recv_flags, 16), (lay.combine_rows, 128 * 16 * 7168 * 2), (lay.combine_flags, 16),
+                      (lay.send_msgs, 128 * lay.msg_bytes), (lay.combine_stage, 2 * 128 * 16 * 7168 * 2),
+                      (lay.meta_stage, 2 * lay.meta_ints * 4)])
+    for (a, size), (b, _) in zip(regions, regions[1:]):
+        assert a % 256 == 0 and a + size <= b, "regions overlap or are misaligned"
+    assert regions[-1][0] + regions[-1][1] <= lay.half_bytes
+    assert lay.msg_bytes % 16 == 0 and lay.msg_bytes >= 16 + 8 * 16 + 7168 * 2
+    with pytest.raises(ValueError, match="num_experts"):
+        ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 3, 256)
