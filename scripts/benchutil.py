@@ -8,21 +8,32 @@ returns every sample so the caller can report the median and the spread.
 import statistics
 
 
-def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True):
-    """Per-call times in microseconds (list), events on the current stream around each call."""
+def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True, before=None, after=None):
+    """Per-call times in microseconds (list), events on the current stream around each call.
+
+    ``before`` / ``after`` run untimed around every call (e.g. the send before a timed receive,
+    or the receive after a timed send, so collective halves stay paired)."""
     import cupy as cp
     cache = cp.empty(256 << 20, dtype=cp.int8) if flush_l2 else None
     for _ in range(num_warmups):
+        if before:
+            before()
         fn()
+        if after:
+            after()
     cp.cuda.Device().synchronize()
     starts = [cp.cuda.Event() for _ in range(num_tests)]
     ends = [cp.cuda.Event() for _ in range(num_tests)]
     for i in range(num_tests):
         if cache is not None:
             cache.fill(i & 0x7F)
+        if before:
+            before()
         starts[i].record()
         fn()
         ends[i].record()
+        if after:
+            after()
     cp.cuda.Device().synchronize()
     return [cp.cuda.get_elapsed_time(s, e) * 1000.0 for s, e in zip(starts, ends)]
 

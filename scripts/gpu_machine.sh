@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,extra (default:
-#                                              all but extra; extra runs "$EXTRA" in this environment)
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,ll,extra (default:
+#                                              env,tests,bench,demo,tune; ll runs the low-latency tests and
+#                                              benchmark; extra runs "$EXTRA" in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -98,6 +99,17 @@ if [[ "$STEPS" == *demo* ]]; then
   say "demo"
   timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/demo.py > "$OUTD/demo.log" 2>&1
   row "demo" "rc=$? $(grep -E '^DEMO' "$OUTD/demo.log" | tail -1)"
+fi
+
+if [[ "$STEPS" == *ll* ]]; then   # low-latency kernels (issue #4): tests, then the benchmark
+  say "low-latency tests"
+  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
+      tests/gpu/test_low_latency_gpu.py > "$OUTD/ll_tests.log" 2>&1
+  row "low-latency tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/ll_tests.log" | tail -1)"
+  say "bench_low_latency"
+  timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/bench_low_latency.py > "$OUTD/bench_low_latency.log" 2>&1
+  row "bench_low_latency" "rc=$?"
+  tail -20 "$OUTD/bench_low_latency.log"
 fi
 
 if [[ "$STEPS" == *tune* ]]; then   # writes the table into the tree here and copies it to $OUT
