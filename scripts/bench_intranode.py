@@ -39,7 +39,7 @@ def main():
     import numpy as np
     import deepep_cupy as ep
     from deepep_cupy import reference
-    from benchutil import fmt_us, summarize, time_calls
+    from benchutil import fmt_us, nccl_all_to_all, summarize, time_calls
 
     comm = MPI.COMM_WORLD
     rank, R = comm.Get_rank(), comm.Get_size()
@@ -127,29 +127,6 @@ def main():
     for name, (med, sms, m2) in best.items():
         say(f"  {name:22s} {med:8.1f} us at {sms} SMs  NVLink {m2:6.1f} GB/s")
     buf.destroy()
-
-
-def nccl_all_to_all(comm, in_rank_host, hidden, iters):
-    """PyTorch/NCCL all_to_all_single moving the dispatch's rows (bf16), timed the same way."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from benchutil import time_calls
-    rank, R = comm.Get_rank(), comm.Get_size()
-    port = comm.bcast(29500 + (os.getpid() % 1000) if rank == 0 else None, root=0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=R,
-                            device_id=torch.device("cuda", torch.cuda.current_device()))
-    send_counts = [int(c) for c in in_rank_host.sum(axis=0)]
-    recv_counts = [int(c[rank]) for c in comm.allgather(np.array(send_counts))]
-    inp = torch.randn(sum(send_counts), hidden, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(sum(recv_counts), hidden, device="cuda", dtype=torch.bfloat16)
-    run = lambda: dist.all_to_all_single(out, inp, recv_counts, send_counts)
-    samples = time_calls(run, num_tests=iters)
-    import statistics
-    med = statistics.median(samples)
-    remote = sum(c for s, c in enumerate(recv_counts) if s != rank) * hidden * 2
-    dist.destroy_process_group()
-    return [("nccl_all_to_all_bf16", samples, remote / med / 1e3)]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main():
     import numpy as np
     import deepep_cupy as ep
     from deepep_cupy import low_latency, reference
-    from benchutil import fmt_us, summarize, time_calls
+    from benchutil import fmt_us, nccl_all_to_all, summarize, time_calls
 
     comm = MPI.COMM_WORLD
     rank, R = comm.Get_rank(), comm.Get_size()
@@ -103,12 +103,24 @@ def main():
         ref = x32 * valid
         errors["fp8" if fp8 else "bf16"] = float(np.abs(out - ref).max() / max(1e-6, np.abs(ref).max()))
 
+    nccl_rows = []
+    try:   # the same token rows (bf16) moved by NCCL
+        in_rank = np.zeros((T, R), dtype=bool)
+        host_idx = cp.asnumpy(idx)
+        for r in range(R):
+            in_rank[:, r] = ((host_idx >= 0) & (host_idx // (E // R) == r)).any(axis=1)
+        nccl_rows = nccl_all_to_all(comm, in_rank, H, args.iters)
+    except Exception as e:  # noqa: BLE001 - report and carry on
+        say(f"NCCL comparison skipped: {type(e).__name__}: {e}")
+
     say("")
     say(f"{'op':22s} {'median (p10-p90)':34s} {'vs DeepEP':>10}")
     for name, samples in rows:
         base = DEEPEP.get(name.split("_")[0]) if name.count("_") == 1 else None
         ratio = f"{summarize(samples)[0] / base:.2f}x" if base else ""
         say(f"{name:22s} {fmt_us(samples):34s} {ratio:>10}")
+    for name, samples, gbps in nccl_rows:
+        say(f"{name:22s} {fmt_us(samples):34s}   NVLink {gbps:.1f} GB/s")
     say(f"round-trip max relative error: fp8 {errors['fp8']:.3e}, bf16 {errors['bf16']:.3e}")
     say("")
     say("SUMMARY bench_low_latency (DeepEP v1.2.1: dispatch 28.3 us, combine 40.5 us; goal 20 / 28 us)")

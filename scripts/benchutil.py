@@ -5,6 +5,7 @@ around each call (so host overhead that delays the GPU counts), many calls after
 returns every sample so the caller can report the median and the spread.
 """
 
+import os
 import statistics
 
 
@@ -49,3 +50,24 @@ def fmt_us(samples):
     """'12.3 us (p10 11.9, p90 13.0)'."""
     med, lo, hi = summarize(samples)
     return f"{med:8.2f} us (p10 {lo:.2f}, p90 {hi:.2f})"
+
+
+def nccl_all_to_all(comm, in_rank_host, hidden, iters):
+    """PyTorch/NCCL all_to_all_single moving the dispatch's rows (bf16), timed the same way."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    rank, R = comm.Get_rank(), comm.Get_size()
+    port = comm.bcast(29500 + (os.getpid() % 1000) if rank == 0 else None, root=0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=R,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    send_counts = [int(c) for c in in_rank_host.sum(axis=0)]
+    recv_counts = [int(c[rank]) for c in comm.allgather(np.array(send_counts))]
+    inp = torch.randn(sum(send_counts), hidden, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(sum(recv_counts), hidden, device="cuda", dtype=torch.bfloat16)
+    run = lambda: dist.all_to_all_single(out, inp, recv_counts, send_counts)
+    samples = time_calls(run, num_tests=iters)
+    med = statistics.median(samples)
+    remote = sum(c for s, c in enumerate(recv_counts) if s != rank) * hidden * 2
+    dist.destroy_process_group()
+    return [("nccl_all_to_all_bf16", samples, remote / med / 1e3)]
