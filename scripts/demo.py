@@ -34,6 +34,9 @@ def relaunch(num_ranks: int) -> int:
         print("no mpiexec found: running on 1 rank (pip install mpich for more)", flush=True)
         return -1
     cmd = [mpiexec, "-n", str(num_ranks), sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+    version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:   # Open MPI refuses root and tight slots
+        cmd[1:1] = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
