@@ -1,0 +1,77 @@
+"""The low-latency kernels' index arithmetic (cuda_src/low_latency.cu), replayed in numpy against the
+reference model, so the design is checked on every CPU run before the kernels first meet a GPU:
+ll_prepare's per-expert ranks of (t, k) entries, the receiver's layout_begin from the metas, and the
+placement recv[l][begin[l][s] + slot] of every message's entries."""
+
+import numpy as np
+import pytest
+
+from deepep_cupy import reference
+
+
+def ll_prepare(topk_idx, num_experts):
+    """What ll_prepare computes: slot of each (t, k) among this rank's entries for its expert, and
+    the count per expert, in flattened (t, k) order."""
+    flat = topk_idx.reshape(-1)
+    slots = np.full(flat.shape, -1, dtype=np.int64)
+    counts = np.zeros(num_experts, dtype=np.int64)
+    for j, e in enumerate(flat):
+        if e >= 0:
+            slots[j] = counts[e]
+            counts[e] += 1
+    return slots.reshape(topk_idx.shape), counts
+
+
+def simulate(topk_idxs, num_experts, num_max_tokens):
+    """Receiver-side placement of every rank, as ll_dispatch_recv does it."""
+    R = len(topk_idxs)
+    L = num_experts // R
+    prepared = [ll_prepare(idx, num_experts) for idx in topk_idxs]
+    out = []
+    for me in range(R):
+        metas = [prepared[s][1][me * L:(me + 1) * L] for s in range(R)]   # counts for my experts
+        begin = np.zeros((L, R), dtype=np.int64)
+        for l in range(L):
+            acc = 0
+            for s in range(R):
+                begin[l, s] = acc
+                acc += metas[s][l]
+        src_info = np.full((L, R * num_max_tokens), -1, dtype=np.int64)
+        src_k = np.full((L, R * num_max_tokens), -1, dtype=np.int64)
+        for s in range(R):
+            idx, (slots, _) = topk_idxs[s], prepared[s]
+            for t in range(idx.shape[0]):
+                if not ((idx[t] >= 0) & (idx[t] // L == me)).any():
+                    continue   # no message for me
+                for k in range(idx.shape[1]):
+                    e = idx[t, k]
+                    if e < me * L or e >= (me + 1) * L:
+                        continue
+                    pos = begin[e - me * L, s] + slots[t, k]
+                    src_info[e - me * L, pos] = t
+                    src_k[e - me * L, pos] = k
+        counts = np.array([sum(m[l] for m in metas) for l in range(L)])
+        out.append((begin, np.stack(metas, axis=1), counts, src_info, src_k))
+    return out
+
+
+@pytest.mark.parametrize("num_ranks,num_experts,tokens,topk", [(2, 16, 24, 4), (3, 12, 9, 3), (4, 32, 17, 6)])
+def test_low_latency_placement_matches_reference(num_ranks, num_experts, tokens, topk):
+    rng = np.random.default_rng(num_ranks * 100 + tokens)
+    H, M = 128, 32
+    xs, idxs = [], []
+    for r in range(num_ranks):
+        t = tokens - r   # uneven
+        xs.append(rng.standard_normal((t, H), dtype=np.float32).astype(reference.BF16))
+        idx = rng.integers(-1, num_experts, size=(t, topk)).astype(np.int64)
+        idx[0, :2] = 0 if t else idx[0, :2]          # a duplicate expert in one token
+        idxs.append(idx)
+    ref = reference.low_latency_dispatch(xs, idxs, M, num_experts, use_fp8=False)
+    for me, (begin, count, recv_count, src_info, src_k) in enumerate(simulate(idxs, num_experts, M)):
+        r = ref[me]
+        np.testing.assert_array_equal(begin, r.layout_begin)
+        np.testing.assert_array_equal(count, r.layout_count)
+        np.testing.assert_array_equal(recv_count, r.recv_count)
+        for l, n in enumerate(recv_count):
+            np.testing.assert_array_equal(src_info[l, :n], r.recv_src_info[l, :n])
+            np.testing.assert_array_equal(src_k[l, :n], r.recv_src_k[l, :n])
