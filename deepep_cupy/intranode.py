@@ -26,7 +26,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
-from .kernel_errors import raise_if_error
+from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["intranode_spec", "SymmetricLayout", "IntranodeHandle", "IntranodeKernels", "dispatch_row_bytes",
            "combine_row_bytes", "size_hint", "MAX_LOCAL_EXPERTS", "CHUNK_TOKENS"]
@@ -201,18 +201,13 @@ class IntranodeKernels:
         self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4)
         self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words)
         self.host_info[:] = 0
-        self._err_pinned = cupy.cuda.alloc_pinned_memory(16)
-        self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
-        self.error_record[:] = 0
+        self.errors = PinnedErrorRecord()
         cupy.cuda.Device().synchronize()
 
     # ------------------------------------------------------------------------------------------
     def check_errors(self, what: str) -> None:
         """Raise if an earlier kernel of this buffer recorded a timeout (reads pinned memory)."""
-        rec = self.error_record.tolist()
-        if rec[0]:
-            self.error_record[:] = 0
-            raise_if_error(rec, what)
+        self.errors.check(what)
 
     def _seq_word_index(self, num_local_experts: int) -> int:
         num_info = 2 * self.num_ranks + 1 + num_local_experts
@@ -221,7 +216,7 @@ class IntranodeKernels:
     def _common_tail(self):
         import cupy
         return (self.peer_bases, self.layout_struct, cupy.int32(self.rank), self.seq,
-                cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr))
+                cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr))
 
     # ------------------------------------------------------------------------------------------
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import DeepEPError, DeepEPTimeout
 
-__all__ = ["PHASES", "ErrorRecordArray", "raise_if_error"]
+__all__ = ["PHASES", "ErrorRecordArray", "PinnedErrorRecord", "raise_if_error"]
 
 # phase ids written by kernels -> names users read in exceptions
 PHASES = {
@@ -44,6 +44,30 @@ class ErrorRecordArray:
     def check(self, what: str) -> None:
         """Read the record (synchronises with the device) and raise if a kernel reported an error."""
         raise_if_error(self.array.get().tolist(), what)
+
+
+class PinnedErrorRecord:
+    """The same {code, phase, peer, rank} record in pinned host memory: kernels write it through
+    UVA, and the host reads it without synchronising (at the next call, or while it polls)."""
+
+    def __init__(self):
+        import cupy
+        import numpy as np
+        self._pinned = cupy.cuda.alloc_pinned_memory(16)
+        self.record = np.frombuffer(self._pinned, dtype=np.int32, count=4)
+        self.record[:] = 0
+
+    @property
+    def ptr(self) -> int:
+        """Address kernels write to."""
+        return int(self._pinned.ptr)
+
+    def check(self, what: str) -> None:
+        """Raise (and clear the record) if a kernel reported an error; no synchronisation."""
+        rec = self.record.tolist()
+        if rec[0]:
+            self.record[:] = 0
+            raise_if_error(rec, what)
 
 
 def raise_if_error(record, what: str) -> None:

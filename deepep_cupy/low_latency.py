@@ -22,7 +22,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPInvalid
-from .kernel_errors import raise_if_error
+from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "low_latency_spec",
            "size_hint", "MAX_TOPK", "SUPPORTED_HIDDEN"]
@@ -167,18 +167,13 @@ class LowLatencyKernels:
         self.done = cupy.zeros(4, dtype=cupy.uint32)   # last-block counters, one per kernel kind
         self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
         rt.register_module(self.module)
-        self._err_pinned = cupy.cuda.alloc_pinned_memory(16)
-        self.error_record = np.frombuffer(self._err_pinned, dtype=np.int32, count=4)
-        self.error_record[:] = 0
+        self.errors = PinnedErrorRecord()
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         cupy.cuda.Device().synchronize()
 
     def check_errors(self, what: str) -> None:
         """Raise if an earlier low-latency kernel recorded a timeout."""
-        rec = self.error_record.tolist()
-        if rec[0]:
-            self.error_record[:] = 0
-            raise_if_error(rec, what)
+        self.errors.check(what)
 
     def _shape(self, num_tokens: int, num_topk: int, use_fp8=False, round_scale=False, use_ue8m0=False):
         import cupy
@@ -232,7 +227,7 @@ class LowLatencyKernels:
                 (recv_x, null if recv_scales is None else recv_scales, recv_count, src_info, src_k, begin, count)
                 + self._shape(num_tokens, num_topk, use_fp8, False, use_ue8m0)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[1:2],
-                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr)))
+                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr)))
         handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
                                   h, num_topk, use_fp8, use_ue8m0)
         return recv_x, recv_scales, recv_count, handle
@@ -259,5 +254,5 @@ class LowLatencyKernels:
                 (max(1, min(self._sms, -(-handle.num_tokens // 16))),), (THREADS,),
                 (topk_idx, topk_weights, out) + self._shape(handle.num_tokens, handle.num_topk)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[3:4],
-                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self._err_pinned.ptr)))
+                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr)))
         return out
