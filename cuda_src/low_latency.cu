@@ -1,26 +1,26 @@
-// Low-latency dispatch and combine (decode). Design and buffer layout: docs/low_latency.md.
-//
-// STATUS: compiled in CI, NOT yet run on GPUs and not wired into Buffer (issue #4). The launcher
-// (deepep_cupy/low_latency.py) and tests/gpu/test_low_latency_gpu.py are ready for the first run.
+// Low-latency dispatch and combine (decode). Design, buffer layout and protocol: docs/low_latency.md.
 //
 // Every rank's low-latency region (inside its symmetric buffer, same offsets on all ranks) has two
-// halves; an operation with sequence number `seq` uses half `seq & 1`:
+// halves; operation number `seq` (1, 2, ... counted alike on every rank) uses half `seq & 1`:
 //   recv_msgs      [R sources][M tokens][msg_bytes]   one message per (source token, this rank)
 //   recv_meta      [R sources][meta_ints] int32       {num_tokens, entries per local expert [L]}
 //   recv_flags     [R sources] uint64                 raised to seq after the source's messages
 //   combine_rows   [M tokens][K slots][H] bf16        expert outputs for this rank's tokens
 //   combine_flags  [R sources] uint64
-//   send_msgs      [M tokens][msg_bytes]              messages assembled here (RDMA puts read it)
-//   combine_stage  [R dests][M*K rows][H] bf16        combine rows staged for RDMA puts
-//   meta_stage     [R dests][meta_ints] int32         metas staged for RDMA puts
+//   send_msgs      [M tokens][msg_bytes]              messages staged for NVSHMEM puts
+//   combine_stage  [R dests][M*K rows][H] bf16        combine rows staged for NVSHMEM puts
+//   meta_stage     [R dests][meta_ints] int32         metas staged for NVSHMEM puts
 // A message: 16-byte header {int32 source token, int32 seq tag, 2 x pad}, K int32 expert ids,
 // K int32 slots (rank of this (token, k) among the source's entries for that expert), padded to
-// 16 bytes, then the payload: bf16 [H], or fp8 [H] + float32 scales [H/128] (UE8M0: int32 words).
+// 16 bytes, then the payload: bf16 [H], or fp8 [H] + float32 scales [H/128] (UE8M0: bytes, padded
+// to 4).
 //
-// Peers whose base pointer is non-zero are written with 16-byte stores over NVLink; a zero base
-// means "use NVSHMEM puts" (RDMA, or forced for testing). Sequence numbers live in device memory:
-// every kernel of an operation uses *seq_ptr + 1 and the operation's last kernel (a receive)
-// advances *seq_ptr with a last-block pattern, so CUDA-graph replays stay in step.
+// Peers whose base pointer is non-zero are written with 16-byte stores over NVLink, straight from
+// registers; a zero base means "use NVSHMEM puts" (RDMA, or forced for testing) from the staging
+// areas. Two sequence counters live in device memory: seq[0] counts operations sent, seq[1]
+// operations received. A send kernel uses seq[0] + 1 and its last block advances seq[0]; a receive
+// kernel does the same with seq[1]. So two operations can be in flight (send A, send B, receive A,
+// receive B) and CUDA-graph replays stay in step without the host.
 #include "common/exception.cuh"
 #include "common/nvshmem.cuh"
 #include "common/utils.cuh"
@@ -32,11 +32,16 @@
 namespace {
 
 constexpr int kNumRanks = DEEPEP_NUM_RANKS;
+// destination sets are 32-bit masks; more ranks need the internode low-latency design
+static_assert(kNumRanks >= 1 && kNumRanks <= 32, "low-latency kernels support up to 32 ranks");
 constexpr int kWarpSize = 32;
 constexpr int kHeaderBytes = 16;
+constexpr int kMaxTopk = 16;              // deepep_cupy.low_latency.MAX_TOPK
+constexpr unsigned int kFullMask = 0xffffffffu;
 
 constexpr int kPhaseLLDispatchRecv = 20;  // names in deepep_cupy/kernel_errors.py
 constexpr int kPhaseLLCombineRecv = 21;
+constexpr int kPhaseLLTooMany = 22;
 
 struct LLLayout {
     long long half_bytes;
@@ -47,7 +52,7 @@ struct LLLayout {
     long long combine_flags;
     long long send_msgs;
     long long combine_stage;
-    long long meta_stage;        // [R dests][meta_ints] int32, source of the meta puts
+    long long meta_stage;
     int msg_bytes;
     int meta_ints;
     int max_tokens;   // M
@@ -64,18 +69,32 @@ struct LLShape {
                         int round_scale_, int use_ue8m0_
 #define LL_SHAPE const LLShape shape{num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_}
 
-DEEPEP_DEVICE uint8_t* half_base(uint8_t* region, const LLLayout& lay, uint64_t seq) {
-    return region + static_cast<long long>(seq & 1) * lay.half_bytes;
+// header + ids + slots, padded to 16 bytes: where the payload starts
+DEEPEP_DEVICE int ids_bytes(int num_topk) { return (kHeaderBytes + 8 * num_topk + 15) / 16 * 16; }
+
+DEEPEP_DEVICE uint64_t next_seq(const uint64_t* counter) {
+    return *reinterpret_cast<const volatile uint64_t*>(counter) + 1;
 }
 
 DEEPEP_DEVICE void st_release_u64(uint64_t* p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// A warp copies `bytes` (a multiple of 16), four 16-byte loads in flight per lane.
 DEEPEP_DEVICE void warp_copy16(void* dst, const void* src, int bytes, int lane) {
+    constexpr int kUnroll = 4;
     const int4* s = reinterpret_cast<const int4*>(src);
     int4* d = reinterpret_cast<int4*>(dst);
-    for (int i = lane; i < (bytes >> 4); i += kWarpSize) d[i] = __ldcg(s + i);
+    const int n = bytes >> 4;
+    for (int base = lane; base < n; base += kWarpSize * kUnroll) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * kWarpSize < n) v[u] = __ldcg(s + base + u * kWarpSize);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
+    }
 }
 
 DEEPEP_DEVICE float bf16_to_float(unsigned short b) { return __uint_as_float(static_cast<unsigned int>(b) << 16); }
@@ -87,17 +106,11 @@ DEEPEP_DEVICE unsigned short float_to_bf16(float f) {
     return static_cast<unsigned short>(u >> 16);
 }
 
-// float -> e4m3fn, round to nearest even, saturating at +-448 (the reference clips first)
-DEEPEP_DEVICE uint8_t float_to_e4m3(float f) {
+// two floats -> two e4m3fn bytes (lo, hi), round to nearest even, saturating at +-448
+DEEPEP_DEVICE unsigned int float2_to_e4m3x2(float lo, float hi) {
     unsigned short packed;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(0.0f), "f"(f));
-    return static_cast<uint8_t>(packed & 0xff);
-}
-
-// Wait (one thread) until flag >= seq; false on timeout (recorded).
-DEEPEP_DEVICE bool wait_seq(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns, deepep::ErrorRecord* err,
-                            int phase, int peer, int rank) {
-    return deepep::wait_geq(flag, seq, timeout_ns, err, phase, peer, rank);
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+    return packed;
 }
 
 // Last block of the grid to call this (after its own work) gets true; the counter is left zero.
@@ -113,14 +126,35 @@ DEEPEP_DEVICE bool last_block_done(unsigned int* counter) {
     return last;
 }
 
+// Thread 0 of every block waits for flags[s] >= seq for every source; the block learns the outcome.
+DEEPEP_DEVICE bool block_wait_all(const uint64_t* flags, uint64_t seq, uint64_t timeout_ns,
+                                  deepep::ErrorRecord* err, int phase, int rank) {
+    __shared__ bool ok;
+    if (threadIdx.x == 0) {
+        ok = true;
+        for (int s = 0; s < kNumRanks && ok; ++s)
+            ok = deepep::wait_geq(flags + s, seq, timeout_ns, err, phase, s, rank);
+    }
+    __syncthreads();
+    return ok;
+}
+
+// Bitmask of the ranks whose region base is zero (reached through NVSHMEM puts).
+DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
+    unsigned int m = 0;
+    for (int r = 0; r < kNumRanks; ++r) m |= peer_regions[r] == 0 ? (1u << r) : 0u;
+    return m;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
 // prepare: for every expert e (a warp each), the rank of each (t, k) entry among this rank's
-// entries for e, in (t, k) order, and the count per expert. Deterministic, no atomics.
+// entries for e, in (t, k) order, and the count per expert. Deterministic, no atomics. An expert
+// chosen more than M times (only duplicates in a row can do that) keeps M entries and reports.
 extern "C" __global__ void __launch_bounds__(256)
-ll_prepare(const int64_t* __restrict__ topk_idx, int num_entries, int num_experts,
-           int* __restrict__ slots, int* __restrict__ counts) {
+ll_prepare(const int64_t* __restrict__ topk_idx, int num_entries, int num_experts, int max_per_expert,
+           int* __restrict__ slots, int* __restrict__ counts, int rank, deepep::ErrorRecord* err) {
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
@@ -130,145 +164,192 @@ ll_prepare(const int64_t* __restrict__ topk_idx, int num_entries, int num_expert
         for (int base = 0; base < num_entries; base += kWarpSize) {
             const int j = base + lane;
             const bool hit = j < num_entries && topk_idx[j] == e;
-            const unsigned int mask = __ballot_sync(0xffffffffu, hit);
-            if (hit) slots[j] = running + __popc(mask & lanes_below);
+            const unsigned int mask = __ballot_sync(kFullMask, hit);
+            if (hit) {
+                const int slot = running + __popc(mask & lanes_below);
+                slots[j] = slot < max_per_expert ? slot : -1;
+            }
             running += __popc(mask);
         }
-        if (lane == 0) counts[e] = running;
+        if (lane == 0) {
+            counts[e] = min(running, max_per_expert);
+            if (running > max_per_expert) deepep::record_error(err, deepep::kBadValue, kPhaseLLTooMany, e, rank);
+        }
     }
 }
 
 // ------------------------------------------------------------------------------------------------
-// dispatch send: a block per token (grid-stride). Warps build the message in send_msgs (FP8 cast
-// one 128-channel block per warp step), then warp r copies it to destination r if one of the
-// token's experts lives there. The last block writes every destination's meta and raises its flag.
+// dispatch send: a block per token (grid-stride). Warp 0 builds the header in shared memory and the
+// destination mask; then every thread produces 16-byte chunks of the message (a header chunk, bf16
+// channels, or 16 channels cast to fp8 with their 128-channel group's scale) and stores each chunk
+// to every NVLink destination and, when a destination needs puts, to the staging message, which
+// warp r then puts to rank r. The last block writes every destination's meta and raises its flag.
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
                  const int* __restrict__ slots, const int* __restrict__ counts, LL_SHAPE_PARAMS,
                  uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
-                 int rank, const uint64_t* seq_ptr, unsigned int* done_counter) {
+                 int rank, uint64_t* seq_ptr, unsigned int* done_counter) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr) + 1;
+    const uint64_t seq = next_seq(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-    const int num_warps = blockDim.x / kWarpSize;
     const int H = shape.hidden, K = shape.num_topk;
     const int num_local = shape.num_experts / kNumRanks;
-    uint8_t* half = half_base(region, lay, seq);
-    uint8_t* send_msgs = half + lay.send_msgs;
+    const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
+    const int payload = ids_bytes(K);
+    const unsigned int put_mask = put_ranks(peer_regions);
+
+    __shared__ uint64_t s_peers[kNumRanks];
+    __shared__ int4 s_hdr[(kHeaderBytes + 8 * kMaxTopk + 15) / 16];
+    __shared__ unsigned int s_mask;
+    if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
 
     for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
-        uint8_t* msg = send_msgs + static_cast<long long>(t) * lay.msg_bytes;
-        int* header = reinterpret_cast<int*>(msg);
-        int* ids = header + kHeaderBytes / 4;
-        if (threadIdx.x == 0) {
-            header[0] = t;
-            header[1] = static_cast<int>(seq & 0x7fffffff);
+        if (warp == 0) {
+            int* hdr = reinterpret_cast<int*>(s_hdr);
+            long long e = -1;
+            if (lane < K) {
+                const long long j = static_cast<long long>(t) * K + lane;
+                e = topk_idx[j];
+                hdr[4 + lane] = static_cast<int>(e);
+                hdr[4 + K + lane] = e >= 0 ? slots[j] : -1;
+            }
+            if (lane == 0) {
+                hdr[0] = t;
+                hdr[1] = static_cast<int>(seq & 0x7fffffff);
+                hdr[2] = hdr[3] = 0;
+            }
+            for (int i = 4 + 2 * K + lane; i < payload / 4; i += kWarpSize) hdr[i] = 0;
+            const unsigned int bit = e >= 0 ? 1u << static_cast<int>(e / num_local) : 0u;
+            const unsigned int mask = __reduce_or_sync(kFullMask, bit);
+            if (lane == 0) s_mask = mask;
         }
-        if (threadIdx.x < K) {
-            const long long j = static_cast<long long>(t) * K + threadIdx.x;
-            ids[threadIdx.x] = static_cast<int>(topk_idx[j]);
-            ids[K + threadIdx.x] = topk_idx[j] >= 0 ? slots[j] : -1;
-        }
-        uint8_t* payload = msg + (kHeaderBytes + 8 * K + 15) / 16 * 16;
-        const unsigned short* row = x + static_cast<long long>(t) * H;
-        if (shape.use_fp8 && shape.use_ue8m0) {   // padding bytes of the packed exponents are zero
-            if (threadIdx.x < (H / 128 + 3) / 4) reinterpret_cast<int*>(payload + H)[threadIdx.x] = 0;
-            __syncthreads();
-        }
+        __syncthreads();
+        const unsigned int mask = s_mask;
+        const bool stage = (mask & put_mask) != 0;
+        const unsigned int store_mask = mask & ~put_mask;
+        const long long msg_off = half_off + lay.recv_msgs +
+                                  (static_cast<long long>(rank) * lay.max_tokens + t) * lay.msg_bytes;
+        uint8_t* staged = region + half_off + lay.send_msgs + static_cast<long long>(t) * lay.msg_bytes;
+        // one piece of the message (16, 4 or 1 bytes at byte offset o) to every destination
+        auto emit16 = [&](int o, int4 v) {
+            for (unsigned int m = store_mask; m; m &= m - 1)
+                *reinterpret_cast<int4*>(reinterpret_cast<uint8_t*>(s_peers[__ffs(m) - 1]) + msg_off + o) = v;
+            if (stage) *reinterpret_cast<int4*>(staged + o) = v;
+        };
+        auto emit4 = [&](int o, float v) {
+            for (unsigned int m = store_mask; m; m &= m - 1)
+                *reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(s_peers[__ffs(m) - 1]) + msg_off + o) = v;
+            if (stage) *reinterpret_cast<float*>(staged + o) = v;
+        };
+        auto emit1 = [&](int o, uint8_t v) {
+            for (unsigned int m = store_mask; m; m &= m - 1)
+                *(reinterpret_cast<uint8_t*>(s_peers[__ffs(m) - 1]) + msg_off + o) = v;
+            if (stage) staged[o] = v;
+        };
+        if (threadIdx.x < payload / 16) emit16(16 * threadIdx.x, s_hdr[threadIdx.x]);
+
+        const int4* row = reinterpret_cast<const int4*>(x + static_cast<long long>(t) * H);
         if (!shape.use_fp8) {
-            for (int i = threadIdx.x; i < H / 8; i += blockDim.x)
-                reinterpret_cast<int4*>(payload)[i] = reinterpret_cast<const int4*>(row)[i];
+            for (int i = threadIdx.x; i < H / 8; i += blockDim.x) emit16(payload + 16 * i, __ldg(row + i));
         } else {
-            // one warp per 128-channel block: 4 channels per lane
-            float* scales = reinterpret_cast<float*>(payload + H);
-            for (int b = warp; b < H / 128; b += num_warps) {
-                const uint2 raw = reinterpret_cast<const uint2*>(row + b * 128)[lane];
-                float v[4] = {bf16_to_float(raw.x & 0xffff), bf16_to_float(raw.x >> 16),
-                              bf16_to_float(raw.y & 0xffff), bf16_to_float(raw.y >> 16)};
-                float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+            // 16 channels per lane, 8 lanes per 128-channel group; loop bounds are warp-uniform so
+            // every lane takes part in the shuffles
+            const int n16 = H / 16;
+            if (shape.use_ue8m0 && threadIdx.x < (H / 128 + 3) / 4 * 4 - H / 128)   // zero the padding
+                emit1(payload + H + H / 128 + threadIdx.x, 0);
+            for (int c0 = warp * kWarpSize; c0 < n16; c0 += blockDim.x) {
+                const int c = c0 + lane;
+                const bool active = c < n16;
+                int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+                if (active) {
+                    raw[0] = __ldg(row + 2 * c);
+                    raw[1] = __ldg(row + 2 * c + 1);
+                }
+                const unsigned short* h16 = reinterpret_cast<const unsigned short*>(raw);
+                float v[16];
+                float amax = 0.0f;
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                for (int i = 0; i < 16; ++i) {
+                    v[i] = bf16_to_float(h16[i]);
+                    amax = fmaxf(amax, fabsf(v[i]));
+                }
+#pragma unroll
+                for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
                 amax = fmaxf(amax, 1e-4f);
                 float scale, scale_inv;
+                int exponent = 0;
                 if (shape.round_scale) {
                     // 2^ceil(log2(amax / 448)) from the bits of the correctly rounded quotient
-                    const float q = __fdiv_rn(amax, 448.0f);
-                    const unsigned int bits = __float_as_uint(q);
-                    const int p = static_cast<int>((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffff) ? 1 : 0);
-                    scale_inv = __uint_as_float(static_cast<unsigned int>(p + 127) << 23);
-                    scale = __uint_as_float(static_cast<unsigned int>(127 - p) << 23);
-                    if (lane == 0) {
-                        if (shape.use_ue8m0) payload[H + b] = static_cast<uint8_t>(p + 127);
-                        else scales[b] = scale_inv;
-                    }
+                    const unsigned int bits = __float_as_uint(__fdiv_rn(amax, 448.0f));
+                    exponent = static_cast<int>((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffff) ? 1 : 0);
+                    scale_inv = __uint_as_float(static_cast<unsigned int>(exponent + 127) << 23);
+                    scale = __uint_as_float(static_cast<unsigned int>(127 - exponent) << 23);
                 } else {
                     scale = __fdiv_rn(448.0f, amax);
                     scale_inv = __fdiv_rn(amax, 448.0f);
-                    if (lane == 0) scales[b] = scale_inv;
                 }
-                unsigned int packed = 0;
+                unsigned int words[4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float y = fminf(fmaxf(__fmul_rn(v[i], scale), -448.0f), 448.0f);
-                    packed |= static_cast<unsigned int>(float_to_e4m3(y)) << (8 * i);
+                    const float a = fminf(fmaxf(__fmul_rn(v[4 * i], scale), -448.0f), 448.0f);
+                    const float b = fminf(fmaxf(__fmul_rn(v[4 * i + 1], scale), -448.0f), 448.0f);
+                    const float c2 = fminf(fmaxf(__fmul_rn(v[4 * i + 2], scale), -448.0f), 448.0f);
+                    const float d = fminf(fmaxf(__fmul_rn(v[4 * i + 3], scale), -448.0f), 448.0f);
+                    words[i] = float2_to_e4m3x2(a, b) | (float2_to_e4m3x2(c2, d) << 16);
                 }
-                reinterpret_cast<unsigned int*>(payload + b * 128)[lane] = packed;
-            }
-        }
-        __syncthreads();
-        // warp r sends to rank r when one of the token's experts lives there
-        if (warp < kNumRanks) {
-            const int r = warp;
-            bool needed = false;
-            for (int k = 0; k < K; ++k) {
-                const long long e = topk_idx[static_cast<long long>(t) * K + k];
-                needed |= e >= 0 && e / num_local == r;
-            }
-            if (needed) {
-                const long long off = (seq & 1) * lay.half_bytes + lay.recv_msgs +
-                                      (static_cast<long long>(rank) * lay.max_tokens + t) * lay.msg_bytes;
-                const uint64_t peer = peer_regions[r];
-                if (peer != 0) {
-                    warp_copy16(reinterpret_cast<uint8_t*>(peer) + off, msg, lay.msg_bytes, lane);
-                } else {
-                    __threadfence();   // the block's message writes are visible to the put engine
-                    nvshmemx_putmem_nbi_warp(region + off, msg, lay.msg_bytes, r);
+                if (active) {
+                    emit16(payload + 16 * c, make_int4(words[0], words[1], words[2], words[3]));
+                    if ((lane & 7) == 0) {
+                        const int group = c / 8;
+                        if (shape.use_ue8m0) emit1(payload + H + group, static_cast<uint8_t>(exponent + 127));
+                        else emit4(payload + H + 4 * group, scale_inv);
+                    }
                 }
             }
         }
-        __syncthreads();
+        __syncthreads();   // the staged message is complete; s_hdr / s_mask may be rewritten
+        if (stage) {
+            for (int r = warp; r < kNumRanks; r += blockDim.x / kWarpSize) {
+                if (!((mask & put_mask) >> r & 1u)) continue;
+                __threadfence();   // the block's staging writes are visible to the transport
+                nvshmemx_putmem_nbi_warp(region + msg_off, staged, lay.msg_bytes, r);
+            }
+        }
     }
-    // make this block's stores / puts complete before the last block raises the flags
-    if (threadIdx.x == 0) nvshmem_quiet();
+    if (put_mask && threadIdx.x == 0) nvshmem_quiet();
     if (!last_block_done(done_counter)) return;
+    // meta of every destination, then its flag
+    const int meta_len = 1 + num_local;
+    const long long meta_off = half_off + lay.recv_meta + static_cast<long long>(rank) * lay.meta_ints * 4;
+    for (int i = threadIdx.x; i < kNumRanks * meta_len; i += blockDim.x) {
+        const int r = i / meta_len, j = i % meta_len;
+        const int value = j == 0 ? shape.num_tokens : counts[r * num_local + j - 1];
+        int* meta = s_peers[r] != 0 ? reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(s_peers[r]) + meta_off)
+                                    : reinterpret_cast<int*>(region + half_off + lay.meta_stage) + r * lay.meta_ints;
+        meta[j] = value;
+    }
+    __syncthreads();
     if (threadIdx.x < kNumRanks) {
         const int r = threadIdx.x;
-        const long long meta_off = (seq & 1) * lay.half_bytes + lay.recv_meta +
-                                   static_cast<long long>(rank) * lay.meta_ints * 4;
-        const long long flag_off = (seq & 1) * lay.half_bytes + lay.recv_flags + static_cast<long long>(rank) * 8;
-        const uint64_t peer = peer_regions[r];
-        if (peer != 0) {
-            int* meta = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(peer) + meta_off);
-            meta[0] = shape.num_tokens;
-            for (int l = 0; l < num_local; ++l) meta[1 + l] = counts[r * num_local + l];
+        const long long flag_off = half_off + lay.recv_flags + static_cast<long long>(rank) * 8;
+        if (s_peers[r] != 0) {
             __threadfence_system();
-            st_release_u64(reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(peer) + flag_off), seq);
+            st_release_u64(reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(s_peers[r]) + flag_off), seq);
         } else {
-            int* meta = reinterpret_cast<int*>(half + lay.meta_stage) + r * lay.meta_ints;
-            meta[0] = shape.num_tokens;
-            for (int l = 0; l < num_local; ++l) meta[1 + l] = counts[r * num_local + l];
-            nvshmem_putmem(region + meta_off, meta, 4 * (1 + num_local), r);
+            nvshmem_putmem(region + meta_off, reinterpret_cast<int*>(region + half_off + lay.meta_stage) + r * lay.meta_ints,
+                           4 * meta_len, r);
             nvshmem_fence();
             nvshmemx_signal_op(reinterpret_cast<uint64_t*>(region + flag_off), seq, NVSHMEM_SIGNAL_SET, r);
         }
     }
+    if (threadIdx.x == 0) *seq_ptr = seq;
 }
 
 // ------------------------------------------------------------------------------------------------
-// dispatch receive: wait for every source's flag, derive layout_begin[l][s] from the metas, then
-// copy every (source, token, k) for a local expert into recv_x[l][begin + slot]. The last block
-// advances the sequence number.
+// dispatch receive: wait for every source's flag, derive layout_begin[l][s] from the metas, then a
+// warp per (source, token, k) entry copies the payload to recv_x[l][begin(l, s) + slot] when
+// expert l is local. The last block advances the receive counter.
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales,
                  int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k,
@@ -277,25 +358,20 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
                  unsigned int* done_counter, uint64_t timeout_ns, deepep::ErrorRecord* err) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr) + 1;
+    const uint64_t seq = next_seq(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     const int H = shape.hidden, K = shape.num_topk, M = lay.max_tokens;
     const int num_local = shape.num_experts / kNumRanks;
     const int expert_lo = rank * num_local;
-    uint8_t* half = half_base(region, lay, seq);
+    uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
     const int slot_stride = kNumRanks * M;   // slots per local expert in recv_x
     const int scale_bytes = shape.use_fp8 ? (shape.use_ue8m0 ? (H / 128 + 3) / 4 * 4 : H / 32) : 0;
     const int data_bytes = shape.use_fp8 ? H : 2 * H;
+    const int payload = ids_bytes(K);
 
-    __shared__ bool ok;
-    if (threadIdx.x == 0) {
-        ok = true;
-        for (int s = 0; s < kNumRanks && ok; ++s)
-            ok = wait_seq(reinterpret_cast<uint64_t*>(half + lay.recv_flags) + s, seq, timeout_ns, err,
-                          kPhaseLLDispatchRecv, s, rank);
-    }
-    __syncthreads();
+    const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.recv_flags), seq, timeout_ns, err,
+                                   kPhaseLLDispatchRecv, rank);
     const volatile int* metas = reinterpret_cast<const int*>(half + lay.recv_meta);
     if (blockIdx.x == 0) {
         for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
@@ -310,33 +386,32 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
         }
     }
     if (ok) {
-        // (source, token) pairs over all warps of the grid
-        const int gwarp = blockIdx.x * num_warps + warp, gwarps = gridDim.x * num_warps;
-        for (int s = 0; s < kNumRanks; ++s) {
-            const int tokens = metas[s * lay.meta_ints];
-            for (int t = gwarp; t < tokens; t += gwarps) {
-                const uint8_t* msg = half + lay.recv_msgs + (static_cast<long long>(s) * M + t) * lay.msg_bytes;
-                const int* header = reinterpret_cast<const int*>(msg);
-                if (__ldcg(header + 1) != static_cast<int>(seq & 0x7fffffff)) continue;  // not sent to me
-                const int* ids = header + kHeaderBytes / 4;
-                const uint8_t* payload = msg + (kHeaderBytes + 8 * K + 15) / 16 * 16;
-                for (int k = 0; k < K; ++k) {
-                    const int e = __ldcg(ids + k);
-                    if (e < expert_lo || e >= expert_lo + num_local) continue;
-                    const int l = e - expert_lo;
-                    int begin = 0;
-                    for (int s2 = 0; s2 < s; ++s2) begin += metas[s2 * lay.meta_ints + 1 + l];
-                    const long long pos = static_cast<long long>(l) * slot_stride + begin + __ldcg(ids + K + k);
-                    warp_copy16(recv_x + pos * data_bytes, payload, data_bytes, lane);
-                    if (scale_bytes)
-                        for (int i = lane; i < scale_bytes / 4; i += kWarpSize)
-                            reinterpret_cast<int*>(recv_scales + pos * scale_bytes)[i] =
-                                __ldcg(reinterpret_cast<const int*>(payload + data_bytes) + i);
-                    if (lane == 0) {
-                        recv_src_info[pos] = __ldcg(header);
-                        recv_src_k[pos] = k;
-                    }
-                }
+        int total = 0;
+        for (int s = 0; s < kNumRanks; ++s) total += metas[s * lay.meta_ints] * K;
+        const int gwarps = gridDim.x * num_warps;
+        for (int j = blockIdx.x * num_warps + warp; j < total; j += gwarps) {
+            int s = 0, jj = j;
+            for (int n = metas[0] * K; jj >= n; n = metas[s * lay.meta_ints] * K) {
+                jj -= n;
+                ++s;
+            }
+            const int t = jj / K, k = jj % K;
+            const uint8_t* msg = half + lay.recv_msgs + (static_cast<long long>(s) * M + t) * lay.msg_bytes;
+            const int* header = reinterpret_cast<const int*>(msg);
+            if (__ldcg(header + 1) != static_cast<int>(seq & 0x7fffffff)) continue;   // not sent to me
+            const int e = __ldcg(header + 4 + k), slot = __ldcg(header + 4 + K + k);
+            if (e < expert_lo || e >= expert_lo + num_local || slot < 0) continue;
+            const int l = e - expert_lo;
+            int begin = 0;
+            for (int s2 = 0; s2 < s; ++s2) begin += metas[s2 * lay.meta_ints + 1 + l];
+            const long long pos = static_cast<long long>(l) * slot_stride + begin + slot;
+            warp_copy16(recv_x + pos * data_bytes, msg + payload, data_bytes, lane);
+            for (int i = lane; i < scale_bytes / 4; i += kWarpSize)
+                reinterpret_cast<int*>(recv_scales + pos * scale_bytes)[i] =
+                    __ldcg(reinterpret_cast<const int*>(msg + payload + data_bytes) + i);
+            if (lane == 0) {
+                recv_src_info[pos] = __ldcg(header);
+                recv_src_k[pos] = k;
             }
         }
     }
@@ -345,49 +420,56 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
 
 // ------------------------------------------------------------------------------------------------
 // combine send: every received slot (l, pos < recv_count[l]) goes back to its source s as
-// combine_rows[t][k] (t, k from the dispatch handle). NVLink peers: direct stores; others: the row
-// is staged at combine_stage[s][t*K + k] and put. The last block raises every source's flag.
+// combine_rows[t][k] (t, k from the dispatch handle). Warps are split evenly over the local experts.
+// NVLink peers: direct stores; others: the row is staged at combine_stage[s][t*K + k] and put. The
+// last block raises every source's flag.
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
                 const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k,
                 const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS,
                 uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
-                int rank, const uint64_t* seq_ptr, unsigned int* done_counter) {
+                int rank, uint64_t* seq_ptr, unsigned int* done_counter) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr) + 1;
+    const uint64_t seq = next_seq(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     const int H = shape.hidden, K = lay.max_topk, M = lay.max_tokens;
     const int num_local = shape.num_experts / kNumRanks;
     const int slot_stride = kNumRanks * M;
-    uint8_t* half = half_base(region, lay, seq);
+    const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
+    const unsigned int put_mask = put_ranks(peer_regions);
     const int gwarp = blockIdx.x * num_warps + warp, gwarps = gridDim.x * num_warps;
-    for (int l = 0; l < num_local; ++l) {
-        for (int pos = gwarp; pos < recv_count[l]; pos += gwarps) {
-            int s = 0;
-            while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
-            const long long slot = static_cast<long long>(l) * slot_stride + pos;
-            const int t = recv_src_info[slot], k = recv_src_k[slot];
-            const unsigned short* row = x + slot * H;
-            const long long dst_off = (seq & 1) * lay.half_bytes + lay.combine_rows +
-                                      (static_cast<long long>(t) * K + k) * H * 2;
-            const uint64_t peer = peer_regions[s];
-            if (peer != 0) {
-                warp_copy16(reinterpret_cast<uint8_t*>(peer) + dst_off, row, H * 2, lane);
-            } else {
-                uint8_t* stage = half + lay.combine_stage + ((static_cast<long long>(s) * M * K) + t * K + k) * H * 2;
-                warp_copy16(stage, row, H * 2, lane);
-                __syncwarp();
-                nvshmemx_putmem_nbi_warp(region + dst_off, stage, H * 2, s);
+    const int per_expert = max(1, gwarps / num_local);       // warps per expert
+    const int groups = gwarps / per_expert;
+    if (gwarp < groups * per_expert) {
+        for (int l = gwarp / per_expert; l < num_local; l += groups) {
+            const int n = recv_count[l];
+            for (int pos = gwarp % per_expert; pos < n; pos += per_expert) {
+                int s = 0;
+                while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
+                const long long slot = static_cast<long long>(l) * slot_stride + pos;
+                const int t = recv_src_info[slot], k = recv_src_k[slot];
+                const unsigned short* row = x + slot * H;
+                const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2;
+                const uint64_t peer = peer_regions[s];
+                if (peer != 0) {
+                    warp_copy16(reinterpret_cast<uint8_t*>(peer) + dst_off, row, H * 2, lane);
+                } else {
+                    uint8_t* stage = region + half_off + lay.combine_stage +
+                                     (static_cast<long long>(s) * M * K + static_cast<long long>(t) * K + k) * H * 2;
+                    warp_copy16(stage, row, H * 2, lane);
+                    __syncwarp();
+                    nvshmemx_putmem_nbi_warp(region + dst_off, stage, H * 2, s);
+                }
             }
         }
     }
-    if (threadIdx.x == 0) nvshmem_quiet();
+    if (put_mask && threadIdx.x == 0) nvshmem_quiet();
     if (!last_block_done(done_counter)) return;
     if (threadIdx.x < kNumRanks) {
         const int s = threadIdx.x;
-        const long long flag_off = (seq & 1) * lay.half_bytes + lay.combine_flags + static_cast<long long>(rank) * 8;
+        const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
         const uint64_t peer = peer_regions[s];
         if (peer != 0) {
             __threadfence_system();
@@ -397,50 +479,63 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
             nvshmemx_signal_op(reinterpret_cast<uint64_t*>(region + flag_off), seq, NVSHMEM_SIGNAL_SET, s);
         }
     }
+    if (threadIdx.x == 0) *seq_ptr = seq;
 }
 
 // ------------------------------------------------------------------------------------------------
-// combine receive: wait for every rank's flag, then a warp per token sums w[t,k] * row[t][k] over
-// valid k in ascending order (float32, round once to bf16). The last block advances the sequence.
-extern "C" __global__ void __launch_bounds__(512, 1)
+// combine receive: wait for every rank's flag, then a block per token, a thread per 8 channels,
+// sums w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16). The last
+// block advances the receive counter.
+extern "C" __global__ void __launch_bounds__(512)
 ll_combine_recv(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
                 unsigned short* __restrict__ out, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
                 int rank, uint64_t* seq_ptr, unsigned int* done_counter, uint64_t timeout_ns,
                 deepep::ErrorRecord* err) {
+    constexpr int kLoads = 4;   // rows in flight per thread
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr) + 1;
-    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-    const int num_warps = blockDim.x / kWarpSize;
+    const uint64_t seq = next_seq(seq_ptr);
     const int H = shape.hidden, K = shape.num_topk, KMAX = lay.max_topk;
-    uint8_t* half = half_base(region, lay, seq);
-    __shared__ bool ok;
-    if (threadIdx.x == 0) {
-        ok = true;
-        for (int s = 0; s < kNumRanks && ok; ++s)
-            ok = wait_seq(reinterpret_cast<uint64_t*>(half + lay.combine_flags) + s, seq, timeout_ns, err,
-                          kPhaseLLCombineRecv, s, rank);
-    }
-    __syncthreads();
+    uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
+    __shared__ float s_w[kMaxTopk];
+    __shared__ bool s_on[kMaxTopk];
+    const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.combine_flags), seq, timeout_ns, err,
+                                   kPhaseLLCombineRecv, rank);
     if (ok) {
-        const unsigned short* rows = reinterpret_cast<const unsigned short*>(half + lay.combine_rows);
-        for (int t = blockIdx.x * num_warps + warp; t < shape.num_tokens; t += gridDim.x * num_warps) {
-            for (int h = lane * 8; h < H; h += kWarpSize * 8) {
+        const int4* rows = reinterpret_cast<const int4*>(half + lay.combine_rows);
+        const int row_vecs = H / 8;
+        for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
+            if (threadIdx.x < K) {
+                const long long j = static_cast<long long>(t) * K + threadIdx.x;
+                s_on[threadIdx.x] = topk_idx[j] >= 0;
+                s_w[threadIdx.x] = topk_weights[j];
+            }
+            __syncthreads();
+            for (int h = threadIdx.x; h < row_vecs; h += blockDim.x) {
                 float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int k = 0; k < K; ++k) {
-                    if (topk_idx[static_cast<long long>(t) * K + k] < 0) continue;
-                    const float w = topk_weights[static_cast<long long>(t) * K + k];
-                    const int4 v = __ldcg(reinterpret_cast<const int4*>(rows + (static_cast<long long>(t) * KMAX + k) * H + h));
-                    const unsigned short* e = reinterpret_cast<const unsigned short*>(&v);
+                for (int k0 = 0; k0 < K; k0 += kLoads) {
+                    int4 v[kLoads];
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, bf16_to_float(e[i])));
+                    for (int u = 0; u < kLoads; ++u)
+                        if (k0 + u < K && s_on[k0 + u])
+                            v[u] = __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h);
+#pragma unroll
+                    for (int u = 0; u < kLoads; ++u) {
+                        if (k0 + u < K && s_on[k0 + u]) {
+                            const float w = s_w[k0 + u];
+                            const unsigned short* e = reinterpret_cast<const unsigned short*>(&v[u]);
+#pragma unroll
+                            for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, bf16_to_float(e[i])));
+                        }
+                    }
                 }
                 int4 o;
                 unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) ob[i] = float_to_bf16(acc[i]);
-                *reinterpret_cast<int4*>(out + static_cast<long long>(t) * H + h) = o;
+                reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
             }
+            __syncthreads();
         }
     }
     if (last_block_done(done_counter) && threadIdx.x == 0) *seq_ptr = seq;

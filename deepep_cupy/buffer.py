@@ -49,6 +49,8 @@ class Buffer:
             (``MPI.COMM_TYPE_SHARED``); a smaller value makes one host behave as several nodes.
         backend: ``"auto"``, ``"gpu"`` or ``"reference"``.
         jit_options: how kernels are compiled (``deepep_cupy.JitOptions``); default NVRTC.
+        allow_nvlink_for_low_latency_mode: False sends every low-latency message through NVSHMEM
+            puts (the RDMA path) even to peers reachable over NVLink (DeepEP's flag; tests use it).
 
     Raises:
         DeepEPInvalid / DeepEPTypeError: bad arguments. DeepEPError: GPU or NVSHMEM setup failed.
@@ -58,7 +60,7 @@ class Buffer:
     def __init__(self, comm=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  ranks_per_node: Optional[int] = None, backend: str = "auto",
-                 jit_options: Optional[jit.JitOptions] = None):
+                 jit_options: Optional[jit.JitOptions] = None, allow_nvlink_for_low_latency_mode: bool = True):
         from mpi4py import MPI
 
         if comm is None:
@@ -69,6 +71,8 @@ class Buffer:
         self.num_rdma_bytes = expect_int(num_rdma_bytes, "num_rdma_bytes", minimum=0)
         self.low_latency_mode = expect_bool(low_latency_mode, "low_latency_mode")
         self.num_qps_per_rank = expect_int(num_qps_per_rank, "num_qps_per_rank", minimum=1)
+        self.allow_nvlink_for_low_latency_mode = expect_bool(allow_nvlink_for_low_latency_mode,
+                                                             "allow_nvlink_for_low_latency_mode")
         if backend not in BACKENDS:
             raise DeepEPInvalid(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if jit_options is not None and not isinstance(jit_options, jit.JitOptions):
@@ -90,7 +94,7 @@ class Buffer:
         if local_choice == "gpu":
             from .gpu_backend import GpuBackend
             self._backend = GpuBackend(comm, self.num_nvl_bytes, self.num_rdma_bytes,
-                                       self.ranks_per_node, jit_options)
+                                       self.ranks_per_node, jit_options, self.allow_nvlink_for_low_latency_mode)
         else:
             from .reference_backend import ReferenceBackend
             self._backend = ReferenceBackend(comm, ranks_per_node=self.ranks_per_node)
@@ -505,27 +509,42 @@ class Buffer:
         return combined, combined_w, EventOverlap(None)
 
     # ---------------------------------------------------------------------------- low-latency mode
+    def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int) -> None:
+        from .low_latency import MAX_HIDDEN, MAX_TOKENS, MAX_TOPK
+        if m > MAX_TOKENS:
+            raise DeepEPInvalid(f"num_max_dispatch_tokens_per_rank: at most {MAX_TOKENS} supported, got {m}")
+        if hidden % 128 or not 128 <= hidden <= MAX_HIDDEN:
+            raise DeepEPInvalid(f"x: low-latency hidden sizes are multiples of 128 up to {MAX_HIDDEN}, got {hidden}")
+        if num_topk > MAX_TOPK:
+            raise DeepEPInvalid(f"topk_idx: at most {MAX_TOPK} top-k columns supported, got {num_topk}")
+
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> tuple:
         """Send each token to each of its top-k experts for decoding (collective).
 
         Arguments:
-            x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``.
-            topk_idx: int64 ``[T, K]``, -1 for none.
-            num_max_dispatch_tokens_per_rank: ``M``, fixed for the buffer's life.
+            x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``; ``H`` a multiple of 128 up
+                to 8192.
+            topk_idx: int64 ``[T, K]``, -1 for none, ``K <= 16``.
+            num_max_dispatch_tokens_per_rank: ``M <= 1024``, fixed for the buffer's life (a change
+                re-lays the buffer: a collective clean, not allowed during graph capture).
             num_experts: total experts (a multiple of the rank count).
             use_fp8: cast to e4m3 with one float scale per 128 channels; round_scale: powers-of-two
                 scales; use_ue8m0: pack those as exponent bytes (needs round_scale).
-            async_finish, return_recv_hook: as DeepEP's (the reference backend finishes at once and
-                its hook does nothing).
+            async_finish: run on the buffer's stream and return an event instead of making the
+                current stream wait.
+            return_recv_hook: only issue the sends (on the current stream) and return; ``hook()``
+                receives later, on the stream current then. Outputs are valid after the hook. At
+                most two operations may wait for their hooks; hooks run in call order. Not with
+                ``async_finish``.
 
         Returns:
-            recv_x: bf16 ``[L, R*M, H]`` or the pair ``(e4m3 [L, R*M, H], scales)``; recv_count
+            recv_x: bf16 ``[L, R*M, H]`` or the pair ``(e4m3 [L, R*M, H], scales)`` (scales float32
+            ``[L, R*M, H/128]``, or int32 ``[L, R*M, ceil(H/512)]`` packed UE8M0); recv_count
             int32 ``[L]``; handle; event; hook (None without ``return_recv_hook``).
         """
         self._live()
-        self._reference_only("low_latency_dispatch", 4)
         m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
         num_experts = self._check_num_experts(num_experts)
         xd = expect_array(x, "x", dtype="bfloat16", ndim=2, device=self._device)
@@ -537,11 +556,21 @@ class Buffer:
             raise DeepEPInvalid(f"topk_idx: expected {xd.shape[0]} rows like x, got {kd.shape[0]}")
         if xd.shape[0] > m:
             raise DeepEPInvalid(f"x: {xd.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m}")
-        if use_fp8 and xd.shape[1] % 128:
-            raise DeepEPInvalid(f"x: FP8 dispatch needs a hidden size that is a multiple of 128, got {xd.shape[1]}")
+        self._check_low_latency_shapes(m, xd.shape[1], kd.shape[1])
         if use_fp8 and use_ue8m0 and not round_scale:
             raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
+        if async_finish and return_recv_hook:
+            raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
         idx = self._take(topk_idx, "topk_idx")
+        if self.backend_name == "gpu":
+            recv_x, recv_scales, recv_count, handle, event, hook = self._backend.low_latency_dispatch(
+                self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
+                return_recv_hook)
+            fw = xd.framework
+            recv = self._give(recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
+            if use_fp8:
+                recv = (recv, self._give(recv_scales, fw))
+            return recv, self._give(recv_count, fw), handle, event, hook
         import numpy as np
         check_index_range(idx, "topk_idx", -1, num_experts, np)
         # one source fills at most M slots of an expert's region (only duplicates could exceed it)
@@ -561,31 +590,80 @@ class Buffer:
         Arguments:
             x: bf16 ``[L, R*M, H]`` expert outputs in the layout ``low_latency_dispatch`` returned.
             topk_idx: int64 ``[T, K]`` as dispatched. topk_weights: float32 ``[T, K]``.
-            handle: the dispatch's handle. zero_copy, async_finish, return_recv_hook: as DeepEP's.
+            handle: the dispatch's handle.
+            zero_copy: ``x`` is the array ``get_next_low_latency_combine_buffer(handle)`` returned
+                (checked). Our combine reads ``x`` in place either way (NVLink stores go straight
+                from it); the flag exists for DeepEP compatibility.
+            async_finish, return_recv_hook: as in ``low_latency_dispatch``.
             out: optional bf16 ``[T, H]`` to write into.
 
         Returns:
-            combined_x bf16 ``[T, H]``, event, hook (None without ``return_recv_hook``).
+            combined_x bf16 ``[T, H]`` (valid after the hook with ``return_recv_hook``), event,
+            hook (None without ``return_recv_hook``).
         """
         self._live()
-        self._reference_only("low_latency_combine", 4)
-        self._check_handle(handle, "ReferenceLowLatencyHandle")
+        self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
         num_local = handle.num_experts // self.num_ranks
         slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
-        expect_array(x, "x", dtype="bfloat16", shape=(num_local, slots, handle.hidden), device=self._device)
+        xd = expect_array(x, "x", dtype="bfloat16", shape=(num_local, slots, handle.hidden), device=self._device)
         kd = self._check_topk_idx(topk_idx, handle.num_experts)
-        if kd.shape[0] != handle.num_tokens:
-            raise DeepEPInvalid(f"topk_idx: the handle was made for {handle.num_tokens} tokens, got {kd.shape[0]}")
-        import numpy as np
-        check_index_range(self._take(topk_idx, "topk_idx"), "topk_idx", -1, handle.num_experts, np)
+        if kd.shape[0] != handle.num_tokens or kd.shape[1] != handle.num_topk:
+            raise DeepEPInvalid(f"topk_idx: the handle was made for shape ({handle.num_tokens}, {handle.num_topk}), "
+                                f"got {kd.shape}")
         expect_array(topk_weights, "topk_weights", dtype="float32", shape=kd.shape, device=self._device)
         expect_optional_array(out, "out", dtype="bfloat16", shape=(handle.num_tokens, handle.hidden),
                               device=self._device)
+        for flag, name in ((zero_copy, "zero_copy"), (async_finish, "async_finish"),
+                           (return_recv_hook, "return_recv_hook")):
+            expect_bool(flag, name)
+        if async_finish and return_recv_hook:
+            raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
+        if zero_copy and self.backend_name == "gpu":
+            own = self._backend.get_next_low_latency_combine_buffer(handle)
+            if int(self._take(x, "x").data.ptr) != int(own.data.ptr):
+                raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
+                                    "(handle) returned")
+        if self.backend_name == "gpu":
+            combined, event, hook = self._backend.low_latency_combine(
+                self._take(x, "x"), self._take(topk_idx, "topk_idx"), self._take(topk_weights, "topk_weights"),
+                handle, None if out is None else self._take(out, "out"), async_finish, return_recv_hook)
+            return (out if out is not None else self._give(combined, xd.framework)), event, hook
+        import numpy as np
+        check_index_range(self._take(topk_idx, "topk_idx"), "topk_idx", -1, handle.num_experts, np)
         combined = self._backend.low_latency_combine(
             self._take(x, "x"), self._take(topk_idx, "topk_idx"), self._take(topk_weights, "topk_weights"),
             handle, out=None if out is None else self._take(out, "out"))
         hook = (lambda: None) if return_recv_hook else None
         return (out if out is not None else combined), EventOverlap(None), hook
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: zero the low-latency buffer and its sequence counters for these shapes.
+
+        Needed only after a failed call (a timeout leaves ranks out of step); a change of shapes
+        cleans by itself. Drops operations still waiting for their hooks.
+        """
+        self._live()
+        m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
+        hidden = expect_int(hidden, "hidden", minimum=1)
+        num_experts = self._check_num_experts(num_experts)
+        self._check_low_latency_shapes(m, hidden, 1)
+        if self.backend_name == "gpu":
+            self._backend.clean_low_latency_buffer(m, hidden, num_experts)
+        else:
+            self.comm.Barrier()
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """The bf16 ``[L, R*M, H]`` array to write expert outputs into for a ``zero_copy`` combine
+        (owned by the buffer, reused by every call with the same shapes)."""
+        self._live()
+        self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
+        if self.backend_name == "gpu":
+            return self._backend.get_next_low_latency_combine_buffer(handle)
+        import ml_dtypes
+        import numpy as np
+        shape = (handle.num_experts // self.num_ranks, self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        return np.zeros(shape, dtype=ml_dtypes.bfloat16)
 
     def _check_handle(self, handle, kind: str) -> None:
         if type(handle).__name__ != kind:

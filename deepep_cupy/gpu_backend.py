@@ -17,7 +17,10 @@ from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
 from .checks import IndexRangeChecker
 from .config import Config
+from .errors import DeepEPInvalid
+from .event import EventOverlap
 from .intranode import IntranodeHandle, IntranodeKernels
+from .low_latency import LowLatencyHandle, LowLatencyKernels
 
 __all__ = ["GpuBackend"]
 
@@ -30,13 +33,14 @@ class GpuBackend:
     Arguments:
         comm: mpi4py communicator. num_nvl_bytes, num_rdma_bytes: symmetric memory to allocate
         (one NVSHMEM allocation of their sum). ranks_per_node: NVLink domain size.
-        jit_options: how kernels are compiled.
+        jit_options: how kernels are compiled. allow_nvlink_for_low_latency_mode: False makes the
+        low-latency kernels reach every peer through NVSHMEM puts (the RDMA path, testable on one node).
     """
 
     name = "gpu"
 
     def __init__(self, comm, num_nvl_bytes: int, num_rdma_bytes: int, ranks_per_node: int,
-                 jit_options: Optional[jit.JitOptions] = None):
+                 jit_options: Optional[jit.JitOptions] = None, allow_nvlink_for_low_latency_mode: bool = True):
         import cupy
 
         self.comm = comm
@@ -58,6 +62,9 @@ class GpuBackend:
             self._layout: Optional[LayoutKernel] = None
             self._range_checker: Optional[IndexRangeChecker] = None
             self._intranode: Optional[IntranodeKernels] = None
+            self._low_latency: Optional[LowLatencyKernels] = None
+            self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+            self._combine_buffer = None
         except BaseException:
             nvshmem_runtime.release()
             raise
@@ -183,3 +190,104 @@ class GpuBackend:
                                          self.comm_stream)
         keep = tuple(a for a in (x, topk_weights, bias0, bias1, out, out_w) if a is not None)
         return out, out_w, scope.finish(keep_alive=keep)
+
+    # ------------------------------------------------------------------------------ low latency
+    def low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyKernels:
+        """The low-latency kernels laid out for these shapes. A change of shapes re-lays the region,
+        which needs a collective clean (every rank makes the same calls, so all get here together)."""
+        import cupy
+        key = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        kernels = self._low_latency
+        if kernels is not None and kernels.shape_key == key:
+            return kernels
+        if cupy.cuda.get_current_stream().is_capturing():
+            raise DeepEPInvalid("low-latency shapes (num_max_dispatch_tokens_per_rank, hidden, num_experts) "
+                                f"changed to {key} during CUDA-graph capture; make one eager call with them first")
+        if kernels is not None and kernels.pending:
+            raise DeepEPInvalid(f"low-latency shapes changed to {key} while {len(kernels.pending)} operation(s) "
+                                "still wait for their hook")
+        kernels = LowLatencyKernels(self, num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                                    force_puts=not self.allow_nvlink_for_low_latency_mode,
+                                    jit_options=self.jit_options)
+        if self._low_latency is not None:
+            self._collective_clean(kernels)
+        self._low_latency = kernels
+        return kernels
+
+    def _collective_clean(self, kernels: LowLatencyKernels) -> None:
+        import cupy
+        cupy.cuda.Device(self.device_id).synchronize()
+        self.comm.Barrier()          # no peer still writes into our region
+        kernels.clean()
+        self.comm.Barrier()          # nobody writes before every region is clean
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: zero the low-latency region and its sequence counters."""
+        kernels = self.low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        kernels.pending.clear()
+        self._collective_clean(kernels)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             use_fp8: bool, round_scale: bool, use_ue8m0: bool, async_finish: bool,
+                             return_recv_hook: bool) -> tuple:
+        """See ``Buffer.low_latency_dispatch``. Returns (recv_x, recv_scales or None, recv_count, handle,
+        event, hook or None); fp8 data as uint8 storage."""
+        import cupy
+        kernels = self.low_latency(num_max_dispatch_tokens_per_rank, int(x.shape[1]), num_experts)
+        kernels.check_errors("low_latency_dispatch")
+        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        if return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
+            pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0,
+                                            cupy.cuda.get_current_stream())
+
+            def hook():
+                """Complete the receive of this low-latency dispatch (on the current stream)."""
+                kernels.dispatch_recv(pending, cupy.cuda.get_current_stream())
+
+            hd = pending.handle
+            return pending.recv_x, pending.recv_scales, hd.recv_count, hd, EventOverlap(None), hook
+        self._no_hooks_pending(kernels, "low_latency_dispatch")
+        with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
+            pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0, self.comm_stream)
+            recv_x, recv_scales, recv_count, handle = kernels.dispatch_recv(pending, self.comm_stream)
+        keep = pending.keep_alive + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
+        return recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None
+
+    @staticmethod
+    def _no_hooks_pending(kernels: LowLatencyKernels, what: str) -> None:
+        if kernels.pending:
+            raise DeepEPInvalid(f"{what}: {len(kernels.pending)} earlier low-latency operation(s) still wait for "
+                                "their hook; call them first (receives complete in the order of the sends)")
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, out, async_finish: bool,
+                            return_recv_hook: bool) -> tuple:
+        """See ``Buffer.low_latency_combine``. Returns (combined bf16 [T, H], event, hook or None)."""
+        import cupy
+        kernels = self.low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        kernels.check_errors("low_latency_combine")
+        if return_recv_hook:
+            stream = cupy.cuda.get_current_stream()
+            with stream:
+                if out is None:
+                    out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
+            pending = kernels.combine_send(x, handle, stream)
+
+            def hook():
+                """Complete the receive of this low-latency combine (on the current stream)."""
+                kernels.combine_recv(pending, topk_idx, topk_weights, out, cupy.cuda.get_current_stream())
+
+            return out, EventOverlap(None), hook
+        self._no_hooks_pending(kernels, "low_latency_combine")
+        with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
+            pending = kernels.combine_send(x, handle, self.comm_stream)
+            out = kernels.combine_recv(pending, topk_idx, topk_weights, out, self.comm_stream)
+        return out, scope.finish(keep_alive=(x, topk_idx, topk_weights, out)), None
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
+        """A bf16 ``[L, R*M, H]`` array owned by the buffer for expert outputs (``zero_copy``)."""
+        import cupy
+        shape = (handle.num_experts // self.num_ranks, self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        if self._combine_buffer is None or self._combine_buffer.shape != shape:
+            self._combine_buffer = cupy.zeros(shape, dtype=cupy.dtype("bfloat16"))
+        return self._combine_buffer

@@ -18,6 +18,7 @@ PHASES = {
     15: "dispatch: more rows than num_worst_tokens (rows dropped)",
     20: "low-latency dispatch receive (waiting for a peer's tokens)",
     21: "low-latency combine receive (waiting for a peer's expert outputs)",
+    22: "low-latency dispatch: an expert chosen more than num_max_dispatch_tokens_per_rank times",
 }
 
 _CODES = {1: "timed out", 2: "bad value"}
@@ -79,6 +80,10 @@ def raise_if_error(record, what: str) -> None:
     if code == 2 and phase == 15:
         raise DeepEPError(f"{what}: rank {rank} received more tokens than num_worst_tokens in an earlier "
                           f"dispatch (rows from rank {peer} were dropped); raise num_worst_tokens")
+    if code == 2 and phase == 22:
+        raise DeepEPError(f"{what}: rank {rank} chose expert {peer} more often than num_max_dispatch_tokens_per_rank "
+                          "in an earlier low-latency dispatch (duplicate expert ids in a row?); the extra "
+                          "entries were dropped")
     msg = (f"{what}: rank {rank} {_CODES.get(code, f'error {code}')} in {phase_name} "
            f"waiting on rank {peer}")
     if code == 1:

@@ -1,15 +1,15 @@
 """Launchers of cuda_src/low_latency.cu: low-latency dispatch and combine (decode).
 
-STATUS: compiled in CI, not yet run on GPUs, and not wired into ``Buffer`` (which still raises
-``NotImplementedError`` for low-latency calls on the GPU backend): issue #4. The first GPU session
-runs tests/gpu/test_low_latency_gpu.py against these launchers directly, then wires them in.
-
 Design, buffer layout and protocol: docs/low_latency.md and the header of the .cu file. In short:
 the region ``[num_nvl_bytes, num_nvl_bytes + num_rdma_bytes)`` of the buffer's symmetric memory has
 two halves; ``ll_prepare`` ranks every (token, k) entry within its expert (deterministic order);
 ``ll_dispatch_send`` sends each token once per destination rank (NVLink stores, or NVSHMEM puts for
 peers without an NVLink mapping / when forced); ``ll_dispatch_recv`` (the hook) unpacks per local
 expert in (source rank, token, k) order; combine mirrors it with one row per (token, k).
+
+Every operation is a send half (returns at once; no SM waits for peers) and a receive half (the
+hook). Sequence counters in device memory pair them up, so at most two operations may be in flight
+(sent, not yet received); receives must follow the order of the sends.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from .config import settings
 from .errors import DeepEPInvalid
 from .kernel_errors import PinnedErrorRecord
 
-__all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "low_latency_spec",
-           "size_hint", "MAX_TOPK", "SUPPORTED_HIDDEN"]
+__all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "PendingDispatch", "PendingCombine",
+           "low_latency_spec", "size_hint", "MAX_TOPK", "MAX_TOKENS", "MAX_HIDDEN"]
 
 MAX_TOPK = 16          # combine rows are sized for this many slots per token
 HEADER_BYTES = 16
 THREADS = 512
-SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+MAX_TOKENS = 1024      # num_max_dispatch_tokens_per_rank accepted
+MAX_HIDDEN = 8192      # hidden sizes: multiples of 128 up to this
 _ALIGN = 256
 
 
@@ -116,7 +117,8 @@ class LowLatencyHandle:
 
     recv_src_info / recv_src_k: int32 [L, R*M] source token and top-k slot of each received entry.
     layout_begin / layout_count: int32 [L, R]. recv_count: int32 [L]. Host ints: num_tokens,
-    num_experts, hidden, num_topk. use_fp8 / use_ue8m0: flags of the dispatch.
+    num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank. use_fp8 / use_ue8m0: flags
+    of the dispatch.
     """
 
     recv_src_info: object
@@ -130,6 +132,7 @@ class LowLatencyHandle:
     num_topk: int
     use_fp8: bool
     use_ue8m0: bool
+    num_max_dispatch_tokens_per_rank: int
 
     @property
     def layout_range(self):
@@ -138,8 +141,38 @@ class LowLatencyHandle:
         return (self.layout_begin.astype(cupy.int64) << 32) | self.layout_count.astype(cupy.int64)
 
 
+@dataclasses.dataclass(eq=False)
+class PendingDispatch:
+    """A dispatch whose sends are issued and whose receive (the hook) is still to run."""
+
+    num_tokens: int
+    num_topk: int
+    use_fp8: bool
+    use_ue8m0: bool
+    recv_x: object
+    recv_scales: object
+    handle: LowLatencyHandle
+    keep_alive: tuple
+
+
+@dataclasses.dataclass(eq=False)
+class PendingCombine:
+    """A combine whose sends are issued and whose receive (the hook) is still to run."""
+
+    handle: LowLatencyHandle
+    keep_alive: tuple
+
+
 class LowLatencyKernels:
-    """The low-latency kernels bound to one buffer's symmetric memory (region after num_nvl_bytes)."""
+    """The low-latency kernels bound to one buffer's symmetric memory (region after num_nvl_bytes).
+
+    Arguments:
+        backend: the ``GpuBackend`` (runtime, symmetric memory, rank).
+        num_max_dispatch_tokens_per_rank, hidden, num_experts: the fixed shapes of the region.
+        max_topk: top-k slots the combine rows are sized for.
+        force_puts: reach every peer (itself included) through NVSHMEM puts instead of NVLink stores.
+        jit_options: how the kernels are compiled.
+    """
 
     def __init__(self, backend, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int,
                  max_topk: int = MAX_TOPK, force_puts: bool = False,
@@ -148,6 +181,7 @@ class LowLatencyKernels:
 
         self.backend = backend
         self.num_ranks, self.rank = backend.num_ranks, backend.rank
+        self.force_puts = force_puts
         self.layout = LowLatencyLayout.build(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks,
                                              num_experts, max_topk)
         if backend.num_rdma_bytes < self.layout.total_bytes:
@@ -157,23 +191,44 @@ class LowLatencyKernels:
         rt = backend.runtime
         base = int(backend.symmetric.data.ptr) + backend.num_nvl_bytes
         self.region = cupy.uint64(base)
+        self._region_view = backend.symmetric[backend.num_nvl_bytes:backend.num_nvl_bytes + self.layout.total_bytes]
         peers = []
         for pe in range(self.num_ranks):
             ptr = 0 if force_puts else rt.peer_ptr(backend.symmetric, pe)
             peers.append(ptr + backend.num_nvl_bytes if ptr else 0)
         self.peer_regions = cupy.asarray(np.array(peers, dtype=np.uint64))
         self.layout_struct = self.layout.device_struct()
-        self.seq = cupy.zeros(1, dtype=cupy.uint64)
-        self.done = cupy.zeros(4, dtype=cupy.uint32)   # last-block counters, one per kernel kind
+        self.seq = cupy.zeros(2, dtype=cupy.uint64)      # [operations sent, operations received]
+        self.done = cupy.zeros(4, dtype=cupy.uint32)     # last-block counters, one per kernel kind
         self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
         rt.register_module(self.module)
         self.errors = PinnedErrorRecord()
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self.pending: list = []                           # operations sent, not yet received
         cupy.cuda.Device().synchronize()
 
+    @property
+    def shape_key(self) -> tuple:
+        """(M, hidden, num_experts) the region is laid out for."""
+        return self.layout.max_tokens, self.layout.hidden, self.layout.num_experts
+
     def check_errors(self, what: str) -> None:
-        """Raise if an earlier low-latency kernel recorded a timeout."""
+        """Raise if an earlier low-latency kernel recorded a timeout or a bad value."""
         self.errors.check(what)
+
+    def clean(self) -> None:
+        """Zero the region and the counters on this rank (the caller makes it collective)."""
+        import cupy
+        cupy.cuda.Device().synchronize()
+        self._region_view.fill(0)
+        self.seq.fill(0)
+        self.done.fill(0)
+        self.pending.clear()
+        cupy.cuda.Device().synchronize()
+
+    def _timeout_ns(self):
+        import cupy
+        return cupy.uint64(int(settings.timeout_seconds * 1e9))
 
     def _shape(self, num_tokens: int, num_topk: int, use_fp8=False, round_scale=False, use_ue8m0=False):
         import cupy
@@ -181,78 +236,103 @@ class LowLatencyKernels:
         return (cupy.int32(num_tokens), cupy.int32(lay.hidden), cupy.int32(num_topk), cupy.int32(lay.num_experts),
                 cupy.int32(use_fp8), cupy.int32(round_scale), cupy.int32(use_ue8m0))
 
-    def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> None:
-        """Rank the entries and send every token (issued on ``stream``; returns at once)."""
+    def _admit(self, what: str) -> None:
+        if len(self.pending) >= 2:
+            raise DeepEPInvalid(f"{what}: two low-latency operations already wait for their hook; call the "
+                                "older hook first (at most two operations may be in flight)")
+
+    def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
+                      stream) -> PendingDispatch:
+        """Rank the entries and send every token (issued on ``stream``; returns at once). Outputs
+        are allocated here so the receive allocates nothing."""
         import cupy
-        num_tokens, num_topk = topk_idx.shape
-        self._pending = (num_tokens, num_topk, use_fp8, use_ue8m0)
-        slots = cupy.empty((num_tokens, num_topk), dtype=cupy.int32)
-        counts = cupy.empty(self.layout.num_experts, dtype=cupy.int32)
-        warps_per_block = 8
-        blocks = max(1, -(-self.layout.num_experts // warps_per_block))
+        self._admit("low_latency_dispatch")
+        num_tokens, num_topk = (int(v) for v in topk_idx.shape)
+        lay = self.layout
+        num_local = lay.num_experts // self.num_ranks
+        slots_per_expert = self.num_ranks * lay.max_tokens
+        h = lay.hidden
         with stream:
+            slots = cupy.empty((num_tokens, num_topk), dtype=cupy.int32)
+            counts = cupy.empty(lay.num_experts, dtype=cupy.int32)
+            recv_x = cupy.empty((num_local, slots_per_expert, h), dtype=cupy.uint8 if use_fp8 else cupy.dtype("bfloat16"))
+            recv_scales = None
+            if use_fp8:
+                recv_scales = (cupy.empty((num_local, slots_per_expert, -(-h // 512)), dtype=cupy.int32) if use_ue8m0
+                               else cupy.empty((num_local, slots_per_expert, h // 128), dtype=cupy.float32))
+            recv_count = cupy.empty(num_local, dtype=cupy.int32)
+            src_info = cupy.empty((num_local, slots_per_expert), dtype=cupy.int32)
+            src_k = cupy.empty((num_local, slots_per_expert), dtype=cupy.int32)
+            begin = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+            count = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+            warps_per_block = 8
+            blocks = max(1, -(-lay.num_experts // warps_per_block))
             self.module["ll_prepare"]((blocks,), (32 * warps_per_block,),
-                                      (topk_idx, cupy.int32(num_tokens * num_topk),
-                                       cupy.int32(self.layout.num_experts), slots, counts))
+                                      (topk_idx, cupy.int32(num_tokens * num_topk), cupy.int32(lay.num_experts),
+                                       cupy.int32(lay.max_tokens), slots, counts, cupy.int32(self.rank),
+                                       cupy.uint64(self.errors.ptr)))
             self.module["ll_dispatch_send"](
                 (max(1, min(num_tokens, self._sms)),), (THREADS,),
                 (x, topk_idx, slots, counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq,
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq[0:1],
                    self.done[0:1]))
-        self._keep = (x, topk_idx, slots, counts)
+        handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
+                                  h, num_topk, use_fp8, use_ue8m0, lay.max_tokens)
+        pending = PendingDispatch(num_tokens, num_topk, use_fp8, use_ue8m0, recv_x, recv_scales, handle,
+                                  (x, topk_idx, slots, counts))
+        self.pending.append(pending)
+        return pending
 
-    def dispatch_recv(self, stream) -> tuple:
+    def _take_turn(self, pending, what: str) -> None:
+        if not self.pending or self.pending[0] is not pending:
+            state = "already completed" if pending not in self.pending else "not the oldest in flight"
+            raise DeepEPInvalid(f"{what}: this operation's receive is {state}; hooks run once each, in the "
+                                "order of the calls that returned them")
+        self.pending.pop(0)
+
+    def dispatch_recv(self, pending: PendingDispatch, stream) -> tuple:
         """Unpack into per-expert outputs (the receive hook). Returns (recv_x, recv_scales or None,
         recv_count, handle); fp8 data as uint8 storage."""
         import cupy
-        num_tokens, num_topk, use_fp8, use_ue8m0 = self._pending
-        lay = self.layout
-        num_local = lay.num_experts // self.num_ranks
-        slots = self.num_ranks * lay.max_tokens
-        h = lay.hidden
-        recv_x = cupy.empty((num_local, slots, h), dtype=cupy.uint8 if use_fp8 else cupy.dtype("bfloat16"))
-        recv_scales = None
-        if use_fp8:
-            recv_scales = (cupy.empty((num_local, slots, -(-h // 512)), dtype=cupy.int32) if use_ue8m0
-                           else cupy.empty((num_local, slots, h // 128), dtype=cupy.float32))
-        recv_count = cupy.empty(num_local, dtype=cupy.int32)
-        src_info = cupy.full((num_local, slots), -1, dtype=cupy.int32)
-        src_k = cupy.full((num_local, slots), -1, dtype=cupy.int32)
-        begin = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
-        count = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+        self._take_turn(pending, "low_latency_dispatch receive")
+        hd = pending.handle
         null = cupy.uint64(0)
         with stream:
             self.module["ll_dispatch_recv"](
                 (self._sms,), (THREADS,),
-                (recv_x, null if recv_scales is None else recv_scales, recv_count, src_info, src_k, begin, count)
-                + self._shape(num_tokens, num_topk, use_fp8, False, use_ue8m0)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[1:2],
-                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr)))
-        handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
-                                  h, num_topk, use_fp8, use_ue8m0)
-        return recv_x, recv_scales, recv_count, handle
+                (pending.recv_x, null if pending.recv_scales is None else pending.recv_scales, hd.recv_count,
+                 hd.recv_src_info, hd.recv_src_k, hd.layout_begin, hd.layout_count)
+                + self._shape(pending.num_tokens, pending.num_topk, pending.use_fp8, False, pending.use_ue8m0)
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[1:2],
+                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+        return pending.recv_x, pending.recv_scales, hd.recv_count, hd
 
-    def combine_send(self, x, handle: LowLatencyHandle, stream) -> None:
-        """Send every received slot's expert output back to its token's rank."""
+    def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
+        """Send every received slot's expert output back to its token's rank (returns at once)."""
         import cupy
+        self._admit("low_latency_combine")
         with stream:
             self.module["ll_combine_send"](
                 (self._sms,), (THREADS,),
                 (x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
                  handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq,
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq[0:1],
                    self.done[2:3]))
-        self._keep_combine = (x, handle)
+        pending = PendingCombine(handle, (x,))
+        self.pending.append(pending)
+        return pending
 
-    def combine_recv(self, topk_idx, topk_weights, handle: LowLatencyHandle, out, stream):
+    def combine_recv(self, pending: PendingCombine, topk_idx, topk_weights, out, stream):
         """Weighted sum per token (the receive hook); returns ``out`` (bf16 [T, H])."""
         import cupy
-        if out is None:
-            out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
+        self._take_turn(pending, "low_latency_combine receive")
+        handle = pending.handle
         with stream:
+            if out is None:
+                out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
             self.module["ll_combine_recv"](
-                (max(1, min(self._sms, -(-handle.num_tokens // 16))),), (THREADS,),
+                (max(1, min(2 * self._sms, handle.num_tokens)),), (THREADS,),
                 (topk_idx, topk_weights, out) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq, self.done[3:4],
-                   cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr)))
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[3:4],
+                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
         return out

@@ -68,6 +68,7 @@ class ReferenceLowLatencyHandle:
         num_experts: ``E``.
         num_tokens: ``T`` of this rank at dispatch.
         use_fp8, use_ue8m0: flags of the dispatch.
+        num_topk: ``K`` of the dispatch.
 
     Property ``layout_range``: int64 ``[L, R]`` = ``(begin << 32) | count``.
     """
@@ -82,6 +83,7 @@ class ReferenceLowLatencyHandle:
     num_tokens: int
     use_fp8: bool
     use_ue8m0: bool
+    num_topk: int
 
     @property
     def layout_range(self) -> np.ndarray:
@@ -259,7 +261,7 @@ class ReferenceBackend:
             layout_begin=res.layout_begin, layout_count=res.layout_count,
             num_max_dispatch_tokens_per_rank=int(num_max_dispatch_tokens_per_rank),
             hidden=int(x.shape[1]), num_experts=int(num_experts), num_tokens=int(x.shape[0]),
-            use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0))
+            use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0), num_topk=int(topk_idx.shape[1]))
         recv_x = (res.recv_x, res.recv_x_scales) if use_fp8 else res.recv_x
         return recv_x, res.recv_count, handle
 

@@ -72,8 +72,10 @@ fi
 
 if [[ "$STEPS" == *tests* ]]; then
   say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
-  timeout -k 10 420 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider tests/gpu tests/multirank \
-      > "$OUTD/gpu_tests.log" 2>&1
+  # with the ll step selected too, the low-latency tests run there (once)
+  IGNORE_LL=""; [[ "$STEPS" == *ll* ]] && IGNORE_LL="--ignore=tests/gpu/test_low_latency_gpu.py"
+  timeout -k 10 480 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider tests/gpu tests/multirank \
+      $IGNORE_LL > "$OUTD/gpu_tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12
   row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUTD/gpu_tests.log" | tail -2 | tr '\n' ' ')"
@@ -103,13 +105,18 @@ fi
 
 if [[ "$STEPS" == *ll* ]]; then   # low-latency kernels (issue #4): tests, then the benchmark
   say "low-latency tests"
-  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
+  timeout -k 10 360 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
       tests/gpu/test_low_latency_gpu.py > "$OUTD/ll_tests.log" 2>&1
   row "low-latency tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/ll_tests.log" | tail -1)"
-  say "bench_low_latency"
+  grep -E "^(FAILED|ERROR)|^E  " "$OUTD/ll_tests.log" | head -20
+  say "bench_low_latency (NVLink stores, then forced NVSHMEM puts)"
   timeout -k 10 200 $MPIRUN -n "$NUM_RANKS" $PY scripts/bench_low_latency.py > "$OUTD/bench_low_latency.log" 2>&1
   row "bench_low_latency" "rc=$?"
-  tail -20 "$OUTD/bench_low_latency.log"
+  tail -24 "$OUTD/bench_low_latency.log"
+  timeout -k 10 150 $MPIRUN -n "$NUM_RANKS" $PY scripts/bench_low_latency.py --force-puts --iters 100 \
+      > "$OUTD/bench_low_latency_puts.log" 2>&1
+  row "bench_low_latency --force-puts" "rc=$?"
+  grep -E "^(dispatch|combine)" "$OUTD/bench_low_latency_puts.log" | head -12
 fi
 
 if [[ "$STEPS" == *tune* ]]; then   # writes the table into the tree here and copies it to $OUT

@@ -68,6 +68,12 @@ def _cases():
         ("ll tokens > max per rank", lambda b: b.low_latency_dispatch(x, topk, 4, E), ValueError, "num_max_dispatch_tokens_per_rank=4"),
         ("ll ue8m0 without round_scale", lambda b: b.low_latency_dispatch(x, topk, T, E, use_ue8m0=True), ValueError, "use_ue8m0"),
         ("ll x float32", lambda b: b.low_latency_dispatch(x.astype(np.float32), topk, T, E), TypeError, "x: expected dtype bfloat16"),
+        ("ll hidden not /128", lambda b: b.low_latency_dispatch(np.zeros((T, 200), BF16), topk, T, E), ValueError, "x: low-latency hidden sizes are multiples of 128"),
+        ("ll hidden above 8192", lambda b: b.low_latency_dispatch(np.zeros((T, 8320), BF16), topk, T, E), ValueError, "up to 8192"),
+        ("ll top-k above 16", lambda b: b.low_latency_dispatch(x, np.zeros((T, 17), np.int64), T, E), ValueError, "topk_idx: at most 16"),
+        ("ll max tokens above 1024", lambda b: b.low_latency_dispatch(x, topk, 1025, E), ValueError, "num_max_dispatch_tokens_per_rank: at most 1024"),
+        ("ll async_finish with hook", lambda b: b.low_latency_dispatch(x, topk, T, E, async_finish=True, return_recv_hook=True), ValueError, "async_finish"),
+        ("ll combine bad handle", lambda b: b.low_latency_combine(np.zeros((1, 1, H), BF16), topk, w, handle="h"), TypeError, "handle: expected"),
         ("previous_event wrong type", lambda b: b.get_dispatch_layout(topk, E, previous_event="event"), TypeError, "previous_event"),
     ]
 
