@@ -37,6 +37,7 @@ static_assert(kNumRanks >= 1 && kNumRanks <= 32, "low-latency kernels support up
 constexpr int kWarpSize = 32;
 constexpr int kHeaderBytes = 16;
 constexpr int kMaxTopk = 16;              // deepep_cupy.low_latency.MAX_TOPK
+constexpr int kMaxExperts = 1024;         // deepep_cupy.low_latency.MAX_EXPERTS
 constexpr unsigned int kFullMask = 0xffffffffu;
 
 constexpr int kPhaseLLDispatchRecv = 20;  // names in deepep_cupy/kernel_errors.py
@@ -80,9 +81,9 @@ DEEPEP_DEVICE void st_release_u64(uint64_t* p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// A warp copies `bytes` (a multiple of 16), four 16-byte loads in flight per lane.
+// A warp copies `bytes` (a multiple of 16), kUnroll 16-byte loads in flight per lane.
+template <int kUnroll>
 DEEPEP_DEVICE void warp_copy16(void* dst, const void* src, int bytes, int lane) {
-    constexpr int kUnroll = 4;
     const int4* s = reinterpret_cast<const int4*>(src);
     int4* d = reinterpret_cast<int4*>(dst);
     const int n = bytes >> 4;
@@ -114,11 +115,14 @@ DEEPEP_DEVICE unsigned int float2_to_e4m3x2(float lo, float hi) {
 }
 
 // Last block of the grid to call this (after its own work) gets true; the counter is left zero.
+// kPublish: the last block will release other blocks' stores to peers, so each block fences its
+// own stores at system scope first; receive kernels only need the count.
+template <bool kPublish>
 DEEPEP_DEVICE bool last_block_done(unsigned int* counter) {
     __shared__ bool last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence_system();
+        if (kPublish) __threadfence_system();
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
         if (last) *counter = 0;
     }
@@ -149,46 +153,20 @@ DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-// prepare: for every expert e (a warp each), the rank of each (t, k) entry among this rank's
-// entries for e, in (t, k) order, and the count per expert. Deterministic, no atomics. An expert
-// chosen more than M times (only duplicates in a row can do that) keeps M entries and reports.
-extern "C" __global__ void __launch_bounds__(256)
-ll_prepare(const int64_t* __restrict__ topk_idx, int num_entries, int num_experts, int max_per_expert,
-           int* __restrict__ slots, int* __restrict__ counts, int rank, deepep::ErrorRecord* err) {
-    const int lane = threadIdx.x % kWarpSize;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    const unsigned int lanes_below = (1u << lane) - 1u;
-    for (int e = warp; e < num_experts; e += num_warps) {
-        int running = 0;
-        for (int base = 0; base < num_entries; base += kWarpSize) {
-            const int j = base + lane;
-            const bool hit = j < num_entries && topk_idx[j] == e;
-            const unsigned int mask = __ballot_sync(kFullMask, hit);
-            if (hit) {
-                const int slot = running + __popc(mask & lanes_below);
-                slots[j] = slot < max_per_expert ? slot : -1;
-            }
-            running += __popc(mask);
-        }
-        if (lane == 0) {
-            counts[e] = min(running, max_per_expert);
-            if (running > max_per_expert) deepep::record_error(err, deepep::kBadValue, kPhaseLLTooMany, e, rank);
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// dispatch send: a block per token (grid-stride). Warp 0 builds the header in shared memory and the
-// destination mask; then every thread produces 16-byte chunks of the message (a header chunk, bf16
-// channels, or 16 channels cast to fp8 with their 128-channel group's scale) and stores each chunk
-// to every NVLink destination and, when a destination needs puts, to the staging message, which
-// warp r then puts to rank r. The last block writes every destination's meta and raises its flag.
+// dispatch send: a block per token (grid-stride). The block first ranks its token's K entries among
+// this rank's entries for the same expert in (t, k) order (a ballot scan over the entries before
+// them: deterministic, no prepare kernel) and adds them to the per-expert counts. Warp 0 builds the
+// header in shared memory and the destination mask; then every thread produces 16-byte chunks of
+// the message (a header chunk, bf16 channels, or 16 channels cast to fp8 with their 128-channel
+// group's scale) and stores each chunk to every NVLink destination and, when a destination needs
+// puts, to the staging message, which warp r then puts to rank r. The last block writes every
+// destination's meta (and zeroes the counts) and raises its flag. An expert chosen more than M
+// times by this rank (only duplicates in a row can do that) keeps M entries and reports.
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
-                 const int* __restrict__ slots, const int* __restrict__ counts, LL_SHAPE_PARAMS,
-                 uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
-                 int rank, uint64_t* seq_ptr, unsigned int* done_counter) {
+                 int* __restrict__ counts, LL_SHAPE_PARAMS, uint8_t* region,
+                 const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr,
+                 unsigned int* done_counter, deepep::ErrorRecord* err) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
     const uint64_t seq = next_seq(seq_ptr);
@@ -202,17 +180,45 @@ ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict
     __shared__ uint64_t s_peers[kNumRanks];
     __shared__ int4 s_hdr[(kHeaderBytes + 8 * kMaxTopk + 15) / 16];
     __shared__ unsigned int s_mask;
+    __shared__ int s_expert[kMaxTopk];
+    __shared__ int s_before[kMaxTopk];     // entries before (t, k) with the same expert
     if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
 
     for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
+        const long long first = static_cast<long long>(t) * K;
+        if (threadIdx.x < K) {
+            s_expert[threadIdx.x] = static_cast<int>(topk_idx[first + threadIdx.x]);
+            s_before[threadIdx.x] = 0;
+        }
+        __syncthreads();
+        // count entries j < first + k with the same expert; warp-aggregated shared atomics
+        const int span = static_cast<int>(first) + K;
+        for (int j0 = warp * kWarpSize; j0 < span; j0 += blockDim.x) {
+            const int j = j0 + lane;
+            const int e = j < span ? static_cast<int>(topk_idx[j]) : -1;
+            for (int k = 0; k < K; ++k) {
+                const int ek = s_expert[k];
+                const unsigned int hits = __ballot_sync(kFullMask, ek >= 0 && e == ek && j < first + k);
+                if (lane == 0 && hits) atomicAdd(&s_before[k], __popc(hits));
+            }
+        }
+        __syncthreads();
         if (warp == 0) {
             int* hdr = reinterpret_cast<int*>(s_hdr);
             long long e = -1;
             if (lane < K) {
-                const long long j = static_cast<long long>(t) * K + lane;
-                e = topk_idx[j];
+                e = s_expert[lane];
+                int slot = -1;
+                if (e >= 0) {
+                    slot = s_before[lane];
+                    if (slot < lay.max_tokens) atomicAdd(counts + e, 1);
+                    else {
+                        deepep::record_error(err, deepep::kBadValue, kPhaseLLTooMany, static_cast<int>(e), rank);
+                        slot = -1;
+                    }
+                }
                 hdr[4 + lane] = static_cast<int>(e);
-                hdr[4 + K + lane] = e >= 0 ? slots[j] : -1;
+                hdr[4 + K + lane] = slot;
             }
             if (lane == 0) {
                 hdr[0] = t;
@@ -318,13 +324,13 @@ ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();
-    if (!last_block_done(done_counter)) return;
+    if (!last_block_done<true>(done_counter)) return;
     // meta of every destination, then its flag
     const int meta_len = 1 + num_local;
     const long long meta_off = half_off + lay.recv_meta + static_cast<long long>(rank) * lay.meta_ints * 4;
     for (int i = threadIdx.x; i < kNumRanks * meta_len; i += blockDim.x) {
         const int r = i / meta_len, j = i % meta_len;
-        const int value = j == 0 ? shape.num_tokens : counts[r * num_local + j - 1];
+        const int value = j == 0 ? shape.num_tokens : static_cast<int>(atomicExch(counts + r * num_local + j - 1, 0));
         int* meta = s_peers[r] != 0 ? reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(s_peers[r]) + meta_off)
                                     : reinterpret_cast<int*>(region + half_off + lay.meta_stage) + r * lay.meta_ints;
         meta[j] = value;
@@ -370,31 +376,35 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
     const int data_bytes = shape.use_fp8 ? H : 2 * H;
     const int payload = ids_bytes(K);
 
+    // per block: every source's token count and the exclusive prefix over sources of the counts
+    // per local expert (begin[l][s]), read once from the metas into shared memory
+    __shared__ int s_tokens[kNumRanks];
+    __shared__ int s_begin[kMaxExperts];   // [num_local][kNumRanks] <= E entries
     const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.recv_flags), seq, timeout_ns, err,
                                    kPhaseLLDispatchRecv, rank);
-    const volatile int* metas = reinterpret_cast<const int*>(half + lay.recv_meta);
-    if (blockIdx.x == 0) {
-        for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
-            int acc = 0;
-            for (int s = 0; s < kNumRanks; ++s) {
-                const int c = ok ? metas[s * lay.meta_ints + 1 + l] : 0;
+    const int* metas = reinterpret_cast<const int*>(half + lay.recv_meta);
+    if (threadIdx.x < kNumRanks) s_tokens[threadIdx.x] = ok ? __ldcg(metas + threadIdx.x * lay.meta_ints) : 0;
+    for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
+        int acc = 0;
+        for (int s = 0; s < kNumRanks; ++s) {
+            const int c = ok ? __ldcg(metas + s * lay.meta_ints + 1 + l) : 0;
+            s_begin[l * kNumRanks + s] = acc;
+            if (blockIdx.x == 0) {
                 layout_begin[l * kNumRanks + s] = acc;
                 layout_count[l * kNumRanks + s] = c;
-                acc += c;
             }
-            recv_count[l] = acc;
+            acc += c;
         }
+        if (blockIdx.x == 0) recv_count[l] = acc;
     }
+    __syncthreads();
     if (ok) {
         int total = 0;
-        for (int s = 0; s < kNumRanks; ++s) total += metas[s * lay.meta_ints] * K;
+        for (int s = 0; s < kNumRanks; ++s) total += s_tokens[s] * K;
         const int gwarps = gridDim.x * num_warps;
         for (int j = blockIdx.x * num_warps + warp; j < total; j += gwarps) {
             int s = 0, jj = j;
-            for (int n = metas[0] * K; jj >= n; n = metas[s * lay.meta_ints] * K) {
-                jj -= n;
-                ++s;
-            }
+            while (jj >= s_tokens[s] * K) jj -= s_tokens[s++] * K;
             const int t = jj / K, k = jj % K;
             const uint8_t* msg = half + lay.recv_msgs + (static_cast<long long>(s) * M + t) * lay.msg_bytes;
             const int* header = reinterpret_cast<const int*>(msg);
@@ -402,10 +412,8 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
             const int e = __ldcg(header + 4 + k), slot = __ldcg(header + 4 + K + k);
             if (e < expert_lo || e >= expert_lo + num_local || slot < 0) continue;
             const int l = e - expert_lo;
-            int begin = 0;
-            for (int s2 = 0; s2 < s; ++s2) begin += metas[s2 * lay.meta_ints + 1 + l];
-            const long long pos = static_cast<long long>(l) * slot_stride + begin + slot;
-            warp_copy16(recv_x + pos * data_bytes, msg + payload, data_bytes, lane);
+            const long long pos = static_cast<long long>(l) * slot_stride + s_begin[l * kNumRanks + s] + slot;
+            warp_copy16<8>(recv_x + pos * data_bytes, msg + payload, data_bytes, lane);
             for (int i = lane; i < scale_bytes / 4; i += kWarpSize)
                 reinterpret_cast<int*>(recv_scales + pos * scale_bytes)[i] =
                     __ldcg(reinterpret_cast<const int*>(msg + payload + data_bytes) + i);
@@ -415,7 +423,7 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
             }
         }
     }
-    if (last_block_done(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
+    if (last_block_done<false>(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -454,11 +462,11 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
                 const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2;
                 const uint64_t peer = peer_regions[s];
                 if (peer != 0) {
-                    warp_copy16(reinterpret_cast<uint8_t*>(peer) + dst_off, row, H * 2, lane);
+                    warp_copy16<8>(reinterpret_cast<uint8_t*>(peer) + dst_off, row, H * 2, lane);
                 } else {
                     uint8_t* stage = region + half_off + lay.combine_stage +
                                      (static_cast<long long>(s) * M * K + static_cast<long long>(t) * K + k) * H * 2;
-                    warp_copy16(stage, row, H * 2, lane);
+                    warp_copy16<8>(stage, row, H * 2, lane);
                     __syncwarp();
                     nvshmemx_putmem_nbi_warp(region + dst_off, stage, H * 2, s);
                 }
@@ -466,7 +474,7 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();
-    if (!last_block_done(done_counter)) return;
+    if (!last_block_done<true>(done_counter)) return;
     if (threadIdx.x < kNumRanks) {
         const int s = threadIdx.x;
         const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
@@ -483,60 +491,56 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
 }
 
 // ------------------------------------------------------------------------------------------------
-// combine receive: wait for every rank's flag, then a block per token, a thread per 8 channels,
-// sums w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16). The last
-// block advances the receive counter.
-extern "C" __global__ void __launch_bounds__(512)
+// combine receive: wait for every rank's flag, then a thread per (token, 8 channels) sums
+// w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16), with up to 8
+// rows' loads in flight. The last block advances the receive counter.
+extern "C" __global__ void __launch_bounds__(256)
 ll_combine_recv(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
                 unsigned short* __restrict__ out, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
                 int rank, uint64_t* seq_ptr, unsigned int* done_counter, uint64_t timeout_ns,
                 deepep::ErrorRecord* err) {
-    constexpr int kLoads = 4;   // rows in flight per thread
+    constexpr int kLoads = 8;   // rows in flight per thread
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
     const uint64_t seq = next_seq(seq_ptr);
     const int H = shape.hidden, K = shape.num_topk, KMAX = lay.max_topk;
     uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
-    __shared__ float s_w[kMaxTopk];
-    __shared__ bool s_on[kMaxTopk];
     const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.combine_flags), seq, timeout_ns, err,
                                    kPhaseLLCombineRecv, rank);
     if (ok) {
         const int4* rows = reinterpret_cast<const int4*>(half + lay.combine_rows);
         const int row_vecs = H / 8;
-        for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
-            if (threadIdx.x < K) {
-                const long long j = static_cast<long long>(t) * K + threadIdx.x;
-                s_on[threadIdx.x] = topk_idx[j] >= 0;
-                s_w[threadIdx.x] = topk_weights[j];
-            }
-            __syncthreads();
-            for (int h = threadIdx.x; h < row_vecs; h += blockDim.x) {
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int k0 = 0; k0 < K; k0 += kLoads) {
-                    int4 v[kLoads];
+        const long long items = static_cast<long long>(shape.num_tokens) * row_vecs;
+        for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < items;
+             i += static_cast<long long>(gridDim.x) * blockDim.x) {
+            const int t = static_cast<int>(i / row_vecs), h = static_cast<int>(i % row_vecs);
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int k0 = 0; k0 < K; k0 += kLoads) {
+                int4 v[kLoads];
+                float w[kLoads];
+                bool on[kLoads];
 #pragma unroll
-                    for (int u = 0; u < kLoads; ++u)
-                        if (k0 + u < K && s_on[k0 + u])
-                            v[u] = __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h);
-#pragma unroll
-                    for (int u = 0; u < kLoads; ++u) {
-                        if (k0 + u < K && s_on[k0 + u]) {
-                            const float w = s_w[k0 + u];
-                            const unsigned short* e = reinterpret_cast<const unsigned short*>(&v[u]);
-#pragma unroll
-                            for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, bf16_to_float(e[i])));
-                        }
-                    }
+                for (int u = 0; u < kLoads; ++u) {
+                    const long long j = static_cast<long long>(t) * K + k0 + u;
+                    on[u] = k0 + u < K && topk_idx[j] >= 0;
+                    w[u] = on[u] ? topk_weights[j] : 0.0f;
+                    v[u] = on[u] ? __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h)
+                                 : make_int4(0, 0, 0, 0);
                 }
-                int4 o;
-                unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) ob[i] = float_to_bf16(acc[i]);
-                reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
+                for (int u = 0; u < kLoads; ++u) {
+                    if (!on[u]) continue;
+                    const unsigned short* e = reinterpret_cast<const unsigned short*>(&v[u]);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w[u], bf16_to_float(e[q])));
+                }
             }
-            __syncthreads();
+            int4 o;
+            unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) ob[q] = float_to_bf16(acc[q]);
+            reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
         }
     }
-    if (last_block_done(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
+    if (last_block_done<false>(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
 }

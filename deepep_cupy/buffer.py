@@ -509,8 +509,10 @@ class Buffer:
         return combined, combined_w, EventOverlap(None)
 
     # ---------------------------------------------------------------------------- low-latency mode
-    def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int) -> None:
-        from .low_latency import MAX_HIDDEN, MAX_TOKENS, MAX_TOPK
+    def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int, num_experts: int) -> None:
+        from .low_latency import MAX_EXPERTS, MAX_HIDDEN, MAX_TOKENS, MAX_TOPK
+        if num_experts > MAX_EXPERTS:
+            raise DeepEPInvalid(f"num_experts: at most {MAX_EXPERTS} supported in low-latency mode, got {num_experts}")
         if m > MAX_TOKENS:
             raise DeepEPInvalid(f"num_max_dispatch_tokens_per_rank: at most {MAX_TOKENS} supported, got {m}")
         if hidden % 128 or not 128 <= hidden <= MAX_HIDDEN:
@@ -529,7 +531,7 @@ class Buffer:
             topk_idx: int64 ``[T, K]``, -1 for none, ``K <= 16``.
             num_max_dispatch_tokens_per_rank: ``M <= 1024``, fixed for the buffer's life (a change
                 re-lays the buffer: a collective clean, not allowed during graph capture).
-            num_experts: total experts (a multiple of the rank count).
+            num_experts: total experts (a multiple of the rank count, at most 1024).
             use_fp8: cast to e4m3 with one float scale per 128 channels; round_scale: powers-of-two
                 scales; use_ue8m0: pack those as exponent bytes (needs round_scale).
             async_finish: run on the buffer's stream and return an event instead of making the
@@ -556,7 +558,7 @@ class Buffer:
             raise DeepEPInvalid(f"topk_idx: expected {xd.shape[0]} rows like x, got {kd.shape[0]}")
         if xd.shape[0] > m:
             raise DeepEPInvalid(f"x: {xd.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m}")
-        self._check_low_latency_shapes(m, xd.shape[1], kd.shape[1])
+        self._check_low_latency_shapes(m, xd.shape[1], kd.shape[1], num_experts)
         if use_fp8 and use_ue8m0 and not round_scale:
             raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
         if async_finish and return_recv_hook:
@@ -646,7 +648,7 @@ class Buffer:
         m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
         hidden = expect_int(hidden, "hidden", minimum=1)
         num_experts = self._check_num_experts(num_experts)
-        self._check_low_latency_shapes(m, hidden, 1)
+        self._check_low_latency_shapes(m, hidden, 1, num_experts)
         if self.backend_name == "gpu":
             self._backend.clean_low_latency_buffer(m, hidden, num_experts)
         else:

@@ -2,8 +2,8 @@
 
 Design, buffer layout and protocol: docs/low_latency.md and the header of the .cu file. In short:
 the region ``[num_nvl_bytes, num_nvl_bytes + num_rdma_bytes)`` of the buffer's symmetric memory has
-two halves; ``ll_prepare`` ranks every (token, k) entry within its expert (deterministic order);
-``ll_dispatch_send`` sends each token once per destination rank (NVLink stores, or NVSHMEM puts for
+two halves; ``ll_dispatch_send`` ranks every (token, k) entry within its expert (deterministic order) and
+sends each token once per destination rank (NVLink stores, or NVSHMEM puts for
 peers without an NVLink mapping / when forced); ``ll_dispatch_recv`` (the hook) unpacks per local
 expert in (source rank, token, k) order; combine mirrors it with one row per (token, k).
 
@@ -25,13 +25,15 @@ from .errors import DeepEPInvalid
 from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "PendingDispatch", "PendingCombine",
-           "low_latency_spec", "size_hint", "MAX_TOPK", "MAX_TOKENS", "MAX_HIDDEN"]
+           "low_latency_spec", "size_hint", "MAX_TOPK", "MAX_TOKENS", "MAX_HIDDEN", "MAX_EXPERTS"]
 
 MAX_TOPK = 16          # combine rows are sized for this many slots per token
 HEADER_BYTES = 16
 THREADS = 512
+RECV_THREADS = 256     # ll_combine_recv: a thread per (token, 8 channels)
 MAX_TOKENS = 1024      # num_max_dispatch_tokens_per_rank accepted
 MAX_HIDDEN = 8192      # hidden sizes: multiples of 128 up to this
+MAX_EXPERTS = 1024     # kMaxExperts in the kernels (per-block prefix table)
 _ALIGN = 256
 
 
@@ -42,7 +44,7 @@ def _align(x: int, a: int = _ALIGN) -> int:
 def low_latency_spec(num_ranks: int) -> jit.KernelSpec:
     """The JIT instance of cuda_src/low_latency.cu for ``num_ranks`` ranks."""
     return jit.KernelSpec.make(
-        "low_latency.cu", ["ll_prepare", "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
+        "low_latency.cu", ["ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
                            "ll_combine_recv"], {"DEEPEP_NUM_RANKS": num_ranks}, uses_nvshmem=True)
 
 
@@ -200,6 +202,7 @@ class LowLatencyKernels:
         self.layout_struct = self.layout.device_struct()
         self.seq = cupy.zeros(2, dtype=cupy.uint64)      # [operations sent, operations received]
         self.done = cupy.zeros(4, dtype=cupy.uint32)     # last-block counters, one per kernel kind
+        self.counts = cupy.zeros(num_experts, dtype=cupy.int32)   # per-expert entries; the send kernel re-zeroes
         self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
         rt.register_module(self.module)
         self.errors = PinnedErrorRecord()
@@ -223,6 +226,7 @@ class LowLatencyKernels:
         self._region_view.fill(0)
         self.seq.fill(0)
         self.done.fill(0)
+        self.counts.fill(0)
         self.pending.clear()
         cupy.cuda.Device().synchronize()
 
@@ -243,8 +247,8 @@ class LowLatencyKernels:
 
     def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
                       stream) -> PendingDispatch:
-        """Rank the entries and send every token (issued on ``stream``; returns at once). Outputs
-        are allocated here so the receive allocates nothing."""
+        """Send every token (issued on ``stream``; returns at once). Outputs are allocated here so
+        the receive allocates nothing."""
         import cupy
         self._admit("low_latency_dispatch")
         num_tokens, num_topk = (int(v) for v in topk_idx.shape)
@@ -253,8 +257,6 @@ class LowLatencyKernels:
         slots_per_expert = self.num_ranks * lay.max_tokens
         h = lay.hidden
         with stream:
-            slots = cupy.empty((num_tokens, num_topk), dtype=cupy.int32)
-            counts = cupy.empty(lay.num_experts, dtype=cupy.int32)
             recv_x = cupy.empty((num_local, slots_per_expert, h), dtype=cupy.uint8 if use_fp8 else cupy.dtype("bfloat16"))
             recv_scales = None
             if use_fp8:
@@ -265,21 +267,15 @@ class LowLatencyKernels:
             src_k = cupy.empty((num_local, slots_per_expert), dtype=cupy.int32)
             begin = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
             count = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
-            warps_per_block = 8
-            blocks = max(1, -(-lay.num_experts // warps_per_block))
-            self.module["ll_prepare"]((blocks,), (32 * warps_per_block,),
-                                      (topk_idx, cupy.int32(num_tokens * num_topk), cupy.int32(lay.num_experts),
-                                       cupy.int32(lay.max_tokens), slots, counts, cupy.int32(self.rank),
-                                       cupy.uint64(self.errors.ptr)))
             self.module["ll_dispatch_send"](
                 (max(1, min(num_tokens, self._sms)),), (THREADS,),
-                (x, topk_idx, slots, counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                (x, topk_idx, self.counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
                 + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq[0:1],
-                   self.done[0:1]))
+                   self.done[0:1], cupy.uint64(self.errors.ptr)))
         handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
                                   h, num_topk, use_fp8, use_ue8m0, lay.max_tokens)
         pending = PendingDispatch(num_tokens, num_topk, use_fp8, use_ue8m0, recv_x, recv_scales, handle,
-                                  (x, topk_idx, slots, counts))
+                                  (x, topk_idx))
         self.pending.append(pending)
         return pending
 
@@ -331,7 +327,8 @@ class LowLatencyKernels:
             if out is None:
                 out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
             self.module["ll_combine_recv"](
-                (max(1, min(2 * self._sms, handle.num_tokens)),), (THREADS,),
+                (max(1, min(4 * self._sms, -(-handle.num_tokens * handle.hidden // (8 * RECV_THREADS)))),),
+                (RECV_THREADS,),
                 (topk_idx, topk_weights, out) + self._shape(handle.num_tokens, handle.num_topk)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[3:4],
                    self._timeout_ns(), cupy.uint64(self.errors.ptr)))

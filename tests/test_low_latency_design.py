@@ -1,6 +1,6 @@
 """The low-latency kernels' index arithmetic (cuda_src/low_latency.cu), replayed in numpy against the
 reference model, so the design is checked on every CPU run before the kernels first meet a GPU:
-ll_prepare's per-expert ranks of (t, k) entries, the receiver's layout_begin from the metas, and the
+the send kernel's per-expert ranks of (t, k) entries, the receiver's layout_begin from the metas, and the
 placement recv[l][begin[l][s] + slot] of every message's entries."""
 
 import numpy as np
@@ -9,8 +9,8 @@ import pytest
 from deepep_cupy import reference
 
 
-def ll_prepare(topk_idx, num_experts):
-    """What ll_prepare computes: slot of each (t, k) among this rank's entries for its expert, and
+def entry_slots(topk_idx, num_experts):
+    """What entry_slots computes: slot of each (t, k) among this rank's entries for its expert, and
     the count per expert, in flattened (t, k) order."""
     flat = topk_idx.reshape(-1)
     slots = np.full(flat.shape, -1, dtype=np.int64)
@@ -26,7 +26,7 @@ def simulate(topk_idxs, num_experts, num_max_tokens):
     """Receiver-side placement of every rank, as ll_dispatch_recv does it."""
     R = len(topk_idxs)
     L = num_experts // R
-    prepared = [ll_prepare(idx, num_experts) for idx in topk_idxs]
+    prepared = [entry_slots(idx, num_experts) for idx in topk_idxs]
     out = []
     for me in range(R):
         metas = [prepared[s][1][me * L:(me + 1) * L] for s in range(R)]   # counts for my experts

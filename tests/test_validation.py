@@ -72,6 +72,7 @@ def _cases():
         ("ll hidden above 8192", lambda b: b.low_latency_dispatch(np.zeros((T, 8320), BF16), topk, T, E), ValueError, "up to 8192"),
         ("ll top-k above 16", lambda b: b.low_latency_dispatch(x, np.zeros((T, 17), np.int64), T, E), ValueError, "topk_idx: at most 16"),
         ("ll max tokens above 1024", lambda b: b.low_latency_dispatch(x, topk, 1025, E), ValueError, "num_max_dispatch_tokens_per_rank: at most 1024"),
+        ("ll experts above 1024", lambda b: b.low_latency_dispatch(x, topk, T, 2048), ValueError, "num_experts: at most 1024"),
         ("ll async_finish with hook", lambda b: b.low_latency_dispatch(x, topk, T, E, async_finish=True, return_recv_hook=True), ValueError, "async_finish"),
         ("ll combine bad handle", lambda b: b.low_latency_combine(np.zeros((1, 1, H), BF16), topk, w, handle="h"), TypeError, "handle: expected"),
         ("previous_event wrong type", lambda b: b.get_dispatch_layout(topk, E, previous_event="event"), TypeError, "previous_event"),
