@@ -428,9 +428,10 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
 
 // ------------------------------------------------------------------------------------------------
 // combine send: every received slot (l, pos < recv_count[l]) goes back to its source s as
-// combine_rows[t][k] (t, k from the dispatch handle). Warps are split evenly over the local experts.
-// NVLink peers: direct stores; others: the row is staged at combine_stage[s][t*K + k] and put. The
-// last block raises every source's flag.
+// combine_rows[t][k] (t, k from the dispatch handle). The received rows are numbered across the
+// local experts (a prefix of recv_count in shared memory) and cut into up to 4 parts so that every
+// warp of the grid has a similar share. NVLink peers: direct stores; others: the part is staged at
+// combine_stage[s][t*K + k] and put. The last block raises every source's flag.
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
                 const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k,
@@ -448,29 +449,52 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
     const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
     const unsigned int put_mask = put_ranks(peer_regions);
     const int gwarp = blockIdx.x * num_warps + warp, gwarps = gridDim.x * num_warps;
-    const int per_expert = max(1, gwarps / num_local);       // warps per expert
-    const int groups = gwarps / per_expert;
-    if (gwarp < groups * per_expert) {
-        for (int l = gwarp / per_expert; l < num_local; l += groups) {
-            const int n = recv_count[l];
-            for (int pos = gwarp % per_expert; pos < n; pos += per_expert) {
-                int s = 0;
-                while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
-                const long long slot = static_cast<long long>(l) * slot_stride + pos;
-                const int t = recv_src_info[slot], k = recv_src_k[slot];
-                const unsigned short* row = x + slot * H;
-                const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2;
-                const uint64_t peer = peer_regions[s];
-                if (peer != 0) {
-                    warp_copy16<8>(reinterpret_cast<uint8_t*>(peer) + dst_off, row, H * 2, lane);
-                } else {
-                    uint8_t* stage = region + half_off + lay.combine_stage +
-                                     (static_cast<long long>(s) * M * K + static_cast<long long>(t) * K + k) * H * 2;
-                    warp_copy16<8>(stage, row, H * 2, lane);
-                    __syncwarp();
-                    nvshmemx_putmem_nbi_warp(region + dst_off, stage, H * 2, s);
-                }
+
+    __shared__ int s_row_begin[kMaxExperts + 1];   // first received row of each local expert
+    if (warp == 0) {
+        int carry = 0;
+        for (int base = 0; base < num_local; base += kWarpSize) {
+            int v = base + lane < num_local ? recv_count[base + lane] : 0;
+#pragma unroll
+            for (int o = 1; o < kWarpSize; o <<= 1) {
+                const int u = __shfl_up_sync(kFullMask, v, o);
+                if (lane >= o) v += u;
             }
+            if (base + lane < num_local) s_row_begin[base + lane + 1] = carry + v;
+            carry += __shfl_sync(kFullMask, v, kWarpSize - 1);
+        }
+        if (lane == 0) s_row_begin[0] = 0;
+    }
+    __syncthreads();
+    const int rows = s_row_begin[num_local];
+    const int parts = max(1, min(4, gwarps / max(rows, 1)));
+    const int part_bytes = H * 2 / parts;            // H % 128 == 0: a multiple of 16
+    for (int item = gwarp; item < rows * parts; item += gwarps) {
+        const int r = item / parts, part = item % parts;
+        int lo = 0, hi = num_local;                     // last l with s_row_begin[l] <= r
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) / 2;
+            if (s_row_begin[mid] <= r) lo = mid;
+            else hi = mid;
+        }
+        const int l = lo, pos = r - s_row_begin[l];
+        int s = 0;
+        while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
+        const long long slot = static_cast<long long>(l) * slot_stride + pos;
+        const int t = recv_src_info[slot], k = recv_src_k[slot];
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(x + slot * H) + part * part_bytes;
+        const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2 +
+                                  part * part_bytes;
+        const uint64_t peer = peer_regions[s];
+        if (peer != 0) {
+            warp_copy16<8>(reinterpret_cast<uint8_t*>(peer) + dst_off, src, part_bytes, lane);
+        } else {
+            uint8_t* stage = region + half_off + lay.combine_stage +
+                             (static_cast<long long>(s) * M * K + static_cast<long long>(t) * K + k) * H * 2 +
+                             part * part_bytes;
+            warp_copy16<8>(stage, src, part_bytes, lane);
+            __syncwarp();
+            nvshmemx_putmem_nbi_warp(region + dst_off, stage, part_bytes, s);
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();

@@ -11,6 +11,8 @@ comparable with DeepEP's kernel times (its test times the kernels with the profi
   * the send and the receive halves (``return_recv_hook``), each in its own graph; the receive is
     timed after 256 MiB of memset has let the data arrive, as after a GEMM (DeepEP's way);
   * the same operations called eagerly from Python (launch overhead included);
+  * ``_x10``: ten operations back to back in one graph, time per operation (steady decode, L2
+    flushed once per ten);
   * NCCL all-to-all (PyTorch all_to_all_single) of the same token rows.
 Also the FP8-vs-BF16 round-trip error (dispatch, dequantize, combine with weight 1, against the
 input). DeepEP v1.2.1 on this machine: dispatch 28.3 us (send 19.5 + recv 8.3), combine 40.5 us
@@ -105,6 +107,8 @@ def main():
               before=lambda: (g_send.launch(stream), flush.fill(1)))
         with stream:
             timed(f"{name}_eager", lambda: buf.low_latency_dispatch(x, idx, T, E, use_fp8=fp8))
+        g_ten = capture(stream, lambda: [buf.low_latency_dispatch(x, idx, T, E, use_fp8=fp8) for _ in range(10)])
+        timed(f"{name}_x10", lambda: g_ten.launch(stream), iters=max(20, args.iters // 5))
 
     with stream:
         recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
@@ -120,6 +124,8 @@ def main():
     timed("combine_bf16_recv", lambda: g_recv.launch(stream), before=lambda: (g_send.launch(stream), flush.fill(1)))
     with stream:
         timed("combine_bf16_eager", lambda: buf.low_latency_combine(recv, idx, w, handle))
+    g_ten = capture(stream, lambda: [buf.low_latency_combine(recv, idx, w, handle) for _ in range(10)])
+    timed("combine_bf16_x10", lambda: g_ten.launch(stream), iters=max(20, args.iters // 5))
 
     # FP8 vs BF16 round trip: dispatch, experts return their (dequantized) input, combine with weight 1
     errors = {}
@@ -146,6 +152,7 @@ def main():
 
     say("")
     say(f"{'op (CUDA graph unless eager)':30s} {'median (p10-p90)':34s} {'vs DeepEP':>10} {'NVLink GB/s':>12}")
+    rows = [(n, [v / 10 for v in smp]) if n.endswith("_x10") else (n, smp) for n, smp in rows]
     for name, samples in rows:
         med = summarize(samples)[0]
         base = DEEPEP.get(name)
