@@ -162,8 +162,7 @@ DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
 // puts, to the staging message, which warp r then puts to rank r. The last block writes every
 // destination's meta (and zeroes the counts) and raises its flag. An expert chosen more than M
 // times by this rank (only duplicates in a row can do that) keeps M entries and reports.
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
+DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
                  int* __restrict__ counts, LL_SHAPE_PARAMS, uint8_t* region,
                  const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr,
                  unsigned int* done_counter, deepep::ErrorRecord* err) {
@@ -324,7 +323,7 @@ ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();
-    if (!last_block_done<true>(done_counter)) return;
+    if (!last_block_done<true>(done_counter)) return;   // the caller continues (fused kernels)
     // meta of every destination, then its flag
     const int meta_len = 1 + num_local;
     const long long meta_off = half_off + lay.recv_meta + static_cast<long long>(rank) * lay.meta_ints * 4;
@@ -356,8 +355,7 @@ ll_dispatch_send(const unsigned short* __restrict__ x, const int64_t* __restrict
 // dispatch receive: wait for every source's flag, derive layout_begin[l][s] from the metas, then a
 // warp per (source, token, k) entry copies the payload to recv_x[l][begin(l, s) + slot] when
 // expert l is local. The last block advances the receive counter.
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales,
+DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales,
                  int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k,
                  int* __restrict__ layout_begin, int* __restrict__ layout_count, LL_SHAPE_PARAMS,
                  uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr,
@@ -429,11 +427,10 @@ ll_dispatch_recv(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales
 // ------------------------------------------------------------------------------------------------
 // combine send: every received slot (l, pos < recv_count[l]) goes back to its source s as
 // combine_rows[t][k] (t, k from the dispatch handle). The received rows are numbered across the
-// local experts (a prefix of recv_count in shared memory) and cut into up to 4 parts so that every
+// local experts (a prefix of recv_count in shared memory) and cut into 1, 2 or 4 parts so that every
 // warp of the grid has a similar share. NVLink peers: direct stores; others: the part is staged at
 // combine_stage[s][t*K + k] and put. The last block raises every source's flag.
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
+DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
                 const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k,
                 const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS,
                 uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
@@ -467,8 +464,9 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
     }
     __syncthreads();
     const int rows = s_row_begin[num_local];
-    const int parts = max(1, min(4, gwarps / max(rows, 1)));
-    const int part_bytes = H * 2 / parts;            // H % 128 == 0: a multiple of 16
+    const int share = gwarps / max(rows, 1);
+    const int parts = share >= 4 ? 4 : (share >= 2 ? 2 : 1);   // 1, 2 or 4: H * 2 / parts stays a multiple of 16
+    const int part_bytes = H * 2 / parts;
     for (int item = gwarp; item < rows * parts; item += gwarps) {
         const int r = item / parts, part = item % parts;
         int lo = 0, hi = num_local;                     // last l with s_row_begin[l] <= r
@@ -498,7 +496,7 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();
-    if (!last_block_done<true>(done_counter)) return;
+    if (!last_block_done<true>(done_counter)) return;   // the caller continues (fused kernels)
     if (threadIdx.x < kNumRanks) {
         const int s = threadIdx.x;
         const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
@@ -518,8 +516,7 @@ ll_combine_send(const unsigned short* __restrict__ x, const int* __restrict__ re
 // combine receive: wait for every rank's flag, then a thread per (token, 8 channels) sums
 // w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16), with up to 8
 // rows' loads in flight. The last block advances the receive counter.
-extern "C" __global__ void __launch_bounds__(256)
-ll_combine_recv(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
                 unsigned short* __restrict__ out, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
                 int rank, uint64_t* seq_ptr, unsigned int* done_counter, uint64_t timeout_ns,
                 deepep::ErrorRecord* err) {
@@ -567,4 +564,68 @@ ll_combine_recv(const int64_t* __restrict__ topk_idx, const float* __restrict__ 
         }
     }
     if (last_block_done<false>(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels. Send and receive halves run as separate kernels with return_recv_hook; otherwise one
+// fused kernel runs both (the receive phase of a block starts as soon as its own sends are done,
+// and one launch is saved). A fused block that waits never holds up a peer: a peer's flags depend
+// only on that peer's own sends, so the wait ends even if some of our blocks are not yet resident.
+#define LL_DISPATCH_SEND_PARAMS const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx, \
+    int* __restrict__ counts, LL_SHAPE_PARAMS, uint8_t* region, const uint64_t* __restrict__ peer_regions, \
+    const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err
+#define LL_DISPATCH_SEND_ARGS x, topk_idx, counts, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, \
+    round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank
+#define LL_DISPATCH_RECV_PARAMS uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, \
+    int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k, \
+    int* __restrict__ layout_begin, int* __restrict__ layout_count, uint64_t timeout_ns
+#define LL_DISPATCH_RECV_ARGS recv_x, recv_scales, recv_count, recv_src_info, recv_src_k, layout_begin, \
+    layout_count, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, \
+    lay_ptr, rank
+
+extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_send(LL_DISPATCH_SEND_PARAMS) {
+    dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
+}
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+ll_dispatch_recv(LL_DISPATCH_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
+                 uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
+    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
+}
+
+// seq_ptr: both counters {sent, received}; done_counters: {send phase, receive phase}
+extern "C" __global__ void __launch_bounds__(512, 1)
+ll_dispatch(LL_DISPATCH_SEND_PARAMS, LL_DISPATCH_RECV_PARAMS) {
+    unsigned int* recv_done = done_counter + 1;
+    dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
+    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr + 1, recv_done, timeout_ns, err);
+}
+
+#define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ recv_count, \
+    const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k, \
+    const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS, \
+    uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, \
+    uint64_t* seq_ptr, unsigned int* done_counter
+#define LL_COMBINE_SEND_ARGS x, recv_count, recv_src_info, recv_src_k, layout_begin, layout_count, num_tokens_, \
+    hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank
+#define LL_COMBINE_RECV_PARAMS const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights, \
+    unsigned short* __restrict__ out, uint64_t timeout_ns, deepep::ErrorRecord* err
+#define LL_COMBINE_RECV_ARGS topk_idx, topk_weights, out, num_tokens_, hidden_, num_topk_, num_experts_, \
+    use_fp8_, round_scale_, use_ue8m0_, region, lay_ptr, rank
+
+extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_SEND_PARAMS) {
+    combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+ll_combine_recv(LL_COMBINE_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
+                uint64_t* seq_ptr, unsigned int* done_counter) {
+    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
+}
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS) {
+    unsigned int* recv_done = done_counter + 1;
+    combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
+    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr + 1, recv_done, timeout_ns, err);
 }

@@ -248,9 +248,9 @@ class GpuBackend:
             return pending.recv_x, pending.recv_scales, hd.recv_count, hd, EventOverlap(None), hook
         self._no_hooks_pending(kernels, "low_latency_dispatch")
         with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
-            pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0, self.comm_stream)
-            recv_x, recv_scales, recv_count, handle = kernels.dispatch_recv(pending, self.comm_stream)
-        keep = pending.keep_alive + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
+            recv_x, recv_scales, recv_count, handle = kernels.dispatch(x, topk_idx, use_fp8, round_scale, use_ue8m0,
+                                                                       self.comm_stream)
+        keep = (x, topk_idx) + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
         return recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None
 
     @staticmethod
@@ -279,8 +279,7 @@ class GpuBackend:
             return out, EventOverlap(None), hook
         self._no_hooks_pending(kernels, "low_latency_combine")
         with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
-            pending = kernels.combine_send(x, handle, self.comm_stream)
-            out = kernels.combine_recv(pending, topk_idx, topk_weights, out, self.comm_stream)
+            out = kernels.combine(x, handle, topk_idx, topk_weights, out, self.comm_stream)
         return out, scope.finish(keep_alive=(x, topk_idx, topk_weights, out)), None
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):

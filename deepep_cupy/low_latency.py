@@ -44,7 +44,7 @@ def _align(x: int, a: int = _ALIGN) -> int:
 def low_latency_spec(num_ranks: int) -> jit.KernelSpec:
     """The JIT instance of cuda_src/low_latency.cu for ``num_ranks`` ranks."""
     return jit.KernelSpec.make(
-        "low_latency.cu", ["ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
+        "low_latency.cu", ["ll_dispatch", "ll_combine", "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
                            "ll_combine_recv"], {"DEEPEP_NUM_RANKS": num_ranks}, uses_nvshmem=True)
 
 
@@ -245,13 +245,9 @@ class LowLatencyKernels:
             raise DeepEPInvalid(f"{what}: two low-latency operations already wait for their hook; call the "
                                 "older hook first (at most two operations may be in flight)")
 
-    def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
-                      stream) -> PendingDispatch:
-        """Send every token (issued on ``stream``; returns at once). Outputs are allocated here so
-        the receive allocates nothing."""
+    def _dispatch_outputs(self, num_tokens: int, num_topk: int, use_fp8: bool, use_ue8m0: bool, stream):
+        """Allocate a dispatch's outputs on ``stream``: (recv_x, recv_scales or None, handle)."""
         import cupy
-        self._admit("low_latency_dispatch")
-        num_tokens, num_topk = (int(v) for v in topk_idx.shape)
         lay = self.layout
         num_local = lay.num_experts // self.num_ranks
         slots_per_expert = self.num_ranks * lay.max_tokens
@@ -262,18 +258,55 @@ class LowLatencyKernels:
             if use_fp8:
                 recv_scales = (cupy.empty((num_local, slots_per_expert, -(-h // 512)), dtype=cupy.int32) if use_ue8m0
                                else cupy.empty((num_local, slots_per_expert, h // 128), dtype=cupy.float32))
-            recv_count = cupy.empty(num_local, dtype=cupy.int32)
-            src_info = cupy.empty((num_local, slots_per_expert), dtype=cupy.int32)
-            src_k = cupy.empty((num_local, slots_per_expert), dtype=cupy.int32)
-            begin = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
-            count = cupy.empty((num_local, self.num_ranks), dtype=cupy.int32)
+            handle = LowLatencyHandle(
+                recv_src_info=cupy.empty((num_local, slots_per_expert), dtype=cupy.int32),
+                recv_src_k=cupy.empty((num_local, slots_per_expert), dtype=cupy.int32),
+                layout_begin=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
+                layout_count=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
+                recv_count=cupy.empty(num_local, dtype=cupy.int32), num_tokens=num_tokens,
+                num_experts=lay.num_experts, hidden=h, num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
+                num_max_dispatch_tokens_per_rank=lay.max_tokens)
+        return recv_x, recv_scales, handle
+
+    def _send_args(self, x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0) -> tuple:
+        import cupy
+        return ((x, topk_idx, self.counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank)))
+
+    def _recv_outputs(self, recv_x, recv_scales, hd) -> tuple:
+        import cupy
+        return (recv_x, cupy.uint64(0) if recv_scales is None else recv_scales, hd.recv_count, hd.recv_src_info,
+                hd.recv_src_k, hd.layout_begin, hd.layout_count, self._timeout_ns())
+
+    def dispatch(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> tuple:
+        """Send and receive in one fused kernel on ``stream`` (no hook). Returns (recv_x, recv_scales
+        or None, recv_count, handle); fp8 data as uint8 storage."""
+        import cupy
+        if self.pending:
+            raise DeepEPInvalid("low_latency_dispatch: earlier operations still wait for their hook")
+        num_tokens, num_topk = (int(v) for v in topk_idx.shape)
+        recv_x, recv_scales, hd = self._dispatch_outputs(num_tokens, num_topk, use_fp8, use_ue8m0, stream)
+        with stream:
+            self.module["ll_dispatch"](
+                (self._sms,), (THREADS,),
+                self._send_args(x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                + (self.seq, self.done[0:2], cupy.uint64(self.errors.ptr))
+                + self._recv_outputs(recv_x, recv_scales, hd))
+        return recv_x, recv_scales, hd.recv_count, hd
+
+    def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
+                      stream) -> PendingDispatch:
+        """Send every token (issued on ``stream``; returns at once). Outputs are allocated here so
+        the receive allocates nothing."""
+        import cupy
+        self._admit("low_latency_dispatch")
+        num_tokens, num_topk = (int(v) for v in topk_idx.shape)
+        recv_x, recv_scales, handle = self._dispatch_outputs(num_tokens, num_topk, use_fp8, use_ue8m0, stream)
+        with stream:
             self.module["ll_dispatch_send"](
                 (max(1, min(num_tokens, self._sms)),), (THREADS,),
-                (x, topk_idx, self.counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq[0:1],
-                   self.done[0:1], cupy.uint64(self.errors.ptr)))
-        handle = LowLatencyHandle(src_info, src_k, begin, count, recv_count, num_tokens, lay.num_experts,
-                                  h, num_topk, use_fp8, use_ue8m0, lay.max_tokens)
+                self._send_args(x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                + (self.seq[0:1], self.done[0:1], cupy.uint64(self.errors.ptr)))
         pending = PendingDispatch(num_tokens, num_topk, use_fp8, use_ue8m0, recv_x, recv_scales, handle,
                                   (x, topk_idx))
         self.pending.append(pending)
@@ -292,28 +325,47 @@ class LowLatencyKernels:
         import cupy
         self._take_turn(pending, "low_latency_dispatch receive")
         hd = pending.handle
-        null = cupy.uint64(0)
         with stream:
             self.module["ll_dispatch_recv"](
                 (self._sms,), (THREADS,),
-                (pending.recv_x, null if pending.recv_scales is None else pending.recv_scales, hd.recv_count,
-                 hd.recv_src_info, hd.recv_src_k, hd.layout_begin, hd.layout_count)
+                self._recv_outputs(pending.recv_x, pending.recv_scales, hd)
                 + self._shape(pending.num_tokens, pending.num_topk, pending.use_fp8, False, pending.use_ue8m0)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[1:2],
-                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+                   cupy.uint64(self.errors.ptr)))
         return pending.recv_x, pending.recv_scales, hd.recv_count, hd
+
+    def _combine_send_args(self, x, handle: LowLatencyHandle) -> tuple:
+        import cupy
+        return ((x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
+                 handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank)))
+
+    def _combine_out(self, handle: LowLatencyHandle, out, stream):
+        import cupy
+        if out is None:
+            with stream:
+                out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
+        return out
+
+    def combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, out, stream):
+        """Send and reduce in one fused kernel on ``stream`` (no hook); returns ``out`` (bf16 [T, H])."""
+        import cupy
+        if self.pending:
+            raise DeepEPInvalid("low_latency_combine: earlier operations still wait for their hook")
+        out = self._combine_out(handle, out, stream)
+        with stream:
+            self.module["ll_combine"](
+                (self._sms,), (THREADS,),
+                self._combine_send_args(x, handle) + (self.seq, self.done[2:4])
+                + (topk_idx, topk_weights, out, self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+        return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
         """Send every received slot's expert output back to its token's rank (returns at once)."""
-        import cupy
         self._admit("low_latency_combine")
         with stream:
-            self.module["ll_combine_send"](
-                (self._sms,), (THREADS,),
-                (x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
-                 handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self.seq[0:1],
-                   self.done[2:3]))
+            self.module["ll_combine_send"]((self._sms,), (THREADS,),
+                                           self._combine_send_args(x, handle) + (self.seq[0:1], self.done[2:3]))
         pending = PendingCombine(handle, (x,))
         self.pending.append(pending)
         return pending
@@ -323,13 +375,12 @@ class LowLatencyKernels:
         import cupy
         self._take_turn(pending, "low_latency_combine receive")
         handle = pending.handle
+        out = self._combine_out(handle, out, stream)
         with stream:
-            if out is None:
-                out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
             self.module["ll_combine_recv"](
                 (max(1, min(4 * self._sms, -(-handle.num_tokens * handle.hidden // (8 * RECV_THREADS)))),),
                 (RECV_THREADS,),
-                (topk_idx, topk_weights, out) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[3:4],
-                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+                (topk_idx, topk_weights, out, self._timeout_ns(), cupy.uint64(self.errors.ptr))
+                + self._shape(handle.num_tokens, handle.num_topk)
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[3:4]))
         return out
