@@ -70,7 +70,9 @@ def main() -> int:
     checks = []
 
     nvl_bytes = max(8 << 20, ep.Buffer.get_intranode_size_hint(args.tokens, args.hidden, num_ranks, args.topk))
-    with ep.Buffer(comm, num_nvl_bytes=nvl_bytes, backend=args.backend) as buf:
+    ll_tokens = min(128, args.tokens)
+    rdma_bytes = ep.Buffer.get_low_latency_rdma_size_hint(ll_tokens, args.hidden, num_ranks, experts)
+    with ep.Buffer(comm, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, backend=args.backend) as buf:
         log(f"Buffer up: backend={buf.backend_name}, {buf.num_nodes} node(s) x {buf.ranks_per_node} ranks")
         if buf.backend_name == "gpu":
             from deepep_cupy import selftest
@@ -117,6 +119,29 @@ def main() -> int:
         log(f"dispatch/combine ({buf.backend_name} backend): received {len(recv_x)} tokens, "
             f"per local expert {per_expert[:8]}..., combine max err {err:.3g} -> {'OK' if ok else 'MISMATCH'}")
         checks.append(("dispatch/combine", ok))
+
+        # low-latency (decode) round trip with the receive hook: FP8 dispatch, the "experts" return
+        # what they received (dequantized), weighted BF16 combine; checked bit for bit against the
+        # reference model gathered from every rank
+        ll_x, ll_idx, ll_w = x[:ll_tokens], topk_idx[:ll_tokens], weights[:ll_tokens]
+        recv, count, ll_handle, _, hook = buf.low_latency_dispatch(
+            to_dev(ll_x), to_dev(ll_idx), ll_tokens, experts, use_fp8=True, return_recv_hook=True)
+        hook()                                   # compute could run between the sends and this
+        everyone = comm.allgather((ll_x, ll_idx, ll_w))
+        ref = reference.low_latency_dispatch([e[0] for e in everyone], [e[1] for e in everyone], ll_tokens,
+                                             experts, use_fp8=True)
+        mine = ref[rank]
+        q, scales, n = to_host(recv[0]), to_host(recv[1]), to_host(count)
+        ok = np.array_equal(n, mine.recv_count) and all(
+            np.array_equal(q[l, :c].view(np.uint8), mine.recv_x[l, :c].view(np.uint8))
+            and np.array_equal(scales[l, :c], mine.recv_x_scales[l, :c]) for l, c in enumerate(n))
+        ys = [reference.fp8_to_float(r.recv_x, r.recv_x_scales).astype(ml_dtypes.bfloat16) for r in ref]
+        out, _, _ = buf.low_latency_combine(to_dev(ys[rank]), to_dev(ll_idx), to_dev(ll_w), ll_handle)
+        want = reference.low_latency_combine(ys, [e[1] for e in everyone], [e[2] for e in everyone], ref)[rank]
+        ok = ok and np.array_equal(to_host(out).view(np.uint16), want.view(np.uint16))
+        log(f"low-latency FP8 dispatch + BF16 combine ({ll_tokens} tokens, hook): received "
+            f"{int(n.sum())} expert entries -> {'OK' if ok else 'MISMATCH'}")
+        checks.append(("low-latency", ok))
 
     failed = [name for name, ok in checks if not ok]
     all_failed = comm.allgather(failed)

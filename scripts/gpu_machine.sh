@@ -79,11 +79,13 @@ if [[ "$STEPS" == *tests* ]]; then
   rc=$?
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12
   row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUTD/gpu_tests.log" | tail -2 | tr '\n' ' ')"
+  if [ -z "${SKIP_CPU_TIER:-}" ]; then   # CI runs it too; SKIP_CPU_TIER=1 saves GPU time
   say "CPU tier on the GPU machine's python (single process)"
   timeout -k 10 300 $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_mpi_launch.py \
       --ignore=tests/gpu --ignore=tests/multirank > "$OUTD/cpu_tests.log" 2>&1
   rc=$?
   row "cpu tier (single process)" "rc=$rc $(tail -1 "$OUTD/cpu_tests.log")"
+  fi
 fi
 
 if [[ "$STEPS" == *bench* ]]; then
