@@ -43,6 +43,7 @@ constexpr unsigned int kFullMask = 0xffffffffu;
 constexpr int kPhaseLLDispatchRecv = 20;  // names in deepep_cupy/kernel_errors.py
 constexpr int kPhaseLLCombineRecv = 21;
 constexpr int kPhaseLLTooMany = 22;
+constexpr int kPhaseLLReuse = 23;
 
 struct LLLayout {
     long long half_bytes;
@@ -54,6 +55,7 @@ struct LLLayout {
     long long send_msgs;
     long long combine_stage;
     long long meta_stage;
+    long long control;           // after both halves: uint64 operations received (read by peers)
     int msg_bytes;
     int meta_ints;
     int max_tokens;   // M
@@ -150,6 +152,38 @@ DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
     return m;
 }
 
+// Before operation `seq` writes into a half, every peer must have received operation seq - 2 (the
+// last one in that half). Only needed after two operations were in flight at once (the host decides).
+DEEPEP_DEVICE bool wait_peers_received(uint8_t* region, const uint64_t* peers, const LLLayout& lay, uint64_t seq,
+                                       uint64_t timeout_ns, deepep::ErrorRecord* err, int rank) {
+    __shared__ bool ok;
+    if (threadIdx.x == 0) ok = true;
+    __syncthreads();
+    if (threadIdx.x < kNumRanks && seq > 2) {
+        const int r = threadIdx.x;
+        const uint64_t start = deepep::global_timer_ns();
+        while (true) {
+            const uint64_t done = peers[r] != 0
+                ? deepep::ld_acquire_sys(reinterpret_cast<const uint64_t*>(reinterpret_cast<uint8_t*>(peers[r]) + lay.control))
+                : nvshmem_uint64_g(reinterpret_cast<const uint64_t*>(region + lay.control), r);
+            if (done >= seq - 2) break;
+            if (deepep::global_timer_ns() - start > timeout_ns) {
+                deepep::record_error(err, deepep::kTimeout, kPhaseLLReuse, r, rank);
+                ok = false;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    return ok;
+}
+
+// The receive half's last block: publish the operation count (peers' guards read it) and advance.
+DEEPEP_DEVICE void finish_receive(uint8_t* region, const LLLayout& lay, uint64_t* seq_ptr, uint64_t seq) {
+    *seq_ptr = seq;
+    st_release_u64(reinterpret_cast<uint64_t*>(region + lay.control), seq);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -163,9 +197,9 @@ DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
 // destination's meta (and zeroes the counts) and raises its flag. An expert chosen more than M
 // times by this rank (only duplicates in a row can do that) keeps M entries and reports.
 DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
-                 int* __restrict__ counts, LL_SHAPE_PARAMS, uint8_t* region,
-                 const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr,
-                 unsigned int* done_counter, deepep::ErrorRecord* err) {
+                 int* __restrict__ counts, int* __restrict__ topk_slots, LL_SHAPE_PARAMS, uint8_t* region,
+                 const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard,
+                 uint64_t timeout_ns, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
     const uint64_t seq = next_seq(seq_ptr);
@@ -182,6 +216,8 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
     __shared__ int s_expert[kMaxTopk];
     __shared__ int s_before[kMaxTopk];     // entries before (t, k) with the same expert
     if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
+    __syncthreads();
+    if (guard) wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
 
     for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
         const long long first = static_cast<long long>(t) * K;
@@ -218,6 +254,7 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
                 }
                 hdr[4 + lane] = static_cast<int>(e);
                 hdr[4 + K + lane] = slot;
+                topk_slots[first + lane] = slot;   // the combine reads this rank's own rows in place
             }
             if (lane == 0) {
                 hdr[0] = t;
@@ -421,20 +458,22 @@ DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __r
             }
         }
     }
-    if (last_block_done<false>(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
+    if (last_block_done<false>(done_counter) && threadIdx.x == 0) finish_receive(region, lay, seq_ptr, seq);
 }
 
 // ------------------------------------------------------------------------------------------------
-// combine send: every received slot (l, pos < recv_count[l]) goes back to its source s as
-// combine_rows[t][k] (t, k from the dispatch handle). The received rows are numbered across the
-// local experts (a prefix of recv_count in shared memory) and cut into 1, 2 or 4 parts so that every
-// warp of the grid has a similar share. NVLink peers: direct stores; others: the part is staged at
+// combine send: every received slot (l, pos < recv_count[l]) from another rank s goes back to s as
+// combine_rows[t][k] (t, k from the dispatch handle); slots from this rank stay where they are (the
+// receive reads them from x in place). The remote rows are numbered across the local experts (a
+// prefix in shared memory) and cut into 1, 2 or 4 parts so that every warp of the grid has a
+// similar share. NVLink peers: direct stores; others: the part is staged at
 // combine_stage[s][t*K + k] and put. The last block raises every source's flag.
 DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
                 const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k,
                 const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS,
                 uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
-                int rank, uint64_t* seq_ptr, unsigned int* done_counter) {
+                int rank, int guard, uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr,
+                unsigned int* done_counter) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
     const uint64_t seq = next_seq(seq_ptr);
@@ -447,22 +486,26 @@ DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const
     const unsigned int put_mask = put_ranks(peer_regions);
     const int gwarp = blockIdx.x * num_warps + warp, gwarps = gridDim.x * num_warps;
 
-    __shared__ int s_row_begin[kMaxExperts + 1];   // first received row of each local expert
+    __shared__ uint64_t s_peers[kNumRanks];
+    __shared__ int s_row_begin[kMaxExperts + 1];   // first remote row of each local expert
+    if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
     if (warp == 0) {
         int carry = 0;
         for (int base = 0; base < num_local; base += kWarpSize) {
-            int v = base + lane < num_local ? recv_count[base + lane] : 0;
+            const int l = base + lane;
+            int v = l < num_local ? recv_count[l] - layout_count[l * kNumRanks + rank] : 0;
 #pragma unroll
             for (int o = 1; o < kWarpSize; o <<= 1) {
                 const int u = __shfl_up_sync(kFullMask, v, o);
                 if (lane >= o) v += u;
             }
-            if (base + lane < num_local) s_row_begin[base + lane + 1] = carry + v;
+            if (l < num_local) s_row_begin[l + 1] = carry + v;
             carry += __shfl_sync(kFullMask, v, kWarpSize - 1);
         }
         if (lane == 0) s_row_begin[0] = 0;
     }
     __syncthreads();
+    if (guard) wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
     const int rows = s_row_begin[num_local];
     const int share = gwarps / max(rows, 1);
     const int parts = share >= 4 ? 4 : (share >= 2 ? 2 : 1);   // 1, 2 or 4: H * 2 / parts stays a multiple of 16
@@ -475,7 +518,10 @@ DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const
             if (s_row_begin[mid] <= r) lo = mid;
             else hi = mid;
         }
-        const int l = lo, pos = r - s_row_begin[l];
+        const int l = lo;
+        int pos = r - s_row_begin[l];                   // skip this rank's own block of slots
+        const int own_begin = layout_begin[l * kNumRanks + rank];
+        if (pos >= own_begin) pos += layout_count[l * kNumRanks + rank];
         int s = 0;
         while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
         const long long slot = static_cast<long long>(l) * slot_stride + pos;
@@ -483,7 +529,7 @@ DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const
         const uint8_t* src = reinterpret_cast<const uint8_t*>(x + slot * H) + part * part_bytes;
         const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2 +
                                   part * part_bytes;
-        const uint64_t peer = peer_regions[s];
+        const uint64_t peer = s_peers[s];
         if (peer != 0) {
             warp_copy16<8>(reinterpret_cast<uint8_t*>(peer) + dst_off, src, part_bytes, lane);
         } else {
@@ -515,16 +561,20 @@ DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const
 // ------------------------------------------------------------------------------------------------
 // combine receive: wait for every rank's flag, then a thread per (token, 8 channels) sums
 // w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16), with up to 8
-// rows' loads in flight. The last block advances the receive counter.
+// rows' loads in flight. Rows of this rank's own experts are read from x in place (slot from the
+// dispatch's topk_slots), the others from combine_rows. The last block advances the receive counter.
 DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-                unsigned short* __restrict__ out, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
-                int rank, uint64_t* seq_ptr, unsigned int* done_counter, uint64_t timeout_ns,
-                deepep::ErrorRecord* err) {
+                unsigned short* __restrict__ out, const unsigned short* __restrict__ x,
+                const int* __restrict__ layout_begin, const int* __restrict__ topk_slots, LL_SHAPE_PARAMS,
+                uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr, unsigned int* done_counter,
+                uint64_t timeout_ns, deepep::ErrorRecord* err) {
     constexpr int kLoads = 8;   // rows in flight per thread
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
     const uint64_t seq = next_seq(seq_ptr);
     const int H = shape.hidden, K = shape.num_topk, KMAX = lay.max_topk;
+    const int num_local = shape.num_experts / kNumRanks, expert_lo = rank * num_local;
+    const long long slot_stride = static_cast<long long>(kNumRanks) * lay.max_tokens;
     uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
     const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.combine_flags), seq, timeout_ns, err,
                                    kPhaseLLCombineRecv, rank);
@@ -545,8 +595,19 @@ DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const
                     const long long j = static_cast<long long>(t) * K + k0 + u;
                     on[u] = k0 + u < K && topk_idx[j] >= 0;
                     w[u] = on[u] ? topk_weights[j] : 0.0f;
-                    v[u] = on[u] ? __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h)
-                                 : make_int4(0, 0, 0, 0);
+                    if (!on[u]) {
+                        v[u] = make_int4(0, 0, 0, 0);
+                        continue;
+                    }
+                    const int l = static_cast<int>(topk_idx[j]) - expert_lo;
+                    if (l >= 0 && l < num_local) {   // this rank's own expert: its output row, in place
+                        const int slot = topk_slots[j];   // -1: dropped (reported by the dispatch)
+                        v[u] = slot < 0 ? make_int4(0, 0, 0, 0)
+                                        : __ldg(reinterpret_cast<const int4*>(x) +
+                                                (static_cast<long long>(l) * slot_stride +
+                                                 layout_begin[l * kNumRanks + rank] + slot) * row_vecs + h);
+                    } else
+                        v[u] = __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h);
                 }
 #pragma unroll
                 for (int u = 0; u < kLoads; ++u) {
@@ -563,7 +624,7 @@ DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const
             reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
         }
     }
-    if (last_block_done<false>(done_counter) && threadIdx.x == 0) *seq_ptr = seq;
+    if (last_block_done<false>(done_counter) && threadIdx.x == 0) finish_receive(region, lay, seq_ptr, seq);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -571,14 +632,17 @@ DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const
 // fused kernel runs both (the receive phase of a block starts as soon as its own sends are done,
 // and one launch is saved). A fused block that waits never holds up a peer: a peer's flags depend
 // only on that peer's own sends, so the wait ends even if some of our blocks are not yet resident.
+// `guard` (set by the host after two operations were in flight): wait until every peer has
+// received the operation that last used this half before writing into it.
 #define LL_DISPATCH_SEND_PARAMS const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx, \
-    int* __restrict__ counts, LL_SHAPE_PARAMS, uint8_t* region, const uint64_t* __restrict__ peer_regions, \
-    const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err
-#define LL_DISPATCH_SEND_ARGS x, topk_idx, counts, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, \
-    round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank
+    int* __restrict__ counts, int* __restrict__ topk_slots, LL_SHAPE_PARAMS, uint8_t* region, \
+    const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard, uint64_t timeout_ns, \
+    uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err
+#define LL_DISPATCH_SEND_ARGS x, topk_idx, counts, topk_slots, num_tokens_, hidden_, num_topk_, num_experts_, \
+    use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank, guard, timeout_ns
 #define LL_DISPATCH_RECV_PARAMS uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, \
     int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k, \
-    int* __restrict__ layout_begin, int* __restrict__ layout_count, uint64_t timeout_ns
+    int* __restrict__ layout_begin, int* __restrict__ layout_count
 #define LL_DISPATCH_RECV_ARGS recv_x, recv_scales, recv_count, recv_src_info, recv_src_k, layout_begin, \
     layout_count, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, \
     lay_ptr, rank
@@ -589,43 +653,44 @@ extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_send(LL_DISPATC
 
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_dispatch_recv(LL_DISPATCH_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
-                 uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
+                 uint64_t timeout_ns, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
     dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
 }
 
-// seq_ptr: both counters {sent, received}; done_counters: {send phase, receive phase}
+// seq_ptr: both counters {sent, received}; done_counter: {send phase, receive phase}
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_dispatch(LL_DISPATCH_SEND_PARAMS, LL_DISPATCH_RECV_PARAMS) {
-    unsigned int* recv_done = done_counter + 1;
     dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
-    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr + 1, recv_done, timeout_ns, err);
+    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr + 1, done_counter + 1, timeout_ns, err);
 }
 
 #define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ recv_count, \
     const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k, \
     const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS, \
-    uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, \
-    uint64_t* seq_ptr, unsigned int* done_counter
+    uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard, \
+    uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter
 #define LL_COMBINE_SEND_ARGS x, recv_count, recv_src_info, recv_src_k, layout_begin, layout_count, num_tokens_, \
-    hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank
+    hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank, \
+    guard, timeout_ns, err
 #define LL_COMBINE_RECV_PARAMS const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights, \
-    unsigned short* __restrict__ out, uint64_t timeout_ns, deepep::ErrorRecord* err
-#define LL_COMBINE_RECV_ARGS topk_idx, topk_weights, out, num_tokens_, hidden_, num_topk_, num_experts_, \
-    use_fp8_, round_scale_, use_ue8m0_, region, lay_ptr, rank
+    unsigned short* __restrict__ out, const int* __restrict__ topk_slots
+#define LL_COMBINE_RECV_ARGS topk_idx, topk_weights, out, x, layout_begin, topk_slots, num_tokens_, hidden_, \
+    num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, lay_ptr, rank
 
 extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_SEND_PARAMS) {
     combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
 }
 
+// the receive half reads x (own rows) and layout_begin as well: x must stay unchanged until it runs
 extern "C" __global__ void __launch_bounds__(256)
-ll_combine_recv(LL_COMBINE_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
-                uint64_t* seq_ptr, unsigned int* done_counter) {
+ll_combine_recv(LL_COMBINE_RECV_PARAMS, const unsigned short* __restrict__ x, const int* __restrict__ layout_begin,
+                LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t timeout_ns,
+                deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter) {
     combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
 }
 
 extern "C" __global__ void __launch_bounds__(512, 1)
 ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS) {
-    unsigned int* recv_done = done_counter + 1;
     combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
-    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr + 1, recv_done, timeout_ns, err);
+    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr + 1, done_counter + 1, timeout_ns, err);
 }

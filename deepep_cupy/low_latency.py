@@ -73,6 +73,7 @@ class LowLatencyLayout:
     combine_stage: int
     meta_stage: int
     half_bytes: int
+    control: int = 0
 
     @classmethod
     def build(cls, max_tokens: int, hidden: int, num_ranks: int, num_experts: int,
@@ -89,20 +90,20 @@ class LowLatencyLayout:
             parts[name] = off
             off += _align(size)
         return cls(num_ranks=r, max_tokens=m, hidden=hidden, num_experts=num_experts, max_topk=k,
-                   msg_bytes=msg, meta_ints=meta_ints, half_bytes=off, **parts)
+                   msg_bytes=msg, meta_ints=meta_ints, half_bytes=off, control=2 * off, **parts)
 
     @property
     def total_bytes(self) -> int:
-        """Both halves."""
-        return 2 * self.half_bytes
+        """Both halves and the control word (operations received, read by peers' guards)."""
+        return 2 * self.half_bytes + _ALIGN
 
     def device_struct(self):
-        """The kernel's ``LLLayout`` (9 int64 + 4 int32) as a CuPy byte array."""
+        """The kernel's ``LLLayout`` (10 int64 + 4 int32) as a CuPy byte array."""
         import cupy
-        host = np.zeros(11, dtype=np.int64)
-        host[:9] = [self.half_bytes, self.recv_msgs, self.recv_meta, self.recv_flags, self.combine_rows,
-                    self.combine_flags, self.send_msgs, self.combine_stage, self.meta_stage]
-        host.view(np.int32)[18:22] = [self.msg_bytes, self.meta_ints, self.max_tokens, self.max_topk]
+        host = np.zeros(12, dtype=np.int64)
+        host[:10] = [self.half_bytes, self.recv_msgs, self.recv_meta, self.recv_flags, self.combine_rows,
+                     self.combine_flags, self.send_msgs, self.combine_stage, self.meta_stage, self.control]
+        host.view(np.int32)[20:24] = [self.msg_bytes, self.meta_ints, self.max_tokens, self.max_topk]
         return cupy.asarray(host.view(np.uint8))
 
 
@@ -118,6 +119,8 @@ class LowLatencyHandle:
     """What a low-latency combine needs from its dispatch (CuPy arrays on the GPU).
 
     recv_src_info / recv_src_k: int32 [L, R*M] source token and top-k slot of each received entry.
+    topk_slots: int32 [T, K] rank of each of this rank's (t, k) entries within its expert (-1 none):
+    the combine reads the rows of this rank's own experts in place with it.
     layout_begin / layout_count: int32 [L, R]. recv_count: int32 [L]. Host ints: num_tokens,
     num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank. use_fp8 / use_ue8m0: flags
     of the dispatch.
@@ -128,6 +131,7 @@ class LowLatencyHandle:
     layout_begin: object
     layout_count: object
     recv_count: object
+    topk_slots: object
     num_tokens: int
     num_experts: int
     hidden: int
@@ -159,10 +163,11 @@ class PendingDispatch:
 
 @dataclasses.dataclass(eq=False)
 class PendingCombine:
-    """A combine whose sends are issued and whose receive (the hook) is still to run."""
+    """A combine whose sends are issued and whose receive (the hook) is still to run; the receive
+    reads the rows of this rank's own experts from ``x`` in place."""
 
     handle: LowLatencyHandle
-    keep_alive: tuple
+    x: object
 
 
 class LowLatencyKernels:
@@ -208,6 +213,7 @@ class LowLatencyKernels:
         self.errors = PinnedErrorRecord()
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.pending: list = []                           # operations sent, not yet received
+        self._guarded_sends = 0     # sends that must first wait for peers (after two were in flight)
         cupy.cuda.Device().synchronize()
 
     @property
@@ -228,6 +234,7 @@ class LowLatencyKernels:
         self.done.fill(0)
         self.counts.fill(0)
         self.pending.clear()
+        self._guarded_sends = 0
         cupy.cuda.Device().synchronize()
 
     def _timeout_ns(self):
@@ -244,6 +251,16 @@ class LowLatencyKernels:
         if len(self.pending) >= 2:
             raise DeepEPInvalid(f"{what}: two low-latency operations already wait for their hook; call the "
                                 "older hook first (at most two operations may be in flight)")
+
+    def _guard(self):
+        """The send's ``guard`` argument. Once two operations were in flight, a peer may still be
+        reading the half the next sends write into, so the next two sends wait for it first."""
+        import cupy
+        guard = self._guarded_sends > 0
+        self._guarded_sends = max(0, self._guarded_sends - 1)
+        if self.pending:            # this send joins one still in flight
+            self._guarded_sends = 2
+        return cupy.int32(guard)
 
     def _dispatch_outputs(self, num_tokens: int, num_topk: int, use_fp8: bool, use_ue8m0: bool, stream):
         """Allocate a dispatch's outputs on ``stream``: (recv_x, recv_scales or None, handle)."""
@@ -263,20 +280,23 @@ class LowLatencyKernels:
                 recv_src_k=cupy.empty((num_local, slots_per_expert), dtype=cupy.int32),
                 layout_begin=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
                 layout_count=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
-                recv_count=cupy.empty(num_local, dtype=cupy.int32), num_tokens=num_tokens,
+                recv_count=cupy.empty(num_local, dtype=cupy.int32),
+                topk_slots=cupy.empty((num_tokens, num_topk), dtype=cupy.int32), num_tokens=num_tokens,
                 num_experts=lay.num_experts, hidden=h, num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
                 num_max_dispatch_tokens_per_rank=lay.max_tokens)
         return recv_x, recv_scales, handle
 
-    def _send_args(self, x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0) -> tuple:
+    def _send_args(self, x, topk_idx, hd, use_fp8, round_scale, use_ue8m0) -> tuple:
         import cupy
-        return ((x, topk_idx, self.counts) + self._shape(num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank)))
+        return ((x, topk_idx, self.counts, hd.topk_slots)
+                + self._shape(hd.num_tokens, hd.num_topk, use_fp8, round_scale, use_ue8m0)
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
+                   self._timeout_ns()))
 
     def _recv_outputs(self, recv_x, recv_scales, hd) -> tuple:
         import cupy
         return (recv_x, cupy.uint64(0) if recv_scales is None else recv_scales, hd.recv_count, hd.recv_src_info,
-                hd.recv_src_k, hd.layout_begin, hd.layout_count, self._timeout_ns())
+                hd.recv_src_k, hd.layout_begin, hd.layout_count)
 
     def dispatch(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> tuple:
         """Send and receive in one fused kernel on ``stream`` (no hook). Returns (recv_x, recv_scales
@@ -289,7 +309,7 @@ class LowLatencyKernels:
         with stream:
             self.module["ll_dispatch"](
                 (self._sms,), (THREADS,),
-                self._send_args(x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                self._send_args(x, topk_idx, hd, use_fp8, round_scale, use_ue8m0)
                 + (self.seq, self.done[0:2], cupy.uint64(self.errors.ptr))
                 + self._recv_outputs(recv_x, recv_scales, hd))
         return recv_x, recv_scales, hd.recv_count, hd
@@ -305,7 +325,7 @@ class LowLatencyKernels:
         with stream:
             self.module["ll_dispatch_send"](
                 (max(1, min(num_tokens, self._sms)),), (THREADS,),
-                self._send_args(x, topk_idx, num_tokens, num_topk, use_fp8, round_scale, use_ue8m0)
+                self._send_args(x, topk_idx, handle, use_fp8, round_scale, use_ue8m0)
                 + (self.seq[0:1], self.done[0:1], cupy.uint64(self.errors.ptr)))
         pending = PendingDispatch(num_tokens, num_topk, use_fp8, use_ue8m0, recv_x, recv_scales, handle,
                                   (x, topk_idx))
@@ -330,15 +350,16 @@ class LowLatencyKernels:
                 (self._sms,), (THREADS,),
                 self._recv_outputs(pending.recv_x, pending.recv_scales, hd)
                 + self._shape(pending.num_tokens, pending.num_topk, pending.use_fp8, False, pending.use_ue8m0)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[1:2],
-                   cupy.uint64(self.errors.ptr)))
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(), self.seq[1:2],
+                   self.done[1:2], cupy.uint64(self.errors.ptr)))
         return pending.recv_x, pending.recv_scales, hd.recv_count, hd
 
     def _combine_send_args(self, x, handle: LowLatencyHandle) -> tuple:
         import cupy
         return ((x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
                  handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank)))
+                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
+                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
 
     def _combine_out(self, handle: LowLatencyHandle, out, stream):
         import cupy
@@ -357,7 +378,7 @@ class LowLatencyKernels:
             self.module["ll_combine"](
                 (self._sms,), (THREADS,),
                 self._combine_send_args(x, handle) + (self.seq, self.done[2:4])
-                + (topk_idx, topk_weights, out, self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+                + (topk_idx, topk_weights, out, handle.topk_slots))
         return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
@@ -366,7 +387,7 @@ class LowLatencyKernels:
         with stream:
             self.module["ll_combine_send"]((self._sms,), (THREADS,),
                                            self._combine_send_args(x, handle) + (self.seq[0:1], self.done[2:3]))
-        pending = PendingCombine(handle, (x,))
+        pending = PendingCombine(handle, x)
         self.pending.append(pending)
         return pending
 
@@ -380,7 +401,8 @@ class LowLatencyKernels:
             self.module["ll_combine_recv"](
                 (max(1, min(4 * self._sms, -(-handle.num_tokens * handle.hidden // (8 * RECV_THREADS)))),),
                 (RECV_THREADS,),
-                (topk_idx, topk_weights, out, self._timeout_ns(), cupy.uint64(self.errors.ptr))
+                (topk_idx, topk_weights, out, handle.topk_slots, pending.x, handle.layout_begin)
                 + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self.seq[1:2], self.done[3:4]))
+                + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(),
+                   cupy.uint64(self.errors.ptr), self.seq[1:2], self.done[3:4]))
         return out

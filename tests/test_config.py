@@ -47,7 +47,8 @@ def test_low_latency_size_hint_and_layout():
     hint = ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 2, 256)
     assert hint < 1908 * 10**6 // 10           # DeepEP's hint at this shape is 1908 MB
     lay = LowLatencyLayout.build(128, 7168, 2, 256)
-    assert hint == lay.total_bytes == 2 * lay.half_bytes
+    assert hint == lay.total_bytes == 2 * lay.half_bytes + 256    # + the control word, 256-aligned
+    assert lay.control == 2 * lay.half_bytes
     regions = sorted([(lay.recv_msgs, 2 * 128 * lay.msg_bytes), (lay.recv_meta, 2 * lay.meta_ints * 4),
                       (lay.recv_flags, 16), (lay.combine_rows, 128 * 16 * 7168 * 2), (lay.combine_flags, 16),
                       (lay.send_msgs, 128 * lay.msg_bytes), (lay.combine_stage, 2 * 128 * 16 * 7168 * 2),

@@ -207,6 +207,34 @@ def test_recv_hook_with_work_between_and_two_in_flight(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems))
 
 
+def test_two_in_flight_with_a_slow_peer(buf):
+    """Two dispatches in flight (A, B); the last rank waits 1 s before its hooks while the others hook
+    at once and go on to C and D, which reuse A's and B's halves: the guard makes C and D wait until
+    the slow rank has received A and B, so every result matches the reference."""
+    import cupy as cp
+    from deepep_cupy import reference
+    comm = world()
+    R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 4096, 32, 8
+    ins = [make_inputs(720 + i, R, M - i, H, K, E, ("random", "hot", "random", "rank0_only")[i]) for i in range(4)]
+    refs = [reference.low_latency_dispatch(xs, idxs, M, E, use_fp8=False) for xs, idxs, _ in ins]
+    problems = run_case(buf, 719, M, H, E, K, M, "random", "bf16")     # lay the shapes out first
+    comm.Barrier()
+    a = buf.low_latency_dispatch(cp.asarray(ins[0][0][me]), cp.asarray(ins[0][1][me]), M, E, use_fp8=False,
+                                 return_recv_hook=True)
+    b = buf.low_latency_dispatch(cp.asarray(ins[1][0][me]), cp.asarray(ins[1][1][me]), M, E, use_fp8=False,
+                                 return_recv_hook=True)
+    if me == R - 1:
+        cp.cuda.get_current_stream().synchronize()
+        time.sleep(1.0)
+    a[4]()
+    b[4]()
+    c = buf.low_latency_dispatch(cp.asarray(ins[2][0][me]), cp.asarray(ins[2][1][me]), M, E, use_fp8=False)
+    d = buf.low_latency_dispatch(cp.asarray(ins[3][0][me]), cp.asarray(ins[3][1][me]), M, E, use_fp8=False)
+    for name, got, ref in (("A", a, refs[0]), ("B", b, refs[1]), ("C", c, refs[2]), ("D", d, refs[3])):
+        problems += check_dispatch(got[:3], ref[me], False, False, f"operation {name}")
+    assert_all_ranks(comm, not problems, "\n".join(problems))
+
+
 def test_send_does_not_wait_for_peers(buf):
     """With return_recv_hook the send kernels finish while a peer has not even called yet."""
     import cupy as cp

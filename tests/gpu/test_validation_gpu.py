@@ -42,7 +42,8 @@ def _cases(num_ranks):
         ("allocate_on_comm_stream alone", lambda b: b.get_dispatch_layout(g, E, allocate_on_comm_stream=True), TypeError, "allocate_on_comm_stream"),
         ("async_finish not a bool", lambda b: b.get_dispatch_layout(g, E, async_finish="yes"), TypeError, "async_finish"),
         ("dispatch without topk_idx", lambda b: b.dispatch(cp.zeros((T, 128), cp.float32)), ValueError, "topk_idx: required"),
-        ("low-latency not yet on GPU", lambda b: b.low_latency_dispatch(cp.zeros((T, 128), cp.float32), g, T, E), NotImplementedError, "issue #4"),
+        ("low-latency x float32", lambda b: b.low_latency_dispatch(cp.zeros((T, 128), cp.float32), g, T, E), TypeError, "x: expected dtype bfloat16"),
+        ("low-latency hidden not /128", lambda b: b.low_latency_dispatch(cp.zeros((T, 200), cp.dtype("bfloat16")), g, T, E), ValueError, "multiples of 128"),
     ]
 
 
