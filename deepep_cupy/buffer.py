@@ -268,12 +268,6 @@ class Buffer:
         return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
                 self._give(in_rank, fw), event)
 
-    def _reference_only(self, what: str, issue: int):
-        if self.backend_name == "gpu":
-            raise NotImplementedError(
-                f"{what} on the GPU backend lands with issue #{issue}; use backend='reference' "
-                "(CPU, same API) meanwhile")
-
     def _check_x(self, x, name: str = "x"):
         """``x`` is ``[T, H]`` bf16/float32, or an FP8 pair ``(x_e4m3 [T, H], scales float32 [T, H/128])``.
         Returns (data, scales or None, data desc)."""

@@ -1,5 +1,5 @@
 """The low-latency kernels' index arithmetic (cuda_src/low_latency.cu), replayed in numpy against the
-reference model, so the design is checked on every CPU run before the kernels first meet a GPU:
+reference model, so the design is checked on every CPU run (the GPU tier checks the kernels):
 the send kernel's per-expert ranks of (t, k) entries, the receiver's layout_begin from the metas, and the
 placement recv[l][begin[l][s] + slot] of every message's entries."""
 
@@ -10,7 +10,7 @@ from deepep_cupy import reference
 
 
 def entry_slots(topk_idx, num_experts):
-    """What entry_slots computes: slot of each (t, k) among this rank's entries for its expert, and
+    """What ll_dispatch_send computes per token: slot of each (t, k) among this rank's entries for its expert, and
     the count per expert, in flattened (t, k) order."""
     flat = topk_idx.reshape(-1)
     slots = np.full(flat.shape, -1, dtype=np.int64)
