@@ -75,3 +75,49 @@ def test_low_latency_placement_matches_reference(num_ranks, num_experts, tokens,
         for l, n in enumerate(recv_count):
             np.testing.assert_array_equal(src_info[l, :n], r.recv_src_info[l, :n])
             np.testing.assert_array_equal(src_k[l, :n], r.recv_src_k[l, :n])
+
+
+class _Bookkeeping:
+    """The host-side bookkeeping of LowLatencyKernels without a GPU (no kernels, no memory)."""
+
+    def __init__(self):
+        self.pending = []
+        self._guarded_sends = 0
+
+    _admit = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._admit
+    _guard = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._guard
+    _take_turn = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._take_turn
+
+
+def test_reuse_guard_arms_after_two_in_flight():
+    """send A, send B (joins A in flight), hook A, hook B, then C and D reuse A's and B's halves and
+    must be guarded; E is not. A loop that never overlaps is never guarded."""
+    k = _Bookkeeping()
+    guards = []
+    a, b = object(), object()           # pending operations are compared by identity
+    for op in (a, b):
+        guards.append(int(k._guard()))
+        k.pending.append(op)
+    k._take_turn(a, "hook")
+    k._take_turn(b, "hook")
+    for _ in "CDE":
+        guards.append(int(k._guard()))
+    assert guards == [0, 0, 1, 1, 0]
+    plain = _Bookkeeping()
+    assert [int(plain._guard()) for _ in range(5)] == [0] * 5
+
+
+def test_hooks_run_once_in_order_and_two_at_most():
+    from deepep_cupy.errors import DeepEPInvalid
+    k = _Bookkeeping()
+    a, b = object(), object()
+    k.pending += [a, b]
+    with pytest.raises(DeepEPInvalid, match="at most two"):
+        k._admit("low_latency_dispatch")
+    with pytest.raises(DeepEPInvalid, match="not the oldest"):
+        k._take_turn(b, "hook")
+    k._take_turn(a, "hook")
+    with pytest.raises(DeepEPInvalid, match="already completed"):
+        k._take_turn(a, "hook")
+    k._take_turn(b, "hook")
+    assert k.pending == []
