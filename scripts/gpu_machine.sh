@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,ll,extra (default:
-#                                              env,tests,bench,demo,tune; ll runs the low-latency tests and
-#                                              benchmark; extra runs "$EXTRA" in this environment)
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,ll,nvlink,extra
+#                                              (default: env,tests,bench,demo,tune; ll runs the low-latency
+#                                              tests and benchmark; nvlink the NVLink write probe; extra
+#                                              runs "$EXTRA" in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -119,6 +120,13 @@ if [[ "$STEPS" == *ll* ]]; then   # low-latency kernels (issue #4): tests, then 
       > "$OUTD/bench_low_latency_puts.log" 2>&1
   row "bench_low_latency --force-puts" "rc=$?"
   grep -E "^(dispatch|combine)" "$OUTD/bench_low_latency_puts.log" | head -12
+fi
+
+if [[ "$STEPS" == *nvlink* ]]; then   # NVLink write probe: SM stores vs TMA bulk stores vs copy engine
+  say "bench_nvlink_write (one process, 2 GPUs)"
+  timeout -k 10 200 $PY scripts/bench_nvlink_write.py > "$OUTD/bench_nvlink_write.log" 2>&1
+  row "bench_nvlink_write" "rc=$?"
+  tail -16 "$OUTD/bench_nvlink_write.log"
 fi
 
 if [[ "$STEPS" == *tune* ]]; then   # writes the table into the tree here and copies it to $OUT

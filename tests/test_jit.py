@@ -53,6 +53,20 @@ def test_every_kernel_compiles_for_sm90(spec, route, cache):
             assert res["stack_bytes"] == 0, (name, res)
 
 
+def test_nvlink_probe_compiles_for_sm90(cache):
+    """scripts/bench_nvlink_write.py's kernels (SM stores, TMA bulk stores) build for sm_90."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_nvlink_write.py"
+    module_spec = importlib.util.spec_from_file_location("bench_nvlink_write", path)
+    probe = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(probe)
+    compiled = jit.build(probe.probe_spec(), jit.JitOptions(arch="sm_90", route="nvrtc"))
+    blob = Path(compiled.cubin_path).read_bytes()
+    assert b"probe_tma" in blob and b"probe_stores" in blob
+    for res in compiled.resources.values():
+        assert res["stack_bytes"] == 0 and res["spill_store_bytes"] == 0, res
+
+
 def test_cache_hit_and_source_edit_recompiles(cache, tmp_path, monkeypatch):
     src = tmp_path / "cuda_src"
     shutil.copytree(jit.cuda_src_dir(), src)
