@@ -617,8 +617,7 @@ class Buffer:
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
         if zero_copy and self.backend_name == "gpu":
-            own = self._backend.get_next_low_latency_combine_buffer(handle)
-            if int(self._take(x, "x").data.ptr) != int(own.data.ptr):
+            if not self._backend.is_low_latency_combine_buffer(self._take(x, "x")):
                 raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
                                     "(handle) returned")
         if self.backend_name == "gpu":

@@ -122,7 +122,6 @@ class GpuBackend:
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event, async_finish: bool,
                             allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.get_dispatch_layout``; ``topk_idx`` is a CuPy int64 [T, K]."""
-        import cupy
         kernel = self.layout_kernel()
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
@@ -223,9 +222,7 @@ class GpuBackend:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: zero the low-latency region and its sequence counters."""
-        kernels = self.low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        kernels.pending.clear()
-        self._collective_clean(kernels)
+        self._collective_clean(self.low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts))
 
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool, round_scale: bool, use_ue8m0: bool, async_finish: bool,
@@ -246,18 +243,11 @@ class GpuBackend:
 
             hd = pending.handle
             return pending.recv_x, pending.recv_scales, hd.recv_count, hd, EventOverlap(None), hook
-        self._no_hooks_pending(kernels, "low_latency_dispatch")
         with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
             recv_x, recv_scales, recv_count, handle = kernels.dispatch(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                                                        self.comm_stream)
         keep = (x, topk_idx) + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
         return recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None
-
-    @staticmethod
-    def _no_hooks_pending(kernels: LowLatencyKernels, what: str) -> None:
-        if kernels.pending:
-            raise DeepEPInvalid(f"{what}: {len(kernels.pending)} earlier low-latency operation(s) still wait for "
-                                "their hook; call them first (receives complete in the order of the sends)")
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, out, async_finish: bool,
                             return_recv_hook: bool) -> tuple:
@@ -267,9 +257,7 @@ class GpuBackend:
         kernels.check_errors("low_latency_combine")
         if return_recv_hook:
             stream = cupy.cuda.get_current_stream()
-            with stream:
-                if out is None:
-                    out = cupy.empty((handle.num_tokens, handle.hidden), dtype=cupy.dtype("bfloat16"))
+            out = kernels.combine_output(handle, out, stream)   # allocated now: the hook allocates nothing
             pending = kernels.combine_send(x, handle, stream)
 
             def hook():
@@ -277,10 +265,14 @@ class GpuBackend:
                 kernels.combine_recv(pending, topk_idx, topk_weights, out, cupy.cuda.get_current_stream())
 
             return out, EventOverlap(None), hook
-        self._no_hooks_pending(kernels, "low_latency_combine")
         with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
             out = kernels.combine(x, handle, topk_idx, topk_weights, out, self.comm_stream)
         return out, scope.finish(keep_alive=(x, topk_idx, topk_weights, out)), None
+
+    def is_low_latency_combine_buffer(self, x) -> bool:
+        """Whether ``x`` is the array ``get_next_low_latency_combine_buffer`` handed out (no allocation)."""
+        own = self._combine_buffer
+        return own is not None and int(x.data.ptr) == int(own.data.ptr)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle):
         """A bf16 ``[L, R*M, H]`` array owned by the buffer for expert outputs (``zero_copy``)."""

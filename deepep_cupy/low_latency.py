@@ -149,12 +149,9 @@ class LowLatencyHandle:
 
 @dataclasses.dataclass(eq=False)
 class PendingDispatch:
-    """A dispatch whose sends are issued and whose receive (the hook) is still to run."""
+    """A dispatch whose sends are issued and whose receive (the hook) is still to run (its shapes
+    and flags are the handle's)."""
 
-    num_tokens: int
-    num_topk: int
-    use_fp8: bool
-    use_ue8m0: bool
     recv_x: object
     recv_scales: object
     handle: LowLatencyHandle
@@ -186,9 +183,7 @@ class LowLatencyKernels:
                  jit_options: Optional[jit.JitOptions] = None):
         import cupy
 
-        self.backend = backend
         self.num_ranks, self.rank = backend.num_ranks, backend.rank
-        self.force_puts = force_puts
         self.layout = LowLatencyLayout.build(num_max_dispatch_tokens_per_rank, hidden, self.num_ranks,
                                              num_experts, max_topk)
         if backend.num_rdma_bytes < self.layout.total_bytes:
@@ -247,6 +242,12 @@ class LowLatencyKernels:
         return (cupy.int32(num_tokens), cupy.int32(lay.hidden), cupy.int32(num_topk), cupy.int32(lay.num_experts),
                 cupy.int32(use_fp8), cupy.int32(round_scale), cupy.int32(use_ue8m0))
 
+    def _no_pending(self, what: str) -> None:
+        """A call without a hook completes its receive at once, so no earlier receive may be due."""
+        if self.pending:
+            raise DeepEPInvalid(f"{what}: {len(self.pending)} earlier low-latency operation(s) still wait for "
+                                "their hook; call them first (receives complete in the order of the sends)")
+
     def _admit(self, what: str) -> None:
         if len(self.pending) >= 2:
             raise DeepEPInvalid(f"{what}: two low-latency operations already wait for their hook; call the "
@@ -302,8 +303,7 @@ class LowLatencyKernels:
         """Send and receive in one fused kernel on ``stream`` (no hook). Returns (recv_x, recv_scales
         or None, recv_count, handle); fp8 data as uint8 storage."""
         import cupy
-        if self.pending:
-            raise DeepEPInvalid("low_latency_dispatch: earlier operations still wait for their hook")
+        self._no_pending("low_latency_dispatch")
         num_tokens, num_topk = (int(v) for v in topk_idx.shape)
         recv_x, recv_scales, hd = self._dispatch_outputs(num_tokens, num_topk, use_fp8, use_ue8m0, stream)
         with stream:
@@ -327,8 +327,7 @@ class LowLatencyKernels:
                 (max(1, min(num_tokens, self._sms)),), (THREADS,),
                 self._send_args(x, topk_idx, handle, use_fp8, round_scale, use_ue8m0)
                 + (self.seq[0:1], self.done[0:1], cupy.uint64(self.errors.ptr)))
-        pending = PendingDispatch(num_tokens, num_topk, use_fp8, use_ue8m0, recv_x, recv_scales, handle,
-                                  (x, topk_idx))
+        pending = PendingDispatch(recv_x, recv_scales, handle, (x, topk_idx))
         self.pending.append(pending)
         return pending
 
@@ -349,7 +348,7 @@ class LowLatencyKernels:
             self.module["ll_dispatch_recv"](
                 (self._sms,), (THREADS,),
                 self._recv_outputs(pending.recv_x, pending.recv_scales, hd)
-                + self._shape(pending.num_tokens, pending.num_topk, pending.use_fp8, False, pending.use_ue8m0)
+                + self._shape(hd.num_tokens, hd.num_topk, hd.use_fp8, False, hd.use_ue8m0)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(), self.seq[1:2],
                    self.done[1:2], cupy.uint64(self.errors.ptr)))
         return pending.recv_x, pending.recv_scales, hd.recv_count, hd
@@ -361,7 +360,8 @@ class LowLatencyKernels:
                 + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
                    self._timeout_ns(), cupy.uint64(self.errors.ptr)))
 
-    def _combine_out(self, handle: LowLatencyHandle, out, stream):
+    def combine_output(self, handle: LowLatencyHandle, out, stream):
+        """``out``, or a new bf16 [T, H] allocated on ``stream`` when it is None."""
         import cupy
         if out is None:
             with stream:
@@ -370,10 +370,8 @@ class LowLatencyKernels:
 
     def combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, out, stream):
         """Send and reduce in one fused kernel on ``stream`` (no hook); returns ``out`` (bf16 [T, H])."""
-        import cupy
-        if self.pending:
-            raise DeepEPInvalid("low_latency_combine: earlier operations still wait for their hook")
-        out = self._combine_out(handle, out, stream)
+        self._no_pending("low_latency_combine")
+        out = self.combine_output(handle, out, stream)
         with stream:
             self.module["ll_combine"](
                 (self._sms,), (THREADS,),
@@ -396,7 +394,7 @@ class LowLatencyKernels:
         import cupy
         self._take_turn(pending, "low_latency_combine receive")
         handle = pending.handle
-        out = self._combine_out(handle, out, stream)
+        out = self.combine_output(handle, out, stream)
         with stream:
             self.module["ll_combine_recv"](
                 (max(1, min(4 * self._sms, -(-handle.num_tokens * handle.hidden // (8 * RECV_THREADS)))),),

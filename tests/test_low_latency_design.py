@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from deepep_cupy import reference
+from deepep_cupy.low_latency import LowLatencyKernels
 
 
 def entry_slots(topk_idx, num_experts):
@@ -84,9 +85,10 @@ class _Bookkeeping:
         self.pending = []
         self._guarded_sends = 0
 
-    _admit = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._admit
-    _guard = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._guard
-    _take_turn = __import__("deepep_cupy.low_latency", fromlist=["x"]).LowLatencyKernels._take_turn
+    _admit = LowLatencyKernels._admit
+    _guard = LowLatencyKernels._guard
+    _take_turn = LowLatencyKernels._take_turn
+    _no_pending = LowLatencyKernels._no_pending
 
 
 def test_reuse_guard_arms_after_two_in_flight():
@@ -119,5 +121,8 @@ def test_hooks_run_once_in_order_and_two_at_most():
     k._take_turn(a, "hook")
     with pytest.raises(DeepEPInvalid, match="already completed"):
         k._take_turn(a, "hook")
+    with pytest.raises(DeepEPInvalid, match="1 earlier low-latency operation"):
+        k._no_pending("low_latency_combine")   # a call without a hook while B's hook is due
     k._take_turn(b, "hook")
     assert k.pending == []
+    k._no_pending("low_latency_combine")

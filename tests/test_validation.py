@@ -40,7 +40,6 @@ def dispatch_kwargs(buf, topk, x, w):
 
 def _cases():
     topk, x, w = good_inputs()
-    with_topk = lambda **kw: dict(kw)
     return [
         # (id, call(buf), exception type, message must contain)
         ("topk_idx int32", lambda b: layout(b, topk.astype(np.int32)), TypeError, "topk_idx: expected dtype int64"),

@@ -86,7 +86,6 @@ def host(a):
 def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights,
              alignment=1, worst=0, with_bias=False, use_cached=False):
     """Dispatch + combine on the GPU vs the reference; returns a list of problems."""
-    import cupy as cp
     from deepep_cupy import reference
     R, me = buf.num_ranks, buf.rank
     xs, scales, idxs, ws = make_inputs(case_seed, R, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights)
@@ -188,7 +187,6 @@ def test_cuda_graph_replay(buf):
     import cupy as cp
     from deepep_cupy import reference
     R, me, T, H, E, K = buf.num_ranks, buf.rank, 512, 2048, 64, 6
-    rng = np.random.default_rng(42)
     idxs = [routing("holes", T, K, E, R, np.random.default_rng(r)) for r in range(R)]
     idx_g = to_gpu(idxs[me])
     worst = R * T
@@ -273,7 +271,6 @@ def test_sm_budgets(buf, num_sms):
     import deepep_cupy as ep
     problems = run_case(buf, 3000 + num_sms, 777, 2048, 8, 256, "random", fp8=False, with_weights=True)
     cfg = ep.Config(num_sms=num_sms)
-    import cupy as cp
     R, me = buf.num_ranks, buf.rank
     xs, _, idxs, _ = make_inputs(3100 + num_sms, R, 513, 4096, 8, 256, "hot", False, False)
     from deepep_cupy import reference
@@ -293,7 +290,6 @@ def test_sm_budgets(buf, num_sms):
 
 def test_combine_with_single_bias_array(buf):
     """bias as one array (the pair form is covered above)."""
-    import cupy as cp
     from deepep_cupy import reference
     R, me, T, H, E, K = buf.num_ranks, buf.rank, 200, 2048, 32, 4
     xs, _, idxs, _ = make_inputs(55, R, T, H, K, E, "holes", False, False)
@@ -350,7 +346,6 @@ def test_zz_missing_peer_times_out_naming_rank_and_phase():
 
 def test_dispatch_without_topk_routes_by_rank_mask(buf):
     """No topk_idx: is_token_in_rank alone routes; no expert data travels."""
-    import cupy as cp
     from deepep_cupy import reference
     R, me, T, H, E, K = buf.num_ranks, buf.rank, 333, 4096, 64, 6
     xs, _, idxs, _ = make_inputs(123, R, T, H, K, E, "holes", False, False)

@@ -26,7 +26,6 @@ def _good(rank):
 
 def _cases(num_ranks):
     import cupy as cp
-    from deepep_cupy import EventOverlap
     topk = _good(0)
     g = cp.asarray(topk)
     return [
