@@ -19,6 +19,7 @@ PHASES = {
     20: "low-latency dispatch receive (waiting for a peer's tokens)",
     21: "low-latency combine receive (waiting for a peer's expert outputs)",
     22: "low-latency dispatch: an expert chosen more than num_max_dispatch_tokens_per_rank times",
+    23: "low-latency send (waiting for a peer to receive the operation that last used this buffer half)",
 }
 
 _CODES = {1: "timed out", 2: "bad value"}

@@ -59,3 +59,16 @@ def test_low_latency_size_hint_and_layout():
     assert lay.msg_bytes % 16 == 0 and lay.msg_bytes >= 16 + 8 * 16 + 7168 * 2
     with pytest.raises(ValueError, match="num_experts"):
         ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 3, 256)
+
+
+def test_every_kernel_phase_has_a_name():
+    """Each phase id a kernel can report (constexpr int kPhase... in cuda_src) is named in
+    kernel_errors.PHASES, so a timeout message names the phase, not a number."""
+    import re
+    from pathlib import Path
+    from deepep_cupy.kernel_errors import PHASES
+    root = Path(__file__).resolve().parents[1] / "cuda_src"
+    ids = {int(m.group(2)) for f in root.rglob("*.cu*")
+           for m in re.finditer(r"constexpr int (kPhase\w+) = (\d+);", f.read_text())}
+    assert len(ids) >= 12, ids
+    assert ids <= set(PHASES), f"phases without a name: {sorted(ids - set(PHASES))}"
