@@ -6,7 +6,8 @@
 //   recv_meta      [R sources][meta_ints] int32       {num_tokens, entries per local expert [L]}
 //   recv_flags     [R sources] uint64                 raised to seq after the source's messages
 //   combine_rows   [M tokens][K slots][H] bf16        expert outputs for this rank's tokens
-//   combine_flags  [R sources] uint64
+//   combine_flags  [R sources] uint64                 raised to seq after the source's rows (diagnosis)
+//   combine_arrived[M tokens] uint64                   row parts of each token that have arrived
 //   send_msgs      [M tokens][msg_bytes]              messages staged for NVSHMEM puts
 //   combine_stage  [R dests][M*K rows][H] bf16        combine rows staged for NVSHMEM puts
 //   meta_stage     [R dests][meta_ints] int32         metas staged for NVSHMEM puts
@@ -56,6 +57,7 @@ struct LLLayout {
     long long combine_stage;
     long long meta_stage;
     long long control;           // after both halves: uint64 operations received (read by peers)
+    long long combine_arrived;
     int msg_bytes;
     int meta_ints;
     int max_tokens;   // M
@@ -152,6 +154,10 @@ DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
     return m;
 }
 
+// A peer's operations-received word through NVSHMEM (puts peers); not inlined: the get would take
+// registers from the kernels' main loops.
+__device__ __noinline__ uint64_t get_control(const uint64_t* word, int pe) { return nvshmem_uint64_g(word, pe); }
+
 // Before operation `seq` writes into a half, every peer must have received operation seq - 2 (the
 // last one in that half). Only needed after two operations were in flight at once (the host decides).
 DEEPEP_DEVICE bool wait_peers_received(uint8_t* region, const uint64_t* peers, const LLLayout& lay, uint64_t seq,
@@ -165,7 +171,7 @@ DEEPEP_DEVICE bool wait_peers_received(uint8_t* region, const uint64_t* peers, c
         while (true) {
             const uint64_t done = peers[r] != 0
                 ? deepep::ld_acquire_sys(reinterpret_cast<const uint64_t*>(reinterpret_cast<uint8_t*>(peers[r]) + lay.control))
-                : nvshmem_uint64_g(reinterpret_cast<const uint64_t*>(region + lay.control), r);
+                : get_control(reinterpret_cast<const uint64_t*>(region + lay.control), r);
             if (done >= seq - 2) break;
             if (deepep::global_timer_ns() - start > timeout_ns) {
                 deepep::record_error(err, deepep::kTimeout, kPhaseLLReuse, r, rank);
@@ -391,11 +397,13 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
 // ------------------------------------------------------------------------------------------------
 // dispatch receive: wait for every source's flag, derive layout_begin[l][s] from the metas, then a
 // warp per (source, token, k) entry copies the payload to recv_x[l][begin(l, s) + slot] when
-// expert l is local. The last block advances the receive counter.
+// expert l is local. For the combine it records the inverse map combine_slot[s][t][k] (that row of
+// recv_x, or -1) and src_tokens[s]. The last block advances the receive counter.
 DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales,
                  int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k,
-                 int* __restrict__ layout_begin, int* __restrict__ layout_count, LL_SHAPE_PARAMS,
-                 uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr,
+                 int* __restrict__ layout_begin, int* __restrict__ layout_count, int* __restrict__ combine_slot,
+                 int* __restrict__ src_tokens, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
+                 int rank, uint64_t* seq_ptr,
                  unsigned int* done_counter, uint64_t timeout_ns, deepep::ErrorRecord* err) {
     const LLLayout lay = *lay_ptr;
     LL_SHAPE;
@@ -418,7 +426,10 @@ DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __r
     const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.recv_flags), seq, timeout_ns, err,
                                    kPhaseLLDispatchRecv, rank);
     const int* metas = reinterpret_cast<const int*>(half + lay.recv_meta);
-    if (threadIdx.x < kNumRanks) s_tokens[threadIdx.x] = ok ? __ldcg(metas + threadIdx.x * lay.meta_ints) : 0;
+    if (threadIdx.x < kNumRanks) {
+        s_tokens[threadIdx.x] = ok ? __ldcg(metas + threadIdx.x * lay.meta_ints) : 0;
+        if (blockIdx.x == 0) src_tokens[threadIdx.x] = s_tokens[threadIdx.x];
+    }
     for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
         int acc = 0;
         for (int s = 0; s < kNumRanks; ++s) {
@@ -443,9 +454,16 @@ DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __r
             const int t = jj / K, k = jj % K;
             const uint8_t* msg = half + lay.recv_msgs + (static_cast<long long>(s) * M + t) * lay.msg_bytes;
             const int* header = reinterpret_cast<const int*>(msg);
-            if (__ldcg(header + 1) != static_cast<int>(seq & 0x7fffffff)) continue;   // not sent to me
+            int* entry_slot = combine_slot + (static_cast<long long>(s) * M + t) * K + k;
+            if (__ldcg(header + 1) != static_cast<int>(seq & 0x7fffffff)) {   // not sent to me
+                if (lane == 0) *entry_slot = -1;
+                continue;
+            }
             const int e = __ldcg(header + 4 + k), slot = __ldcg(header + 4 + K + k);
-            if (e < expert_lo || e >= expert_lo + num_local || slot < 0) continue;
+            if (e < expert_lo || e >= expert_lo + num_local || slot < 0) {
+                if (lane == 0) *entry_slot = -1;
+                continue;
+            }
             const int l = e - expert_lo;
             const long long pos = static_cast<long long>(l) * slot_stride + s_begin[l * kNumRanks + s] + slot;
             warp_copy16<8>(recv_x + pos * data_bytes, msg + payload, data_bytes, lane);
@@ -455,183 +473,242 @@ DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __r
             if (lane == 0) {
                 recv_src_info[pos] = __ldcg(header);
                 recv_src_k[pos] = k;
+                *entry_slot = static_cast<int>(pos);   // the combine sends in token order with it
             }
         }
     }
     if (last_block_done<false>(done_counter) && threadIdx.x == 0) finish_receive(region, lay, seq_ptr, seq);
 }
 
-// ------------------------------------------------------------------------------------------------
-// combine send: every received slot (l, pos < recv_count[l]) from another rank s goes back to s as
-// combine_rows[t][k] (t, k from the dispatch handle); slots from this rank stay where they are (the
-// receive reads them from x in place). The remote rows are numbered across the local experts (a
-// prefix in shared memory) and cut into 1, 2 or 4 parts so that every warp of the grid has a
-// similar share. NVLink peers: direct stores; others: the part is staged at
-// combine_stage[s][t*K + k] and put. The last block raises every source's flag.
-DEEPEP_DEVICE void combine_send_body(const unsigned short* __restrict__ x, const int* __restrict__ recv_count,
-                const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k,
-                const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS,
-                uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr,
-                int rank, int guard, uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr,
-                unsigned int* done_counter) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
-    const uint64_t seq = next_seq(seq_ptr);
-    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-    const int num_warps = blockDim.x / kWarpSize;
-    const int H = shape.hidden, K = lay.max_topk, M = lay.max_tokens;
-    const int num_local = shape.num_experts / kNumRanks;
-    const int slot_stride = kNumRanks * M;
-    const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
-    const unsigned int put_mask = put_ranks(peer_regions);
-    const int gwarp = blockIdx.x * num_warps + warp, gwarps = gridDim.x * num_warps;
 
-    __shared__ uint64_t s_peers[kNumRanks];
-    __shared__ int s_row_begin[kMaxExperts + 1];   // first remote row of each local expert
-    if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
-    if (warp == 0) {
-        int carry = 0;
-        for (int base = 0; base < num_local; base += kWarpSize) {
-            const int l = base + lane;
-            int v = l < num_local ? recv_count[l] - layout_count[l * kNumRanks + rank] : 0;
-#pragma unroll
-            for (int o = 1; o < kWarpSize; o <<= 1) {
-                const int u = __shfl_up_sync(kFullMask, v, o);
-                if (lane >= o) v += u;
-            }
-            if (l < num_local) s_row_begin[l + 1] = carry + v;
-            carry += __shfl_sync(kFullMask, v, kWarpSize - 1);
+// ------------------------------------------------------------------------------------------------
+// Combine. Every expert output row goes back to its token's rank as combine_rows[t][k] of the
+// operation's half, in kCombineParts parts. After each part the sender adds 1 to the token's
+// combine_arrived[t] at the destination (a release add after the part's stores, or the signal of an
+// NVSHMEM put), and the receiver reduces token t once the count reaches kCombineParts x (entries of
+// t the dispatch placed). Rows of this rank's own experts travel the same way through local memory.
+// Senders walk (token, source, k) in token order (combine_slot, from the dispatch), so tokens
+// complete one after another while the transfer runs, and the fused kernel's reducer warps follow
+// right behind. The last sender block raises every source's flag; receivers read the flags only to
+// name a missing peer. The last receiver block zeroes the counters it used.
+constexpr int kCombineParts = 4;   // H * 2 / 4 bytes: a multiple of 16 for every H % 128 == 0
+
+namespace {
+
+DEEPEP_DEVICE void red_release_sys_add(uint64_t* p, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// A role: warps [first_warp, first_warp + num_warps) of every block, with named barrier bar_id.
+struct Role {
+    int first_warp, num_warps, bar_id;
+    DEEPEP_DEVICE int tid() const { return static_cast<int>(threadIdx.x) - first_warp * kWarpSize; }
+    DEEPEP_DEVICE int threads() const { return num_warps * kWarpSize; }
+    DEEPEP_DEVICE int global_warp() const {
+        return static_cast<int>(blockIdx.x) * num_warps + static_cast<int>(threadIdx.x) / kWarpSize - first_warp;
+    }
+    DEEPEP_DEVICE int global_warps() const { return static_cast<int>(gridDim.x) * num_warps; }
+    DEEPEP_DEVICE void sync() const { asm volatile("bar.sync %0, %1;" ::"r"(bar_id), "r"(threads()) : "memory"); }
+    // last_block_done (above) for this role's threads only
+    template <bool kPublish>
+    DEEPEP_DEVICE bool last_block_done(unsigned int* counter, bool* s_last) const {
+        sync();
+        if (tid() == 0) {
+            if (kPublish) __threadfence_system();
+            *s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+            if (*s_last) *counter = 0;
         }
-        if (lane == 0) s_row_begin[0] = 0;
+        sync();
+        return *s_last;
+    }
+};
+
+// Puts path of a combine part: stage it, then one put that adds 1 to the token's arrival count
+// behind the data. Not inlined: the NVSHMEM put would otherwise take registers from the NVLink path.
+__device__ __noinline__ void put_part(uint8_t* region, uint8_t* stage, const uint8_t* src, long long dst_off,
+                                      long long arrived_off, int part_bytes, int pe, int lane) {
+    warp_copy16<8>(stage, src, part_bytes, lane);
+    __threadfence();   // the staged part is visible to the transport
+    __syncwarp();
+    nvshmemx_putmem_signal_nbi_warp(region + dst_off, stage, part_bytes, reinterpret_cast<uint64_t*>(region + arrived_off),
+                                    1, NVSHMEM_SIGNAL_ADD, pe);
+}
+
+// The puts path's flag (after the puts to `pe`) and the final quiet; not inlined, as above.
+__device__ __noinline__ void put_flag(uint8_t* region, long long flag_off, uint64_t seq, int pe) {
+    nvshmem_fence();
+    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(region + flag_off), seq, NVSHMEM_SIGNAL_SET, pe);
+}
+
+__device__ __noinline__ void quiet_puts() { nvshmem_quiet(); }
+
+struct CombineShared {
+    uint64_t peers[kNumRanks];
+    int src_tokens[kNumRanks];
+    int token_span;              // max over sources of src_tokens
+    bool last_send, last_recv;
+};
+
+// Whole block, before the roles split: peers and source token counts into shared memory, and the
+// reuse guard.
+DEEPEP_DEVICE void combine_send_prologue(CombineShared& sh, const uint64_t* peer_regions, const int* src_tokens,
+                                         uint8_t* region, const LLLayout& lay, uint64_t seq, int rank, int guard,
+                                         uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    if (threadIdx.x < kNumRanks) {
+        sh.peers[threadIdx.x] = peer_regions[threadIdx.x];
+        sh.src_tokens[threadIdx.x] = src_tokens[threadIdx.x];
     }
     __syncthreads();
-    if (guard) wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
-    const int rows = s_row_begin[num_local];
-    const int share = gwarps / max(rows, 1);
-    const int parts = share >= 4 ? 4 : (share >= 2 ? 2 : 1);   // 1, 2 or 4: H * 2 / parts stays a multiple of 16
-    const int part_bytes = H * 2 / parts;
-    for (int item = gwarp; item < rows * parts; item += gwarps) {
-        const int r = item / parts, part = item % parts;
-        int lo = 0, hi = num_local;                     // last l with s_row_begin[l] <= r
-        while (hi - lo > 1) {
-            const int mid = (lo + hi) / 2;
-            if (s_row_begin[mid] <= r) lo = mid;
-            else hi = mid;
-        }
-        const int l = lo;
-        int pos = r - s_row_begin[l];                   // skip this rank's own block of slots
-        const int own_begin = layout_begin[l * kNumRanks + rank];
-        if (pos >= own_begin) pos += layout_count[l * kNumRanks + rank];
-        int s = 0;
-        while (s + 1 < kNumRanks && pos >= layout_begin[l * kNumRanks + s + 1]) ++s;
-        const long long slot = static_cast<long long>(l) * slot_stride + pos;
-        const int t = recv_src_info[slot], k = recv_src_k[slot];
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(x + slot * H) + part * part_bytes;
-        const long long dst_off = half_off + lay.combine_rows + (static_cast<long long>(t) * K + k) * H * 2 +
-                                  part * part_bytes;
-        const uint64_t peer = s_peers[s];
-        if (peer != 0) {
-            warp_copy16<8>(reinterpret_cast<uint8_t*>(peer) + dst_off, src, part_bytes, lane);
-        } else {
-            uint8_t* stage = region + half_off + lay.combine_stage +
-                             (static_cast<long long>(s) * M * K + static_cast<long long>(t) * K + k) * H * 2 +
-                             part * part_bytes;
-            warp_copy16<8>(stage, src, part_bytes, lane);
-            __syncwarp();
-            nvshmemx_putmem_nbi_warp(region + dst_off, stage, part_bytes, s);
-        }
+    if (threadIdx.x == 0) {
+        int span = 0;
+        for (int s = 0; s < kNumRanks; ++s) span = max(span, sh.src_tokens[s]);
+        sh.token_span = span;
     }
-    if (put_mask && threadIdx.x == 0) nvshmem_quiet();
-    if (!last_block_done<true>(done_counter)) return;   // the caller continues (fused kernels)
-    if (threadIdx.x < kNumRanks) {
-        const int s = threadIdx.x;
-        const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
-        const uint64_t peer = peer_regions[s];
-        if (peer != 0) {
-            __threadfence_system();
-            st_release_u64(reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(peer) + flag_off), seq);
-        } else {
-            nvshmem_fence();
-            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(region + flag_off), seq, NVSHMEM_SIGNAL_SET, s);
-        }
-    }
-    if (threadIdx.x == 0) *seq_ptr = seq;
+    if (guard) wait_peers_received(region, sh.peers, lay, seq, timeout_ns, err, rank);
+    __syncthreads();
 }
 
-// ------------------------------------------------------------------------------------------------
-// combine receive: wait for every rank's flag, then a thread per (token, 8 channels) sums
-// w[t,k] * row[t][k] over valid k in ascending order (float32, round once to bf16), with up to 8
-// rows' loads in flight. Rows of this rank's own experts are read from x in place (slot from the
-// dispatch's topk_slots), the others from combine_rows. The last block advances the receive counter.
-DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-                unsigned short* __restrict__ out, const unsigned short* __restrict__ x,
-                const int* __restrict__ layout_begin, const int* __restrict__ topk_slots, LL_SHAPE_PARAMS,
-                uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t* seq_ptr, unsigned int* done_counter,
-                uint64_t timeout_ns, deepep::ErrorRecord* err) {
-    constexpr int kLoads = 8;   // rows in flight per thread
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
-    const uint64_t seq = next_seq(seq_ptr);
-    const int H = shape.hidden, K = shape.num_topk, KMAX = lay.max_topk;
-    const int num_local = shape.num_experts / kNumRanks, expert_lo = rank * num_local;
-    const long long slot_stride = static_cast<long long>(kNumRanks) * lay.max_tokens;
-    uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
-    const bool ok = block_wait_all(reinterpret_cast<uint64_t*>(half + lay.combine_flags), seq, timeout_ns, err,
-                                   kPhaseLLCombineRecv, rank);
-    if (ok) {
-        const int4* rows = reinterpret_cast<const int4*>(half + lay.combine_rows);
-        const int row_vecs = H / 8;
-        const long long items = static_cast<long long>(shape.num_tokens) * row_vecs;
-        for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < items;
-             i += static_cast<long long>(gridDim.x) * blockDim.x) {
-            const int t = static_cast<int>(i / row_vecs), h = static_cast<int>(i % row_vecs);
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int k0 = 0; k0 < K; k0 += kLoads) {
-                int4 v[kLoads];
-                float w[kLoads];
-                bool on[kLoads];
-#pragma unroll
-                for (int u = 0; u < kLoads; ++u) {
-                    const long long j = static_cast<long long>(t) * K + k0 + u;
-                    on[u] = k0 + u < K && topk_idx[j] >= 0;
-                    w[u] = on[u] ? topk_weights[j] : 0.0f;
-                    if (!on[u]) {
-                        v[u] = make_int4(0, 0, 0, 0);
-                        continue;
-                    }
-                    const int l = static_cast<int>(topk_idx[j]) - expert_lo;
-                    if (l >= 0 && l < num_local) {   // this rank's own expert: its output row, in place
-                        const int slot = topk_slots[j];   // -1: dropped (reported by the dispatch)
-                        v[u] = slot < 0 ? make_int4(0, 0, 0, 0)
-                                        : __ldg(reinterpret_cast<const int4*>(x) +
-                                                (static_cast<long long>(l) * slot_stride +
-                                                 layout_begin[l * kNumRanks + rank] + slot) * row_vecs + h);
-                    } else
-                        v[u] = __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h);
-                }
-#pragma unroll
-                for (int u = 0; u < kLoads; ++u) {
-                    if (!on[u]) continue;
-                    const unsigned short* e = reinterpret_cast<const unsigned short*>(&v[u]);
-#pragma unroll
-                    for (int q = 0; q < 8; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w[u], bf16_to_float(e[q])));
-                }
-            }
-            int4 o;
-            unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) ob[q] = float_to_bf16(acc[q]);
-            reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
+DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const unsigned short* __restrict__ x,
+                                     const int* __restrict__ combine_slot, const LLShape& shape, const LLLayout& lay,
+                                     uint8_t* region, unsigned int put_mask, int rank, uint64_t seq, uint64_t* seq_ptr,
+                                     unsigned int* done_counter) {
+    const int lane = threadIdx.x % kWarpSize;
+    const int K = shape.num_topk, KMAX = lay.max_topk, M = lay.max_tokens;
+    const long long row_bytes = 2LL * shape.hidden;
+    const int part_bytes = static_cast<int>(row_bytes / kCombineParts);
+    const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
+    const int items = sh.token_span * kNumRanks * K * kCombineParts;   // <= 2^21: M, K, R bounded
+    for (int item = role.global_warp(); item < items; item += role.global_warps()) {
+        const int part = item % kCombineParts;
+        const int entry = item / kCombineParts;                        // (t, s, k), token-major
+        const int k = entry % K;
+        const int s = (entry / K) % kNumRanks;
+        const int t = entry / (K * kNumRanks);
+        if (t >= sh.src_tokens[s]) continue;
+        const int slot = __ldg(combine_slot + (static_cast<long long>(s) * M + t) * K + k);
+        if (slot < 0) continue;
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(x) + slot * row_bytes + part * part_bytes;
+        const long long dst_off =
+            half_off + lay.combine_rows + (static_cast<long long>(t) * KMAX + k) * row_bytes + part * part_bytes;
+        const long long arrived_off = half_off + lay.combine_arrived + static_cast<long long>(t) * 8;
+        const uint64_t base = s == rank ? reinterpret_cast<uint64_t>(region) : sh.peers[s];
+        if (base != 0) {
+            uint8_t* dst = reinterpret_cast<uint8_t*>(base);
+            warp_copy16<4>(dst + dst_off, src, part_bytes, lane);   // 8 in flight spill under NVRTC
+            __syncwarp();   // the lanes' stores come before lane 0's release add
+            if (lane == 0) red_release_sys_add(reinterpret_cast<uint64_t*>(dst + arrived_off), 1);
+        } else {
+            uint8_t* stage = region + half_off + lay.combine_stage +
+                             ((static_cast<long long>(s) * M + t) * KMAX + k) * row_bytes + part * part_bytes;
+            put_part(region, stage, src, dst_off, arrived_off, part_bytes, s, lane);
         }
     }
-    if (last_block_done<false>(done_counter) && threadIdx.x == 0) finish_receive(region, lay, seq_ptr, seq);
+    if (put_mask && role.tid() == 0) quiet_puts();
+    if (!role.last_block_done<true>(done_counter, &sh.last_send)) return;
+    if (role.tid() < kNumRanks) {
+        const int s = role.tid();
+        const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
+        const uint64_t base = s == rank ? reinterpret_cast<uint64_t>(region) : sh.peers[s];
+        if (base != 0) st_release_u64(reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(base) + flag_off), seq);
+        else put_flag(region, flag_off, seq, s);
+    }
+    if (role.tid() == 0) *seq_ptr = seq;
 }
+
+// Lane 0 of a reducer warp: wait until token t's parts have all arrived. It also gives up once
+// another wait of this kernel has timed out. A timeout names the first source whose flag (raised
+// after all of its sends) is still below seq, or -1 if every flag is up.
+DEEPEP_DEVICE bool wait_token(const uint64_t* arrived, uint64_t expected, const uint64_t* flags, uint64_t seq,
+                              uint64_t timeout_ns, deepep::ErrorRecord* err, int rank) {
+    const uint64_t start = deepep::global_timer_ns();
+    for (unsigned int polls = 1; deepep::ld_acquire_sys(arrived) < expected; ++polls) {
+        if ((polls & 1023) != 0) continue;
+        const uint64_t waited = deepep::global_timer_ns() - start;
+        const bool mine = waited > timeout_ns;
+        if (!mine && !(waited > 1000000 && *reinterpret_cast<volatile int*>(&err->code) == deepep::kTimeout))
+            continue;
+        if (mine) {
+            int peer = -1;
+            for (int s = 0; s < kNumRanks && peer < 0; ++s)
+                if (deepep::ld_acquire_sys(flags + s) < seq) peer = s;
+            deepep::record_error(err, deepep::kTimeout, kPhaseLLCombineRecv, peer, rank);
+        }
+        return false;
+    }
+    return true;
+}
+
+// A warp per (token, 32 x 8 channels), tokens in order: wait for the token's rows, then each lane
+// sums w[t,k] * row[t][k] over the valid k in ascending order (float32, rounded once to bf16), up
+// to 8 rows' loads in flight. Valid: combine's topk_idx >= 0 and placed by the dispatch (slot >= 0).
+DEEPEP_DEVICE void combine_recv_role(const Role& role, bool* s_last, const int64_t* __restrict__ topk_idx,
+                                     const float* __restrict__ topk_weights, unsigned short* __restrict__ out,
+                                     const int* __restrict__ topk_slots, const LLShape& shape, const LLLayout& lay,
+                                     uint8_t* region, int rank, uint64_t seq, uint64_t* seq_ptr,
+                                     unsigned int* done_counter, uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    constexpr int kLoads = 8;
+    const int lane = threadIdx.x % kWarpSize;
+    const int H = shape.hidden, K = shape.num_topk, KMAX = lay.max_topk;
+    const int row_vecs = H / 8, chunks = (row_vecs + kWarpSize - 1) / kWarpSize;
+    uint8_t* half = region + static_cast<long long>(seq & 1) * lay.half_bytes;
+    uint64_t* arrived = reinterpret_cast<uint64_t*>(half + lay.combine_arrived);
+    const uint64_t* flags = reinterpret_cast<const uint64_t*>(half + lay.combine_flags);
+    const int4* rows = reinterpret_cast<const int4*>(half + lay.combine_rows);
+    const int items = shape.num_tokens * chunks;
+    int ready = -1;   // the last token this warp saw complete
+    for (int item = role.global_warp(); item < items; item += role.global_warps()) {
+        const int t = item / chunks, h = item % chunks * kWarpSize + lane;
+        if (t != ready) {
+            const bool placed = lane < K && topk_slots[static_cast<long long>(t) * K + lane] >= 0;
+            const uint64_t expected = static_cast<uint64_t>(__popc(__ballot_sync(kFullMask, placed))) * kCombineParts;
+            int ok = 1;
+            if (lane == 0) ok = wait_token(arrived + t, expected, flags, seq, timeout_ns, err, rank);
+            if (!__shfl_sync(kFullMask, ok, 0)) break;
+            __syncwarp();   // lane 0's acquire comes before every lane's loads
+            ready = t;
+        }
+        if (h >= row_vecs) continue;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k0 = 0; k0 < K; k0 += kLoads) {
+            int4 v[kLoads];
+            float w[kLoads];
+            bool on[kLoads];
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {
+                const long long j = static_cast<long long>(t) * K + k0 + u;
+                on[u] = k0 + u < K && topk_idx[j] >= 0 && topk_slots[j] >= 0;
+                w[u] = on[u] ? topk_weights[j] : 0.0f;
+                v[u] = on[u] ? __ldcg(rows + (static_cast<long long>(t) * KMAX + k0 + u) * row_vecs + h)
+                             : make_int4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {
+                if (!on[u]) continue;
+                const unsigned short* e = reinterpret_cast<const unsigned short*>(&v[u]);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w[u], bf16_to_float(e[q])));
+            }
+        }
+        int4 o;
+        unsigned short* ob = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) ob[q] = float_to_bf16(acc[q]);
+        reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
+    }
+    if (!role.last_block_done<false>(done_counter, s_last)) return;
+    for (int t = role.tid(); t < shape.num_tokens; t += role.threads()) arrived[t] = 0;   // for operation seq + 2
+    role.sync();
+    if (role.tid() == 0) finish_receive(region, lay, seq_ptr, seq);
+}
+
+}  // namespace
 
 // ------------------------------------------------------------------------------------------------
 // Kernels. Send and receive halves run as separate kernels with return_recv_hook; otherwise one
-// fused kernel runs both (the receive phase of a block starts as soon as its own sends are done,
-// and one launch is saved). A fused block that waits never holds up a peer: a peer's flags depend
-// only on that peer's own sends, so the wait ends even if some of our blocks are not yet resident.
+// fused kernel runs both. Fused dispatch: a block's receive phase starts as soon as its own sends are
+// done. Fused combine: `reduce_warps` warps of every block reduce while the others send (0: every
+// warp sends, then reduces). A waiting block never holds up a peer: what a peer waits for depends
+// only on its own sends and ours, and our sender warps never wait.
 // `guard` (set by the host after two operations were in flight): wait until every peer has
 // received the operation that last used this half before writing into it.
 #define LL_DISPATCH_SEND_PARAMS const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx, \
@@ -642,10 +719,11 @@ DEEPEP_DEVICE void combine_recv_body(const int64_t* __restrict__ topk_idx, const
     use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank, guard, timeout_ns
 #define LL_DISPATCH_RECV_PARAMS uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, \
     int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k, \
-    int* __restrict__ layout_begin, int* __restrict__ layout_count
+    int* __restrict__ layout_begin, int* __restrict__ layout_count, int* __restrict__ combine_slot, \
+    int* __restrict__ src_tokens
 #define LL_DISPATCH_RECV_ARGS recv_x, recv_scales, recv_count, recv_src_info, recv_src_k, layout_begin, \
-    layout_count, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, \
-    lay_ptr, rank
+    layout_count, combine_slot, src_tokens, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, \
+    use_ue8m0_, region, lay_ptr, rank
 
 extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_send(LL_DISPATCH_SEND_PARAMS) {
     dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
@@ -664,33 +742,59 @@ ll_dispatch(LL_DISPATCH_SEND_PARAMS, LL_DISPATCH_RECV_PARAMS) {
     dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr + 1, done_counter + 1, timeout_ns, err);
 }
 
-#define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ recv_count, \
-    const int* __restrict__ recv_src_info, const int* __restrict__ recv_src_k, \
-    const int* __restrict__ layout_begin, const int* __restrict__ layout_count, LL_SHAPE_PARAMS, \
-    uint8_t* region, const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard, \
-    uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter
-#define LL_COMBINE_SEND_ARGS x, recv_count, recv_src_info, recv_src_k, layout_begin, layout_count, num_tokens_, \
-    hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank, \
-    guard, timeout_ns, err
+#define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ combine_slot, \
+    const int* __restrict__ src_tokens, LL_SHAPE_PARAMS, uint8_t* region, const uint64_t* __restrict__ peer_regions, \
+    const LLLayout* lay_ptr, int rank, int guard, uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, \
+    unsigned int* done_counter
 #define LL_COMBINE_RECV_PARAMS const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights, \
     unsigned short* __restrict__ out, const int* __restrict__ topk_slots
-#define LL_COMBINE_RECV_ARGS topk_idx, topk_weights, out, x, layout_begin, topk_slots, num_tokens_, hidden_, \
-    num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_, region, lay_ptr, rank
 
 extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_SEND_PARAMS) {
-    combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
+    const LLLayout lay = *lay_ptr;
+    LL_SHAPE;
+    const uint64_t seq = next_seq(seq_ptr);
+    __shared__ CombineShared sh;
+    combine_send_prologue(sh, peer_regions, src_tokens, region, lay, seq, rank, guard, timeout_ns, err);
+    const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
+    combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_ranks(peer_regions), rank, seq, seq_ptr,
+                      done_counter);
 }
 
-// the receive half reads x (own rows) and layout_begin as well: x must stay unchanged until it runs
 extern "C" __global__ void __launch_bounds__(256)
-ll_combine_recv(LL_COMBINE_RECV_PARAMS, const unsigned short* __restrict__ x, const int* __restrict__ layout_begin,
-                LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank, uint64_t timeout_ns,
-                deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter) {
-    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
+ll_combine_recv(LL_COMBINE_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
+                uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter) {
+    const LLLayout lay = *lay_ptr;
+    LL_SHAPE;
+    const uint64_t seq = next_seq(seq_ptr);
+    __shared__ bool s_last;
+    const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
+    combine_recv_role(all, &s_last, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank, seq, seq_ptr,
+                      done_counter, timeout_ns, err);
 }
 
+// seq_ptr: both counters {sent, received}; done_counter: {send phase, receive phase}
 extern "C" __global__ void __launch_bounds__(512, 1)
-ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS) {
-    combine_send_body(LL_COMBINE_SEND_ARGS, seq_ptr, done_counter);
-    combine_recv_body(LL_COMBINE_RECV_ARGS, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, int reduce_warps) {
+    const LLLayout lay = *lay_ptr;
+    LL_SHAPE;
+    const uint64_t send_seq = next_seq(seq_ptr), recv_seq = next_seq(seq_ptr + 1);
+    __shared__ CombineShared sh;
+    combine_send_prologue(sh, peer_regions, src_tokens, region, lay, send_seq, rank, guard, timeout_ns, err);
+    const unsigned int put_mask = put_ranks(peer_regions);
+    const int warps = static_cast<int>(blockDim.x) / kWarpSize, warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    if (reduce_warps <= 0 || reduce_warps >= warps) {
+        const Role all{0, warps, 1};
+        combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
+                          done_counter);
+        combine_recv_role(all, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
+                          recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+    } else if (warp < warps - reduce_warps) {
+        const Role senders{0, warps - reduce_warps, 1};
+        combine_send_role(senders, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
+                          done_counter);
+    } else {
+        const Role reducers{warps - reduce_warps, reduce_warps, 2};
+        combine_recv_role(reducers, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
+                          recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+    }
 }

@@ -590,9 +590,9 @@ class Buffer:
             zero_copy: ``x`` is the array ``get_next_low_latency_combine_buffer(handle)`` returned
                 (checked). Our combine reads ``x`` in place either way (NVLink stores go straight
                 from it); the flag exists for DeepEP compatibility.
-            async_finish, return_recv_hook: as in ``low_latency_dispatch``. With the hook, ``x`` must
-                stay unchanged until ``hook()`` has run: the receive reads the rows of this rank's own
-                experts from it in place (they never travel).
+            async_finish, return_recv_hook: as in ``low_latency_dispatch``. With the hook, the send
+                kernel (on the stream current at the call) is the last reader of ``x``; work queued
+                after it on that stream may overwrite ``x`` before ``hook()``.
             out: optional bf16 ``[T, H]`` to write into.
 
         Returns:

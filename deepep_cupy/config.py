@@ -26,6 +26,11 @@ def _env_bool(name: str, default: bool) -> bool:
     return raw.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw is None else int(raw)
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     return default if raw is None else float(raw)
@@ -51,6 +56,9 @@ class Settings:
             ``Buffer.set_num_sms``); None = the tuned table.
         tuned_configs_path: the tuned defaults per rank count (JSON written by
             scripts/tune_intranode.py; $DEEPEP_CUPY_TUNED_CONFIGS).
+        ll_combine_reduce_warps: warps of each 16-warp block of the fused low-latency combine that
+            reduce tokens while the others send; 0 = every warp sends, then reduces
+            ($DEEPEP_CUPY_LL_REDUCE_WARPS, default 4).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -68,6 +76,8 @@ class Settings:
     num_sms: Optional[int] = None
     tuned_configs_path: str = dataclasses.field(default_factory=lambda: os.environ.get(
         "DEEPEP_CUPY_TUNED_CONFIGS", str(Path(__file__).with_name("tuned_configs.json"))))
+    ll_combine_reduce_warps: int = dataclasses.field(
+        default_factory=lambda: _env_int("DEEPEP_CUPY_LL_REDUCE_WARPS", 4))
 
 
 settings = Settings()

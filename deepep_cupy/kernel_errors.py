@@ -85,8 +85,8 @@ def raise_if_error(record, what: str) -> None:
         raise DeepEPError(f"{what}: rank {rank} chose expert {peer} more often than num_max_dispatch_tokens_per_rank "
                           "in an earlier low-latency dispatch (duplicate expert ids in a row?); the extra "
                           "entries were dropped")
-    msg = (f"{what}: rank {rank} {_CODES.get(code, f'error {code}')} in {phase_name} "
-           f"waiting on rank {peer}")
+    whom = f"rank {peer}" if peer >= 0 else "a peer it could not tell"
+    msg = f"{what}: rank {rank} {_CODES.get(code, f'error {code}')} in {phase_name} waiting on {whom}"
     if code == 1:
         raise DeepEPTimeout(msg + " (the peer never arrived: did every rank make the same call?)")
     raise DeepEPError(msg)

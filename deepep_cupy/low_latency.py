@@ -5,7 +5,8 @@ the region ``[num_nvl_bytes, num_nvl_bytes + num_rdma_bytes)`` of the buffer's s
 two halves; ``ll_dispatch_send`` ranks every (token, k) entry within its expert (deterministic order) and
 sends each token once per destination rank (NVLink stores, or NVSHMEM puts for
 peers without an NVLink mapping / when forced); ``ll_dispatch_recv`` (the hook) unpacks per local
-expert in (source rank, token, k) order; combine mirrors it with one row per (token, k).
+expert in (source rank, token, k) order; combine sends one row per (token, k) back in token order,
+with a per-token arrival count that lets the receiver reduce each token as soon as it is complete.
 
 Every operation is a send half (returns at once; no SM waits for peers) and a receive half (the
 hook). Sequence counters in device memory pair them up, so at most two operations may be in flight
@@ -30,7 +31,7 @@ __all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "Pending
 MAX_TOPK = 16          # combine rows are sized for this many slots per token
 HEADER_BYTES = 16
 THREADS = 512
-RECV_THREADS = 256     # ll_combine_recv: a thread per (token, 8 channels)
+RECV_THREADS = 256     # ll_combine_recv: a warp per (token, 256 channels)
 MAX_TOKENS = 1024      # num_max_dispatch_tokens_per_rank accepted
 MAX_HIDDEN = 8192      # hidden sizes: multiples of 128 up to this
 MAX_EXPERTS = 1024     # kMaxExperts in the kernels (per-block prefix table)
@@ -72,6 +73,7 @@ class LowLatencyLayout:
     send_msgs: int
     combine_stage: int
     meta_stage: int
+    combine_arrived: int
     half_bytes: int
     control: int = 0
 
@@ -86,7 +88,7 @@ class LowLatencyLayout:
         for name, size in (("recv_msgs", r * m * msg), ("recv_meta", r * meta_ints * 4), ("recv_flags", 8 * r),
                            ("combine_rows", m * k * hidden * 2), ("combine_flags", 8 * r),
                            ("send_msgs", m * msg), ("combine_stage", r * m * k * hidden * 2),
-                           ("meta_stage", r * meta_ints * 4)):
+                           ("meta_stage", r * meta_ints * 4), ("combine_arrived", 8 * m)):
             parts[name] = off
             off += _align(size)
         return cls(num_ranks=r, max_tokens=m, hidden=hidden, num_experts=num_experts, max_topk=k,
@@ -98,12 +100,13 @@ class LowLatencyLayout:
         return 2 * self.half_bytes + _ALIGN
 
     def device_struct(self):
-        """The kernel's ``LLLayout`` (10 int64 + 4 int32) as a CuPy byte array."""
+        """The kernel's ``LLLayout`` (11 int64 + 4 int32) as a CuPy byte array."""
         import cupy
-        host = np.zeros(12, dtype=np.int64)
-        host[:10] = [self.half_bytes, self.recv_msgs, self.recv_meta, self.recv_flags, self.combine_rows,
-                     self.combine_flags, self.send_msgs, self.combine_stage, self.meta_stage, self.control]
-        host.view(np.int32)[20:24] = [self.msg_bytes, self.meta_ints, self.max_tokens, self.max_topk]
+        host = np.zeros(13, dtype=np.int64)
+        host[:11] = [self.half_bytes, self.recv_msgs, self.recv_meta, self.recv_flags, self.combine_rows,
+                     self.combine_flags, self.send_msgs, self.combine_stage, self.meta_stage, self.control,
+                     self.combine_arrived]
+        host.view(np.int32)[22:26] = [self.msg_bytes, self.meta_ints, self.max_tokens, self.max_topk]
         return cupy.asarray(host.view(np.uint8))
 
 
@@ -120,7 +123,9 @@ class LowLatencyHandle:
 
     recv_src_info / recv_src_k: int32 [L, R*M] source token and top-k slot of each received entry.
     topk_slots: int32 [T, K] rank of each of this rank's (t, k) entries within its expert (-1 none):
-    the combine reads the rows of this rank's own experts in place with it.
+    the combine's receive counts the rows it waits for with it.
+    combine_slot: int32 [R, M, K] the recv_x row that holds source s's entry (t, k) (-1 none): the
+    combine sends in token order with it. src_tokens: int32 [R] tokens each source dispatched.
     layout_begin / layout_count: int32 [L, R]. recv_count: int32 [L]. Host ints: num_tokens,
     num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank. use_fp8 / use_ue8m0: flags
     of the dispatch.
@@ -132,6 +137,8 @@ class LowLatencyHandle:
     layout_count: object
     recv_count: object
     topk_slots: object
+    combine_slot: object
+    src_tokens: object
     num_tokens: int
     num_experts: int
     hidden: int
@@ -160,8 +167,8 @@ class PendingDispatch:
 
 @dataclasses.dataclass(eq=False)
 class PendingCombine:
-    """A combine whose sends are issued and whose receive (the hook) is still to run; the receive
-    reads the rows of this rank's own experts from ``x`` in place."""
+    """A combine whose sends are issued and whose receive (the hook) is still to run; ``x`` is
+    kept alive until then."""
 
     handle: LowLatencyHandle
     x: object
@@ -282,7 +289,9 @@ class LowLatencyKernels:
                 layout_begin=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
                 layout_count=cupy.empty((num_local, self.num_ranks), dtype=cupy.int32),
                 recv_count=cupy.empty(num_local, dtype=cupy.int32),
-                topk_slots=cupy.empty((num_tokens, num_topk), dtype=cupy.int32), num_tokens=num_tokens,
+                topk_slots=cupy.empty((num_tokens, num_topk), dtype=cupy.int32),
+                combine_slot=cupy.empty((self.num_ranks, lay.max_tokens, num_topk), dtype=cupy.int32),
+                src_tokens=cupy.empty(self.num_ranks, dtype=cupy.int32), num_tokens=num_tokens,
                 num_experts=lay.num_experts, hidden=h, num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
                 num_max_dispatch_tokens_per_rank=lay.max_tokens)
         return recv_x, recv_scales, handle
@@ -297,7 +306,7 @@ class LowLatencyKernels:
     def _recv_outputs(self, recv_x, recv_scales, hd) -> tuple:
         import cupy
         return (recv_x, cupy.uint64(0) if recv_scales is None else recv_scales, hd.recv_count, hd.recv_src_info,
-                hd.recv_src_k, hd.layout_begin, hd.layout_count)
+                hd.recv_src_k, hd.layout_begin, hd.layout_count, hd.combine_slot, hd.src_tokens)
 
     def dispatch(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> tuple:
         """Send and receive in one fused kernel on ``stream`` (no hook). Returns (recv_x, recv_scales
@@ -355,8 +364,7 @@ class LowLatencyKernels:
 
     def _combine_send_args(self, x, handle: LowLatencyHandle) -> tuple:
         import cupy
-        return ((x, handle.recv_count, handle.recv_src_info, handle.recv_src_k, handle.layout_begin,
-                 handle.layout_count) + self._shape(handle.num_tokens, handle.num_topk)
+        return ((x, handle.combine_slot, handle.src_tokens) + self._shape(handle.num_tokens, handle.num_topk)
                 + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
                    self._timeout_ns(), cupy.uint64(self.errors.ptr)))
 
@@ -369,18 +377,22 @@ class LowLatencyKernels:
         return out
 
     def combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, out, stream):
-        """Send and reduce in one fused kernel on ``stream`` (no hook); returns ``out`` (bf16 [T, H])."""
+        """Send and reduce in one fused kernel on ``stream`` (no hook): ``settings.ll_combine_reduce_warps``
+        warps of every block reduce each token as soon as its rows are in while the others send.
+        Returns ``out`` (bf16 [T, H])."""
+        import cupy
         self._no_pending("low_latency_combine")
         out = self.combine_output(handle, out, stream)
         with stream:
             self.module["ll_combine"](
                 (self._sms,), (THREADS,),
                 self._combine_send_args(x, handle) + (self.seq, self.done[2:4])
-                + (topk_idx, topk_weights, out, handle.topk_slots))
+                + (topk_idx, topk_weights, out, handle.topk_slots, cupy.int32(settings.ll_combine_reduce_warps)))
         return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
-        """Send every received slot's expert output back to its token's rank (returns at once)."""
+        """Send every received slot's expert output back to its token's rank, in token order
+        (returns at once)."""
         self._admit("low_latency_combine")
         with stream:
             self.module["ll_combine_send"]((self._sms,), (THREADS,),
@@ -395,12 +407,11 @@ class LowLatencyKernels:
         self._take_turn(pending, "low_latency_combine receive")
         handle = pending.handle
         out = self.combine_output(handle, out, stream)
+        warp_items = handle.num_tokens * -(-handle.hidden // 256)    # a warp per (token, 256 channels)
         with stream:
             self.module["ll_combine_recv"](
-                (max(1, min(4 * self._sms, -(-handle.num_tokens * handle.hidden // (8 * RECV_THREADS)))),),
-                (RECV_THREADS,),
-                (topk_idx, topk_weights, out, handle.topk_slots, pending.x, handle.layout_begin)
-                + self._shape(handle.num_tokens, handle.num_topk)
+                (max(1, min(4 * self._sms, -(-warp_items // (RECV_THREADS // 32)))),), (RECV_THREADS,),
+                (topk_idx, topk_weights, out, handle.topk_slots) + self._shape(handle.num_tokens, handle.num_topk)
                 + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(),
                    cupy.uint64(self.errors.ptr), self.seq[1:2], self.done[3:4]))
         return out

@@ -52,7 +52,7 @@ def test_low_latency_size_hint_and_layout():
     regions = sorted([(lay.recv_msgs, 2 * 128 * lay.msg_bytes), (lay.recv_meta, 2 * lay.meta_ints * 4),
                       (lay.recv_flags, 16), (lay.combine_rows, 128 * 16 * 7168 * 2), (lay.combine_flags, 16),
                       (lay.send_msgs, 128 * lay.msg_bytes), (lay.combine_stage, 2 * 128 * 16 * 7168 * 2),
-                      (lay.meta_stage, 2 * lay.meta_ints * 4)])
+                      (lay.meta_stage, 2 * lay.meta_ints * 4), (lay.combine_arrived, 128 * 8)])
     for (a, size), (b, _) in zip(regions, regions[1:]):
         assert a % 256 == 0 and a + size <= b, "regions overlap or are misaligned"
     assert regions[-1][0] + regions[-1][1] <= lay.half_bytes

@@ -39,6 +39,7 @@ def simulate(topk_idxs, num_experts, num_max_tokens):
                 acc += metas[s][l]
         src_info = np.full((L, R * num_max_tokens), -1, dtype=np.int64)
         src_k = np.full((L, R * num_max_tokens), -1, dtype=np.int64)
+        combine_slot = np.full((R, num_max_tokens, topk_idxs[0].shape[1]), -1, dtype=np.int64)
         for s in range(R):
             idx, (slots, _) = topk_idxs[s], prepared[s]
             for t in range(idx.shape[0]):
@@ -51,8 +52,9 @@ def simulate(topk_idxs, num_experts, num_max_tokens):
                     pos = begin[e - me * L, s] + slots[t, k]
                     src_info[e - me * L, pos] = t
                     src_k[e - me * L, pos] = k
+                    combine_slot[s, t, k] = (e - me * L) * R * num_max_tokens + pos
         counts = np.array([sum(m[l] for m in metas) for l in range(L)])
-        out.append((begin, np.stack(metas, axis=1), counts, src_info, src_k))
+        out.append((begin, np.stack(metas, axis=1), counts, src_info, src_k, combine_slot))
     return out
 
 
@@ -68,7 +70,7 @@ def test_low_latency_placement_matches_reference(num_ranks, num_experts, tokens,
         idx[0, :2] = 0 if t else idx[0, :2]          # a duplicate expert in one token
         idxs.append(idx)
     ref = reference.low_latency_dispatch(xs, idxs, M, num_experts, use_fp8=False)
-    for me, (begin, count, recv_count, src_info, src_k) in enumerate(simulate(idxs, num_experts, M)):
+    for me, (begin, count, recv_count, src_info, src_k, _) in enumerate(simulate(idxs, num_experts, M)):
         r = ref[me]
         np.testing.assert_array_equal(begin, r.layout_begin)
         np.testing.assert_array_equal(count, r.layout_count)
@@ -76,6 +78,42 @@ def test_low_latency_placement_matches_reference(num_ranks, num_experts, tokens,
         for l, n in enumerate(recv_count):
             np.testing.assert_array_equal(src_info[l, :n], r.recv_src_info[l, :n])
             np.testing.assert_array_equal(src_k[l, :n], r.recv_src_k[l, :n])
+
+
+@pytest.mark.parametrize("num_ranks,num_experts,tokens,topk", [(2, 16, 24, 4), (3, 12, 9, 3), (4, 32, 17, 8)])
+def test_combine_inverse_map_and_arrival_counts(num_ranks, num_experts, tokens, topk):
+    """What the combine relies on: combine_slot (written by ll_dispatch_recv) maps each source entry
+    (s, t, k) to the received row that holds it, every received row once; and the row parts that
+    arrive for a token (kCombineParts per placed entry, summed over the expert ranks) equal what its
+    receiver waits for, kCombineParts x (entries with topk_slots >= 0)."""
+    rng = np.random.default_rng(7 * num_ranks + tokens)
+    M, L = 32, num_experts // num_ranks
+    idxs = []
+    for r in range(num_ranks):
+        idx = rng.integers(-1, num_experts, size=(tokens - r, topk)).astype(np.int64)
+        idx[0, :2] = 0                                # a duplicate expert in one token
+        idxs.append(idx)
+    sims = simulate(idxs, num_experts, M)
+    for me, (_, _, recv_count, src_info, src_k, combine_slot) in enumerate(sims):
+        seen = set()
+        for s in range(num_ranks):
+            for t in range(idxs[s].shape[0]):
+                for k in range(topk):
+                    slot = combine_slot[s, t, k]
+                    local = idxs[s][t, k] >= 0 and idxs[s][t, k] // L == me
+                    assert (slot >= 0) == local
+                    if slot >= 0:
+                        l, pos = divmod(slot, num_ranks * M)
+                        assert (src_info[l, pos], src_k[l, pos]) == (t, k)
+                        seen.add((l, pos))
+        assert seen == {(l, p) for l in range(L) for p in range(M * num_ranks) if src_info[l, p] >= 0}
+        assert len(seen) == recv_count.sum()
+    parts = 4   # kCombineParts
+    for s in range(num_ranks):
+        slots, _ = entry_slots(idxs[s], num_experts)
+        for t in range(idxs[s].shape[0]):
+            arriving = parts * sum(int((sims[me][5][s, t] >= 0).sum()) for me in range(num_ranks))
+            assert arriving == parts * int((slots[t] >= 0).sum())
 
 
 class _Bookkeeping:

@@ -157,6 +157,24 @@ def test_max_tokens_per_rank(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
 
 
+@pytest.mark.parametrize("reduce_warps", [0, 1, 8, 15])
+def test_fused_combine_role_splits(buf, reduce_warps):
+    """The fused combine with other splits of each 16-warp block: 0 (every warp sends, then
+    reduces), 1, 8 and 15 reducer warps (every other test runs the default, 4). Bit-exact."""
+    import deepep_cupy as ep
+    old = ep.settings.ll_combine_reduce_warps
+    ep.settings.ll_combine_reduce_warps = reduce_warps
+    problems = []
+    try:
+        for i, case in enumerate(cases()[:6]):
+            problems += run_case(buf, 600 + i, *case)
+        problems += run_case(buf, 620, 128, 7168, 256, 8, 128, "random", "fp8")
+        problems += run_case(buf, 621, 128, 7168, 256, 8, 128, "hot", "bf16")
+    finally:
+        ep.settings.ll_combine_reduce_warps = old
+    assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
+
+
 def test_recv_hook_with_work_between_and_two_in_flight(buf):
     """return_recv_hook: the sends return at once; a GEMM runs before hook(); two dispatches may be in
     flight (A, B, hook A, hook B); combine's hook too. Results bit-exact."""
@@ -424,4 +442,47 @@ def test_zz_missing_peer_times_out_naming_rank_and_phase(buf):
         comm.Barrier()
     buf.clean_low_latency_buffer(M, H, E)
     problems = run_case(buf, 992, M, H, E, K, M, "random", "fp8")
+    assert_all_ranks(comm, not problems, "after clean: " + "\n".join(problems))
+
+
+def test_zz_missing_peer_in_combine_names_it(buf):
+    """The last rank skips one combine: rank 0's combine gives up after settings.timeout_seconds and
+    its next call raises DeepEPTimeout naming the combine receive and the missing peer (the first
+    rank whose sends-done flag is still down). After a clean the buffer works again."""
+    import cupy as cp
+    import deepep_cupy as ep
+    comm = world()
+    R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 2048, 16, 4
+    if R < 2:
+        pytest.skip("needs 2 ranks")
+    old = ep.settings.timeout_seconds
+    ep.settings.timeout_seconds = 3.0
+    xs, idxs, ws = make_inputs(995, R, M, H, K, E, "random")
+    message, waited = "", 0.0
+    try:
+        run_case(buf, 996, M, H, E, K, M, "random", "bf16")     # same shapes: no re-layout below
+        recv, _, handle, _, _ = buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E,
+                                                         use_fp8=False)
+        cp.cuda.Device().synchronize()
+        comm.Barrier()
+        if me == 0:
+            t0 = time.monotonic()
+            buf.low_latency_combine(recv, cp.asarray(idxs[me]), cp.asarray(ws[me]), handle)   # rank R-1 skips it
+            cp.cuda.Device().synchronize()
+            waited = time.monotonic() - t0
+            try:
+                buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E)
+            except ep.DeepEPTimeout as e:
+                message = str(e)
+        comm.Barrier()
+        ok = me != 0 or ("rank 0" in message and "low-latency combine receive" in message
+                         and f"rank {R - 1}" in message and waited < 30)
+        assert_all_ranks(comm, ok, f"expected a DeepEPTimeout naming rank 0, the combine receive and rank {R - 1}; "
+                                   f"got {message!r} after {waited:.1f} s")
+    finally:
+        ep.settings.timeout_seconds = old
+        cp.cuda.Device().synchronize()
+        comm.Barrier()
+    buf.clean_low_latency_buffer(M, H, E)
+    problems = run_case(buf, 997, M, H, E, K, M, "random", "fp8")
     assert_all_ranks(comm, not problems, "after clean: " + "\n".join(problems))
