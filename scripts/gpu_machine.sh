@@ -54,6 +54,17 @@ if ! mpi_ok && ls .whl/mpich-*.whl >/dev/null 2>&1; then
 fi
 mpi_ok && row "mpi launcher" "$MPIRUN" || row "mpi launcher" "BROKEN ($MPIRUN)"
 
+# ---- more ranks than GPUs (a one-GPU machine): ranks share a GPU, so start CUDA MPS, without which
+# their kernels only time-slice and a kernel spinning on a peer's data would wait out whole slices.
+# Correctness only: "NVLink" peers are then the same GPU's memory, and timings mean nothing.
+NUM_GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"
+if [ "$NUM_RANKS" -gt "$NUM_GPUS" ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/deepep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/deepep_mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d 2>/dev/null && row "CUDA MPS" "started ($NUM_RANKS ranks on $NUM_GPUS GPU(s))" \
+    || row "CUDA MPS" "failed to start"
+fi
+
 if [[ "$STEPS" == *env* ]]; then
   say "environment"
   { nvidia-smi -L; nvidia-smi topo -m | head -4; $PY - <<'EOF'
@@ -143,6 +154,7 @@ if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EX
   eval "$EXTRA" 2>&1 | tee "$OUTD/extra.log" | tail -40
 fi
 
+[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
 say "done; logs in $OUTD"
 echo "-------------------------------------------------------------------------------"
 for l in "${TABLE[@]}"; do echo "$l"; done
