@@ -13,6 +13,9 @@ comparable with DeepEP's kernel times (its test times the kernels with the profi
   * the same operations called eagerly from Python (launch overhead included);
   * ``_x10``: ten operations back to back in one graph, time per operation (steady decode, L2
     flushed once per ten);
+  * ``combine_bf16_r<n>``: the fused combine with n reducer warps per 16-warp block
+    (``settings.ll_combine_reduce_warps``; ``--reduce-warps`` lists the values swept; 0 = every warp
+    sends, then reduces);
   * NCCL all-to-all (PyTorch all_to_all_single) of the same token rows.
 Also the FP8-vs-BF16 round-trip error (dispatch, dequantize, combine with weight 1, against the
 input). DeepEP v1.2.1 on this machine: dispatch 28.3 us (send 19.5 + recv 8.3), combine 40.5 us
@@ -46,6 +49,8 @@ def main():
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--force-puts", action="store_true", help="NVSHMEM puts for every peer")
+    ap.add_argument("--reduce-warps", default="0,2,8",
+                    help="comma-separated reducer-warp counts of the fused combine to time besides the default")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -126,6 +131,12 @@ def main():
         timed("combine_bf16_eager", lambda: buf.low_latency_combine(recv, idx, w, handle))
     g_ten = capture(stream, lambda: [buf.low_latency_combine(recv, idx, w, handle) for _ in range(10)])
     timed("combine_bf16_x10", lambda: g_ten.launch(stream), iters=max(20, args.iters // 5))
+    default_split = ep.settings.ll_combine_reduce_warps
+    for n in (int(v) for v in args.reduce_warps.split(",") if v.strip()):
+        ep.settings.ll_combine_reduce_warps = n      # read when the launch is captured
+        g_split = capture(stream, lambda: buf.low_latency_combine(recv, idx, w, handle))
+        timed(f"combine_bf16_r{n}", lambda: g_split.launch(stream))
+    ep.settings.ll_combine_reduce_warps = default_split
 
     # FP8 vs BF16 round trip: dispatch, experts return their (dequantized) input, combine with weight 1
     errors = {}
@@ -164,9 +175,11 @@ def main():
         say(f"{name:30s} {fmt_us(samples):34s} {'':>10} {gbps:>12.1f}")
     say(f"round-trip max error relative to max |x|: fp8 {errors['fp8']:.3e}, bf16 {errors['bf16']:.3e}")
     say("")
-    say("SUMMARY bench_low_latency (DeepEP v1.2.1: dispatch 28.3 us, combine 40.5 us; goal 20 / 28 us)")
+    say("SUMMARY bench_low_latency (DeepEP v1.2.1: dispatch 28.3 us, combine 40.5 us; goal 20 / 28 us; "
+        f"combine_bf16 is r={default_split})")
     for name, samples in rows:
-        if name in ("dispatch_fp8", "combine_bf16", "dispatch_fp8_send", "dispatch_fp8_recv"):
+        if name in ("dispatch_fp8", "combine_bf16", "dispatch_fp8_send", "dispatch_fp8_recv") or \
+                name.startswith("combine_bf16_r"):
             say(f"  {name:20s} {summarize(samples)[0]:8.1f} us")
     buf.destroy()
 

@@ -158,4 +158,4 @@ fi
 say "done; logs in $OUTD"
 echo "-------------------------------------------------------------------------------"
 for l in "${TABLE[@]}"; do echo "$l"; done
-grep -h -A5 "SUMMARY" "$OUTD"/bench_*.log 2>/dev/null
+grep -h -A10 "SUMMARY" "$OUTD"/bench_*.log 2>/dev/null
