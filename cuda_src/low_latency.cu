@@ -39,6 +39,7 @@ constexpr int kWarpSize = 32;
 constexpr int kHeaderBytes = 16;
 constexpr int kMaxTopk = 16;              // deepep_cupy.low_latency.MAX_TOPK
 constexpr int kMaxExperts = 1024;         // deepep_cupy.low_latency.MAX_EXPERTS
+constexpr int kMaxHidden = 8192;          // deepep_cupy.low_latency.MAX_HIDDEN
 constexpr unsigned int kFullMask = 0xffffffffu;
 
 constexpr int kPhaseLLDispatchRecv = 20;  // names in deepep_cupy/kernel_errors.py
@@ -542,6 +543,54 @@ __device__ __noinline__ void put_flag(uint8_t* region, long long flag_off, uint6
 
 __device__ __noinline__ void quiet_puts() { nvshmem_quiet(); }
 
+// TMA (bulk copy engine of the SM) path of the combine send, for remote NVLink peers when the
+// launch asks for it: lane 0 of a sender warp bulk-loads a part of x into one of its two
+// shared-memory stages (mbarrier completion), bulk-stores it into the peer, and adds the part's
+// count only once that store has completed (one item later, or at the end), so two stores per warp
+// are in flight. Shared memory: kTmaStageBytes x 2 per sender warp, dynamic.
+constexpr int kTmaStageBytes = 2 * kMaxHidden / kCombineParts;
+
+DEEPEP_DEVICE unsigned int smem_u32(const void* p) { return static_cast<unsigned int>(__cvta_generic_to_shared(p)); }
+
+struct TmaSender {
+    uint8_t* stages;          // this warp's 2 x kTmaStageBytes
+    uint64_t* bars;           // this warp's 2 mbarriers
+    unsigned int parity = 0;  // bit i: the phase stage i waits for next
+    int stage = 0;
+    uint64_t* pending = nullptr;   // count to add once the last store has completed
+
+    DEEPEP_DEVICE void init() {   // lane 0
+        for (int i = 0; i < 2; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    DEEPEP_DEVICE void release_pending(bool all) {
+        if (all) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+        else asm volatile("cp.async.bulk.wait_group 1;" ::: "memory");
+        if (pending != nullptr) {
+            asm volatile("fence.proxy.async.global;" ::: "memory");   // the bulk writes before the count
+            red_release_sys_add(pending, 1);
+        }
+    }
+    // lane 0: copy `bytes` from src (local) to dst (peer), then count it on `counter` (peer)
+    DEEPEP_DEVICE void send(uint8_t* dst, const uint8_t* src, int bytes, uint64_t* counter) {
+        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");   // the stage's last store has read it
+        const unsigned int b = smem_u32(bars + stage), buf = smem_u32(stages + stage * kTmaStageBytes);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(buf), "l"(src), "r"(bytes), "r"(b) : "memory");
+        for (unsigned int done = 0; !done;)
+            asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(b), "r"((parity >> stage) & 1u) : "memory");
+        parity ^= 1u << stage;
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(buf), "r"(bytes)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        release_pending(false);   // the previous store is complete: count it
+        pending = counter;
+        stage ^= 1;
+    }
+};
+
 struct CombineShared {
     uint64_t peers[kNumRanks];
     int src_tokens[kNumRanks];
@@ -571,8 +620,13 @@ DEEPEP_DEVICE void combine_send_prologue(CombineShared& sh, const uint64_t* peer
 DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const unsigned short* __restrict__ x,
                                      const int* __restrict__ combine_slot, const LLShape& shape, const LLLayout& lay,
                                      uint8_t* region, unsigned int put_mask, int rank, uint64_t seq, uint64_t* seq_ptr,
-                                     unsigned int* done_counter) {
+                                     unsigned int* done_counter, int use_tma) {
     const int lane = threadIdx.x % kWarpSize;
+    extern __shared__ __align__(128) uint8_t tma_smem[];
+    __shared__ __align__(8) uint64_t tma_bars[16][2];
+    const int role_warp = role.tid() / kWarpSize;
+    TmaSender tma{tma_smem + role_warp * 2 * kTmaStageBytes, tma_bars[role_warp]};
+    if (use_tma && lane == 0) tma.init();
     const int K = shape.num_topk, KMAX = lay.max_topk, M = lay.max_tokens;
     const long long row_bytes = 2LL * shape.hidden;
     const int part_bytes = static_cast<int>(row_bytes / kCombineParts);
@@ -592,7 +646,11 @@ DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const 
             half_off + lay.combine_rows + (static_cast<long long>(t) * KMAX + k) * row_bytes + part * part_bytes;
         const long long arrived_off = half_off + lay.combine_arrived + static_cast<long long>(t) * 8;
         const uint64_t base = s == rank ? reinterpret_cast<uint64_t>(region) : sh.peers[s];
-        if (base != 0) {
+        if (use_tma && s != rank && base != 0) {
+            uint8_t* dst = reinterpret_cast<uint8_t*>(base);
+            if (lane == 0) tma.send(dst + dst_off, src, part_bytes, reinterpret_cast<uint64_t*>(dst + arrived_off));
+            __syncwarp();
+        } else if (base != 0) {
             uint8_t* dst = reinterpret_cast<uint8_t*>(base);
             warp_copy16<4>(dst + dst_off, src, part_bytes, lane);   // 8 in flight spill under NVRTC
             __syncwarp();   // the lanes' stores come before lane 0's release add
@@ -603,6 +661,7 @@ DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const 
             put_part(region, stage, src, dst_off, arrived_off, part_bytes, s, lane);
         }
     }
+    if (use_tma && lane == 0) tma.release_pending(true);
     if (put_mask && role.tid() == 0) quiet_puts();
     if (!role.last_block_done<true>(done_counter, &sh.last_send)) return;
     if (role.tid() < kNumRanks) {
@@ -745,7 +804,7 @@ ll_dispatch(LL_DISPATCH_SEND_PARAMS, LL_DISPATCH_RECV_PARAMS) {
 #define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ combine_slot, \
     const int* __restrict__ src_tokens, LL_SHAPE_PARAMS, uint8_t* region, const uint64_t* __restrict__ peer_regions, \
     const LLLayout* lay_ptr, int rank, int guard, uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, \
-    unsigned int* done_counter
+    unsigned int* done_counter, int use_tma
 #define LL_COMBINE_RECV_PARAMS const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights, \
     unsigned short* __restrict__ out, const int* __restrict__ topk_slots
 
@@ -757,7 +816,7 @@ extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_
     combine_send_prologue(sh, peer_regions, src_tokens, region, lay, seq, rank, guard, timeout_ns, err);
     const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
     combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_ranks(peer_regions), rank, seq, seq_ptr,
-                      done_counter);
+                      done_counter, use_tma);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -785,13 +844,13 @@ ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, int reduce_warps) {
     if (reduce_warps <= 0 || reduce_warps >= warps) {
         const Role all{0, warps, 1};
         combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter);
+                          done_counter, use_tma);
         combine_recv_role(all, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
                           recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
     } else if (warp < warps - reduce_warps) {
         const Role senders{0, warps - reduce_warps, 1};
         combine_send_role(senders, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter);
+                          done_counter, use_tma);
     } else {
         const Role reducers{warps - reduce_warps, reduce_warps, 2};
         combine_recv_role(reducers, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,

@@ -59,6 +59,9 @@ class Settings:
         ll_combine_reduce_warps: warps of each 16-warp block of the fused low-latency combine that
             reduce tokens while the others send; 0 = every warp sends, then reduces
             ($DEEPEP_CUPY_LL_REDUCE_WARPS, default 4).
+        ll_combine_tma: the low-latency combine sends rows to NVLink peers with TMA bulk stores
+            instead of 16-byte stores from registers ($DEEPEP_CUPY_LL_COMBINE_TMA, default off;
+            an experiment until measured).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -78,6 +81,8 @@ class Settings:
         "DEEPEP_CUPY_TUNED_CONFIGS", str(Path(__file__).with_name("tuned_configs.json"))))
     ll_combine_reduce_warps: int = dataclasses.field(
         default_factory=lambda: _env_int("DEEPEP_CUPY_LL_REDUCE_WARPS", 4))
+    ll_combine_tma: bool = dataclasses.field(
+        default_factory=lambda: _env_bool("DEEPEP_CUPY_LL_COMBINE_TMA", False))
 
 
 settings = Settings()

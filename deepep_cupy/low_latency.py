@@ -35,6 +35,7 @@ RECV_THREADS = 256     # ll_combine_recv: a warp per (token, 256 channels)
 MAX_TOKENS = 1024      # num_max_dispatch_tokens_per_rank accepted
 MAX_HIDDEN = 8192      # hidden sizes: multiples of 128 up to this
 MAX_EXPERTS = 1024     # kMaxExperts in the kernels (per-block prefix table)
+TMA_SMEM_BYTES = (THREADS // 32) * 2 * (2 * MAX_HIDDEN // 4)   # combine send with TMA: 2 stages per warp
 _ALIGN = 256
 
 
@@ -362,11 +363,21 @@ class LowLatencyKernels:
                    self.done[1:2], cupy.uint64(self.errors.ptr)))
         return pending.recv_x, pending.recv_scales, hd.recv_count, hd
 
-    def _combine_send_args(self, x, handle: LowLatencyHandle) -> tuple:
+    def _combine_send_args(self, x, handle: LowLatencyHandle, seq, done) -> tuple:
         import cupy
         return ((x, handle.combine_slot, handle.src_tokens) + self._shape(handle.num_tokens, handle.num_topk)
                 + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
-                   self._timeout_ns(), cupy.uint64(self.errors.ptr)))
+                   self._timeout_ns(), cupy.uint64(self.errors.ptr), seq, done,
+                   cupy.int32(settings.ll_combine_tma)))
+
+    def _combine_smem(self, kernel: str) -> int:
+        """Dynamic shared memory of a combine send launch: the TMA stages when TMA is on."""
+        if not settings.ll_combine_tma:
+            return 0
+        fn = self.module[kernel]
+        if fn.max_dynamic_shared_size_bytes < TMA_SMEM_BYTES:
+            fn.max_dynamic_shared_size_bytes = TMA_SMEM_BYTES
+        return TMA_SMEM_BYTES
 
     def combine_output(self, handle: LowLatencyHandle, out, stream):
         """``out``, or a new bf16 [T, H] allocated on ``stream`` when it is None."""
@@ -386,8 +397,9 @@ class LowLatencyKernels:
         with stream:
             self.module["ll_combine"](
                 (self._sms,), (THREADS,),
-                self._combine_send_args(x, handle) + (self.seq, self.done[2:4])
-                + (topk_idx, topk_weights, out, handle.topk_slots, cupy.int32(settings.ll_combine_reduce_warps)))
+                self._combine_send_args(x, handle, self.seq, self.done[2:4])
+                + (topk_idx, topk_weights, out, handle.topk_slots, cupy.int32(settings.ll_combine_reduce_warps)),
+                shared_mem=self._combine_smem("ll_combine"))
         return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
@@ -396,7 +408,8 @@ class LowLatencyKernels:
         self._admit("low_latency_combine")
         with stream:
             self.module["ll_combine_send"]((self._sms,), (THREADS,),
-                                           self._combine_send_args(x, handle) + (self.seq[0:1], self.done[2:3]))
+                                           self._combine_send_args(x, handle, self.seq[0:1], self.done[2:3]),
+                                           shared_mem=self._combine_smem("ll_combine_send"))
         pending = PendingCombine(handle, x)
         self.pending.append(pending)
         return pending

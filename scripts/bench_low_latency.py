@@ -16,6 +16,8 @@ comparable with DeepEP's kernel times (its test times the kernels with the profi
   * ``combine_bf16_r<n>``: the fused combine with n reducer warps per 16-warp block
     (``settings.ll_combine_reduce_warps``; ``--reduce-warps`` lists the values swept; 0 = every warp
     sends, then reduces);
+  * ``combine_bf16_tma`` / ``_tma_send``: the combine with TMA bulk stores to NVLink peers
+    (``settings.ll_combine_tma``), whole and send half;
   * NCCL all-to-all (PyTorch all_to_all_single) of the same token rows.
 Also the FP8-vs-BF16 round-trip error (dispatch, dequantize, combine with weight 1, against the
 input). DeepEP v1.2.1 on this machine: dispatch 28.3 us (send 19.5 + recv 8.3), combine 40.5 us
@@ -137,6 +139,15 @@ def main():
         g_split = capture(stream, lambda: buf.low_latency_combine(recv, idx, w, handle))
         timed(f"combine_bf16_r{n}", lambda: g_split.launch(stream))
     ep.settings.ll_combine_reduce_warps = default_split
+    if not args.force_puts:     # TMA bulk stores to NVLink peers (an experiment; settings.ll_combine_tma)
+        ep.settings.ll_combine_tma = True
+        g_tma = capture(stream, lambda: buf.low_latency_combine(recv, idx, w, handle))
+        g_tma_send = capture(stream, lambda: hooks.append(buf.low_latency_combine(recv, idx, w, handle,
+                                                                                  return_recv_hook=True)[2]))
+        g_tma_recv = capture(stream, lambda: hooks[-1]())
+        ep.settings.ll_combine_tma = False
+        timed("combine_bf16_tma", lambda: g_tma.launch(stream))
+        timed("combine_bf16_tma_send", lambda: g_tma_send.launch(stream), after=lambda: g_tma_recv.launch(stream))
 
     # FP8 vs BF16 round trip: dispatch, experts return their (dequantized) input, combine with weight 1
     errors = {}
@@ -168,7 +179,8 @@ def main():
         med = summarize(samples)[0]
         base = DEEPEP.get(name)
         ratio = f"{med / base:.2f}x" if base else ""
-        nbytes = bytes_out.get(name)
+        whole_combine = name.startswith(("combine_bf16_r", "combine_bf16_tma")) and not name.endswith("_send")
+        nbytes = bytes_out["combine_bf16"] if whole_combine else bytes_out.get(name)
         gbps = f"{nbytes / med / 1e3:.1f}" if nbytes else ""
         say(f"{name:30s} {fmt_us(samples):34s} {ratio:>10} {gbps:>12}")
     for name, samples, gbps in nccl_rows:
@@ -179,7 +191,7 @@ def main():
         f"combine_bf16 is r={default_split})")
     for name, samples in rows:
         if name in ("dispatch_fp8", "combine_bf16", "dispatch_fp8_send", "dispatch_fp8_recv") or \
-                name.startswith("combine_bf16_r"):
+                name.startswith("combine_bf16_r") or name.startswith("combine_bf16_tma"):
             say(f"  {name:20s} {summarize(samples)[0]:8.1f} us")
     buf.destroy()
 

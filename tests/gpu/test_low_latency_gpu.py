@@ -157,21 +157,38 @@ def test_max_tokens_per_rank(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
 
 
-@pytest.mark.parametrize("reduce_warps", [0, 1, 8, 15])
-def test_fused_combine_role_splits(buf, reduce_warps):
+@pytest.mark.parametrize("reduce_warps,tma", [(0, False), (1, False), (8, False), (15, False), (4, True),
+                                               (0, True)])
+def test_fused_combine_role_splits_and_tma(buf, reduce_warps, tma):
     """The fused combine with other splits of each 16-warp block: 0 (every warp sends, then
-    reduces), 1, 8 and 15 reducer warps (every other test runs the default, 4). Bit-exact."""
+    reduces), 1, 8 and 15 reducer warps (every other test runs the default, 4); and the TMA bulk-store
+    send (``settings.ll_combine_tma``), fused and, once, with the hook. Bit-exact."""
+    import cupy as cp
     import deepep_cupy as ep
-    old = ep.settings.ll_combine_reduce_warps
-    ep.settings.ll_combine_reduce_warps = reduce_warps
+    from deepep_cupy import reference
+    old = (ep.settings.ll_combine_reduce_warps, ep.settings.ll_combine_tma)
+    ep.settings.ll_combine_reduce_warps, ep.settings.ll_combine_tma = reduce_warps, tma
     problems = []
     try:
         for i, case in enumerate(cases()[:6]):
             problems += run_case(buf, 600 + i, *case)
         problems += run_case(buf, 620, 128, 7168, 256, 8, 128, "random", "fp8")
         problems += run_case(buf, 621, 128, 7168, 256, 8, 128, "hot", "bf16")
+        if tma and reduce_warps == 4:     # the hook's send kernel with TMA
+            R, me, M, H, E, K = buf.num_ranks, buf.rank, 128, 8192, 64, 8
+            xs, idxs, ws = make_inputs(630, R, M, H, K, E, "random")
+            ref = reference.low_latency_dispatch(xs, idxs, M, E, use_fp8=False)
+            ys = [r.recv_x for r in ref]
+            want = reference.low_latency_combine(ys, idxs, ws, ref)[me]
+            idx_g = cp.asarray(idxs[me])
+            _, _, handle, _, _ = buf.low_latency_dispatch(cp.asarray(xs[me]), idx_g, M, E, use_fp8=False)
+            out, _, hook = buf.low_latency_combine(cp.asarray(ys[me]), idx_g, cp.asarray(ws[me]), handle,
+                                                   return_recv_hook=True)
+            hook()
+            if not np.array_equal(host(out).view(np.uint16), want.view(np.uint16)):
+                problems.append("TMA combine with the hook differs")
     finally:
-        ep.settings.ll_combine_reduce_warps = old
+        ep.settings.ll_combine_reduce_warps, ep.settings.ll_combine_tma = old
     assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
 
 
