@@ -70,6 +70,16 @@ def cases():
     return out
 
 
+def bf16_combine_case(seed, num_ranks, me, m, hidden, k, e, kind="random"):
+    """Every rank's inputs of a BF16 dispatch, the expert outputs it returns (its received rows)
+    and what rank ``me``'s combine must give: (xs, idxs, ws, ys, want)."""
+    from deepep_cupy import reference
+    xs, idxs, ws = make_inputs(seed, num_ranks, m, hidden, k, e, kind)
+    ref = reference.low_latency_dispatch(xs, idxs, m, e, use_fp8=False)
+    ys = [r.recv_x for r in ref]
+    return xs, idxs, ws, ys, reference.low_latency_combine(ys, idxs, ws, ref)[me]
+
+
 def buffer_bytes(num_ranks):
     from deepep_cupy import Buffer
     shapes = {(m, h, e) for m, h, e, *_ in cases()} | {(1024, 2048, 16), (128, 7168, 256)}
@@ -165,7 +175,6 @@ def test_fused_combine_role_splits_and_tma(buf, reduce_warps, tma):
     send (``settings.ll_combine_tma``), fused and, once, with the hook. Bit-exact."""
     import cupy as cp
     import deepep_cupy as ep
-    from deepep_cupy import reference
     old = (ep.settings.ll_combine_reduce_warps, ep.settings.ll_combine_tma)
     ep.settings.ll_combine_reduce_warps, ep.settings.ll_combine_tma = reduce_warps, tma
     problems = []
@@ -176,10 +185,7 @@ def test_fused_combine_role_splits_and_tma(buf, reduce_warps, tma):
         problems += run_case(buf, 621, 128, 7168, 256, 8, 128, "hot", "bf16")
         if tma and reduce_warps == 4:     # the hook's send kernel with TMA
             R, me, M, H, E, K = buf.num_ranks, buf.rank, 128, 8192, 64, 8
-            xs, idxs, ws = make_inputs(630, R, M, H, K, E, "random")
-            ref = reference.low_latency_dispatch(xs, idxs, M, E, use_fp8=False)
-            ys = [r.recv_x for r in ref]
-            want = reference.low_latency_combine(ys, idxs, ws, ref)[me]
+            xs, idxs, ws, ys, want = bf16_combine_case(630, R, me, M, H, K, E)
             idx_g = cp.asarray(idxs[me])
             _, _, handle, _, _ = buf.low_latency_dispatch(cp.asarray(xs[me]), idx_g, M, E, use_fp8=False)
             out, _, hook = buf.low_latency_combine(cp.asarray(ys[me]), idx_g, cp.asarray(ws[me]), handle,
@@ -371,10 +377,8 @@ def test_zero_copy_out_and_async_finish(buf):
     from deepep_cupy import reference
     from deepep_cupy.errors import DeepEPInvalid
     R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 5120, 32, 6
-    xs, idxs, ws = make_inputs(950, R, M, H, K, E, "random")
+    xs, idxs, ws, ys, want = bf16_combine_case(950, R, me, M, H, K, E)
     ref = reference.low_latency_dispatch(xs, idxs, M, E, use_fp8=False)
-    ys = [r.recv_x for r in ref]
-    want = reference.low_latency_combine(ys, idxs, ws, ref)[me]
     idx_g = cp.asarray(idxs[me])
     recv, count, handle, event, _ = buf.low_latency_dispatch(cp.asarray(xs[me]), idx_g, M, E, use_fp8=False,
                                                              async_finish=True)
@@ -422,9 +426,11 @@ def test_bad_inputs_raise_before_launch(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems))
 
 
-def test_zz_missing_peer_times_out_naming_rank_and_phase(buf):
-    """The last rank skips one dispatch: rank 0's receive gives up after settings.timeout_seconds and
-    its next call raises DeepEPTimeout naming rank 0, the phase and the missing peer. After
+@pytest.mark.parametrize("skipped", ["dispatch", "combine"])
+def test_zz_missing_peer_times_out_naming_rank_and_phase(buf, skipped):
+    """The last rank skips one dispatch (or one combine): rank 0's receive gives up after
+    settings.timeout_seconds and its next call raises DeepEPTimeout naming rank 0, the phase and
+    the missing peer (for the combine: the first rank whose sends-done flag is still down). After
     clean_low_latency_buffer (collective) the buffer works again."""
     import cupy as cp
     import deepep_cupy as ep
@@ -434,72 +440,36 @@ def test_zz_missing_peer_times_out_naming_rank_and_phase(buf):
         pytest.skip("needs 2 ranks")
     old = ep.settings.timeout_seconds
     ep.settings.timeout_seconds = 3.0
-    xs, idxs, _ = make_inputs(990, R, M, H, K, E, "random")
+    xs, idxs, ws = make_inputs(990, R, M, H, K, E, "random")
+    x_g, idx_g = cp.asarray(xs[me]), cp.asarray(idxs[me])
     message, waited = "", 0.0
     try:
         run_case(buf, 991, M, H, E, K, M, "random", "bf16")     # same shapes: no re-layout below
+        if skipped == "combine":
+            recv, _, handle, _, _ = buf.low_latency_dispatch(x_g, idx_g, M, E, use_fp8=False)
+            cp.cuda.Device().synchronize()
         comm.Barrier()
         if me == 0:
             t0 = time.monotonic()
-            buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E)   # rank R-1 never joins
+            if skipped == "dispatch":                           # rank R-1 never joins
+                buf.low_latency_dispatch(x_g, idx_g, M, E)
+            else:
+                buf.low_latency_combine(recv, idx_g, cp.asarray(ws[me]), handle)
             cp.cuda.Device().synchronize()
             waited = time.monotonic() - t0
             try:
-                buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E)
+                buf.low_latency_dispatch(x_g, idx_g, M, E)
             except ep.DeepEPTimeout as e:
                 message = str(e)
         comm.Barrier()
-        ok = me != 0 or ("rank 0" in message and "low-latency dispatch receive" in message
+        ok = me != 0 or ("rank 0" in message and f"low-latency {skipped} receive" in message
                          and f"rank {R - 1}" in message and waited < 30)
-        assert_all_ranks(comm, ok, f"expected a DeepEPTimeout naming rank 0, the phase and rank {R - 1}; "
-                                   f"got {message!r} after {waited:.1f} s")
+        assert_all_ranks(comm, ok, f"expected a DeepEPTimeout naming rank 0, the {skipped} receive and rank "
+                                   f"{R - 1}; got {message!r} after {waited:.1f} s")
     finally:
         ep.settings.timeout_seconds = old
         cp.cuda.Device().synchronize()
         comm.Barrier()
     buf.clean_low_latency_buffer(M, H, E)
     problems = run_case(buf, 992, M, H, E, K, M, "random", "fp8")
-    assert_all_ranks(comm, not problems, "after clean: " + "\n".join(problems))
-
-
-def test_zz_missing_peer_in_combine_names_it(buf):
-    """The last rank skips one combine: rank 0's combine gives up after settings.timeout_seconds and
-    its next call raises DeepEPTimeout naming the combine receive and the missing peer (the first
-    rank whose sends-done flag is still down). After a clean the buffer works again."""
-    import cupy as cp
-    import deepep_cupy as ep
-    comm = world()
-    R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 2048, 16, 4
-    if R < 2:
-        pytest.skip("needs 2 ranks")
-    old = ep.settings.timeout_seconds
-    ep.settings.timeout_seconds = 3.0
-    xs, idxs, ws = make_inputs(995, R, M, H, K, E, "random")
-    message, waited = "", 0.0
-    try:
-        run_case(buf, 996, M, H, E, K, M, "random", "bf16")     # same shapes: no re-layout below
-        recv, _, handle, _, _ = buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E,
-                                                         use_fp8=False)
-        cp.cuda.Device().synchronize()
-        comm.Barrier()
-        if me == 0:
-            t0 = time.monotonic()
-            buf.low_latency_combine(recv, cp.asarray(idxs[me]), cp.asarray(ws[me]), handle)   # rank R-1 skips it
-            cp.cuda.Device().synchronize()
-            waited = time.monotonic() - t0
-            try:
-                buf.low_latency_dispatch(cp.asarray(xs[me]), cp.asarray(idxs[me]), M, E)
-            except ep.DeepEPTimeout as e:
-                message = str(e)
-        comm.Barrier()
-        ok = me != 0 or ("rank 0" in message and "low-latency combine receive" in message
-                         and f"rank {R - 1}" in message and waited < 30)
-        assert_all_ranks(comm, ok, f"expected a DeepEPTimeout naming rank 0, the combine receive and rank {R - 1}; "
-                                   f"got {message!r} after {waited:.1f} s")
-    finally:
-        ep.settings.timeout_seconds = old
-        cp.cuda.Device().synchronize()
-        comm.Barrier()
-    buf.clean_low_latency_buffer(M, H, E)
-    problems = run_case(buf, 997, M, H, E, K, M, "random", "fp8")
     assert_all_ranks(comm, not problems, "after clean: " + "\n".join(problems))
