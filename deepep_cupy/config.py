@@ -62,6 +62,9 @@ class Settings:
         ll_combine_tma: the low-latency combine sends rows to NVLink peers with TMA bulk stores
             instead of 16-byte stores from registers ($DEEPEP_CUPY_LL_COMBINE_TMA, default off;
             an experiment until measured).
+        share_gpus: let more ranks than GPUs run on a node, for tests on a machine with fewer GPUs
+            under CUDA MPS; kernels that wait on peers then take only their share of the SMs
+            ($DEEPEP_CUPY_SHARE_GPUS, default off).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -83,6 +86,7 @@ class Settings:
         default_factory=lambda: _env_int("DEEPEP_CUPY_LL_REDUCE_WARPS", 4))
     ll_combine_tma: bool = dataclasses.field(
         default_factory=lambda: _env_bool("DEEPEP_CUPY_LL_COMBINE_TMA", False))
+    share_gpus: bool = dataclasses.field(default_factory=lambda: _env_bool("DEEPEP_CUPY_SHARE_GPUS", False))
 
 
 settings = Settings()

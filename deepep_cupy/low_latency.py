@@ -214,7 +214,9 @@ class LowLatencyKernels:
         self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
         rt.register_module(self.module)
         self.errors = PinnedErrorRecord()
-        self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        # one block per SM, all resident at once (blocks wait on peers); ranks sharing a GPU split it
+        self._sms = max(1, cupy.cuda.Device().attributes["MultiProcessorCount"]
+                        // getattr(rt, "ranks_per_gpu", 1))
         self.pending: list = []                           # operations sent, not yet received
         self._guarded_sends = 0     # sends that must first wait for peers (after two were in flight)
         cupy.cuda.Device().synchronize()

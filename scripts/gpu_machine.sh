@@ -57,9 +57,12 @@ mpi_ok && row "mpi launcher" "$MPIRUN" || row "mpi launcher" "BROKEN ($MPIRUN)"
 # ---- more ranks than GPUs (a one-GPU machine): ranks share a GPU, so start CUDA MPS, without which
 # their kernels only time-slice and a kernel spinning on a peer's data would wait out whole slices.
 # Correctness only: "NVLink" peers are then the same GPU's memory, and timings mean nothing.
+# Tried once (2026-12-03, before the low-latency grids were sized to a rank's share of the SMs):
+# the waiting kernels of one rank took every SM and the other rank's never ran, so every test timed out.
 NUM_GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"
 if [ "$NUM_RANKS" -gt "$NUM_GPUS" ] && command -v nvidia-cuda-mps-control >/dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/deepep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/deepep_mps_log
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/deepep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/deepep_mps_log DEEPEP_CUPY_SHARE_GPUS=1
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 * NUM_GPUS / NUM_RANKS ))
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d 2>/dev/null && row "CUDA MPS" "started ($NUM_RANKS ranks on $NUM_GPUS GPU(s))" \
     || row "CUDA MPS" "failed to start"

@@ -20,6 +20,7 @@ import threading
 from typing import Optional
 
 from .. import discovery
+from ..config import settings
 from ..errors import DeepEPError, DeepEPInvalid
 
 __all__ = ["NvshmemRuntime", "acquire", "release", "active"]
@@ -74,9 +75,14 @@ class NvshmemRuntime:
         ndev = discovery.gpu_count()
         if ndev == 0:
             raise DeepEPError(f"rank {self.rank}: no CUDA GPU visible; use backend='reference' on CPUs")
-        if self.local_size > ndev:
+        # settings.share_gpus (testing on a machine with fewer GPUs, under CUDA MPS): ranks share
+        # a GPU, and kernels that wait on peers size their grids to their share of the SMs, since a
+        # waiting grid must fit on the GPU beside its peers' grids
+        if self.local_size > ndev and not settings.share_gpus:
             raise DeepEPError(f"rank {self.rank}: {self.local_size} ranks on this node but only {ndev} "
-                              "GPUs; deepep_cupy runs one process per GPU")
+                              "GPUs; deepep_cupy runs one process per GPU (settings.share_gpus lets "
+                              "ranks share GPUs under CUDA MPS, for tests only)")
+        self.ranks_per_gpu = -(-self.local_size // ndev)
         self.device_id = self.local_rank % ndev
         cupy.cuda.Device(self.device_id).use()
         self._core_device = CoreDevice(self.device_id)
