@@ -216,7 +216,7 @@ class LowLatencyKernels:
         self.errors = PinnedErrorRecord()
         # one block per SM, all resident at once (blocks wait on peers); ranks sharing a GPU split it
         self._sms = max(1, cupy.cuda.Device().attributes["MultiProcessorCount"]
-                        // getattr(rt, "ranks_per_gpu", 1))
+                        // rt.ranks_per_gpu)
         self.pending: list = []                           # operations sent, not yet received
         self._guarded_sends = 0     # sends that must first wait for peers (after two were in flight)
         cupy.cuda.Device().synchronize()
