@@ -119,20 +119,38 @@ DEEPEP_DEVICE unsigned int float2_to_e4m3x2(float lo, float hi) {
     return packed;
 }
 
-// Last block of the grid to call this (after its own work) gets true; the counter is left zero.
-// kPublish: the last block will release other blocks' stores to peers, so each block fences its
-// own stores at system scope first; receive kernels only need the count.
+// A role: warps [first_warp, first_warp + num_warps) of every block, with named barrier bar_id.
+struct Role {
+    int first_warp, num_warps, bar_id;
+    DEEPEP_DEVICE int tid() const { return static_cast<int>(threadIdx.x) - first_warp * kWarpSize; }
+    DEEPEP_DEVICE int threads() const { return num_warps * kWarpSize; }
+    DEEPEP_DEVICE int global_warp() const {
+        return static_cast<int>(blockIdx.x) * num_warps + static_cast<int>(threadIdx.x) / kWarpSize - first_warp;
+    }
+    DEEPEP_DEVICE int global_warps() const { return static_cast<int>(gridDim.x) * num_warps; }
+    DEEPEP_DEVICE void sync() const { asm volatile("bar.sync %0, %1;" ::"r"(bar_id), "r"(threads()) : "memory"); }
+    // Last block of the grid to get here (after its role's work) gets true in every thread of the
+    // role; the counter is left zero. kPublish: the last block will release other blocks' stores to
+    // peers, so each block fences its own stores at system scope first; receive kernels only need
+    // the count.
+    template <bool kPublish>
+    DEEPEP_DEVICE bool last_block_done(unsigned int* counter, bool* s_last) const {
+        sync();
+        if (tid() == 0) {
+            if (kPublish) __threadfence_system();
+            *s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+            if (*s_last) *counter = 0;
+        }
+        sync();
+        return *s_last;
+    }
+};
+
+// Role::last_block_done for the whole block (barrier 0 over every thread is __syncthreads).
 template <bool kPublish>
 DEEPEP_DEVICE bool last_block_done(unsigned int* counter) {
     __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        if (kPublish) __threadfence_system();
-        last = atomicAdd(counter, 1u) == gridDim.x - 1;
-        if (last) *counter = 0;
-    }
-    __syncthreads();
-    return last;
+    return Role{0, static_cast<int>(blockDim.x) / kWarpSize, 0}.last_block_done<kPublish>(counter, &last);
 }
 
 // Thread 0 of every block waits for flags[s] >= seq for every source; the block learns the outcome.
@@ -499,30 +517,6 @@ namespace {
 DEEPEP_DEVICE void red_release_sys_add(uint64_t* p, uint64_t v) {
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
-
-// A role: warps [first_warp, first_warp + num_warps) of every block, with named barrier bar_id.
-struct Role {
-    int first_warp, num_warps, bar_id;
-    DEEPEP_DEVICE int tid() const { return static_cast<int>(threadIdx.x) - first_warp * kWarpSize; }
-    DEEPEP_DEVICE int threads() const { return num_warps * kWarpSize; }
-    DEEPEP_DEVICE int global_warp() const {
-        return static_cast<int>(blockIdx.x) * num_warps + static_cast<int>(threadIdx.x) / kWarpSize - first_warp;
-    }
-    DEEPEP_DEVICE int global_warps() const { return static_cast<int>(gridDim.x) * num_warps; }
-    DEEPEP_DEVICE void sync() const { asm volatile("bar.sync %0, %1;" ::"r"(bar_id), "r"(threads()) : "memory"); }
-    // last_block_done (above) for this role's threads only
-    template <bool kPublish>
-    DEEPEP_DEVICE bool last_block_done(unsigned int* counter, bool* s_last) const {
-        sync();
-        if (tid() == 0) {
-            if (kPublish) __threadfence_system();
-            *s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-            if (*s_last) *counter = 0;
-        }
-        sync();
-        return *s_last;
-    }
-};
 
 // Puts path of a combine part: stage it, then one put that adds 1 to the token's arrival count
 // behind the data. Not inlined: the NVSHMEM put would otherwise take registers from the NVLink path.
