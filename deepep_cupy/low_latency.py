@@ -213,6 +213,8 @@ class LowLatencyKernels:
         self.counts = cupy.zeros(num_experts, dtype=cupy.int32)   # per-expert entries; the send kernel re-zeroes
         self.module = jit.load(low_latency_spec(self.num_ranks), jit_options)
         rt.register_module(self.module)
+        for name in ("ll_combine", "ll_combine_send"):   # room for the TMA stages (used when enabled)
+            self.module[name].max_dynamic_shared_size_bytes = TMA_SMEM_BYTES
         self.errors = PinnedErrorRecord()
         # one block per SM, all resident at once (blocks wait on peers); ranks sharing a GPU split it
         self._sms = max(1, cupy.cuda.Device().attributes["MultiProcessorCount"]
@@ -372,14 +374,20 @@ class LowLatencyKernels:
                    self._timeout_ns(), cupy.uint64(self.errors.ptr), seq, done,
                    cupy.int32(settings.ll_combine_tma)))
 
-    def _combine_smem(self, kernel: str) -> int:
+    @staticmethod
+    def _combine_smem() -> int:
         """Dynamic shared memory of a combine send launch: the TMA stages when TMA is on."""
-        if not settings.ll_combine_tma:
-            return 0
-        fn = self.module[kernel]
-        if fn.max_dynamic_shared_size_bytes < TMA_SMEM_BYTES:
-            fn.max_dynamic_shared_size_bytes = TMA_SMEM_BYTES
-        return TMA_SMEM_BYTES
+        return TMA_SMEM_BYTES if settings.ll_combine_tma else 0
+
+    @staticmethod
+    def _reduce_warps():
+        """``settings.ll_combine_reduce_warps`` as the fused combine's argument, checked."""
+        import cupy
+        n = settings.ll_combine_reduce_warps
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < THREADS // 32:
+            raise DeepEPInvalid(f"settings.ll_combine_reduce_warps: expected an int in [0, {THREADS // 32}), "
+                                f"got {n!r}")
+        return cupy.int32(n)
 
     def combine_output(self, handle: LowLatencyHandle, out, stream):
         """``out``, or a new bf16 [T, H] allocated on ``stream`` when it is None."""
@@ -393,15 +401,15 @@ class LowLatencyKernels:
         """Send and reduce in one fused kernel on ``stream`` (no hook): ``settings.ll_combine_reduce_warps``
         warps of every block reduce each token as soon as its rows are in while the others send.
         Returns ``out`` (bf16 [T, H])."""
-        import cupy
         self._no_pending("low_latency_combine")
+        reduce_warps = self._reduce_warps()
         out = self.combine_output(handle, out, stream)
         with stream:
             self.module["ll_combine"](
                 (self._sms,), (THREADS,),
                 self._combine_send_args(x, handle, self.seq, self.done[2:4])
-                + (topk_idx, topk_weights, out, handle.topk_slots, cupy.int32(settings.ll_combine_reduce_warps)),
-                shared_mem=self._combine_smem("ll_combine"))
+                + (topk_idx, topk_weights, out, handle.topk_slots, reduce_warps),
+                shared_mem=self._combine_smem())
         return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
@@ -411,7 +419,7 @@ class LowLatencyKernels:
         with stream:
             self.module["ll_combine_send"]((self._sms,), (THREADS,),
                                            self._combine_send_args(x, handle, self.seq[0:1], self.done[2:3]),
-                                           shared_mem=self._combine_smem("ll_combine_send"))
+                                           shared_mem=self._combine_smem())
         pending = PendingCombine(handle, x)
         self.pending.append(pending)
         return pending

@@ -164,3 +164,21 @@ def test_hooks_run_once_in_order_and_two_at_most():
     k._take_turn(b, "hook")
     assert k.pending == []
     k._no_pending("low_latency_combine")
+
+
+@pytest.mark.parametrize("value", [-1, 16, True, 4.0])
+def test_reduce_warps_setting_is_checked_before_launch(value):
+    """A fused combine with settings.ll_combine_reduce_warps outside [0, 16) raises DeepEPInvalid
+    naming the setting (checked before anything is launched); 0 and 15 are accepted."""
+    from deepep_cupy import settings
+    from deepep_cupy.errors import DeepEPInvalid
+    old = settings.ll_combine_reduce_warps
+    try:
+        settings.ll_combine_reduce_warps = value
+        with pytest.raises(DeepEPInvalid, match="settings.ll_combine_reduce_warps"):
+            LowLatencyKernels._reduce_warps()
+        for ok in (0, 15):
+            settings.ll_combine_reduce_warps = ok
+            assert int(LowLatencyKernels._reduce_warps()) == ok
+    finally:
+        settings.ll_combine_reduce_warps = old
