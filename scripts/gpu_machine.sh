@@ -33,7 +33,7 @@ export DEEPEP_CUPY_CACHE_DIR="${DEEPEP_CUPY_CACHE_DIR:-/tmp/deepep_cupy_cache}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 PY="${PY:-python3}"
 # a test that hangs fails with a traceback instead of eating the call's time (pytest-timeout, in the image)
-PYTEST_TIMEOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout=240"
+PYTEST_TIMEOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout=${TEST_TIMEOUT_S:-240}"
 
 # ---- carried wheels ----------------------------------------------------------------------------
 SITE=/tmp/deepep_site
@@ -124,7 +124,7 @@ fi
 
 if [[ "$STEPS" == *ll* ]]; then   # low-latency kernels (issue #4): tests, then the benchmark
   say "low-latency tests"
-  timeout -k 10 360 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider $PYTEST_TIMEOUT \
+  timeout -k 10 "${LL_TESTS_LIMIT_S:-360}" $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider $PYTEST_TIMEOUT \
       tests/gpu/test_low_latency_gpu.py > "$OUTD/ll_tests.log" 2>&1
   row "low-latency tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/ll_tests.log" | tail -1)"
   grep -E "^(FAILED|ERROR)|^E  " "$OUTD/ll_tests.log" | head -20
