@@ -20,9 +20,25 @@
 // The sequence number is read from device memory (`seq_ptr`), advanced by intranode_bump_seq at
 // the start of every operation, so CUDA-graph replays advance it too.
 //
-// Compile-time constants: DEEPEP_NUM_RANKS.
+// The same kernels serve two transports (DEEPEP_INTRANODE_PUTS):
+//   0: the team is one NVLink domain; `peer_bases[j]` is team member j's buffer mapped into this GPU,
+//      and every remote write is a plain store through it.
+//   1: the team may span nodes (the RDMA stage of the hierarchical internode path, see
+//      deepep_cupy/internode.py); `peer_bases[j]` is this rank's own symmetric address of the region
+//      and remote writes are NVSHMEM puts to PE `team_pes[j]`. Before a flag is raised the puts are
+//      completed (nvshmem_quiet), so a peer that sees the flag sees the data.
+// Only writes ever go to a peer; every read is of this rank's own memory, so the receive paths are
+// the same for both.
+//
+// Compile-time constants: DEEPEP_NUM_RANKS (team size), DEEPEP_INTRANODE_PUTS (0 or 1).
 #include "common/exception.cuh"
 #include "common/utils.cuh"
+#ifndef DEEPEP_INTRANODE_PUTS
+#define DEEPEP_INTRANODE_PUTS 0
+#endif
+#if DEEPEP_INTRANODE_PUTS
+#include "common/nvshmem.cuh"
+#endif
 
 #ifndef DEEPEP_NUM_RANKS
 #error "DEEPEP_NUM_RANKS must be defined"
@@ -118,6 +134,69 @@ DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeou
     return deepep::wait_geq(flag, seq, timeout_ns, err, phase, peer, rank);
 }
 
+// ---- transport: how a write reaches team member j ----------------------------------------------
+// `dst` is always computed from peers.base[j]: a mapped peer address (stores) or this rank's own
+// symmetric address of the same object (puts, which name the PE).
+#if DEEPEP_INTRANODE_PUTS
+constexpr bool kPuts = true;
+// NVSHMEM calls stay out of line: inlined, they cost the hot loops registers.
+__device__ __noinline__ void put_warp(void* dst, const void* src, int bytes, int pe) {
+    nvshmemx_putmem_nbi_warp(dst, src, bytes, pe);
+}
+__device__ __noinline__ void put_i32(int* dst, int v, int pe) { nvshmem_int_p(dst, v, pe); }
+__device__ __noinline__ void put_f32(float* dst, float v, int pe) { nvshmem_float_p(dst, v, pe); }
+__device__ __noinline__ void put_flag_after_quiet(uint64_t* flag, uint64_t v, int pe) {
+    nvshmem_quiet();   // every put this PE issued (other warps' too, after the caller's barrier) lands first
+    nvshmemx_signal_op(flag, v, NVSHMEM_SIGNAL_SET, pe);
+}
+#else
+constexpr bool kPuts = false;
+#endif
+
+struct Team {
+    const int* pes;   // global PE of each team member (puts only)
+};
+
+// a warp writes `bytes` (a multiple of 16) to member j
+DEEPEP_DEVICE void remote_copy_warp(const Team& team, int j, void* dst, const void* src, int bytes, int lane) {
+#if DEEPEP_INTRANODE_PUTS
+    put_warp(dst, src, bytes, team.pes[j]);
+#else
+    warp_copy(dst, src, bytes, lane);
+#endif
+}
+// FP8 scales: a multiple of 4 bytes
+DEEPEP_DEVICE void remote_copy_words_warp(const Team& team, int j, void* dst, const void* src, int bytes, int lane) {
+#if DEEPEP_INTRANODE_PUTS
+    put_warp(dst, src, bytes, team.pes[j]);
+#else
+    warp_copy_words(dst, src, bytes, lane);
+#endif
+}
+DEEPEP_DEVICE void remote_store_i32(const Team& team, int j, int* dst, int v) {
+#if DEEPEP_INTRANODE_PUTS
+    put_i32(dst, v, team.pes[j]);
+#else
+    *dst = v;
+#endif
+}
+DEEPEP_DEVICE void remote_store_f32(const Team& team, int j, float* dst, float v) {
+#if DEEPEP_INTRANODE_PUTS
+    put_f32(dst, v, team.pes[j]);
+#else
+    *dst = v;
+#endif
+}
+// raise member j's flag once every write this block made before it (after a __syncthreads) is visible
+DEEPEP_DEVICE void remote_release_flag(const Team& team, int j, uint64_t* flag, uint64_t v) {
+#if DEEPEP_INTRANODE_PUTS
+    put_flag_after_quiet(flag, v, team.pes[j]);
+#else
+    __threadfence_system();
+    st_release_sys_u64(flag, v);
+#endif
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -140,9 +219,11 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
                  const int* __restrict__ num_tokens_per_rank,
                  const int* __restrict__ num_tokens_per_expert, int num_local_experts,
                  int expert_alignment, int* __restrict__ send_pos, int* __restrict__ recv_info,
-                 int* __restrict__ host_info, const uint64_t* peer_bases, const Layout* layout_ptr, int rank,
-                 const uint64_t* seq_ptr, uint64_t timeout_ns, deepep::ErrorRecord* err) {
+                 int* __restrict__ host_info, const uint64_t* peer_bases, const int* team_pes,
+                 const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,
+                 deepep::ErrorRecord* err) {
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
+    const Team team{team_pes};
     const Layout layout = *layout_ptr;
     const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
     const int j = blockIdx.x;
@@ -191,13 +272,10 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
         if (i == 0) v = num_tokens_per_rank[j];
         else if (i == 1) v = num_tokens;
         else v = num_tokens_per_expert[j * num_local_experts + (i - 2)];
-        slot[i] = v;
+        remote_store_i32(team, j, slot + i, v);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        st_release_sys_u64(at<uint64_t>(peers.base[j], layout.notify_flags) + rank, seq);
-    }
+    if (threadIdx.x == 0) remote_release_flag(team, j, at<uint64_t>(peers.base[j], layout.notify_flags) + rank, seq);
     if (j != 0) return;
 
     // block 0: gather everyone's counts for me
@@ -248,13 +326,11 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
 // ------------------------------------------------------------------------------------------------
 // barrier over the ranks of the domain (used by cached dispatch and combine before they write into
 // peers' staging): raise my flag on every peer, wait for every peer's flag on me.
-DEEPEP_DEVICE bool domain_barrier(const PeerBases& peers, const Layout& layout, int rank, uint64_t seq,
-                                  uint64_t timeout_ns, deepep::ErrorRecord* err, int phase) {
+DEEPEP_DEVICE bool domain_barrier(const PeerBases& peers, const Team& team, const Layout& layout, int rank,
+                                  uint64_t seq, uint64_t timeout_ns, deepep::ErrorRecord* err, int phase) {
     __shared__ bool ok;
-    if (threadIdx.x < kNumRanks) {
-        __threadfence_system();
-        st_release_sys_u64(at<uint64_t>(peers.base[threadIdx.x], layout.barrier_flags) + rank, seq);
-    }
+    if (threadIdx.x < kNumRanks)
+        remote_release_flag(team, threadIdx.x, at<uint64_t>(peers.base[threadIdx.x], layout.barrier_flags) + rank, seq);
     if (threadIdx.x == 0) {
         ok = true;
         for (int s = 0; s < kNumRanks && ok; ++s)
@@ -287,9 +363,11 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                    int num_tokens, int hidden_bytes, int scale_bytes, int num_topk, int with_topk_flag,
                    int with_weights_flag,
                    int num_local_experts, int row_bytes, int slot_rows, int num_worst_tokens,
-                   int barrier_first, const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
+                   int barrier_first, const int* __restrict__ src_tags, const uint64_t* peer_bases,
+                   const int* team_pes, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
                    uint64_t timeout_ns, deepep::ErrorRecord* err) {
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
+    const Team team{team_pes};
     const Layout layout = *layout_ptr;
     const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -302,7 +380,7 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
     const int* src_tokens = recv_info + kNumRanks + 1;
     const int expert_lo = rank * num_local_experts;
 
-    if (barrier_first && !domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
+    if (barrier_first && !domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
         return;
 
     // 1. send: every block takes token chunks c = blockIdx.x, + gridDim.x, ...; remote rows first,
@@ -318,18 +396,20 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                     if (pos < 0 || j == rank) continue;
                     uint8_t* dst = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
                                    (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
-                    warp_copy(dst, row, hidden_bytes, lane);
+                    remote_copy_warp(team, j, dst, row, hidden_bytes, lane);
                     if (scale_bytes)
-                        warp_copy_words(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
-                                        scale_bytes, lane);
+                        remote_copy_words_warp(team, j, dst + hidden_bytes,
+                                               x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
                     int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
                     if (with_topk && lane < num_topk) {
-                        ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
+                        remote_store_i32(team, j, ids + lane,
+                                         static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]));
                         if (with_weights)
-                            reinterpret_cast<float*>(ids + num_topk)[lane] =
-                                topk_weights[static_cast<long long>(t) * num_topk + lane];
+                            remote_store_f32(team, j, reinterpret_cast<float*>(ids + num_topk) + lane,
+                                             topk_weights[static_cast<long long>(t) * num_topk + lane]);
                     }
-                    if (lane == 0) ids[2 * num_topk] = t;  // source token index
+                    // the row's tag: its source token index, or the caller's tag for it
+                    if (lane == 0) remote_store_i32(team, j, ids + 2 * num_topk, src_tags ? src_tags[t] : t);
                 }
             }
             __syncthreads();
@@ -345,12 +425,12 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                         ++count;
                     }
                 }
-                __threadfence_system();
                 int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
-                ranges[0] = first;
-                ranges[1] = count;
-                __threadfence_system();
-                st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
+                if constexpr (!kPuts) __threadfence_system();   // the rows before the range
+                remote_store_i32(team, j, ranges, first);
+                remote_store_i32(team, j, ranges + 1, count);
+                remote_release_flag(team, j, at<uint64_t>(peers.base[j], layout.dispatch_flags) +
+                                                 rank * layout.max_chunks + c, seq);
             }
             for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
                 const int pos = send_pos[static_cast<long long>(t) * kNumRanks + rank];
@@ -372,7 +452,7 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                         recv_topk_weights[r * num_topk + lane] =
                             local ? topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
                 }
-                if (lane == 0) recv_src_idx[r] = t;
+                if (lane == 0) recv_src_idx[r] = src_tags ? src_tags[t] : t;
             }
         }
     }
@@ -469,7 +549,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                                 const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
                                 float* __restrict__ combined_weights, int num_tokens, int hidden,
                                 int num_topk, int with_weights_flag, int row_bytes, int slot_rows,
-                                const PeerBases& peers,
+                                const PeerBases& peers, const Team& team,
                                 const Layout& layout, int rank, uint64_t seq, uint64_t timeout_ns,
                                 deepep::ErrorRecord* err) {
     constexpr int kElem = kBf16 ? 2 : 4;
@@ -493,15 +573,15 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                 for (int p = c * kChunk + warp; p < p_end; p += num_warps) {
                     const long long r = row0 + p;
                     uint8_t* dst = slot + static_cast<long long>(p) * row_bytes;
-                    warp_copy(dst, x + r * hidden_bytes, hidden_bytes, lane);
+                    remote_copy_warp(team, s, dst, x + r * hidden_bytes, hidden_bytes, lane);
                     if (with_weights && lane < num_topk)
-                        reinterpret_cast<float*>(dst + hidden_bytes)[lane] = topk_weights[r * num_topk + lane];
+                        remote_store_f32(team, s, reinterpret_cast<float*>(dst + hidden_bytes) + lane,
+                                         topk_weights[r * num_topk + lane]);
                 }
                 __syncthreads();
-                if (threadIdx.x == 0) {
-                    __threadfence_system();
-                    st_release_sys_u64(at<uint64_t>(peers.base[s], layout.combine_flags) + rank * layout.max_chunks + c, seq);
-                }
+                if (threadIdx.x == 0)
+                    remote_release_flag(team, s, at<uint64_t>(peers.base[s], layout.combine_flags) +
+                                                     rank * layout.max_chunks + c, seq);
             }
         }
     }
@@ -617,16 +697,17 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     NAME(const uint8_t* x, const float* topk_weights, const uint8_t* bias0, const uint8_t* bias1,             \
          const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
          float* combined_weights, int num_tokens, int hidden, int num_topk, int with_weights_flag,          \
-         int row_bytes, int slot_rows,                                                                         \
-         const uint64_t* peer_bases, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                         \
+         int row_bytes, int slot_rows, const uint64_t* peer_bases, const int* team_pes,                        \
+         const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                     \
          deepep::ErrorRecord* err) {                                                                          \
         const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};                                 \
+        const Team team{team_pes};                                                                            \
         const Layout layout = *layout_ptr;                                                                    \
         const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);                            \
-        if (!domain_barrier(peers, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;         \
+        if (!domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;   \
         combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,            \
                            combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag,     \
-                           row_bytes, slot_rows, peers, layout, rank, seq, timeout_ns, err);                  \
+                           row_bytes, slot_rows, peers, team, layout, rank, seq, timeout_ns, err);            \
     }
 
 DEEPEP_COMBINE_ENTRY(intranode_combine_bf16, true)

@@ -162,46 +162,73 @@ class IntranodeHandle:
         return self.recv_info[:r + 1]
 
 
-def intranode_spec(num_ranks: int) -> jit.KernelSpec:
-    """The JIT instance of cuda_src/intranode.cu for ``num_ranks`` ranks."""
+def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
+    """The JIT instance of cuda_src/intranode.cu for a team of ``num_ranks`` ranks; ``puts`` selects
+    the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores."""
     return jit.KernelSpec.make(
         "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch",
                          "intranode_combine_bf16", "intranode_combine_f32"],
-        {"DEEPEP_NUM_RANKS": num_ranks})
+        {"DEEPEP_NUM_RANKS": num_ranks, "DEEPEP_INTRANODE_PUTS": int(puts)}, uses_nvshmem=puts)
 
 
 class IntranodeKernels:
-    """The intranode module for one rank count, bound to one buffer's symmetric memory."""
+    """The dispatch/combine module for one team of ranks, bound to one region of a buffer's
+    symmetric memory.
 
-    def __init__(self, backend, jit_options: Optional[jit.JitOptions] = None):
+    By default the team is every rank of the buffer and the region its ``num_nvl_bytes``: the
+    intranode path. The internode path (deepep_cupy/internode.py) builds two more: the ranks of this
+    node over the NVLink region, and the ranks with this local index on every node over the RDMA
+    region with ``puts=True``.
+
+    Arguments:
+        backend: the ``GpuBackend``. jit_options: how the kernels are compiled.
+        team: global ranks of the team, in team order (default: all); this rank must be one.
+        region: (byte offset, bytes) of the region in the symmetric buffer (default: the NVLink region).
+        puts: reach team members through NVSHMEM puts (which need no NVLink mapping).
+        label: names the team in error messages.
+    """
+
+    def __init__(self, backend, jit_options: Optional[jit.JitOptions] = None, team=None, region=None,
+                 puts: bool = False, label: str = ""):
         import cupy
 
         self.backend = backend
-        self.num_ranks = backend.num_ranks
-        self.rank = backend.rank
+        self.team = list(range(backend.num_ranks)) if team is None else [int(r) for r in team]
+        self.num_ranks = len(self.team)
+        self.rank = self.team.index(backend.rank)
+        self.puts = bool(puts)
         rt = backend.runtime
-        if backend.symmetric is None:
-            raise DeepEPInvalid("num_nvl_bytes: the high-throughput kernels need symmetric memory; "
+        offset, nbytes = (0, int(backend.num_nvl_bytes)) if region is None else (int(region[0]), int(region[1]))
+        if backend.symmetric is None or nbytes <= 0:
+            what = "num_rdma_bytes" if puts else "num_nvl_bytes"
+            raise DeepEPInvalid(f"{what}: the high-throughput kernels need symmetric memory; "
                                 f"at least {size_hint(self.num_ranks, 1, 128, 1)} bytes")
-        # only the NVLink share of the symmetric buffer (num_rdma_bytes is for other kernels)
-        self.layout = SymmetricLayout.build(self.num_ranks, int(backend.num_nvl_bytes))
-        bases = [rt.peer_ptr(backend.symmetric, pe) for pe in range(self.num_ranks)]
-        missing = [pe for pe, b in enumerate(bases) if b == 0]
-        if missing:
-            raise DeepEPError(f"rank {self.rank}: ranks {missing} are not reachable over NVLink "
-                              "(nvshmem_ptr is NULL); the intranode kernels need every rank in one "
-                              "NVLink domain")
+        self.layout = SymmetricLayout.build(self.num_ranks, nbytes)
+        if self.puts:   # puts name the PE and take this rank's own symmetric address
+            own = int(backend.symmetric.data.ptr) + offset
+            bases = [own] * self.num_ranks
+        else:
+            bases = [rt.peer_ptr(backend.symmetric, pe) for pe in self.team]
+            missing = [pe for pe, b in zip(self.team, bases) if b == 0]
+            if missing:
+                raise DeepEPError(f"rank {backend.rank}: ranks {missing} are not reachable over NVLink "
+                                  "(nvshmem_ptr is NULL); the intranode kernels need every rank of the "
+                                  "team in one NVLink domain")
+            bases = [b + offset for b in bases]
         self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
+        self.team_pes = cupy.asarray(np.array(self.team, dtype=np.int32))
         self.layout_struct = self.layout.device_struct()
         self.seq = cupy.zeros(1, dtype=np.uint64)
-        self.module = jit.load(intranode_spec(self.num_ranks), jit_options)
+        self.module = jit.load(intranode_spec(self.num_ranks, self.puts), jit_options)
+        if self.puts:
+            rt.register_module(self.module)
         # pinned host records: notify results (polled) and the error record (read without sync)
         # int32 words: offsets, source counts, per-expert counts, then an int64 seq (even index)
         self._info_words = (2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS + 4 + 1) // 2 * 2
         self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4)
         self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words)
         self.host_info[:] = 0
-        self.errors = PinnedErrorRecord()
+        self.errors = PinnedErrorRecord(team=None if team is None else self.team, label=label)
         cupy.cuda.Device().synchronize()
 
     # ------------------------------------------------------------------------------------------
@@ -215,7 +242,7 @@ class IntranodeKernels:
 
     def _common_tail(self):
         import cupy
-        return (self.peer_bases, self.layout_struct, cupy.int32(self.rank), self.seq,
+        return (self.peer_bases, self.team_pes, self.layout_struct, cupy.int32(self.rank), self.seq,
                 cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr))
 
     # ------------------------------------------------------------------------------------------
@@ -248,7 +275,7 @@ class IntranodeKernels:
             if spins % 4096 == 0:
                 self.check_errors("dispatch (notify)")
                 if time.monotonic() > deadline:
-                    raise DeepEPTimeout(f"rank {self.rank}: dispatch notify did not finish within "
+                    raise DeepEPTimeout(f"rank {self.backend.rank}: dispatch notify did not finish within "
                                         f"{settings.timeout_seconds} s (a peer never called dispatch?)")
                 if spins > (1 << 20):
                     time.sleep(50e-6)
@@ -258,9 +285,11 @@ class IntranodeKernels:
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info,
                  num_rows: int, num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int,
-                 stream):
+                 stream, src_tags=None):
         """The data kernel on ``stream``; allocates and returns (recv_x, recv_scales, recv_topk_idx,
-        recv_topk_weights, recv_src_idx). Raw-storage CuPy arrays (fp8 as uint8)."""
+        recv_topk_weights, recv_src_idx). Raw-storage CuPy arrays (fp8 as uint8). ``src_tags``
+        (int32 [T], optional): what each row's receiver records as its source index instead of the
+        token index (the internode path tags rows with their origin)."""
         import cupy
         num_tokens, hidden = x.shape
         hidden_bytes = hidden * x.itemsize
@@ -287,7 +316,8 @@ class IntranodeKernels:
                  cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(topk_idx is not None),
                  cupy.int32(topk_weights is not None), cupy.int32(num_experts // self.num_ranks),
                  cupy.int32(row_bytes), cupy.int32(slot_rows),
-                 cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0))
+                 cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0),
+                 null if src_tags is None else src_tags)
                 + self._common_tail())
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
 
@@ -325,12 +355,18 @@ class IntranodeKernels:
                  cupy.int32(row_bytes), cupy.int32(slot_rows)) + self._common_tail())
         return out, out_w
 
+    def check_rows(self, num_rows: int, row_bytes: int, what: str) -> None:
+        """Raise ``DeepEPInvalid`` unless ``num_rows`` rows of ``row_bytes`` fit one staging slot."""
+        self._check_capacity(num_rows, self.layout.slot_rows(row_bytes), row_bytes, what)
+
     def _check_capacity(self, num_tokens: int, slot_rows: int, row_bytes: int, what: str) -> None:
         if self.num_ranks > 1 and num_tokens > slot_rows:
             need = SymmetricLayout.control_bytes(self.num_ranks) + \
                 2 * _align((self.num_ranks - 1) * num_tokens * row_bytes) + 2 * _ALIGN
-            raise DeepEPInvalid(f"x: {num_tokens} tokens per rank exceed the {slot_rows} rows the buffer's "
+            region, hint = (("num_rdma_bytes", "get_internode_size_hint") if self.puts
+                            else ("num_nvl_bytes", "get_intranode_size_hint"))
+            raise DeepEPInvalid(f"x: {num_tokens} rows exceed the {slot_rows} rows the buffer's "
                                 f"staging holds for this {what} ({row_bytes} bytes a row); allocate "
-                                f"num_nvl_bytes >= {need} (Buffer.get_intranode_size_hint gives it)")
+                                f"{region} >= {need} (Buffer.{hint} gives it)")
         if num_tokens > CHUNK_TOKENS * MAX_CHUNKS:
             raise DeepEPInvalid(f"x: at most {CHUNK_TOKENS * MAX_CHUNKS} tokens per rank, got {num_tokens}")

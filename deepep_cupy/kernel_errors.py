@@ -50,14 +50,20 @@ class ErrorRecordArray:
 
 class PinnedErrorRecord:
     """The same {code, phase, peer, rank} record in pinned host memory: kernels write it through
-    UVA, and the host reads it without synchronising (at the next call, or while it polls)."""
+    UVA, and the host reads it without synchronising (at the next call, or while it polls).
 
-    def __init__(self):
+    ``team``: for kernels that run over a subset of the ranks (the stages of the internode path),
+    the global rank of each team index, so the exception names global ranks; ``label`` is added to
+    the phase's name (which stage timed out)."""
+
+    def __init__(self, team=None, label: str = ""):
         import cupy
         import numpy as np
         self._pinned = cupy.cuda.alloc_pinned_memory(16)
         self.record = np.frombuffer(self._pinned, dtype=np.int32, count=4)
         self.record[:] = 0
+        self.team = None if team is None else [int(r) for r in team]
+        self.label = label
 
     @property
     def ptr(self) -> int:
@@ -69,7 +75,13 @@ class PinnedErrorRecord:
         rec = self.record.tolist()
         if rec[0]:
             self.record[:] = 0
-            raise_if_error(rec, what)
+            if self.team is not None:   # team indices -> global ranks
+                code, phase, peer, rank = rec
+                if code == 1 or phase != 22:
+                    peer = self.team[peer] if 0 <= peer < len(self.team) else peer
+                rank = self.team[rank] if 0 <= rank < len(self.team) else rank
+                rec = [code, phase, peer, rank]
+            raise_if_error(rec, f"{what} [{self.label}]" if self.label else what)
 
 
 def raise_if_error(record, what: str) -> None:
