@@ -161,6 +161,25 @@ class Buffer:
         return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk)
 
     @staticmethod
+    def get_internode_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, ranks_per_node: int,
+                                num_topk: int = 8) -> tuple:
+        """``(num_nvl_bytes, num_rdma_bytes)`` the hierarchical kernels need for up to
+        ``num_max_tokens_per_rank`` tokens of ``hidden`` bf16 (or FP8 + scales) channels on
+        ``num_ranks`` ranks in nodes of ``ranks_per_node``: the RDMA region stages one slot of that
+        many rows per other node, the NVLink region one slot per other local rank of what a forwarder
+        may receive from every node (``num_nodes`` times as many rows). See docs/internode.md."""
+        from .intranode import size_hint
+        t = expect_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", minimum=1)
+        h = expect_int(hidden, "hidden", minimum=1)
+        r = expect_int(num_ranks, "num_ranks", minimum=1)
+        per_node = expect_int(ranks_per_node, "ranks_per_node", minimum=1)
+        k = expect_int(num_topk, "num_topk", minimum=0, maximum=32)
+        if r % per_node:
+            raise DeepEPInvalid(f"ranks_per_node: expected a divisor of num_ranks={r}, got {per_node}")
+        nodes = r // per_node
+        return size_hint(per_node, nodes * t, h, k), size_hint(nodes, t, h, k)
+
+    @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
         """``num_rdma_bytes`` the low-latency kernels need (both halves of the double buffer; combine
@@ -328,7 +347,6 @@ class Buffer:
         if self.backend_name == "gpu":
             config = config or self.get_dispatch_config(self.num_ranks)
             self._check_num_sms(config)
-            self._intranode_only("dispatch")
         if handle is not None:
             self._check_handle(handle, self._handle_kind)
             if topk_idx is not None or topk_weights is not None:
@@ -424,14 +442,9 @@ class Buffer:
 
     @property
     def _handle_kind(self) -> str:
-        return "IntranodeHandle" if self.backend_name == "gpu" else "ReferenceDispatchHandle"
-
-    def _intranode_only(self, what: str) -> None:
-        if self.num_nodes > 1:
-            raise NotImplementedError(
-                f"{what} across {self.num_nodes} nodes (ranks_per_node={self.ranks_per_node}) needs the "
-                "hierarchical internode kernels, which are not written yet; the GPU backend runs "
-                "dispatch/combine inside one NVLink domain (backend='reference' runs any layout)")
+        if self.backend_name != "gpu":
+            return "ReferenceDispatchHandle"
+        return "InternodeHandle" if self.num_nodes > 1 else "IntranodeHandle"
 
     def _check_num_sms(self, config: Config) -> None:
         if config.num_sms < 2:
@@ -486,7 +499,6 @@ class Buffer:
                 raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
             config = config or self.get_combine_config(self.num_ranks)
             self._check_num_sms(config)
-            self._intranode_only("combine")
             if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
                 raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
             out, out_w, event = self._backend.combine(

@@ -19,6 +19,7 @@ from .checks import IndexRangeChecker
 from .config import Config
 from .errors import DeepEPInvalid
 from .event import EventOverlap
+from .internode import InternodeHandle, InternodeKernels
 from .intranode import IntranodeHandle, IntranodeKernels
 from .low_latency import LowLatencyHandle, LowLatencyKernels
 
@@ -62,6 +63,7 @@ class GpuBackend:
             self._layout: Optional[LayoutKernel] = None
             self._range_checker: Optional[IndexRangeChecker] = None
             self._intranode: Optional[IntranodeKernels] = None
+            self._internode: Optional[InternodeKernels] = None
             self._low_latency: Optional[LowLatencyKernels] = None
             self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
             self._combine_buffer = None
@@ -108,6 +110,21 @@ class GpuBackend:
             self._intranode = IntranodeKernels(self, self.jit_options)
         return self._intranode
 
+    def internode(self) -> InternodeKernels:
+        """The hierarchical kernels (more than one node), built on first use. They use the RDMA region,
+        as the low-latency kernels do, so one buffer serves one of the two."""
+        if self._internode is None:
+            if self._low_latency is not None:
+                raise DeepEPInvalid("self: this buffer's RDMA region holds the low-latency kernels; use "
+                                    "another Buffer for the internode dispatch/combine")
+            self._internode = InternodeKernels(self, self.jit_options)
+        return self._internode
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of ``ranks_per_node`` ranks."""
+        return self.num_ranks // self.ranks_per_node
+
     def check_index_range(self, values, name: str, low: int, high: int) -> None:
         """Value check before a launch (when ``settings.check_values`` is on and not capturing)."""
         import cupy
@@ -137,6 +154,11 @@ class GpuBackend:
                  allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.dispatch``. CuPy arrays in (fp8 as uint8 storage); CuPy arrays out:
         (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert list, handle, event)."""
+        if self.num_nodes > 1:
+            return self._internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                            is_token_in_rank, num_tokens_per_expert, num_experts,
+                                            expert_alignment, num_worst_tokens, handle, config, previous_event,
+                                            async_finish, allocate_on_comm_stream)
         kernels = self.intranode()
         kernels.check_errors("dispatch")
         if handle is None and topk_idx is not None:
@@ -178,9 +200,49 @@ class GpuBackend:
         event = scope.finish(keep_alive=keep)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
 
-    def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, config: Config,
+    def _internode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                            num_tokens_per_expert, num_experts: int, expert_alignment: int,
+                            num_worst_tokens: int, handle: Optional[InternodeHandle], config: Config,
+                            previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
+        kernels = self.internode()
+        kernels.check_errors("dispatch")
+        if handle is None and topk_idx is not None:
+            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
+                               or num_tokens_per_expert is None):
+            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
+                topk_idx, num_experts, previous_event, False, False)
+        if handle is None:
+            kernels.check_dispatch(x, x_scales, self.num_ranks if topk_idx is None else topk_idx.shape[1],
+                                   num_experts)
+        with CommStreamScope(self.comm_stream, previous_event, async_finish,
+                             allocate_on_comm_stream) as scope:
+            if handle is None:
+                recv_x, recv_scales, recv_idx, recv_w, per_expert, handle = kernels.dispatch(
+                    x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, None, is_token_in_rank,
+                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config.num_sms,
+                    self.comm_stream)
+            else:
+                recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
+                recv_idx = recv_w = per_expert = None
+        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                 num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
+                     if a is not None)
+        event = scope.finish(keep_alive=keep)
+        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
+
+    def combine(self, x, handle, topk_weights, bias0, bias1, config: Config,
                 previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.combine``. Returns (combined_x, combined_topk_weights or None, event)."""
+        if isinstance(handle, InternodeHandle):
+            kernels = self.internode()
+            kernels.check_errors("combine")
+            with CommStreamScope(self.comm_stream, previous_event, async_finish,
+                                 allocate_on_comm_stream) as scope:
+                out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
+                                             self.comm_stream)
+            keep = tuple(a for a in (x, topk_weights, bias0, bias1, out, out_w) if a is not None)
+            return out, out_w, scope.finish(keep_alive=keep)
         kernels = self.intranode()
         kernels.check_errors("combine")
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
@@ -196,6 +258,9 @@ class GpuBackend:
         which needs a collective clean (every rank makes the same calls, so all get here together)."""
         import cupy
         key = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if self._internode is not None:
+            raise DeepEPInvalid("self: this buffer's RDMA region holds the internode kernels; use another "
+                                "Buffer (low_latency_mode=True) for the low-latency kernels")
         kernels = self._low_latency
         if kernels is not None and kernels.shape_key == key:
             return kernels

@@ -1,0 +1,259 @@
+"""Hierarchical dispatch and combine across nodes: RDMA between nodes, then NVLink inside each.
+
+Ranks are numbered node-major: rank ``g = m * L + l`` is local rank ``l`` of node ``m`` (``L`` =
+``ranks_per_node``, ``N`` nodes). Two teams of ``IntranodeKernels`` (intranode.py) do the moving:
+
+  * the **RDMA team** of a rank: the ranks with its local index on every node (``N`` members), over
+    the ``num_rdma_bytes`` region, through NVSHMEM puts;
+  * the **NVLink team**: the ranks of its node (``L`` members), over the ``num_nvl_bytes`` region,
+    through NVLink stores.
+
+dispatch (docs/internode.md has the diagram):
+  1. RDMA stage: a token goes once to every node that holds one of its experts, to the rank with
+     the sender's local index there (the "forwarder"), with its top-k ids (made node-relative, -1
+     for other nodes' experts), weights and FP8 scales.
+  2. NVLink stage: the forwarder routes what it received inside its node by those ids; each row is
+     tagged with its origin (global source rank and token index).
+  3. Order: the rows arrive grouped by forwarder; a one-block kernel (cuda_src/internode.cu) finds
+     every row's place in the API's order (source rank, then token) and the rows are gathered there.
+combine runs the stages backwards: rows go back to their place in stage order, the NVLink stage sums
+each token's copies of one node at its forwarder, the RDMA stage sums the node sums at the source
+(adding the bias there). A token's sum is thus rounded to the output type once per node and once at
+the end, as in DeepEP's internode combine.
+
+The host waits twice in a dispatch without ``num_worst_tokens`` (the RDMA stage's row count, then the
+final count); with it, never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from . import jit
+from .errors import DeepEPInvalid
+from .intranode import (CHUNK_TOKENS, MAX_CHUNKS, MAX_LOCAL_EXPERTS, IntranodeHandle, IntranodeKernels,
+                        dispatch_row_bytes)
+from .layout import LayoutKernel
+
+__all__ = ["InternodeHandle", "InternodeKernels", "TOKEN_BITS", "internode_spec", "rdma_size_hint"]
+
+TOKEN_BITS = 17                       # a row tag: (global source rank << 17) | source token
+assert (1 << TOKEN_BITS) >= CHUNK_TOKENS * MAX_CHUNKS
+ORDER_THREADS = 1024
+
+
+def internode_spec() -> jit.KernelSpec:
+    """The JIT instance of cuda_src/internode.cu."""
+    return jit.KernelSpec.make("internode.cu", ["internode_final_order"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InternodeHandle:
+    """Routing of one hierarchical dispatch; drives cached dispatches and combine.
+
+    Fields:
+        rdma: the RDMA stage's ``IntranodeHandle`` (team: this local index on every node).
+        nvl: the NVLink stage's ``IntranodeHandle`` (team: this node).
+        rdma_tags: int32 [rows of the RDMA stage], the origin tag of each row the RDMA stage received.
+        dest: int32 [num_rows], final row of each NVLink-stage row. perm: int32 [num_rows], its inverse.
+        recv_src_idx: int32 [num_rows], source token index of each final row (-1 padding).
+        topk_synthesized: the dispatch was routed by ``is_token_in_rank`` alone (one expert per rank).
+        num_tokens, num_rows, num_recv_tokens, num_worst_tokens, num_experts, hidden: as IntranodeHandle.
+    """
+
+    rdma: IntranodeHandle
+    nvl: IntranodeHandle
+    rdma_tags: object
+    dest: object
+    perm: object
+    recv_src_idx: object
+    topk_synthesized: bool
+    num_tokens: int
+    num_rows: int
+    num_recv_tokens: int
+    num_worst_tokens: int
+    num_experts: int
+    hidden: int
+
+
+def rdma_size_hint(num_nodes: int, max_tokens_per_rank: int, hidden: int, num_topk: int) -> int:
+    """``num_rdma_bytes`` the RDMA stage needs for ``max_tokens_per_rank`` tokens per rank."""
+    from .intranode import size_hint
+    return size_hint(num_nodes, max_tokens_per_rank, hidden, num_topk)
+
+
+class InternodeKernels:
+    """The hierarchical path of one buffer: its RDMA team, its NVLink team and the order kernel.
+
+    Arguments:
+        backend: the ``GpuBackend`` (``ranks_per_node`` < its rank count).
+        jit_options: how kernels are compiled.
+    """
+
+    def __init__(self, backend, jit_options: Optional[jit.JitOptions] = None):
+        self.backend = backend
+        self.num_ranks, self.rank = backend.num_ranks, backend.rank
+        self.ranks_per_node = backend.ranks_per_node
+        self.num_nodes = self.num_ranks // self.ranks_per_node
+        self.node, self.local_rank = divmod(self.rank, self.ranks_per_node)
+        if backend.num_rdma_bytes <= 0:
+            raise DeepEPInvalid(f"num_rdma_bytes: dispatch across {self.num_nodes} nodes needs the RDMA region; "
+                                "size it with Buffer.get_internode_size_hint")
+        L, N = self.ranks_per_node, self.num_nodes
+        self.rdma = IntranodeKernels(backend, jit_options, team=[m * L + self.local_rank for m in range(N)],
+                                     region=(backend.num_nvl_bytes, backend.num_rdma_bytes), puts=True,
+                                     label="internode RDMA stage")
+        self.nvl = IntranodeKernels(backend, jit_options, team=[self.node * L + l for l in range(L)],
+                                    label="internode NVLink stage")
+        self.nvl_layout = LayoutKernel(L, L, jit_options)
+        self.order = jit.load(internode_spec(), jit_options)["internode_final_order"]
+
+    def check_errors(self, what: str) -> None:
+        """Raise if an earlier kernel of either stage recorded a timeout or an overflow."""
+        self.rdma.check_errors(what)
+        self.nvl.check_errors(what)
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def row_bytes(x, x_scales, num_topk: int) -> int:
+        """Bytes of one staged dispatch row of ``x`` (both stages use the same format)."""
+        return dispatch_row_bytes(x.shape[1] * x.itemsize, 0 if x_scales is None else x_scales.shape[1] * 4,
+                                  num_topk)
+
+    def check_dispatch(self, x, x_scales, num_topk: int, num_experts: int) -> None:
+        """Everything that can be checked before the first launch: the per-node expert count, the
+        RDMA staging capacity, and that the NVLink staging holds what the RDMA stage may deliver."""
+        num_tokens = x.shape[0]
+        if num_experts // self.num_nodes > MAX_LOCAL_EXPERTS:
+            raise DeepEPInvalid(f"num_tokens_per_expert: at most {MAX_LOCAL_EXPERTS} experts per node on the "
+                                f"internode path, got {num_experts // self.num_nodes}")
+        if num_topk > 32:
+            raise DeepEPInvalid(f"topk_idx: at most 32 top-k columns on the GPU, got {num_topk} "
+                                "(routing by is_token_in_rank alone takes one per rank)")
+        row = self.row_bytes(x, x_scales, num_topk)
+        self.rdma.check_rows(num_tokens, row, "dispatch (RDMA stage)")
+        # a forwarder receives up to num_nodes * T rows (with T alike on every rank) and forwards them
+        self.nvl.check_rows(self.num_nodes * num_tokens, row, "dispatch (NVLink stage)")
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                 is_token_in_rank, num_tokens_per_expert, num_experts: int, expert_alignment: int,
+                 num_worst_tokens: int, num_sms: int, stream) -> tuple:
+        """A fresh (non-cached) hierarchical dispatch on ``stream``.
+
+        Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert list or None, handle).
+        ``topk_idx`` None routes by ``is_token_in_rank`` alone (one synthetic expert per rank).
+        """
+        import cupy
+        N, L = self.num_nodes, self.ranks_per_node
+        num_tokens = x.shape[0]
+        synthesized = topk_idx is None
+        with stream:
+            if synthesized:   # one expert per rank: the NVLink stage still needs ids to route by
+                topk_idx = cupy.where(is_token_in_rank, cupy.arange(self.num_ranks, dtype=cupy.int64), -1)
+                num_experts = self.num_ranks
+                num_tokens_per_expert = num_tokens_per_rank
+            in_node = cupy.ascontiguousarray(is_token_in_rank.reshape(num_tokens, N, L).any(axis=2))
+            if num_tokens_per_rdma_rank is None:
+                num_tokens_per_rdma_rank = in_node.sum(axis=0, dtype=cupy.int32)
+        self.check_dispatch(x, x_scales, topk_idx.shape[1], num_experts)
+        worst = num_worst_tokens > 0
+
+        # 1. RDMA stage: to the forwarder of every node with a target
+        send_pos1, recv_info1, info1 = self.rdma.notify(in_node, num_tokens_per_rdma_rank, num_tokens_per_expert,
+                                                        num_experts, 1, wait=not worst, stream=stream)
+        row = self.row_bytes(x, x_scales, topk_idx.shape[1])
+        if info1 is None:   # no host wait: room for the most the RDMA staging can deliver
+            rows1 = max(1, self.num_nodes * self.rdma.layout.slot_rows(row))
+            if self.ranks_per_node > 1:   # the kernel reports rows beyond it as an overflow
+                rows1 = min(rows1, self.nvl.layout.slot_rows(row))
+        else:
+            rows1 = int(info1[N])
+            self.nvl.check_rows(rows1, row, "dispatch (NVLink stage)")
+        out1 = self.rdma.dispatch(x, x_scales, topk_idx, topk_weights, in_node, send_pos1, recv_info1, rows1,
+                                  num_experts, rows1 if worst else 0, None, num_sms, stream)
+        recv1_x, recv1_scales, recv1_idx, recv1_w, recv1_src = out1
+        handle1 = IntranodeHandle(in_node, send_pos1, recv_info1, recv1_src, num_tokens, rows1,
+                                  -1 if info1 is None else int(info1[N]), rows1 if worst else 0, num_experts,
+                                  int(x.shape[1]))
+        tags1 = self._origin_tags(recv_info1, recv1_src, stream)
+
+        # 2. NVLink stage: route inside the node by the node-relative ids
+        experts_per_node = num_experts // N
+        with stream:
+            per_rank2, _, per_expert2, in_rank2 = self.nvl_layout(recv1_idx, experts_per_node, stream)
+        send_pos2, recv_info2, info2 = self.nvl.notify(in_rank2, per_rank2, per_expert2, experts_per_node,
+                                                       expert_alignment, wait=not worst, stream=stream)
+        if info2 is None:
+            rows2, num_recv, per_expert = num_worst_tokens, -1, []
+        else:
+            num_recv = int(info2[L])
+            rows2 = num_recv
+            per_expert = [int(v) for v in info2[2 * L + 1:]]
+        out2 = self.nvl.dispatch(recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, send_pos2, recv_info2,
+                                 rows2, experts_per_node, num_worst_tokens, None, num_sms, stream, src_tags=tags1)
+        recv2_x, recv2_scales, recv2_idx, recv2_w, tags2 = out2
+        handle2 = IntranodeHandle(in_rank2, send_pos2, recv_info2, tags2, rows1, rows2, num_recv,
+                                  num_worst_tokens, experts_per_node, int(x.shape[1]))
+
+        # 3. the API's order
+        dest, perm, src_idx = self._final_order(tags2, stream)
+        with stream:
+            recv_x, recv_scales, recv_idx, recv_w = (None if a is None else cupy.take(a, perm, axis=0)
+                                                     for a in (recv2_x, recv2_scales, recv2_idx, recv2_w))
+        handle = InternodeHandle(handle1, handle2, tags1, dest, perm, src_idx, synthesized, num_tokens, rows2,
+                                 num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+        if synthesized:
+            recv_idx = recv_w = None
+            per_expert = []
+        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+
+    def cached_dispatch(self, x, x_scales, handle: InternodeHandle, num_sms: int, stream) -> tuple:
+        """A dispatch of other data with a handle's routing: (recv_x, recv_scales)."""
+        import cupy
+        h1, h2 = handle.rdma, handle.nvl
+        row = self.row_bytes(x, x_scales, 0)
+        self.rdma.check_rows(x.shape[0], row, "dispatch (RDMA stage)")
+        self.nvl.check_rows(h1.num_rows, row, "dispatch (NVLink stage)")
+        recv1_x, recv1_scales, _, _, _ = self.rdma.dispatch(
+            x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
+            h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
+        recv2_x, recv2_scales, _, _, _ = self.nvl.dispatch(
+            recv1_x, recv1_scales, None, None, h2.is_token_in_rank, h2.send_pos, h2.recv_info, h2.num_rows,
+            h2.num_experts, h2.num_worst_tokens, h2.recv_src_idx, num_sms, stream, src_tags=handle.rdma_tags)
+        with stream:
+            recv_x = cupy.take(recv2_x, handle.perm, axis=0)
+            recv_scales = None if recv2_scales is None else cupy.take(recv2_scales, handle.perm, axis=0)
+        return recv_x, recv_scales
+
+    def combine(self, x, handle: InternodeHandle, topk_weights, bias0, bias1, num_sms: int, stream) -> tuple:
+        """The stages backwards on ``stream``: (combined_x [T, H], combined_weights or None)."""
+        import cupy
+        with stream:   # back to stage order
+            x2 = cupy.take(x, handle.dest, axis=0)
+            w2 = None if topk_weights is None else cupy.take(topk_weights, handle.dest, axis=0)
+        node_x, node_w = self.nvl.combine(x2, handle.nvl, w2, None, None, num_sms, stream)
+        return self.rdma.combine(node_x, handle.rdma, node_w, bias0, bias1, num_sms, stream)
+
+    # ------------------------------------------------------------------------------------------
+    def _origin_tags(self, recv_info1, recv1_src, stream):
+        """Tag of every row the RDMA stage received: (global source rank << TOKEN_BITS) | token."""
+        import cupy
+        N, L = self.num_nodes, self.ranks_per_node
+        with stream:
+            rows = cupy.arange(recv1_src.shape[0], dtype=cupy.int32)
+            node = cupy.searchsorted(recv_info1[1:N + 1], rows, side="right").astype(cupy.int32)
+            src_rank = node * L + self.local_rank
+            return cupy.where(recv1_src >= 0, (src_rank << TOKEN_BITS) | recv1_src, -1).astype(cupy.int32)
+
+    def _final_order(self, tags, stream) -> tuple:
+        import cupy
+        rows = tags.shape[0]
+        dest = cupy.empty(rows, dtype=cupy.int32)
+        perm = cupy.empty(rows, dtype=cupy.int32)
+        src_idx = cupy.empty(rows, dtype=cupy.int32)
+        with stream:
+            self.order((1,), (ORDER_THREADS,),
+                       (tags, cupy.int32(rows), cupy.int32(self.num_ranks), cupy.int32(TOKEN_BITS), dest, perm,
+                        src_idx), shared_mem=3 * 4 * self.num_ranks)
+        return dest, perm, src_idx
