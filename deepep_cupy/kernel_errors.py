@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import DeepEPError, DeepEPTimeout
 
-__all__ = ["PHASES", "ErrorRecordArray", "PinnedErrorRecord", "raise_if_error"]
+__all__ = ["PHASES", "ErrorRecordArray", "PinnedErrorRecord", "raise_if_error", "team_to_global"]
 
 # phase ids written by kernels -> names users read in exceptions
 PHASES = {
@@ -75,13 +75,21 @@ class PinnedErrorRecord:
         rec = self.record.tolist()
         if rec[0]:
             self.record[:] = 0
-            if self.team is not None:   # team indices -> global ranks
-                code, phase, peer, rank = rec
-                if code == 1 or phase != 22:
-                    peer = self.team[peer] if 0 <= peer < len(self.team) else peer
-                rank = self.team[rank] if 0 <= rank < len(self.team) else rank
-                rec = [code, phase, peer, rank]
+            if self.team is not None:
+                rec = team_to_global(rec, self.team)
             raise_if_error(rec, f"{what} [{self.label}]" if self.label else what)
+
+
+def team_to_global(record, team):
+    """A record written by kernels that number the ranks of a team (0 .. len(team)-1), with its rank
+    and peer turned into global ranks (``team[i]``); a peer that is an expert id (phase 22) or
+    unknown (-1) stays."""
+    code, phase, peer, rank = (int(v) for v in record)
+    if phase != 22 and 0 <= peer < len(team):
+        peer = int(team[peer])
+    if 0 <= rank < len(team):
+        rank = int(team[rank])
+    return [code, phase, peer, rank]
 
 
 def raise_if_error(record, what: str) -> None:

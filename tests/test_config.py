@@ -72,3 +72,30 @@ def test_every_kernel_phase_has_a_name():
            for m in re.finditer(r"constexpr int (kPhase\w+) = (\d+);", f.read_text())}
     assert len(ids) >= 12, ids
     assert ids <= set(PHASES), f"phases without a name: {sorted(ids - set(PHASES))}"
+
+
+def test_internode_size_hint_is_both_teams_staging():
+    """(num_nvl_bytes, num_rdma_bytes): the NVLink team's staging holds num_nodes * T rows per slot
+    (what a forwarder can receive), the RDMA team's T rows per slot."""
+    from deepep_cupy.intranode import size_hint
+    nvl, rdma = ep.Buffer.get_internode_size_hint(4096, 7168, 4, 2, 8)
+    assert nvl == size_hint(2, 2 * 4096, 7168, 8) and rdma == size_hint(2, 4096, 7168, 8)
+    assert ep.Buffer.get_internode_size_hint(4096, 7168, 16, 8, 8)[0] > 6 * nvl   # 7 slots, not 1
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        ep.Buffer.get_internode_size_hint(128, 7168, 6, 4)
+    with pytest.raises(ValueError, match="num_max_tokens_per_rank"):
+        ep.Buffer.get_internode_size_hint(0, 7168, 4, 2)
+
+
+def test_team_errors_name_global_ranks_and_the_stage():
+    """A stage's kernels number ranks inside their team; the exception names global ranks."""
+    from deepep_cupy.errors import DeepEPError, DeepEPTimeout
+    from deepep_cupy.kernel_errors import raise_if_error, team_to_global
+    team = [1, 3]                                          # local index 1 on two nodes of two
+    assert team_to_global([1, 10, 0, 1], team) == [1, 10, 1, 3]
+    assert team_to_global([1, 10, -1, 0], team) == [1, 10, -1, 1]    # an unknown peer stays unknown
+    assert team_to_global([2, 22, 7, 0], team) == [2, 22, 7, 1]      # phase 22's peer is an expert id
+    with pytest.raises(DeepEPTimeout, match=r"dispatch \[internode RDMA stage\]: rank 3 .* waiting on rank 1"):
+        raise_if_error(team_to_global([1, 10, 0, 1], team), "dispatch [internode RDMA stage]")
+    with pytest.raises(DeepEPError, match="num_worst_tokens"):
+        raise_if_error(team_to_global([2, 15, 0, 1], team), "dispatch")
