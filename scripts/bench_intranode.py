@@ -1,15 +1,33 @@
 #!/usr/bin/env python3
-"""Benchmark high-throughput dispatch/combine inside one node; prints a table.
+"""Benchmark high-throughput dispatch/combine inside one node or across nodes; prints a table.
 
     mpirun -n 2 python scripts/bench_intranode.py [--tokens 4096 --hidden 7168 --topk 8
                                                     --experts 256 --sms 8,16,24]
+    mpirun -n 4 python scripts/bench_intranode.py --ranks-per-node 2     (hierarchical: 2 nodes of 2)
 
 For each SM budget: dispatch BF16 and FP8 (normal, and cached with a handle as in DeepEP's tuning
 sweep) and combine BF16, timed DeepEP's way (L2 flushed, CUDA events around each call, median of
-many calls after warm-up), with both metrics of ../shared/ANCHORS.md:
-  * DeepEP's "NVL GB/s": bytes this rank receives (own tokens included) / time;
-  * NVLink GB/s: bytes that crossed NVLink into (dispatch) or out of (combine) this GPU / time;
-and NCCL all-to-all (PyTorch all_to_all_single) moving the same rows, for comparison.
+many calls after warm-up), and NCCL all-to-all (PyTorch all_to_all_single) moving the same rows,
+for comparison. Rows are bf16 (hidden x 2 bytes) or FP8 (hidden + hidden/128 x 4 bytes of scales);
+combine always counts bf16 rows. Columns (all per rank, in GB/s = bytes / median time):
+
+  * "DeepEP NVL GB/s" (DeepEP's metric, ../shared/ANCHORS.md; its internode test prints the same
+    figure as "NVL"): rows this rank receives in dispatch (own tokens included) x row bytes; combine
+    counts the same rows.
+  * "NVLink GB/s": rows written over NVLink into this GPU.
+      one node: dispatch, the rows it receives from other ranks; combine, the copies of its own
+      tokens coming back from other ranks (the rows it sent in dispatch).
+      --ranks-per-node (NVLink stage only): dispatch, the rows it receives from the other
+      forwarders of its node (those of sources whose local index differs from its own); combine,
+      the copies coming back to it as a forwarder (the rows it forwarded to other ranks of its node).
+  * "RDMA GB/s" (--ranks-per-node only): rows of this rank's tokens that cross between nodes: for
+    each token, the number of OTHER nodes holding at least one of its experts (node of expert e =
+    e // (experts / nodes)); dispatch sends them to those nodes' forwarders, combine gets the node
+    sums back. DeepEP's test_internode counts every node with an expert, its own included, so its
+    "RDMA" figure is higher for the same run. When the "nodes" share one host (a smaller
+    --ranks-per-node than the host's rank count) NVSHMEM carries these puts over NVLink too.
+  * "vs DeepEP" (one node only): median time / DeepEP v1.2.1's time on the same machine.
+  * NCCL row: bytes received from all other ranks (any link), in the NVLink column.
 """
 
 import argparse
@@ -19,7 +37,36 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DEEPEP = {"dispatch_fp8": 258.0, "dispatch_bf16": 353.0, "combine_bf16": 403.0}   # us, same machine
+DEEPEP = {"dispatch_fp8": 258.0, "dispatch_bf16": 353.0, "combine_bf16": 403.0}   # us, same machine, one node
+
+
+def rows_to_other_nodes(topk, num_experts, num_nodes, node):
+    """Rows of one rank's tokens that cross between nodes (host side, numpy): for each token, the
+    number of nodes other than ``node`` holding at least one of its experts (``topk`` int [T, K],
+    -1 = no expert; node of expert e = e // (num_experts // num_nodes))."""
+    import numpy as np
+    topk = np.asarray(topk)
+    dest = np.where(topk >= 0, topk // (num_experts // num_nodes), num_nodes)   # num_nodes: no expert
+    hit = np.zeros((topk.shape[0], num_nodes + 1), dtype=bool)
+    hit[np.arange(topk.shape[0])[:, None], dest] = True
+    hit[:, [node, num_nodes]] = False
+    return int(hit.sum())
+
+
+def nvlink_stage_rows(counts, rank, ranks_per_node):
+    """Rows the NVLink stage of the hierarchical path writes into ``rank``'s GPU.
+
+    ``counts[s][d]``: rows source rank s sends to rank d (tokens of s with an expert on d). A row
+    from s to d is forwarded inside d's node by the rank of that node with s's local index.
+    Returns (dispatch: rows from the other forwarders of its node, combine: rows it forwarded to
+    the other ranks of its node, which come back to it)."""
+    L = ranks_per_node
+    node, local = divmod(rank, L)
+    R = len(counts)
+    into = sum(int(counts[s][rank]) for s in range(R) if s % L != local)
+    back = sum(int(counts[s][d]) for s in range(R) if s % L == local
+               for d in range(node * L, node * L + L) if d != rank)
+    return into, back
 
 
 def main():
@@ -31,6 +78,10 @@ def main():
     ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="ranks per node; fewer than the rank count benchmarks the hierarchical "
+                         "(internode) path with the ranks split into nodes of this many "
+                         "(default: all ranks on one node)")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -45,9 +96,25 @@ def main():
     rank, R = comm.Get_rank(), comm.Get_size()
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
-    nbytes = ep.Buffer.get_intranode_size_hint(T, H, R, K)
-    buf = ep.Buffer(comm, num_nvl_bytes=nbytes, backend="gpu")
-    say(f"buffer: {nbytes / 2**20:.0f} MiB symmetric per rank (Buffer.get_intranode_size_hint)")
+    L = args.ranks_per_node
+    if L is not None and (L < 1 or R % L or (R // L > 1 and E % (R // L))):
+        say(f"--ranks-per-node {L}: expected a divisor of the {R} ranks (and of --experts {E})")
+        sys.exit(2)
+    internode = L is not None and L < R
+    if internode:
+        num_nodes = R // L
+        nvl_bytes, rdma_bytes = ep.Buffer.get_internode_size_hint(T, H, R, L, K)
+        buf = ep.Buffer(comm, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=L,
+                        backend="gpu")
+        say(f"buffer: NVL {nvl_bytes / 2**20:.0f} MiB + RDMA {rdma_bytes / 2**20:.0f} MiB symmetric per rank "
+            f"(Buffer.get_internode_size_hint, {num_nodes} nodes of {L} ranks)")
+    else:
+        nbytes = ep.Buffer.get_intranode_size_hint(T, H, R, K)
+        if L is None:
+            buf = ep.Buffer(comm, num_nvl_bytes=nbytes, backend="gpu")
+        else:
+            buf = ep.Buffer(comm, num_nvl_bytes=nbytes, ranks_per_node=L, backend="gpu")
+        say(f"buffer: {nbytes / 2**20:.0f} MiB symmetric per rank (Buffer.get_intranode_size_hint)")
 
     rng = np.random.default_rng(rank)
     topk = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)
@@ -58,16 +125,26 @@ def main():
     for x in xs[:2]:
         q, s = reference.per_token_cast_to_fp8(cp.asnumpy(x))
         fp8s.append((cp.asarray(q.view(np.uint8)), cp.asarray(s)))
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     in_rank_host = cp.asnumpy(in_rank)
     sent_remote = int(in_rank_host[:, [j for j in range(R) if j != rank]].sum())
     recv_counts = comm.allgather(in_rank_host.sum(axis=0))        # [src][dst]
     recv_rows = int(sum(c[rank] for c in recv_counts))
     recv_remote = int(sum(c[rank] for s, c in enumerate(recv_counts) if s != rank))
     bf16_row, fp8_row = H * 2, H + H // 128 * 4
-    say(f"{T} tokens/rank, hidden {H}, top-{K} of {E}, {R} ranks: rank 0 receives {recv_rows} rows "
-        f"({recv_remote} over NVLink), sends {sent_remote} over NVLink")
+    if internode:
+        rdma_rows = rows_to_other_nodes(topk, E, num_nodes, rank // L)
+        nvl_into, nvl_back = nvlink_stage_rows(recv_counts, rank, L)
+        say(f"{T} tokens/rank, hidden {H}, top-{K} of {E}, {R} ranks in {num_nodes} nodes of {L}: rank 0 "
+            f"receives {recv_rows} rows ({nvl_into} over NVLink from other forwarders), sends {rdma_rows} to "
+            f"other nodes (RDMA), forwards {nvl_back} to other ranks of its node")
+    else:
+        say(f"{T} tokens/rank, hidden {H}, top-{K} of {E}, {R} ranks: rank 0 receives {recv_rows} rows "
+            f"({recv_remote} over NVLink), sends {sent_remote} over NVLink")
 
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    if internode:
+        layout["num_tokens_per_rdma_rank"] = per_rdma
     ep.settings.check_values = False      # DeepEP checks nothing; time the same work
     rows = []
     counter = [0]
@@ -80,12 +157,10 @@ def main():
                 xi = x[counter[0] % len(x)]
                 if cached:
                     return buf.dispatch(xi, handle=handle_box[0], config=cfg)
-                return buf.dispatch(xi, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
-                                    is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
+                return buf.dispatch(xi, topk_idx=idx, topk_weights=weights, config=cfg, **layout)
             return run
 
-        handle_box = [buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank,
-                                   is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)[4]]
+        handle_box = [buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]]
         recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
         results = {}
         say(f"  num_sms={sms}: timing ...")
@@ -99,33 +174,58 @@ def main():
             med = summarize(samples)[0]
             row_bytes = fp8_row if "fp8" in name else bf16_row
             deepep_metric = recv_rows * row_bytes / med / 1e3          # GB/s
-            nvlink = (recv_remote if "dispatch" in name else sent_remote) * row_bytes / med / 1e3
-            rows.append((sms, name, samples, deepep_metric, nvlink))
+            if internode:
+                nvlink = (nvl_into if "dispatch" in name else nvl_back) * row_bytes / med / 1e3
+                rdma = rdma_rows * row_bytes / med / 1e3
+            else:
+                nvlink = (recv_remote if "dispatch" in name else sent_remote) * row_bytes / med / 1e3
+                rdma = None
+            rows.append((sms, name, samples, deepep_metric, nvlink, rdma))
 
     nccl_rows = []
     if not args.no_nccl:
-        try:
-            nccl_rows = nccl_all_to_all(comm, in_rank_host, H, args.iters)
-        except Exception as e:  # noqa: BLE001 - report and carry on
-            say(f"NCCL comparison skipped: {type(e).__name__}: {e}")
+        one_host = True    # the NCCL comparison meets at 127.0.0.1
+        if internode:
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+            one_host = comm.allreduce(local.Get_size(), op=MPI.MIN) == R
+            local.Free()
+        if not one_host:
+            say("NCCL comparison skipped: the ranks span more than one host")
+        else:
+            try:
+                nccl_rows = nccl_all_to_all(comm, in_rank_host, H, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and carry on
+                say(f"NCCL comparison skipped: {type(e).__name__}: {e}")
 
     say("")
-    say(f"{'SMs':>4} {'op':22s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} {'vs DeepEP':>10}")
-    for sms, name, samples, m1, m2 in rows:
-        base = DEEPEP.get(name.replace("_cached", ""))
-        ratio = f"{summarize(samples)[0] / base:.2f}x" if base else ""
-        say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {ratio:>10}")
+    if internode:
+        say(f"{'SMs':>4} {'op':22s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} "
+            f"{'RDMA GB/s':>10}")
+        for sms, name, samples, m1, m2, m3 in rows:
+            say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {m3:10.1f}")
+    else:
+        say(f"{'SMs':>4} {'op':22s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} "
+            f"{'vs DeepEP':>10}")
+        for sms, name, samples, m1, m2, _ in rows:
+            base = DEEPEP.get(name.replace("_cached", ""))
+            ratio = f"{summarize(samples)[0] / base:.2f}x" if base else ""
+            say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {ratio:>10}")
     for name, samples, gbps in nccl_rows:
         say(f"{'':>4} {name:22s} {fmt_us(samples):34s} {'':>16} {gbps:12.1f}")
     say("")
-    say("SUMMARY bench_intranode (DeepEP v1.2.1: dispatch FP8 258 us, BF16 353 us, combine 403 us)")
+    if internode:
+        say(f"SUMMARY bench_internode ({num_nodes} nodes of {L} ranks, {T} tokens/rank, hidden {H}, "
+            f"top-{K} of {E}; no DeepEP internode figure measured here)")
+    else:
+        say("SUMMARY bench_intranode (DeepEP v1.2.1: dispatch FP8 258 us, BF16 353 us, combine 403 us)")
     best = {}
-    for sms, name, samples, m1, m2 in rows:
+    for sms, name, samples, m1, m2, m3 in rows:
         med = summarize(samples)[0]
         if name not in best or med < best[name][0]:
-            best[name] = (med, sms, m2)
-    for name, (med, sms, m2) in best.items():
-        say(f"  {name:22s} {med:8.1f} us at {sms} SMs  NVLink {m2:6.1f} GB/s")
+            best[name] = (med, sms, m2, m3)
+    for name, (med, sms, m2, m3) in best.items():
+        rdma = "" if m3 is None else f"  RDMA {m3:6.1f} GB/s"
+        say(f"  {name:22s} {med:8.1f} us at {sms} SMs  NVLink {m2:6.1f} GB/s{rdma}")
     buf.destroy()
 
 

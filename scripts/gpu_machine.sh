@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,demo,tune,ll,nvlink,extra
-#                                              (default: env,tests,bench,demo,tune; ll runs the low-latency
-#                                              tests and benchmark; nvlink the NVLink write probe; extra
-#                                              runs "$EXTRA" in this environment)
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,extra
+#                                              (default: env,tests,bench,demo,tune; internode benchmarks the
+#                                              hierarchical path with the ranks split into 2 "nodes";
+#                                              ll runs the low-latency tests and benchmark; nvlink the NVLink
+#                                              write probe; extra runs "$EXTRA" in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -114,6 +115,13 @@ if [[ "$STEPS" == *bench* ]]; then
   timeout -k 10 400 $MPIRUN -n "$NUM_RANKS" $PY -X faulthandler scripts/bench_intranode.py > "$OUTD/bench_intranode.log" 2>&1
   row "bench_intranode" "rc=$?"
   tail -30 "$OUTD/bench_intranode.log"
+fi
+
+if [[ "$STEPS" == *internode* ]]; then   # hierarchical path: the ranks as 2 nodes of NUM_RANKS/2
+  say "bench_internode (bench_intranode.py --ranks-per-node $(( NUM_RANKS / 2 )))"
+  timeout -k 10 300 $MPIRUN -n "$NUM_RANKS" $PY -X faulthandler scripts/bench_intranode.py --ranks-per-node $(( NUM_RANKS / 2 )) --sms 16,24 > "$OUTD/bench_internode.log" 2>&1
+  row "bench_internode" "rc=$?"
+  tail -20 "$OUTD/bench_internode.log"
 fi
 
 if [[ "$STEPS" == *demo* ]]; then
