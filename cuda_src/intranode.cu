@@ -25,8 +25,11 @@
 //      and every remote write is a plain store through it.
 //   1: the team may span nodes (the RDMA stage of the hierarchical internode path, see
 //      deepep_cupy/internode.py); `peer_bases[j]` is this rank's own symmetric address of the region
-//      and remote writes are NVSHMEM puts to PE `team_pes[j]`. Before a flag is raised the puts are
-//      completed (nvshmem_quiet), so a peer that sees the flag sees the data.
+//      and remote writes are NVSHMEM puts to PE `team_pes[j]`. Rows are first written into this
+//      rank's own send staging (symmetric memory, which a NIC can read; laid out like the
+//      destination's staging, one slot per peer), then a chunk's rows for one peer travel as one
+//      contiguous put. Before a flag is raised the puts are completed (nvshmem_quiet), so a peer
+//      that sees the flag sees the data.
 // Only writes ever go to a peer; every read is of this rank's own memory, so the receive paths are
 // the same for both.
 //
@@ -78,6 +81,7 @@ struct Layout {
     long long combine_flags;     // uint64 [R][max_chunks]
     long long dispatch_staging;  // [R-1][slot_rows][dispatch_row_bytes]
     long long combine_staging;   // [R-1][slot_rows][combine_row_bytes]
+    long long send_staging;      // puts only: [R-1 destination slots][slot_rows][row_bytes], this rank's rows
     int notify_ints;
     int max_chunks;
 };
@@ -136,7 +140,8 @@ DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeou
 
 // ---- transport: how a write reaches team member j ----------------------------------------------
 // `dst` is always computed from peers.base[j]: a mapped peer address (stores) or this rank's own
-// symmetric address of the same object (puts, which name the PE).
+// symmetric address of the same object (puts, which name the PE). Rows go through
+// `row_slot` + `send_rows` below.
 #if DEEPEP_INTRANODE_PUTS
 constexpr bool kPuts = true;
 // NVSHMEM calls stay out of line: inlined, they cost the hot loops registers.
@@ -157,32 +162,9 @@ struct Team {
     const int* pes;   // global PE of each team member (puts only)
 };
 
-// a warp writes `bytes` (a multiple of 16) to member j
-DEEPEP_DEVICE void remote_copy_warp(const Team& team, int j, void* dst, const void* src, int bytes, int lane) {
-#if DEEPEP_INTRANODE_PUTS
-    put_warp(dst, src, bytes, team.pes[j]);
-#else
-    warp_copy(dst, src, bytes, lane);
-#endif
-}
-// FP8 scales: a multiple of 4 bytes
-DEEPEP_DEVICE void remote_copy_words_warp(const Team& team, int j, void* dst, const void* src, int bytes, int lane) {
-#if DEEPEP_INTRANODE_PUTS
-    put_warp(dst, src, bytes, team.pes[j]);
-#else
-    warp_copy_words(dst, src, bytes, lane);
-#endif
-}
 DEEPEP_DEVICE void remote_store_i32(const Team& team, int j, int* dst, int v) {
 #if DEEPEP_INTRANODE_PUTS
     put_i32(dst, v, team.pes[j]);
-#else
-    *dst = v;
-#endif
-}
-DEEPEP_DEVICE void remote_store_f32(const Team& team, int j, float* dst, float v) {
-#if DEEPEP_INTRANODE_PUTS
-    put_f32(dst, v, team.pes[j]);
 #else
     *dst = v;
 #endif
@@ -194,6 +176,35 @@ DEEPEP_DEVICE void remote_release_flag(const Team& team, int j, uint64_t* flag, 
 #else
     __threadfence_system();
     st_release_sys_u64(flag, v);
+#endif
+}
+
+// Where the rows for member j's staging area `area` (slot of `me` there) are written: straight into
+// j's staging (stores), or into this rank's send staging, slot of j (puts; send_rows moves them).
+DEEPEP_DEVICE uint8_t* row_slot(const PeerBases& peers, const Layout& layout, long long area, int me, int j,
+                                int slot_rows, int row_bytes) {
+    if constexpr (kPuts)
+        return at<uint8_t>(peers.base[me], layout.send_staging) +
+               static_cast<long long>(slot_of(j, me)) * slot_rows * row_bytes;
+    return at<uint8_t>(peers.base[j], area) + static_cast<long long>(slot_of(me, j)) * slot_rows * row_bytes;
+}
+
+// puts only: one warp moves rows [first, first + count) of member j's send slot into j's staging
+// area `area` (after the block's __syncthreads). Lanes fence first: the rows were written by other
+// warps, and a NIC reads them from memory.
+DEEPEP_DEVICE void send_rows(const Team& team, const PeerBases& peers, const Layout& layout, long long area,
+                             int me, int j, int slot_rows, int row_bytes, int first, int count) {
+#if DEEPEP_INTRANODE_PUTS
+    if (count <= 0) return;
+    __threadfence_system();
+    __syncwarp();
+    const long long rows_before = static_cast<long long>(first) * row_bytes;
+    const uint8_t* src = at<uint8_t>(peers.base[me], layout.send_staging) +
+                         static_cast<long long>(slot_of(j, me)) * slot_rows * row_bytes + rows_before;
+    uint8_t* dst = at<uint8_t>(peers.base[j], area) + static_cast<long long>(slot_of(me, j)) * slot_rows * row_bytes +
+                   rows_before;
+    put_warp(dst, src, count * row_bytes, team.pes[j]);
+    __syncwarp();
 #endif
 }
 
@@ -394,43 +405,56 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
                 for (int j = 0; j < kNumRanks; ++j) {
                     const int pos = send_pos[static_cast<long long>(t) * kNumRanks + j];
                     if (pos < 0 || j == rank) continue;
-                    uint8_t* dst = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
-                                   (static_cast<long long>(slot_of(rank, j)) * slot_rows + pos) * row_bytes;
-                    remote_copy_warp(team, j, dst, row, hidden_bytes, lane);
+                    uint8_t* dst = row_slot(peers, layout, layout.dispatch_staging, rank, j, slot_rows, row_bytes) +
+                                   static_cast<long long>(pos) * row_bytes;
+                    warp_copy(dst, row, hidden_bytes, lane);
                     if (scale_bytes)
-                        remote_copy_words_warp(team, j, dst + hidden_bytes,
-                                               x_scales + static_cast<long long>(t) * scale_bytes, scale_bytes, lane);
+                        warp_copy_words(dst + hidden_bytes, x_scales + static_cast<long long>(t) * scale_bytes,
+                                        scale_bytes, lane);
                     int* ids = reinterpret_cast<int*>(dst + hidden_bytes + scale_bytes);
                     if (with_topk && lane < num_topk) {
-                        remote_store_i32(team, j, ids + lane,
-                                         static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]));
+                        ids[lane] = static_cast<int>(topk_idx[static_cast<long long>(t) * num_topk + lane]);
                         if (with_weights)
-                            remote_store_f32(team, j, reinterpret_cast<float*>(ids + num_topk) + lane,
-                                             topk_weights[static_cast<long long>(t) * num_topk + lane]);
+                            reinterpret_cast<float*>(ids + num_topk)[lane] =
+                                topk_weights[static_cast<long long>(t) * num_topk + lane];
                     }
                     // the row's tag: its source token index, or the caller's tag for it
-                    if (lane == 0) remote_store_i32(team, j, ids + 2 * num_topk, src_tags ? src_tags[t] : t);
+                    if (lane == 0) ids[2 * num_topk] = src_tags ? src_tags[t] : t;
                 }
             }
             __syncthreads();
-            if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
-                const int j = threadIdx.x;
+            // publish the chunk to every peer j: stores, thread j; puts, warp j (which first moves
+            // the chunk's rows for j in one put)
+            const int publisher = kPuts ? warp : static_cast<int>(threadIdx.x);
+            const int num_publishers = kPuts ? num_warps : static_cast<int>(blockDim.x);
+            for (int j = publisher; j < kNumRanks; j += num_publishers) {
+                if (j == rank) continue;
                 // the chunk's rows for j: [first, first + count)
                 int first = 0, count = 0;
-                bool have = false;
-                for (int t = c * kChunk; t < t_end; ++t) {
-                    const int p = send_pos[static_cast<long long>(t) * kNumRanks + j];
-                    if (p >= 0) {
-                        if (!have) first = p, have = true;
-                        ++count;
+                if (!kPuts || lane == 0) {
+                    bool have = false;
+                    for (int t = c * kChunk; t < t_end; ++t) {
+                        const int p = send_pos[static_cast<long long>(t) * kNumRanks + j];
+                        if (p >= 0) {
+                            if (!have) first = p, have = true;
+                            ++count;
+                        }
                     }
                 }
-                int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
-                if constexpr (!kPuts) __threadfence_system();   // the rows before the range
-                remote_store_i32(team, j, ranges, first);
-                remote_store_i32(team, j, ranges + 1, count);
-                remote_release_flag(team, j, at<uint64_t>(peers.base[j], layout.dispatch_flags) +
-                                                 rank * layout.max_chunks + c, seq);
+                if constexpr (kPuts) {
+                    first = __shfl_sync(0xffffffffu, first, 0);
+                    count = __shfl_sync(0xffffffffu, count, 0);
+                    send_rows(team, peers, layout, layout.dispatch_staging, rank, j, slot_rows, row_bytes, first, count);
+                }
+                if (!kPuts || lane == 0) {
+                    int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
+                    if constexpr (!kPuts) __threadfence_system();   // the rows before the range
+                    remote_store_i32(team, j, ranges, first);
+                    remote_store_i32(team, j, ranges + 1, count);
+                    remote_release_flag(team, j, at<uint64_t>(peers.base[j], layout.dispatch_flags) +
+                                                     rank * layout.max_chunks + c, seq);
+                }
+                if constexpr (kPuts) __syncwarp();
             }
             for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
                 const int pos = send_pos[static_cast<long long>(t) * kNumRanks + rank];
@@ -565,23 +589,25 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
             if (s == rank) continue;
             const int row0 = recv_offsets[s], rows = recv_offsets[s + 1] - recv_offsets[s];
             const int num_chunks = (rows + kChunk - 1) / kChunk;
-            uint8_t* slot = at<uint8_t>(peers.base[s], layout.combine_staging) +
-                            static_cast<long long>(slot_of(rank, s)) * slot_rows * row_bytes;
+            uint8_t* slot = row_slot(peers, layout, layout.combine_staging, rank, s, slot_rows, row_bytes);
             for (int c = 0; c < num_chunks; ++c, ++chunk_id) {
                 if (chunk_id % static_cast<int>(gridDim.x) != static_cast<int>(blockIdx.x)) continue;
                 const int p_end = min(rows, (c + 1) * kChunk);
                 for (int p = c * kChunk + warp; p < p_end; p += num_warps) {
                     const long long r = row0 + p;
                     uint8_t* dst = slot + static_cast<long long>(p) * row_bytes;
-                    remote_copy_warp(team, s, dst, x + r * hidden_bytes, hidden_bytes, lane);
+                    warp_copy(dst, x + r * hidden_bytes, hidden_bytes, lane);
                     if (with_weights && lane < num_topk)
-                        remote_store_f32(team, s, reinterpret_cast<float*>(dst + hidden_bytes) + lane,
-                                         topk_weights[r * num_topk + lane]);
+                        reinterpret_cast<float*>(dst + hidden_bytes)[lane] = topk_weights[r * num_topk + lane];
                 }
                 __syncthreads();
-                if (threadIdx.x == 0)
-                    remote_release_flag(team, s, at<uint64_t>(peers.base[s], layout.combine_flags) +
-                                                     rank * layout.max_chunks + c, seq);
+                if (warp == 0) {   // puts: the chunk's rows in one put first
+                    send_rows(team, peers, layout, layout.combine_staging, rank, s, slot_rows, row_bytes,
+                              c * kChunk, p_end - c * kChunk);
+                    if (lane == 0)
+                        remote_release_flag(team, s, at<uint64_t>(peers.base[s], layout.combine_flags) +
+                                                         rank * layout.max_chunks + c, seq);
+                }
             }
         }
     }

@@ -166,7 +166,8 @@ class Buffer:
         """``(num_nvl_bytes, num_rdma_bytes)`` the hierarchical kernels need for up to
         ``num_max_tokens_per_rank`` tokens of ``hidden`` bf16 (or FP8 + scales) channels on
         ``num_ranks`` ranks in nodes of ``ranks_per_node``: the RDMA region stages one slot of that
-        many rows per other node, the NVLink region one slot per other local rank of what a forwarder
+        many rows per other node (and a send area as large, where rows wait to be put), the NVLink
+        region one slot per other local rank of what a forwarder
         may receive from every node (``num_nodes`` times as many rows). See docs/internode.md."""
         from .intranode import size_hint
         t = expect_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", minimum=1)
@@ -177,7 +178,7 @@ class Buffer:
         if r % per_node:
             raise DeepEPInvalid(f"ranks_per_node: expected a divisor of num_ranks={r}, got {per_node}")
         nodes = r // per_node
-        return size_hint(per_node, nodes * t, h, k), size_hint(nodes, t, h, k)
+        return size_hint(per_node, nodes * t, h, k), size_hint(nodes, t, h, k, send_area=True)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

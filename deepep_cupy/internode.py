@@ -36,7 +36,7 @@ from .intranode import (CHUNK_TOKENS, MAX_CHUNKS, MAX_LOCAL_EXPERTS, IntranodeHa
                         dispatch_row_bytes)
 from .layout import LayoutKernel
 
-__all__ = ["InternodeHandle", "InternodeKernels", "TOKEN_BITS", "internode_spec", "rdma_size_hint"]
+__all__ = ["InternodeHandle", "InternodeKernels", "TOKEN_BITS", "internode_spec"]
 
 TOKEN_BITS = 17                       # a row tag: (global source rank << 17) | source token
 assert (1 << TOKEN_BITS) >= CHUNK_TOKENS * MAX_CHUNKS
@@ -75,12 +75,6 @@ class InternodeHandle:
     num_worst_tokens: int
     num_experts: int
     hidden: int
-
-
-def rdma_size_hint(num_nodes: int, max_tokens_per_rank: int, hidden: int, num_topk: int) -> int:
-    """``num_rdma_bytes`` the RDMA stage needs for ``max_tokens_per_rank`` tokens per rank."""
-    from .intranode import size_hint
-    return size_hint(num_nodes, max_tokens_per_rank, hidden, num_topk)
 
 
 class InternodeKernels:

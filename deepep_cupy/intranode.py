@@ -67,6 +67,7 @@ class SymmetricLayout:
     combine_flags: int
     dispatch_staging: int
     combine_staging: int
+    send_staging: int = 0          # puts transport only: this rank's rows before they are put
     notify_ints: int = MAX_LOCAL_EXPERTS + 2
     max_chunks: int = MAX_CHUNKS
 
@@ -78,8 +79,10 @@ class SymmetricLayout:
             3 * _align(8 * r * MAX_CHUNKS)
 
     @classmethod
-    def build(cls, num_ranks: int, total_bytes: int) -> "SymmetricLayout":
-        """Carve ``total_bytes`` (the buffer's num_nvl_bytes) for ``num_ranks`` ranks."""
+    def build(cls, num_ranks: int, total_bytes: int, send_area: bool = False) -> "SymmetricLayout":
+        """Carve ``total_bytes`` (the buffer's num_nvl_bytes, or its RDMA region) for ``num_ranks``
+        ranks; ``send_area`` (the puts transport) adds a third staging area of the same size, where
+        this rank's rows wait to be put."""
         r = num_ranks
         off = 0
         parts = {}
@@ -89,9 +92,12 @@ class SymmetricLayout:
                            ("combine_flags", 8 * r * MAX_CHUNKS)):
             parts[name] = off
             off += _align(size)
-        staging = max(0, (total_bytes - off) // 2 // _ALIGN * _ALIGN)
+        areas = 3 if send_area else 2
+        staging = max(0, (total_bytes - off) // areas // _ALIGN * _ALIGN)
         parts["dispatch_staging"] = off
         parts["combine_staging"] = off + staging
+        if send_area:
+            parts["send_staging"] = off + 2 * staging
         return cls(num_ranks=r, total_bytes=total_bytes, **parts)
 
     @property
@@ -106,20 +112,22 @@ class SymmetricLayout:
         return self.staging_bytes // (self.num_ranks - 1) // row_bytes
 
     def device_struct(self):
-        """The kernel's ``Layout`` struct as a CuPy byte array (8 int64 + 2 int32)."""
+        """The kernel's ``Layout`` struct as a CuPy byte array (9 int64 + 2 int32)."""
         import cupy
         host = np.zeros(10, dtype=np.int64)
-        host[:8] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
-                    self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging]
-        host.view(np.int32)[16:18] = [self.notify_ints, self.max_chunks]
+        host[:9] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
+                    self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging,
+                    self.send_staging]
+        host.view(np.int32)[18:20] = [self.notify_ints, self.max_chunks]
         return cupy.asarray(host.view(np.uint8))
 
 
 def size_hint(num_ranks: int, max_tokens_per_rank: int, hidden: int, num_topk: int,
-              elem_bytes: int = 2, fp8_scales: bool = True) -> int:
+              elem_bytes: int = 2, fp8_scales: bool = True, send_area: bool = False) -> int:
     """Symmetric bytes (``num_nvl_bytes``) the intranode kernels need for ``max_tokens_per_rank``
-    tokens of ``hidden`` channels: control area plus both staging areas, each with
-    ``num_ranks - 1`` slots of ``max_tokens_per_rank`` rows of the largest row format."""
+    tokens of ``hidden`` channels: control area plus both staging areas (three with
+    ``send_area``, the puts transport), each with ``num_ranks - 1`` slots of
+    ``max_tokens_per_rank`` rows of the largest row format."""
     if num_ranks == 1:
         return _align(SymmetricLayout.control_bytes(1)) + _ALIGN
     scale_bytes = hidden // 128 * 4 if fp8_scales else 0
@@ -127,7 +135,8 @@ def size_hint(num_ranks: int, max_tokens_per_rank: int, hidden: int, num_topk: i
               dispatch_row_bytes(hidden, scale_bytes, num_topk),
               combine_row_bytes(hidden * elem_bytes, num_topk))
     per_area = _align((num_ranks - 1) * max_tokens_per_rank * row)
-    return SymmetricLayout.control_bytes(num_ranks) + 2 * per_area + 2 * _ALIGN
+    areas = 3 if send_area else 2
+    return SymmetricLayout.control_bytes(num_ranks) + areas * per_area + areas * _ALIGN
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,7 +212,7 @@ class IntranodeKernels:
             what = "num_rdma_bytes" if puts else "num_nvl_bytes"
             raise DeepEPInvalid(f"{what}: the high-throughput kernels need symmetric memory; "
                                 f"at least {size_hint(self.num_ranks, 1, 128, 1)} bytes")
-        self.layout = SymmetricLayout.build(self.num_ranks, nbytes)
+        self.layout = SymmetricLayout.build(self.num_ranks, nbytes, send_area=self.puts)
         if self.puts:   # puts name the PE and take this rank's own symmetric address
             own = int(backend.symmetric.data.ptr) + offset
             bases = [own] * self.num_ranks
@@ -361,8 +370,9 @@ class IntranodeKernels:
 
     def _check_capacity(self, num_tokens: int, slot_rows: int, row_bytes: int, what: str) -> None:
         if self.num_ranks > 1 and num_tokens > slot_rows:
+            areas = 3 if self.puts else 2
             need = SymmetricLayout.control_bytes(self.num_ranks) + \
-                2 * _align((self.num_ranks - 1) * num_tokens * row_bytes) + 2 * _ALIGN
+                areas * _align((self.num_ranks - 1) * num_tokens * row_bytes) + areas * _ALIGN
             region, hint = (("num_rdma_bytes", "get_internode_size_hint") if self.puts
                             else ("num_nvl_bytes", "get_intranode_size_hint"))
             raise DeepEPInvalid(f"x: {num_tokens} rows exceed the {slot_rows} rows the buffer's "

@@ -79,7 +79,8 @@ def test_internode_size_hint_is_both_teams_staging():
     (what a forwarder can receive), the RDMA team's T rows per slot."""
     from deepep_cupy.intranode import size_hint
     nvl, rdma = ep.Buffer.get_internode_size_hint(4096, 7168, 4, 2, 8)
-    assert nvl == size_hint(2, 2 * 4096, 7168, 8) and rdma == size_hint(2, 4096, 7168, 8)
+    assert nvl == size_hint(2, 2 * 4096, 7168, 8) and rdma == size_hint(2, 4096, 7168, 8, send_area=True)
+    assert rdma > 1.4 * size_hint(2, 4096, 7168, 8)     # the puts' send area: a third staging area
     assert ep.Buffer.get_internode_size_hint(4096, 7168, 16, 8, 8)[0] > 6 * nvl   # 7 slots, not 1
     with pytest.raises(ValueError, match="ranks_per_node"):
         ep.Buffer.get_internode_size_hint(128, 7168, 6, 4)
