@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--backend", default="auto", choices=("auto", "gpu", "reference"))
     ap.add_argument("--ranks", type=int, default=0, help="ranks when self-launching (default: GPUs, or 2)")
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="fewer than the rank count makes one host act as several nodes, so dispatch and "
+                         "combine take the hierarchical (internode) path")
     args = ap.parse_args()
 
     if not launched_by_mpi():
@@ -69,10 +72,19 @@ def main() -> int:
     experts = args.experts - args.experts % num_ranks or num_ranks
     checks = []
 
-    nvl_bytes = max(8 << 20, ep.Buffer.get_intranode_size_hint(args.tokens, args.hidden, num_ranks, args.topk))
+    per_node = args.ranks_per_node
+    if per_node is not None and per_node < num_ranks:   # the hierarchical path needs both regions
+        nvl_bytes, rdma_bytes = ep.Buffer.get_internode_size_hint(args.tokens, args.hidden, num_ranks, per_node,
+                                                                  args.topk)
+    else:
+        nvl_bytes = max(8 << 20, ep.Buffer.get_intranode_size_hint(args.tokens, args.hidden, num_ranks, args.topk))
+        rdma_bytes = 0
     ll_tokens = min(128, args.tokens)
-    rdma_bytes = ep.Buffer.get_low_latency_rdma_size_hint(ll_tokens, args.hidden, num_ranks, experts)
-    with ep.Buffer(comm, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, backend=args.backend) as buf:
+    ll_bytes = ep.Buffer.get_low_latency_rdma_size_hint(ll_tokens, args.hidden, num_ranks, experts)
+    # two buffers, as with DeepEP: high-throughput, and low-latency (whose RDMA region is its own)
+    with ep.Buffer(comm, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, ranks_per_node=per_node,
+                   backend=args.backend) as buf, \
+            ep.Buffer(comm, num_rdma_bytes=ll_bytes, low_latency_mode=True, backend=args.backend) as ll_buf:
         log(f"Buffer up: backend={buf.backend_name}, {buf.num_nodes} node(s) x {buf.ranks_per_node} ranks")
         if buf.backend_name == "gpu":
             from deepep_cupy import selftest
@@ -116,7 +128,8 @@ def main() -> int:
         valid = topk_idx >= 0
         ok = err <= 0.05 * max(1.0, float(np.abs(x.astype(np.float32)).max()) * copies.max()) and \
             np.allclose(combined_w[valid], weights[valid], rtol=1e-6)
-        log(f"dispatch/combine ({buf.backend_name} backend): received {len(recv_x)} tokens, "
+        path = "internode" if buf.num_nodes > 1 else "intranode"
+        log(f"dispatch/combine ({buf.backend_name} backend, {path}): received {len(recv_x)} tokens, "
             f"per local expert {per_expert[:8]}..., combine max err {err:.3g} -> {'OK' if ok else 'MISMATCH'}")
         checks.append(("dispatch/combine", ok))
 
@@ -124,7 +137,7 @@ def main() -> int:
         # what they received (dequantized), weighted BF16 combine; checked bit for bit against the
         # reference model gathered from every rank
         ll_x, ll_idx, ll_w = x[:ll_tokens], topk_idx[:ll_tokens], weights[:ll_tokens]
-        recv, count, ll_handle, _, hook = buf.low_latency_dispatch(
+        recv, count, ll_handle, _, hook = ll_buf.low_latency_dispatch(
             to_dev(ll_x), to_dev(ll_idx), ll_tokens, experts, use_fp8=True, return_recv_hook=True)
         hook()                                   # compute could run between the sends and this
         everyone = comm.allgather((ll_x, ll_idx, ll_w))
@@ -136,7 +149,7 @@ def main() -> int:
             np.array_equal(q[l, :c].view(np.uint8), mine.recv_x[l, :c].view(np.uint8))
             and np.array_equal(scales[l, :c], mine.recv_x_scales[l, :c]) for l, c in enumerate(n))
         ys = [reference.fp8_to_float(r.recv_x, r.recv_x_scales).astype(ml_dtypes.bfloat16) for r in ref]
-        out, _, _ = buf.low_latency_combine(to_dev(ys[rank]), to_dev(ll_idx), to_dev(ll_w), ll_handle)
+        out, _, _ = ll_buf.low_latency_combine(to_dev(ys[rank]), to_dev(ll_idx), to_dev(ll_w), ll_handle)
         want = reference.low_latency_combine(ys, [e[1] for e in everyone], [e[2] for e in everyone], ref)[rank]
         ok = ok and np.array_equal(to_host(out).view(np.uint16), want.view(np.uint16))
         log(f"low-latency FP8 dispatch + BF16 combine ({ll_tokens} tokens, hook): received "
