@@ -160,13 +160,9 @@ class GpuBackend:
                                             expert_alignment, num_worst_tokens, handle, config, previous_event,
                                             async_finish, allocate_on_comm_stream)
         kernels = self.intranode()
-        kernels.check_errors("dispatch")
-        if handle is None and topk_idx is not None:
-            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
-        if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
-                               or num_tokens_per_expert is None):
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
-                topk_idx, num_experts, previous_event, False, False)
+        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = self._prepare_dispatch(
+            kernels, topk_idx, num_experts, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+            previous_event)
         kernels.check_dispatch_capacity(x, x_scales, topk_idx if handle is None else None)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
@@ -194,17 +190,15 @@ class GpuBackend:
                                         handle.num_worst_tokens, handle.recv_src_idx, config.num_sms, stream)
                 recv_x, recv_scales, recv_idx, recv_w, _ = outs
                 per_expert = None
-        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                                 num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
-                     if a is not None)
-        event = scope.finish(keep_alive=keep)
+        event = self._finish(scope, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                             num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
 
-    def _internode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                            num_tokens_per_expert, num_experts: int, expert_alignment: int,
-                            num_worst_tokens: int, handle: Optional[InternodeHandle], config: Config,
-                            previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
-        kernels = self.internode()
+    def _prepare_dispatch(self, kernels, topk_idx, num_experts: int, handle, num_tokens_per_rank,
+                          is_token_in_rank, num_tokens_per_expert, previous_event) -> tuple:
+        """What every dispatch does first: report an earlier kernel's error, check the expert ids,
+        and compute the layout when the caller gave none. Returns (num_tokens_per_rank,
+        is_token_in_rank, num_tokens_per_expert)."""
         kernels.check_errors("dispatch")
         if handle is None and topk_idx is not None:
             self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
@@ -212,6 +206,21 @@ class GpuBackend:
                                or num_tokens_per_expert is None):
             num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
                 topk_idx, num_experts, previous_event, False, False)
+        return num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
+
+    @staticmethod
+    def _finish(scope, *arrays):
+        """The operation's event, keeping its (non-None) arrays alive until the work is done."""
+        return scope.finish(keep_alive=tuple(a for a in arrays if a is not None))
+
+    def _internode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                            num_tokens_per_expert, num_experts: int, expert_alignment: int,
+                            num_worst_tokens: int, handle: Optional[InternodeHandle], config: Config,
+                            previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
+        kernels = self.internode()
+        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = self._prepare_dispatch(
+            kernels, topk_idx, num_experts, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+            previous_event)
         if handle is None:
             kernels.check_dispatch(x, x_scales, self.num_ranks if topk_idx is None else topk_idx.shape[1],
                                    num_experts)
@@ -225,32 +234,21 @@ class GpuBackend:
             else:
                 recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
                 recv_idx = recv_w = per_expert = None
-        keep = tuple(a for a in (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                                 num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
-                     if a is not None)
-        event = scope.finish(keep_alive=keep)
+        event = self._finish(scope, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                             num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
 
     def combine(self, x, handle, topk_weights, bias0, bias1, config: Config,
                 previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.combine``. Returns (combined_x, combined_topk_weights or None, event)."""
-        if isinstance(handle, InternodeHandle):
-            kernels = self.internode()
-            kernels.check_errors("combine")
-            with CommStreamScope(self.comm_stream, previous_event, async_finish,
-                                 allocate_on_comm_stream) as scope:
-                out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
-                                             self.comm_stream)
-            keep = tuple(a for a in (x, topk_weights, bias0, bias1, out, out_w) if a is not None)
-            return out, out_w, scope.finish(keep_alive=keep)
-        kernels = self.intranode()
+        # the handle says which path made it: the stages backwards, or the intranode combine
+        kernels = self.internode() if isinstance(handle, InternodeHandle) else self.intranode()
         kernels.check_errors("combine")
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
             out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
                                          self.comm_stream)
-        keep = tuple(a for a in (x, topk_weights, bias0, bias1, out, out_w) if a is not None)
-        return out, out_w, scope.finish(keep_alive=keep)
+        return out, out_w, self._finish(scope, x, topk_weights, bias0, bias1, out, out_w)
 
     # ------------------------------------------------------------------------------ low latency
     def low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyKernels:

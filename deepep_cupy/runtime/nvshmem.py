@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _HEAP_HEADROOM = 64 << 20     # NVSHMEM keeps internal state (signals, barriers) on the heap too
 _HEAP_ALIGN = 32 << 20
+# the heap is fixed at init, so leave room for later buffers (DeepEP users keep a high-throughput
+# and a low-latency buffer side by side); 1 GiB is also NVSHMEM's own default
+_HEAP_FLOOR = 1 << 30
 
 
 def _round_up(x: int, a: int) -> int:
@@ -176,8 +179,8 @@ def acquire(comm, symmetric_bytes: int) -> NvshmemRuntime:
 
     Arguments:
         comm: mpi4py communicator; every rank of it must call.
-        symmetric_bytes: symmetric heap the caller will allocate (sizes NVSHMEM_SYMMETRIC_SIZE
-            when the user has not set it).
+        symmetric_bytes: symmetric heap the caller will allocate (sizes NVSHMEM_SYMMETRIC_SIZE,
+            at least 1 GiB, when the user has not set it).
     Raises:
         DeepEPInvalid: a second buffer asks for a different communicator size or a bigger heap than
             the running runtime has.
@@ -186,7 +189,7 @@ def acquire(comm, symmetric_bytes: int) -> NvshmemRuntime:
     with _lock:
         rt = _state.runtime
         if rt is None:
-            want = _round_up(int(symmetric_bytes) + _HEAP_HEADROOM, _HEAP_ALIGN)
+            want = max(_HEAP_FLOOR, _round_up(int(symmetric_bytes) + _HEAP_HEADROOM, _HEAP_ALIGN))
             user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
             if user is None or user == _state.heap_env_we_set:
                 os.environ["NVSHMEM_SYMMETRIC_SIZE"] = _state.heap_env_we_set = str(want)

@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dispatch_cases import host, make_inputs, routing, to_gpu
+from dispatch_cases import (graph_replay_problems, host, make_inputs, rank_mask_problems, run_case,
+                            stress_mismatches, to_gpu)
 from testutil import assert_all_ranks, gpu_skip_reason, world
 
 pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
@@ -28,73 +29,6 @@ def buf():
     b = ep.Buffer(comm, num_nvl_bytes=nbytes, backend="gpu")
     yield b
     b.destroy()
-
-
-def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights,
-             alignment=1, worst=0, with_bias=False, use_cached=False):
-    """Dispatch + combine on the GPU vs the reference; returns a list of problems."""
-    from deepep_cupy import reference
-    R, me = buf.num_ranks, buf.rank
-    xs, scales, idxs, ws = make_inputs(case_seed, R, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights)
-    problems = []
-    tag = f"seed={case_seed} T={tokens} H={hidden} K={num_topk} E={num_experts} {kind} fp8={fp8} w={with_weights} align={alignment} worst={worst}"
-    results = reference.dispatch(xs, idxs, ws, num_experts, expert_alignment=alignment,
-                                 num_worst_tokens=worst, x_scales=scales)
-    ref = results[me]
-    x_in = (to_gpu(xs[me]), to_gpu(scales[me])) if fp8 else to_gpu(xs[me])
-    idx_g, w_g = to_gpu(idxs[me]), to_gpu(ws[me]) if ws else None
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_g, num_experts)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-        x_in, topk_idx=idx_g, topk_weights=w_g, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert, expert_alignment=alignment, num_worst_tokens=worst)
-    rows = worst or ref.num_recv_tokens
-    n = ref.num_recv_tokens
-    got_x = host(recv_x[0] if fp8 else recv_x)
-    if got_x.shape != (rows, hidden):
-        return [f"{tag}: recv_x shape {got_x.shape} != {(rows, hidden)}"]
-    want_x = ref.recv_x.view(np.uint8) if fp8 else ref.recv_x
-    if not np.array_equal(got_x[:n].view(np.uint8), want_x[:n].view(np.uint8)):
-        problems.append(f"{tag}: recv_x differs in {int((got_x[:n].view(np.uint8) != want_x[:n].view(np.uint8)).any(axis=1).sum())} rows")
-    if fp8 and not np.array_equal(host(recv_x[1])[:n], ref.recv_x_scales[:n]):
-        problems.append(f"{tag}: recv scales differ")
-    if not np.array_equal(host(recv_idx), ref.recv_topk_idx):
-        problems.append(f"{tag}: recv_topk_idx differs")
-    if with_weights and not np.array_equal(host(recv_w), ref.recv_topk_weights):
-        problems.append(f"{tag}: recv_topk_weights differ")
-    if counts != ref.num_recv_tokens_per_expert_list:
-        problems.append(f"{tag}: per-expert counts {counts[:4]}... != {ref.num_recv_tokens_per_expert_list[:4]}...")
-    if not np.array_equal(host(handle.recv_src_idx)[:n], ref.recv_src_idx[:n]):
-        problems.append(f"{tag}: recv_src_idx differs")
-    if worst and not (host(recv_idx)[n:] == -1).all():
-        problems.append(f"{tag}: padding rows of recv_topk_idx are not -1")
-    if fp8:
-        return problems
-
-    # combine the received rows (as if each expert returned its input), optionally with a bias pair
-    ys = [r.recv_x for r in results]
-    bias = None
-    if with_bias:
-        bias = [(np.full((len(xs[r]), hidden), 0.5, BF16), (np.arange(len(xs[r]) * hidden, dtype=np.float32)
-                 .reshape(len(xs[r]), hidden) % 7).astype(BF16)) for r in range(R)]
-    ref_w = [r.recv_topk_weights for r in results] if with_weights else None
-    want, want_w = reference.combine(ys, results, topk_weights=ref_w, bias=bias)[me]
-    b = None if bias is None else (to_gpu(bias[me][0]), to_gpu(bias[me][1]))
-    got, got_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w if with_weights else None, bias=b)
-    if not np.array_equal(host(got).view(np.uint16), want.view(np.uint16)):
-        diff = np.abs(host(got).astype(np.float32) - want.astype(np.float32)).max() if want.size else 0
-        problems.append(f"{tag}: combine differs (max abs {diff})")
-    if with_weights and not np.array_equal(host(got_w), want_w):
-        problems.append(f"{tag}: combined weights differ")
-
-    if use_cached:   # same routing, new data, no layout work
-        xs2 = [(x.astype(np.float32) * 2 - 1).astype(BF16) for x in xs]
-        want2 = reference.dispatch(xs2, idxs, None, num_experts, num_worst_tokens=worst)[me]
-        recv2, idx2, w2, counts2, _, _ = buf.dispatch(to_gpu(xs2[me]), handle=handle)
-        if idx2 is not None or w2 is not None or counts2 is not None:
-            problems.append(f"{tag}: cached dispatch returned top-k outputs")
-        if not np.array_equal(host(recv2)[:n].view(np.uint16), want2.recv_x[:n].view(np.uint16)):
-            problems.append(f"{tag}: cached dispatch differs")
-    return problems
 
 
 CASES = []
@@ -131,61 +65,12 @@ def test_dispatch_combine_worst_tokens_and_no_weights(buf, worst):
 
 def test_cuda_graph_replay(buf):
     """dispatch (num_worst_tokens) + combine captured once, replayed 100 times on new data."""
-    import cupy as cp
-    from deepep_cupy import reference
-    R, me, T, H, E, K = buf.num_ranks, buf.rank, 512, 2048, 64, 6
-    idxs = [routing("holes", T, K, E, R, np.random.default_rng(r)) for r in range(R)]
-    idx_g = to_gpu(idxs[me])
-    worst = R * T
-    x_g = cp.zeros((T, H), dtype=cp.dtype(BF16))
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_g, E)
-    buf.dispatch(x_g, topk_idx=idx_g, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                 num_tokens_per_expert=per_expert, num_worst_tokens=worst)   # warm up (JIT) outside capture
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        recv_x, _, _, _, handle, _ = buf.dispatch(x_g, topk_idx=idx_g, num_tokens_per_rank=per_rank,
-                                                   is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                                   num_worst_tokens=worst)
-        combined, _, _ = buf.combine(recv_x, handle)
-        graph = stream.end_capture()
-    problems = []
-    for it in range(100):
-        xs = [(np.random.default_rng(1000 * it + r).standard_normal((T, H), dtype=np.float32)).astype(BF16)
-              for r in range(R)]
-        with stream:
-            x_g[...] = to_gpu(xs[me])
-        world().Barrier()
-        graph.launch(stream)
-        stream.synchronize()
-        res = reference.dispatch(xs, idxs, None, E, num_worst_tokens=worst)
-        n = res[me].num_recv_tokens
-        if not np.array_equal(host(recv_x)[:n].view(np.uint16), res[me].recv_x[:n].view(np.uint16)):
-            problems.append(f"replay {it}: dispatch differs")
-        want, _ = reference.combine([r.recv_x for r in res], res)[me]
-        if not np.array_equal(host(combined).view(np.uint16), want.view(np.uint16)):
-            problems.append(f"replay {it}: combine differs")
-        if problems:
-            break
+    problems = graph_replay_problems(buf, 100)
     assert_all_ranks(world(), not problems, "\n".join(problems))
 
 
 def test_stress_1000_iterations_bit_identical(buf):
-    import cupy as cp
-    R, me, T, H, E, K = buf.num_ranks, buf.rank, 256, 4096, 64, 8
-    idx = to_gpu(routing("holes", T, K, E, R, np.random.default_rng(me)))
-    x = cp.asarray(np.random.default_rng(7 + me).standard_normal((T, H), dtype=np.float32).astype(BF16))
-    first = None
-    mismatches = 0
-    for it in range(1000):
-        recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_tokens_per_expert=buf.get_dispatch_layout(idx, E)[2])
-        out, _, _ = buf.combine(recv_x, handle)
-        if it % 50 == 0 or it == 999:
-            snap = (host(recv_x).view(np.uint16).copy(), host(out).view(np.uint16).copy())
-            if first is None:
-                first = snap
-            elif not (np.array_equal(first[0], snap[0]) and np.array_equal(first[1], snap[1])):
-                mismatches += 1
+    mismatches = stress_mismatches(buf, 1000)
     assert_all_ranks(world(), mismatches == 0, f"{mismatches} snapshots differ from the first")
 
 
@@ -293,17 +178,5 @@ def test_zz_missing_peer_times_out_naming_rank_and_phase():
 
 def test_dispatch_without_topk_routes_by_rank_mask(buf):
     """No topk_idx: is_token_in_rank alone routes; no expert data travels."""
-    from deepep_cupy import reference
-    R, me, T, H, E, K = buf.num_ranks, buf.rank, 333, 4096, 64, 6
-    xs, _, idxs, _ = make_inputs(123, R, T, H, K, E, "holes", False, False)
-    idx_g = to_gpu(idxs[me])
-    per_rank, _, _, in_rank, _ = buf.get_dispatch_layout(idx_g, E)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(to_gpu(xs[me]), num_tokens_per_rank=per_rank,
-                                                                is_token_in_rank=in_rank)
-    res = reference.dispatch(xs, idxs, None, E)
-    ok = recv_idx is None and recv_w is None and counts == []
-    ok &= np.array_equal(host(recv_x).view(np.uint16), res[me].recv_x.view(np.uint16))
-    got, _, _ = buf.combine(recv_x, handle)
-    want, _ = reference.combine([r.recv_x for r in res], res)[me]
-    ok &= np.array_equal(host(got).view(np.uint16), want.view(np.uint16))
-    assert_all_ranks(world(), ok, "dispatch without topk_idx differs from the reference routing")
+    problems = rank_mask_problems(buf)
+    assert_all_ranks(world(), not problems, "; ".join(problems))

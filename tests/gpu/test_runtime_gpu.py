@@ -47,6 +47,28 @@ def test_finalised_only_when_the_last_buffer_goes():
     assert rt.active() is None
 
 
+def test_a_second_buffer_fits_the_heap_or_is_refused_before_allocating():
+    """A small first buffer leaves room (the heap is at least 1 GiB) for a 200 MiB second one, as with
+    a high-throughput and a low-latency buffer side by side; one that cannot fit raises
+    DeepEPInvalid naming the arguments, and the first buffer stays usable."""
+    import os
+    import deepep_cupy as ep
+    from deepep_cupy import selftest
+    from deepep_cupy.runtime import nvshmem as rt
+
+    comm = world()
+    if "NVSHMEM_SYMMETRIC_SIZE" in os.environ and rt.active() is None and \
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] != rt._state.heap_env_we_set:
+        pytest.skip("NVSHMEM_SYMMETRIC_SIZE set by the user")
+    with ep.Buffer(comm, num_nvl_bytes=8 << 20, backend="gpu") as first:
+        with ep.Buffer(comm, num_rdma_bytes=200 << 20, low_latency_mode=True, backend="gpu"):
+            pass
+        with pytest.raises(ep.DeepEPInvalid, match="num_nvl_bytes/num_rdma_bytes"):
+            ep.Buffer(comm, num_nvl_bytes=rt.active().heap_bytes, backend="gpu")
+        report = selftest.symmetric_exchange(first, num_bytes=1 << 20, round_id=9)
+        assert_all_ranks(comm, report.ok, str(report))
+
+
 def test_destroyed_buffer_rejects_calls():
     import numpy as np
     import cupy as cp
