@@ -54,7 +54,8 @@ class InternodeHandle:
 
     Fields:
         rdma: the RDMA stage's ``IntranodeHandle`` (team: this local index on every node).
-        nvl: the NVLink stage's ``IntranodeHandle`` (team: this node).
+        nvl: the NVLink stage's ``IntranodeHandle`` (team: this node); None with one rank per node,
+            where the RDMA stage is the whole dispatch (and rdma_tags, dest, perm are None too).
         rdma_tags: int32 [rows of the RDMA stage], the origin tag of each row the RDMA stage received.
         dest: int32 [num_rows], final row of each NVLink-stage row. perm: int32 [num_rows], its inverse.
         recv_src_idx: int32 [num_rows], source token index of each final row (-1 padding).
@@ -98,15 +99,20 @@ class InternodeKernels:
         self.rdma = IntranodeKernels(backend, jit_options, team=[m * L + self.local_rank for m in range(N)],
                                      region=(backend.num_nvl_bytes, backend.num_rdma_bytes), puts=True,
                                      label="internode RDMA stage")
-        self.nvl = IntranodeKernels(backend, jit_options, team=[self.node * L + l for l in range(L)],
-                                    label="internode NVLink stage")
-        self.nvl_layout = LayoutKernel(L, L, jit_options)
-        self.order = jit.load(internode_spec(), jit_options)["internode_final_order"]
+        # one rank per node: the RDMA stage alone delivers every row, already in the API's order
+        self.single = L == 1
+        self.nvl = self.nvl_layout = self.order = None
+        if not self.single:
+            self.nvl = IntranodeKernels(backend, jit_options, team=[self.node * L + l for l in range(L)],
+                                        label="internode NVLink stage")
+            self.nvl_layout = LayoutKernel(L, L, jit_options)
+            self.order = jit.load(internode_spec(), jit_options)["internode_final_order"]
 
     def check_errors(self, what: str) -> None:
         """Raise if an earlier kernel of either stage recorded a timeout or an overflow."""
         self.rdma.check_errors(what)
-        self.nvl.check_errors(what)
+        if self.nvl is not None:
+            self.nvl.check_errors(what)
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -128,7 +134,8 @@ class InternodeKernels:
         row = self.row_bytes(x, x_scales, num_topk)
         self.rdma.check_rows(num_tokens, row, "dispatch (RDMA stage)")
         # a forwarder receives up to num_nodes * T rows (with T alike on every rank) and forwards them
-        self.nvl.check_rows(self.num_nodes * num_tokens, row, "dispatch (NVLink stage)")
+        if self.nvl is not None:
+            self.nvl.check_rows(self.num_nodes * num_tokens, row, "dispatch (NVLink stage)")
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
                  is_token_in_rank, num_tokens_per_expert, num_experts: int, expert_alignment: int,
@@ -152,6 +159,10 @@ class InternodeKernels:
                 num_tokens_per_rdma_rank = in_node.sum(axis=0, dtype=cupy.int32)
         self.check_dispatch(x, x_scales, topk_idx.shape[1], num_experts)
         worst = num_worst_tokens > 0
+        if self.single:
+            return self._single_stage_dispatch(x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_rdma_rank,
+                                               num_tokens_per_expert, num_experts, expert_alignment,
+                                               num_worst_tokens, synthesized, num_sms, stream)
 
         # 1. RDMA stage: to the forwarder of every node with a target
         send_pos1, recv_info1, info1 = self.rdma.notify(in_node, num_tokens_per_rdma_rank, num_tokens_per_expert,
@@ -202,12 +213,43 @@ class InternodeKernels:
             per_expert = []
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
 
+    def _single_stage_dispatch(self, x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_node,
+                               num_tokens_per_expert, num_experts: int, expert_alignment: int,
+                               num_worst_tokens: int, synthesized: bool, num_sms: int, stream) -> tuple:
+        """One rank per node: the RDMA stage is the whole dispatch. Its rows come ordered by source
+        node, which is the source rank, and its node-relative expert ids are this rank's."""
+        N = self.num_nodes
+        send_pos, recv_info, info = self.rdma.notify(in_node, num_tokens_per_node, num_tokens_per_expert,
+                                                     num_experts, expert_alignment, wait=num_worst_tokens == 0,
+                                                     stream=stream)
+        if info is None:
+            rows, num_recv, per_expert = num_worst_tokens, -1, []
+        else:
+            rows = num_recv = int(info[N])
+            per_expert = [int(v) for v in info[2 * N + 1:]]
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = self.rdma.dispatch(
+            x, x_scales, topk_idx, topk_weights, in_node, send_pos, recv_info, rows, num_experts, num_worst_tokens,
+            None, num_sms, stream)
+        h1 = IntranodeHandle(in_node, send_pos, recv_info, recv_src, int(x.shape[0]), rows, num_recv,
+                             num_worst_tokens, num_experts, int(x.shape[1]))
+        handle = InternodeHandle(h1, None, None, None, None, recv_src, synthesized, int(x.shape[0]), rows,
+                                 num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+        if synthesized:
+            recv_idx = recv_w = None
+            per_expert = []
+        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+
     def cached_dispatch(self, x, x_scales, handle: InternodeHandle, num_sms: int, stream) -> tuple:
         """A dispatch of other data with a handle's routing: (recv_x, recv_scales)."""
         import cupy
         h1, h2 = handle.rdma, handle.nvl
         row = self.row_bytes(x, x_scales, 0)
         self.rdma.check_rows(x.shape[0], row, "dispatch (RDMA stage)")
+        if h2 is None:   # one rank per node
+            recv_x, recv_scales, _, _, _ = self.rdma.dispatch(
+                x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
+                h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
+            return recv_x, recv_scales
         self.nvl.check_rows(h1.num_rows, row, "dispatch (NVLink stage)")
         recv1_x, recv1_scales, _, _, _ = self.rdma.dispatch(
             x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
@@ -223,6 +265,8 @@ class InternodeKernels:
     def combine(self, x, handle: InternodeHandle, topk_weights, bias0, bias1, num_sms: int, stream) -> tuple:
         """The stages backwards on ``stream``: (combined_x [T, H], combined_weights or None)."""
         import cupy
+        if handle.nvl is None:   # one rank per node: the RDMA stage alone
+            return self.rdma.combine(x, handle.rdma, topk_weights, bias0, bias1, num_sms, stream)
         with stream:   # back to stage order
             x2 = cupy.take(x, handle.dest, axis=0)
             w2 = None if topk_weights is None else cupy.take(topk_weights, handle.dest, axis=0)
