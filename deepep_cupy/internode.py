@@ -164,48 +164,48 @@ class InternodeKernels:
                                                num_tokens_per_expert, num_experts, expert_alignment,
                                                num_worst_tokens, synthesized, num_sms, stream)
 
-        # 1. RDMA stage: to the forwarder of every node with a target
-        send_pos1, recv_info1, info1 = self.rdma.notify(in_node, num_tokens_per_rdma_rank, num_tokens_per_expert,
-                                                        num_experts, 1, wait=not worst, stream=stream)
-        row = self.row_bytes(x, x_scales, topk_idx.shape[1])
-        if info1 is None:   # no host wait: room for the most the RDMA staging can deliver
-            rows1 = max(1, self.num_nodes * self.rdma.layout.slot_rows(row))
-            if self.ranks_per_node > 1:   # the kernel reports rows beyond it as an overflow
-                rows1 = min(rows1, self.nvl.layout.slot_rows(row))
-        else:
-            rows1 = int(info1[N])
-            self.nvl.check_rows(rows1, row, "dispatch (NVLink stage)")
-        out1 = self.rdma.dispatch(x, x_scales, topk_idx, topk_weights, in_node, send_pos1, recv_info1, rows1,
-                                  num_experts, rows1 if worst else 0, None, num_sms, stream)
-        recv1_x, recv1_scales, recv1_idx, recv1_w, recv1_src = out1
-        handle1 = IntranodeHandle(in_node, send_pos1, recv_info1, recv1_src, num_tokens, rows1,
-                                  -1 if info1 is None else int(info1[N]), rows1 if worst else 0, num_experts,
-                                  int(x.shape[1]))
-        tags1 = self._origin_tags(recv_info1, recv1_src, stream)
-
-        # 2. NVLink stage: route inside the node by the node-relative ids
-        experts_per_node = num_experts // N
+        # Stages 1-3 allocate their intermediates with the communication stream current: a freed block
+        # then returns to that stream's pool and is reused only in its order, even with async_finish.
         with stream:
+            # 1. RDMA stage: to the forwarder of every node with a target
+            send_pos1, recv_info1, info1 = self.rdma.notify(in_node, num_tokens_per_rdma_rank, num_tokens_per_expert,
+                                                            num_experts, 1, wait=not worst, stream=stream)
+            row = self.row_bytes(x, x_scales, topk_idx.shape[1])
+            if info1 is None:   # no host wait: room for the most the RDMA staging can deliver
+                rows1 = max(1, self.num_nodes * self.rdma.layout.slot_rows(row))
+                if self.ranks_per_node > 1:   # the kernel reports rows beyond it as an overflow
+                    rows1 = min(rows1, self.nvl.layout.slot_rows(row))
+            else:
+                rows1 = int(info1[N])
+                self.nvl.check_rows(rows1, row, "dispatch (NVLink stage)")
+            out1 = self.rdma.dispatch(x, x_scales, topk_idx, topk_weights, in_node, send_pos1, recv_info1, rows1,
+                                      num_experts, rows1 if worst else 0, None, num_sms, stream)
+            recv1_x, recv1_scales, recv1_idx, recv1_w, recv1_src = out1
+            handle1 = IntranodeHandle(in_node, send_pos1, recv_info1, recv1_src, num_tokens, rows1,
+                                      -1 if info1 is None else int(info1[N]), rows1 if worst else 0, num_experts,
+                                      int(x.shape[1]))
+            tags1 = self._origin_tags(recv_info1, recv1_src, stream)
+
+            # 2. NVLink stage: route inside the node by the node-relative ids
+            experts_per_node = num_experts // N
             per_rank2, _, per_expert2, in_rank2 = self.nvl_layout(recv1_idx, experts_per_node, stream)
-        send_pos2, recv_info2, info2 = self.nvl.notify(in_rank2, per_rank2, per_expert2, experts_per_node,
-                                                       expert_alignment, wait=not worst, stream=stream)
-        if info2 is None:
-            rows2, num_recv, per_expert = num_worst_tokens, -1, []
-        else:
-            num_recv = int(info2[L])
-            rows2 = num_recv
-            per_expert = [int(v) for v in info2[2 * L + 1:]]
-        out2 = self.nvl.dispatch(recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, send_pos2, recv_info2,
-                                 rows2, experts_per_node, num_worst_tokens, None, num_sms, stream, src_tags=tags1)
-        recv2_x, recv2_scales, recv2_idx, recv2_w, tags2 = out2
-        handle2 = IntranodeHandle(in_rank2, send_pos2, recv_info2, tags2, rows1, rows2, num_recv,
-                                  num_worst_tokens, experts_per_node, int(x.shape[1]))
+            send_pos2, recv_info2, info2 = self.nvl.notify(in_rank2, per_rank2, per_expert2, experts_per_node,
+                                                           expert_alignment, wait=not worst, stream=stream)
+            if info2 is None:
+                rows2, num_recv, per_expert = num_worst_tokens, -1, []
+            else:
+                num_recv = int(info2[L])
+                rows2 = num_recv
+                per_expert = [int(v) for v in info2[2 * L + 1:]]
+            out2 = self.nvl.dispatch(recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, send_pos2, recv_info2,
+                                     rows2, experts_per_node, num_worst_tokens, None, num_sms, stream, src_tags=tags1)
+            recv2_x, recv2_scales, recv2_idx, recv2_w, tags2 = out2
+            handle2 = IntranodeHandle(in_rank2, send_pos2, recv_info2, tags2, rows1, rows2, num_recv,
+                                      num_worst_tokens, experts_per_node, int(x.shape[1]))
 
-        # 3. the API's order
-        dest, perm, src_idx = self._final_order(tags2, stream)
-        with stream:
-            recv_x, recv_scales, recv_idx, recv_w = (None if a is None else cupy.take(a, perm, axis=0)
-                                                     for a in (recv2_x, recv2_scales, recv2_idx, recv2_w))
+            # 3. the API's order
+            dest, perm, src_idx = self._final_order(tags2, stream)
+        recv_x, recv_scales, recv_idx, recv_w = self._gather((recv2_x, recv2_scales, recv2_idx, recv2_w), perm, stream)
         handle = InternodeHandle(handle1, handle2, tags1, dest, perm, src_idx, synthesized, num_tokens, rows2,
                                  num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
         if synthesized:
@@ -241,7 +241,6 @@ class InternodeKernels:
 
     def cached_dispatch(self, x, x_scales, handle: InternodeHandle, num_sms: int, stream) -> tuple:
         """A dispatch of other data with a handle's routing: (recv_x, recv_scales)."""
-        import cupy
         h1, h2 = handle.rdma, handle.nvl
         row = self.row_bytes(x, x_scales, 0)
         self.rdma.check_rows(x.shape[0], row, "dispatch (RDMA stage)")
@@ -251,29 +250,40 @@ class InternodeKernels:
                 h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
             return recv_x, recv_scales
         self.nvl.check_rows(h1.num_rows, row, "dispatch (NVLink stage)")
-        recv1_x, recv1_scales, _, _, _ = self.rdma.dispatch(
-            x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
-            h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
-        recv2_x, recv2_scales, _, _, _ = self.nvl.dispatch(
-            recv1_x, recv1_scales, None, None, h2.is_token_in_rank, h2.send_pos, h2.recv_info, h2.num_rows,
-            h2.num_experts, h2.num_worst_tokens, h2.recv_src_idx, num_sms, stream, src_tags=handle.rdma_tags)
-        with stream:
-            recv_x = cupy.take(recv2_x, handle.perm, axis=0)
-            recv_scales = None if recv2_scales is None else cupy.take(recv2_scales, handle.perm, axis=0)
-        return recv_x, recv_scales
+        with stream:   # intermediates on the communication stream (see dispatch)
+            recv1_x, recv1_scales, _, _, _ = self.rdma.dispatch(
+                x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
+                h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
+            recv2_x, recv2_scales, _, _, _ = self.nvl.dispatch(
+                recv1_x, recv1_scales, None, None, h2.is_token_in_rank, h2.send_pos, h2.recv_info, h2.num_rows,
+                h2.num_experts, h2.num_worst_tokens, h2.recv_src_idx, num_sms, stream, src_tags=handle.rdma_tags)
+        return self._gather((recv2_x, recv2_scales), handle.perm, stream)
 
     def combine(self, x, handle: InternodeHandle, topk_weights, bias0, bias1, num_sms: int, stream) -> tuple:
         """The stages backwards on ``stream``: (combined_x [T, H], combined_weights or None)."""
         import cupy
         if handle.nvl is None:   # one rank per node: the RDMA stage alone
             return self.rdma.combine(x, handle.rdma, topk_weights, bias0, bias1, num_sms, stream)
-        with stream:   # back to stage order
-            x2 = cupy.take(x, handle.dest, axis=0)
+        with stream:   # intermediates on the communication stream (see dispatch)
+            x2 = cupy.take(x, handle.dest, axis=0)   # back to stage order
             w2 = None if topk_weights is None else cupy.take(topk_weights, handle.dest, axis=0)
-        node_x, node_w = self.nvl.combine(x2, handle.nvl, w2, None, None, num_sms, stream)
+            node_x, node_w = self.nvl.combine(x2, handle.nvl, w2, None, None, num_sms, stream)
+        # the outputs, like the intranode path's, with the caller's stream current
         return self.rdma.combine(node_x, handle.rdma, node_w, bias0, bias1, num_sms, stream)
 
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _gather(arrays, perm, stream) -> tuple:
+        """``a[perm]`` for each array (None stays None): outputs allocated with the caller's stream
+        current, as the intranode path allocates its outputs; the gather runs on ``stream``."""
+        import cupy
+        outs = tuple(None if a is None else cupy.empty((perm.shape[0],) + a.shape[1:], dtype=a.dtype) for a in arrays)
+        with stream:
+            for a, out in zip(arrays, outs):
+                if a is not None:
+                    cupy.take(a, perm, axis=0, out=out)
+        return outs
+
     def _origin_tags(self, recv_info1, recv1_src, stream):
         """Tag of every row the RDMA stage received: (global source rank << TOKEN_BITS) | token."""
         import cupy

@@ -228,3 +228,36 @@ def stress_mismatches(buf, iterations, every=50):
             elif not (np.array_equal(first[0], snap[0]) and np.array_equal(first[1], snap[1])):
                 mismatches += 1
     return mismatches
+
+
+def async_problems(buf, allocate_on_comm_stream, combine_oracle=rank_order_combine):
+    """dispatch and combine with ``async_finish`` (the caller's stream does not wait; the events do)
+    after a ``previous_event``, against the reference; returns a list of problems. Between the calls
+    the caller's stream allocates and frees scratch, which must not land on memory the
+    communication stream still uses."""
+    import cupy as cp
+    from deepep_cupy import EventOverlap, reference
+    R, me, T, H, E, K = buf.num_ranks, buf.rank, 300, 2048, 32, 4
+    xs, _, idxs, ws = make_inputs(77, R, T, H, K, E, "random", False, True)
+    idx_g = to_gpu(idxs[me])
+    prev = EventOverlap(cp.cuda.get_current_stream().record())
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        to_gpu(xs[me]), topk_idx=idx_g, topk_weights=to_gpu(ws[me]),
+        num_tokens_per_expert=buf.get_dispatch_layout(idx_g, E)[2], previous_event=prev,
+        async_finish=True, allocate_on_comm_stream=allocate_on_comm_stream)
+    for _ in range(4):   # caller-stream work racing the communication
+        cp.full((T * 4, H), 7, dtype=cp.float32).sum()
+    event.current_stream_wait()
+    res = reference.dispatch(xs, idxs, ws, E)
+    problems = []
+    if not np.array_equal(host(recv_x).view(np.uint16), res[me].recv_x.view(np.uint16)):
+        problems.append("async dispatch differs")
+    out, out_w, event = buf.combine(recv_x, handle, topk_weights=recv_w, async_finish=True)
+    for _ in range(4):
+        cp.full((T * 4, H), 7, dtype=cp.float32).sum()
+    with event:
+        pass
+    want, want_w = combine_oracle([r.recv_x for r in res], res, [r.recv_topk_weights for r in res], None, me)
+    if not (np.array_equal(host(out).view(np.uint16), want.view(np.uint16)) and np.array_equal(host(out_w), want_w)):
+        problems.append("async combine differs")
+    return problems

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from dispatch_cases import (BF16, graph_replay_problems, make_inputs, rank_mask_problems, run_case,
+from dispatch_cases import (BF16, async_problems, graph_replay_problems, make_inputs, rank_mask_problems, run_case,
                             stress_mismatches, to_gpu)
 from testutil import assert_all_ranks, gpu_skip_reason, world
 
@@ -126,6 +126,12 @@ def test_cuda_graph_replay(buf):
 def test_stress_300_iterations_bit_identical(buf):
     mismatches = stress_mismatches(buf, 300, every=25)
     assert_all_ranks(world(), mismatches == 0, f"{mismatches} snapshots differ from the first")
+
+
+@pytest.mark.parametrize("allocate_on_comm_stream", [True, False])
+def test_async_events_and_previous_event(buf, allocate_on_comm_stream):
+    problems = async_problems(buf, allocate_on_comm_stream, oracle_for(buf))
+    assert_all_ranks(world(), not problems, "; ".join(problems))
 
 
 def test_one_buffer_serves_internode_or_low_latency(buf):

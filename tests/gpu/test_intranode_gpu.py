@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dispatch_cases import (graph_replay_problems, host, make_inputs, rank_mask_problems, run_case,
+from dispatch_cases import (async_problems, graph_replay_problems, host, make_inputs, rank_mask_problems, run_case,
                             stress_mismatches, to_gpu)
 from testutil import assert_all_ranks, gpu_skip_reason, world
 
@@ -74,28 +74,10 @@ def test_stress_1000_iterations_bit_identical(buf):
     assert_all_ranks(world(), mismatches == 0, f"{mismatches} snapshots differ from the first")
 
 
-def test_async_events_and_previous_event(buf):
-    import cupy as cp
-    from deepep_cupy import EventOverlap, reference
-    R, me, T, H, E, K = buf.num_ranks, buf.rank, 300, 2048, 32, 4
-    xs, _, idxs, ws = make_inputs(77, R, T, H, K, E, "random", False, True)
-    idx_g = to_gpu(idxs[me])
-    prev = EventOverlap(cp.cuda.get_current_stream().record())
-    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
-        to_gpu(xs[me]), topk_idx=idx_g, topk_weights=to_gpu(ws[me]),
-        num_tokens_per_expert=buf.get_dispatch_layout(idx_g, E)[2], previous_event=prev,
-        async_finish=True, allocate_on_comm_stream=True)
-    event.current_stream_wait()
-    ref = reference.dispatch(xs, idxs, ws, E)[me]
-    ok = np.array_equal(host(recv_x).view(np.uint16), ref.recv_x.view(np.uint16))
-    out, out_w, event = buf.combine(recv_x, handle, topk_weights=recv_w, async_finish=True)
-    with event:
-        pass
-    res = reference.dispatch(xs, idxs, ws, E)
-    want, want_w = reference.combine([r.recv_x for r in res], res,
-                                     topk_weights=[r.recv_topk_weights for r in res])[me]
-    ok &= np.array_equal(host(out).view(np.uint16), want.view(np.uint16)) and np.array_equal(host(out_w), want_w)
-    assert_all_ranks(world(), ok, "async dispatch/combine differs from the reference")
+@pytest.mark.parametrize("allocate_on_comm_stream", [True, False])
+def test_async_events_and_previous_event(buf, allocate_on_comm_stream):
+    problems = async_problems(buf, allocate_on_comm_stream)
+    assert_all_ranks(world(), not problems, "; ".join(problems))
 
 
 @pytest.mark.parametrize("num_sms", [2, 8, 16, 24])
