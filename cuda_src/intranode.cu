@@ -149,7 +149,6 @@ __device__ __noinline__ void put_warp(void* dst, const void* src, int bytes, int
     nvshmemx_putmem_nbi_warp(dst, src, bytes, pe);
 }
 __device__ __noinline__ void put_i32(int* dst, int v, int pe) { nvshmem_int_p(dst, v, pe); }
-__device__ __noinline__ void put_f32(float* dst, float v, int pe) { nvshmem_float_p(dst, v, pe); }
 __device__ __noinline__ void put_flag_after_quiet(uint64_t* flag, uint64_t v, int pe) {
     nvshmem_quiet();   // every put this PE issued (other warps' too, after the caller's barrier) lands first
     nvshmemx_signal_op(flag, v, NVSHMEM_SIGNAL_SET, pe);
@@ -199,8 +198,7 @@ DEEPEP_DEVICE void send_rows(const Team& team, const PeerBases& peers, const Lay
     __threadfence_system();
     __syncwarp();
     const long long rows_before = static_cast<long long>(first) * row_bytes;
-    const uint8_t* src = at<uint8_t>(peers.base[me], layout.send_staging) +
-                         static_cast<long long>(slot_of(j, me)) * slot_rows * row_bytes + rows_before;
+    const uint8_t* src = row_slot(peers, layout, area, me, j, slot_rows, row_bytes) + rows_before;   // send slot
     uint8_t* dst = at<uint8_t>(peers.base[j], area) + static_cast<long long>(slot_of(me, j)) * slot_rows * row_bytes +
                    rows_before;
     put_warp(dst, src, count * row_bytes, team.pes[j]);
