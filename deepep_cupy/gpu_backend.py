@@ -20,7 +20,7 @@ from .config import Config
 from .errors import DeepEPInvalid
 from .event import EventOverlap
 from .internode import InternodeHandle, InternodeKernels
-from .intranode import IntranodeHandle, IntranodeKernels
+from .intranode import IntranodeKernels
 from .low_latency import LowLatencyHandle, LowLatencyKernels
 
 __all__ = ["GpuBackend"]
@@ -150,55 +150,12 @@ class GpuBackend:
     # ------------------------------------------------------------------------------------------
     def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                  num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                 handle: Optional[IntranodeHandle], config: Config, previous_event, async_finish: bool,
+                 handle, config: Config, previous_event, async_finish: bool,
                  allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.dispatch``. CuPy arrays in (fp8 as uint8 storage); CuPy arrays out:
-        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert list, handle, event)."""
-        if self.num_nodes > 1:
-            return self._internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                                            is_token_in_rank, num_tokens_per_expert, num_experts,
-                                            expert_alignment, num_worst_tokens, handle, config, previous_event,
-                                            async_finish, allocate_on_comm_stream)
-        kernels = self.intranode()
-        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = self._prepare_dispatch(
-            kernels, topk_idx, num_experts, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-            previous_event)
-        kernels.check_dispatch_capacity(x, x_scales, topk_idx if handle is None else None)
-        with CommStreamScope(self.comm_stream, previous_event, async_finish,
-                             allocate_on_comm_stream) as scope:
-            stream = self.comm_stream
-            if handle is None:
-                send_pos, recv_info, info = kernels.notify(
-                    is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
-                    expert_alignment, wait=num_worst_tokens == 0, stream=stream)
-                r = self.num_ranks
-                if info is None:
-                    num_rows, num_recv, per_expert = num_worst_tokens, -1, []
-                else:
-                    num_recv = int(info[r])
-                    per_expert = [int(v) for v in info[2 * r + 1:]]
-                    num_rows = num_recv
-                outs = kernels.dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos,
-                                        recv_info, num_rows, num_experts, num_worst_tokens, None,
-                                        config.num_sms, stream)
-                recv_x, recv_scales, recv_idx, recv_w, recv_src = outs
-                handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]),
-                                         num_rows, num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
-            else:
-                outs = kernels.dispatch(x, x_scales, None, None, handle.is_token_in_rank, handle.send_pos,
-                                        handle.recv_info, handle.num_rows, handle.num_experts,
-                                        handle.num_worst_tokens, handle.recv_src_idx, config.num_sms, stream)
-                recv_x, recv_scales, recv_idx, recv_w, _ = outs
-                per_expert = None
-        event = self._finish(scope, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                             num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
-
-    def _prepare_dispatch(self, kernels, topk_idx, num_experts: int, handle, num_tokens_per_rank,
-                          is_token_in_rank, num_tokens_per_expert, previous_event) -> tuple:
-        """What every dispatch does first: report an earlier kernel's error, check the expert ids,
-        and compute the layout when the caller gave none. Returns (num_tokens_per_rank,
-        is_token_in_rank, num_tokens_per_expert)."""
+        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert list, handle, event).
+        One node: the intranode kernels; several: the hierarchical ones (same interface)."""
+        kernels = self.internode() if self.num_nodes > 1 else self.intranode()
         kernels.check_errors("dispatch")
         if handle is None and topk_idx is not None:
             self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
@@ -206,29 +163,12 @@ class GpuBackend:
                                or num_tokens_per_expert is None):
             num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
                 topk_idx, num_experts, previous_event, False, False)
-        return num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
-
-    @staticmethod
-    def _finish(scope, *arrays):
-        """The operation's event, keeping its (non-None) arrays alive until the work is done."""
-        return scope.finish(keep_alive=tuple(a for a in arrays if a is not None))
-
-    def _internode_dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                            num_tokens_per_expert, num_experts: int, expert_alignment: int,
-                            num_worst_tokens: int, handle: Optional[InternodeHandle], config: Config,
-                            previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
-        kernels = self.internode()
-        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = self._prepare_dispatch(
-            kernels, topk_idx, num_experts, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-            previous_event)
-        if handle is None:
-            kernels.check_dispatch(x, x_scales, self.num_ranks if topk_idx is None else topk_idx.shape[1],
-                                   num_experts)
+        kernels.check_dispatch(x, x_scales, topk_idx, num_experts, handle)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
             if handle is None:
-                recv_x, recv_scales, recv_idx, recv_w, per_expert, handle = kernels.dispatch(
-                    x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, None, is_token_in_rank,
+                recv_x, recv_scales, recv_idx, recv_w, per_expert, handle = kernels.notify_and_dispatch(
+                    x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                     num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config.num_sms,
                     self.comm_stream)
             else:
@@ -237,6 +177,11 @@ class GpuBackend:
         event = self._finish(scope, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                              num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
+
+    @staticmethod
+    def _finish(scope, *arrays):
+        """The operation's event, keeping its (non-None) arrays alive until the work is done."""
+        return scope.finish(keep_alive=tuple(a for a in arrays if a is not None))
 
     def combine(self, x, handle, topk_weights, bias0, bias1, config: Config,
                 previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:

@@ -121,9 +121,14 @@ class InternodeKernels:
         return dispatch_row_bytes(x.shape[1] * x.itemsize, 0 if x_scales is None else x_scales.shape[1] * 4,
                                   num_topk)
 
-    def check_dispatch(self, x, x_scales, num_topk: int, num_experts: int) -> None:
-        """Everything that can be checked before the first launch: the per-node expert count, the
-        RDMA staging capacity, and that the NVLink staging holds what the RDMA stage may deliver."""
+    def check_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
+        """Everything that can be checked before the first launch of a dispatch (``handle`` given:
+        a cached one): the per-node expert count, the RDMA staging capacity, and that the NVLink
+        staging holds what the RDMA stage may deliver."""
+        if handle is not None:
+            self._check_cached_dispatch(x, x_scales, handle)
+            return
+        num_topk = self.num_ranks if topk_idx is None else topk_idx.shape[1]   # None: one expert per rank
         num_tokens = x.shape[0]
         if num_experts // self.num_nodes > MAX_LOCAL_EXPERTS:
             raise DeepEPInvalid(f"num_tokens_per_expert: at most {MAX_LOCAL_EXPERTS} experts per node on the "
@@ -137,10 +142,11 @@ class InternodeKernels:
         if self.nvl is not None:
             self.nvl.check_rows(self.num_nodes * num_tokens, row, "dispatch (NVLink stage)")
 
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                 is_token_in_rank, num_tokens_per_expert, num_experts: int, expert_alignment: int,
-                 num_worst_tokens: int, num_sms: int, stream) -> tuple:
-        """A fresh (non-cached) hierarchical dispatch on ``stream``.
+    def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                            num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
+                            num_sms: int, stream) -> tuple:
+        """A fresh (non-cached) hierarchical dispatch on ``stream``, with the arguments of
+        ``IntranodeKernels.notify_and_dispatch``; the caller has run ``check_dispatch``.
 
         Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert list or None, handle).
         ``topk_idx`` None routes by ``is_token_in_rank`` alone (one synthetic expert per rank).
@@ -155,9 +161,7 @@ class InternodeKernels:
                 num_experts = self.num_ranks
                 num_tokens_per_expert = num_tokens_per_rank
             in_node = cupy.ascontiguousarray(is_token_in_rank.reshape(num_tokens, N, L).any(axis=2))
-            if num_tokens_per_rdma_rank is None:
-                num_tokens_per_rdma_rank = in_node.sum(axis=0, dtype=cupy.int32)
-        self.check_dispatch(x, x_scales, topk_idx.shape[1], num_experts)
+            num_tokens_per_rdma_rank = in_node.sum(axis=0, dtype=cupy.int32)
         worst = num_worst_tokens > 0
         if self.single:
             return self._single_stage_dispatch(x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_rdma_rank,
@@ -189,25 +193,16 @@ class InternodeKernels:
             # 2. NVLink stage: route inside the node by the node-relative ids
             experts_per_node = num_experts // N
             per_rank2, _, per_expert2, in_rank2 = self.nvl_layout(recv1_idx, experts_per_node, stream)
-            send_pos2, recv_info2, info2 = self.nvl.notify(in_rank2, per_rank2, per_expert2, experts_per_node,
-                                                           expert_alignment, wait=not worst, stream=stream)
-            if info2 is None:
-                rows2, num_recv, per_expert = num_worst_tokens, -1, []
-            else:
-                num_recv = int(info2[L])
-                rows2 = num_recv
-                per_expert = [int(v) for v in info2[2 * L + 1:]]
-            out2 = self.nvl.dispatch(recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, send_pos2, recv_info2,
-                                     rows2, experts_per_node, num_worst_tokens, None, num_sms, stream, src_tags=tags1)
-            recv2_x, recv2_scales, recv2_idx, recv2_w, tags2 = out2
-            handle2 = IntranodeHandle(in_rank2, send_pos2, recv_info2, tags2, rows1, rows2, num_recv,
-                                      num_worst_tokens, experts_per_node, int(x.shape[1]))
+            recv2_x, recv2_scales, recv2_idx, recv2_w, per_expert, handle2 = self.nvl.notify_and_dispatch(
+                recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, per_rank2, per_expert2, experts_per_node,
+                expert_alignment, num_worst_tokens, num_sms, stream, src_tags=tags1)
 
-            # 3. the API's order
-            dest, perm, src_idx = self._final_order(tags2, stream)
+            # 3. the API's order (the NVLink stage recorded each row's tag as its source index)
+            dest, perm, src_idx = self._final_order(handle2.recv_src_idx, stream)
         recv_x, recv_scales, recv_idx, recv_w = self._gather((recv2_x, recv2_scales, recv2_idx, recv2_w), perm, stream)
-        handle = InternodeHandle(handle1, handle2, tags1, dest, perm, src_idx, synthesized, num_tokens, rows2,
-                                 num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+        handle = InternodeHandle(handle1, handle2, tags1, dest, perm, src_idx, synthesized, num_tokens,
+                                 handle2.num_rows, handle2.num_recv_tokens, num_worst_tokens, num_experts,
+                                 int(x.shape[1]))
         if synthesized:
             recv_idx = recv_w = None
             per_expert = []
@@ -218,45 +213,32 @@ class InternodeKernels:
                                num_worst_tokens: int, synthesized: bool, num_sms: int, stream) -> tuple:
         """One rank per node: the RDMA stage is the whole dispatch. Its rows come ordered by source
         node, which is the source rank, and its node-relative expert ids are this rank's."""
-        N = self.num_nodes
-        send_pos, recv_info, info = self.rdma.notify(in_node, num_tokens_per_node, num_tokens_per_expert,
-                                                     num_experts, expert_alignment, wait=num_worst_tokens == 0,
-                                                     stream=stream)
-        if info is None:
-            rows, num_recv, per_expert = num_worst_tokens, -1, []
-        else:
-            rows = num_recv = int(info[N])
-            per_expert = [int(v) for v in info[2 * N + 1:]]
-        recv_x, recv_scales, recv_idx, recv_w, recv_src = self.rdma.dispatch(
-            x, x_scales, topk_idx, topk_weights, in_node, send_pos, recv_info, rows, num_experts, num_worst_tokens,
-            None, num_sms, stream)
-        h1 = IntranodeHandle(in_node, send_pos, recv_info, recv_src, int(x.shape[0]), rows, num_recv,
-                             num_worst_tokens, num_experts, int(x.shape[1]))
-        handle = InternodeHandle(h1, None, None, None, None, recv_src, synthesized, int(x.shape[0]), rows,
-                                 num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+        recv_x, recv_scales, recv_idx, recv_w, per_expert, h1 = self.rdma.notify_and_dispatch(
+            x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_node, num_tokens_per_expert, num_experts,
+            expert_alignment, num_worst_tokens, num_sms, stream)
+        handle = InternodeHandle(h1, None, None, None, None, h1.recv_src_idx, synthesized, int(x.shape[0]),
+                                 h1.num_rows, h1.num_recv_tokens, num_worst_tokens, num_experts, int(x.shape[1]))
         if synthesized:
             recv_idx = recv_w = None
             per_expert = []
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
 
-    def cached_dispatch(self, x, x_scales, handle: InternodeHandle, num_sms: int, stream) -> tuple:
-        """A dispatch of other data with a handle's routing: (recv_x, recv_scales)."""
-        h1, h2 = handle.rdma, handle.nvl
+    def _check_cached_dispatch(self, x, x_scales, handle: InternodeHandle) -> None:
+        """Before any launch: ``x`` fits the RDMA staging and the forwarded rows the NVLink staging."""
         row = self.row_bytes(x, x_scales, 0)
         self.rdma.check_rows(x.shape[0], row, "dispatch (RDMA stage)")
-        if h2 is None:   # one rank per node
-            recv_x, recv_scales, _, _, _ = self.rdma.dispatch(
-                x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
-                h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
-            return recv_x, recv_scales
-        self.nvl.check_rows(h1.num_rows, row, "dispatch (NVLink stage)")
+        if handle.nvl is not None:
+            self.nvl.check_rows(handle.rdma.num_rows, row, "dispatch (NVLink stage)")
+
+    def cached_dispatch(self, x, x_scales, handle: InternodeHandle, num_sms: int, stream) -> tuple:
+        """A dispatch of other data with a handle's routing (the caller has run ``check_dispatch``):
+        (recv_x, recv_scales)."""
+        if handle.nvl is None:   # one rank per node
+            return self.rdma.cached_dispatch(x, x_scales, handle.rdma, num_sms, stream)
         with stream:   # intermediates on the communication stream (see dispatch)
-            recv1_x, recv1_scales, _, _, _ = self.rdma.dispatch(
-                x, x_scales, None, None, h1.is_token_in_rank, h1.send_pos, h1.recv_info, h1.num_rows,
-                h1.num_experts, h1.num_worst_tokens, h1.recv_src_idx, num_sms, stream)
-            recv2_x, recv2_scales, _, _, _ = self.nvl.dispatch(
-                recv1_x, recv1_scales, None, None, h2.is_token_in_rank, h2.send_pos, h2.recv_info, h2.num_rows,
-                h2.num_experts, h2.num_worst_tokens, h2.recv_src_idx, num_sms, stream, src_tags=handle.rdma_tags)
+            recv1_x, recv1_scales = self.rdma.cached_dispatch(x, x_scales, handle.rdma, num_sms, stream)
+            recv2_x, recv2_scales = self.nvl.cached_dispatch(recv1_x, recv1_scales, handle.nvl, num_sms, stream,
+                                                             src_tags=handle.rdma_tags)
         return self._gather((recv2_x, recv2_scales), handle.perm, stream)
 
     def combine(self, x, handle: InternodeHandle, topk_weights, bias0, bias1, num_sms: int, stream) -> tuple:

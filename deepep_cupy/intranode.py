@@ -330,6 +330,41 @@ class IntranodeKernels:
                 + self._common_tail())
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
 
+    def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                            num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
+                            num_sms: int, stream, src_tags=None) -> tuple:
+        """A fresh dispatch on ``stream``: notify (the host waits for the receive count unless
+        ``num_worst_tokens``), then the data kernel. Returns (recv_x, recv_scales, recv_topk_idx,
+        recv_topk_weights, per-expert list, IntranodeHandle); ``src_tags`` as in ``dispatch``."""
+        send_pos, recv_info, info = self.notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                                num_experts, expert_alignment, wait=num_worst_tokens == 0,
+                                                stream=stream)
+        r = self.num_ranks
+        if info is None:
+            num_rows, num_recv, per_expert = num_worst_tokens, -1, []
+        else:
+            num_rows = num_recv = int(info[r])
+            per_expert = [int(v) for v in info[2 * r + 1:]]
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = self.dispatch(
+            x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info, num_rows, num_experts,
+            num_worst_tokens, None, num_sms, stream, src_tags=src_tags)
+        handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
+                                 num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
+        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+
+    def cached_dispatch(self, x, x_scales, handle: IntranodeHandle, num_sms: int, stream, src_tags=None) -> tuple:
+        """A dispatch of other data with ``handle``'s routing (no notify, no host wait) on ``stream``:
+        (recv_x, recv_scales)."""
+        recv_x, recv_scales, _, _, _ = self.dispatch(
+            x, x_scales, None, None, handle.is_token_in_rank, handle.send_pos, handle.recv_info, handle.num_rows,
+            handle.num_experts, handle.num_worst_tokens, handle.recv_src_idx, num_sms, stream, src_tags=src_tags)
+        return recv_x, recv_scales
+
+    def check_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
+        """Before any launch: this rank's rows fit the staging (the dispatch interface shared with
+        ``InternodeKernels``; the expert count needs no check here)."""
+        self.check_dispatch_capacity(x, x_scales, topk_idx if handle is None else None)
+
     def check_dispatch_capacity(self, x, x_scales, topk_idx) -> tuple:
         """(row_bytes, slot_rows) of a dispatch; raises before anything is launched when this rank's
         tokens do not fit its staging slots."""
