@@ -9,10 +9,15 @@
 //
 // The workspace belongs to the Buffer, is zeroed once at allocation and is left zeroed by every
 // launch, so calls on one stream may follow each other freely (calls on two streams at once must
-// use two buffers). Out-of-range expert ids are skipped here; the Python side rejects them before
-// the launch when value checks are on.
+// use two buffers).
+//
+// Expert ids outside [-1, num_experts) are counted nowhere (as if -1) and reported: each block that
+// saw one notes one of them in shared memory, then its thread 0 writes {kBadValue, phase 24, the id
+// clamped to int32, rank} into the caller's pinned error record (nullptr: no report). The host reads
+// that record at the start of its next call and raises DeepEPInvalid; the check costs no host wait.
 //
 // Compile-time constants (-D): DEEPEP_NUM_RANKS (R), DEEPEP_RANKS_PER_NODE (R for one node).
+#include "common/exception.cuh"
 #include "common/utils.cuh"
 
 #ifndef DEEPEP_NUM_RANKS
@@ -34,6 +39,13 @@ static_assert(kNumRanks % kRanksPerNode == 0, "ranks must split evenly into node
 // earlier top-k slots (K is small).
 constexpr bool kMaskFits = kNumRanks <= 64;
 
+constexpr int kPhaseBadExpertId = 24;   // names in deepep_cupy/kernel_errors.py
+
+// A reported value fits the record's int32 field: clamp (the host says "or beyond" at the bounds).
+DEEPEP_DEVICE int clamp_to_int32(long long v) {
+    return static_cast<int>(v < -2147483648LL ? -2147483648LL : (v > 2147483647LL ? 2147483647LL : v));
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads)
@@ -41,13 +53,16 @@ get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int nu
                     int num_experts, int* __restrict__ num_tokens_per_rank,
                     int* __restrict__ num_tokens_per_rdma_rank,  // nullptr when kNumNodes == 1
                     int* __restrict__ num_tokens_per_expert, bool* __restrict__ is_token_in_rank,
-                    int* __restrict__ workspace) {
+                    int* __restrict__ workspace, deepep::ErrorRecord* err, int rank) {
     extern __shared__ int smem_counts[];  // [E] experts, [R] ranks, [N] nodes
     int* s_expert = smem_counts;
     int* s_rank = s_expert + num_experts;
     int* s_node = s_rank + kNumRanks;
+    __shared__ int s_bad;                 // this block saw an id outside [-1, E); s_bad_id: one of them
+    __shared__ long long s_bad_id;
     const int num_counters = num_experts + kNumRanks + kNumNodes;
     for (int i = threadIdx.x; i < num_counters; i += kThreads) smem_counts[i] = 0;
+    if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
 
     const int experts_per_rank = num_experts / kNumRanks;
@@ -62,7 +77,10 @@ get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int nu
         }
         for (int k = 0; k < num_topk; ++k) {
             const int64_t e = row[k];
-            if (e < 0 || e >= num_experts) continue;
+            if (e < 0 || e >= num_experts) {
+                if (e != -1 && atomicCAS(&s_bad, 0, 1) == 0) s_bad_id = e;
+                continue;
+            }
             atomicAdd(&s_expert[e], 1);
             const int r = static_cast<int>(e) / experts_per_rank;
             if constexpr (kMaskFits) {
@@ -105,6 +123,9 @@ get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int nu
         }
     }
     __syncthreads();
+    // one write to host memory per block at most (each is a transaction over PCIe)
+    if (threadIdx.x == 0 && s_bad && err != nullptr)
+        deepep::record_error(err, deepep::kBadValue, kPhaseBadExpertId, clamp_to_int32(s_bad_id), rank);
 
     // fold this block's counts into the workspace
     for (int i = threadIdx.x; i < num_counters; i += kThreads) {

@@ -46,6 +46,7 @@ constexpr int kPhaseLLDispatchRecv = 20;  // names in deepep_cupy/kernel_errors.
 constexpr int kPhaseLLCombineRecv = 21;
 constexpr int kPhaseLLTooMany = 22;
 constexpr int kPhaseLLReuse = 23;
+constexpr int kPhaseBadExpertId = 24;
 
 struct LLLayout {
     long long half_bytes;
@@ -77,6 +78,18 @@ struct LLShape {
 
 // header + ids + slots, padded to 16 bytes: where the payload starts
 DEEPEP_DEVICE int ids_bytes(int num_topk) { return (kHeaderBytes + 8 * num_topk + 15) / 16 * 16; }
+
+// An expert id read from topk_idx as an int: itself inside [0, num_experts), else -1 ("none"). Ids
+// outside the range must never index the per-expert counts or pick a destination bit, and are
+// compared before the narrowing, so an int64 like 2^32 + 3 cannot alias expert 3.
+DEEPEP_DEVICE int expert_or_none(int64_t e, int num_experts) {
+    return e >= 0 && e < num_experts ? static_cast<int>(e) : -1;
+}
+
+// A reported value fits the record's int32 field: clamp (the host says "or beyond" at the bounds).
+DEEPEP_DEVICE int clamp_to_int32(long long v) {
+    return static_cast<int>(v < -2147483648LL ? -2147483648LL : (v > 2147483647LL ? 2147483647LL : v));
+}
 
 DEEPEP_DEVICE uint64_t next_seq(const uint64_t* counter) {
     return *reinterpret_cast<const volatile uint64_t*>(counter) + 1;
@@ -220,7 +233,8 @@ DEEPEP_DEVICE void finish_receive(uint8_t* region, const LLLayout& lay, uint64_t
 // group's scale) and stores each chunk to every NVLink destination and, when a destination needs
 // puts, to the staging message, which warp r then puts to rank r. The last block writes every
 // destination's meta (and zeroes the counts) and raises its flag. An expert chosen more than M
-// times by this rank (only duplicates in a row can do that) keeps M entries and reports.
+// times by this rank (only duplicates in a row can do that) keeps M entries and reports. An id
+// outside [-1, num_experts) travels as -1 (sent nowhere) and is reported once per block (phase 24).
 DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
                  int* __restrict__ counts, int* __restrict__ topk_slots, LL_SHAPE_PARAMS, uint8_t* region,
                  const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard,
@@ -240,14 +254,21 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
     __shared__ unsigned int s_mask;
     __shared__ int s_expert[kMaxTopk];
     __shared__ int s_before[kMaxTopk];     // entries before (t, k) with the same expert
+    __shared__ int s_bad;                  // an id outside [-1, E) was seen; s_bad_id: one of them
+    __shared__ long long s_bad_id;
     if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
+    if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
     if (guard) wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
 
     for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
         const long long first = static_cast<long long>(t) * K;
         if (threadIdx.x < K) {
-            s_expert[threadIdx.x] = static_cast<int>(topk_idx[first + threadIdx.x]);
+            const int64_t raw = topk_idx[first + threadIdx.x];
+            s_expert[threadIdx.x] = expert_or_none(raw, shape.num_experts);
+            if (raw < -1 || raw >= shape.num_experts) {
+                if (atomicCAS(&s_bad, 0, 1) == 0) s_bad_id = raw;
+            }
             s_before[threadIdx.x] = 0;
         }
         __syncthreads();
@@ -255,7 +276,7 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
         const int span = static_cast<int>(first) + K;
         for (int j0 = warp * kWarpSize; j0 < span; j0 += blockDim.x) {
             const int j = j0 + lane;
-            const int e = j < span ? static_cast<int>(topk_idx[j]) : -1;
+            const int e = j < span ? expert_or_none(topk_idx[j], shape.num_experts) : -1;
             for (int k = 0; k < K; ++k) {
                 const int ek = s_expert[k];
                 const unsigned int hits = __ballot_sync(kFullMask, ek >= 0 && e == ek && j < first + k);
@@ -385,6 +406,9 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
         }
     }
     if (put_mask && threadIdx.x == 0) nvshmem_quiet();
+    // s_bad was last written before the loop's final __syncthreads; one host write per block at most
+    if (threadIdx.x == 0 && s_bad)
+        deepep::record_error(err, deepep::kBadValue, kPhaseBadExpertId, clamp_to_int32(s_bad_id), rank);
     if (!last_block_done<true>(done_counter)) return;   // the caller continues (fused kernels)
     // meta of every destination, then its flag
     const int meta_len = 1 + num_local;

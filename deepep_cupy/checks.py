@@ -1,10 +1,18 @@
-"""GPU value checks before a launch (cuda_src/checks.cu): index arrays must lie in range.
+"""Value checks of index inputs on the GPU.
 
-One small kernel reduces into a device scratch record; its last block writes the verdict and a
-sequence number into a pinned host record, which the host polls rather than synchronising the
-stream (a driver synchronisation woke the host ~150 us late on the GPU machine); so a check costs
-about one launch. Skipped during CUDA-graph capture and when
-``settings.check_values`` is off (the production setting once inputs are trusted).
+Two mechanisms:
+
+* ``DeviceInputErrors`` (always on, no host cost): the kernels that read ``topk_idx`` anyway (the
+  layout kernel, the low-latency dispatch send) check each expert id against [-1, num_experts),
+  treat a bad one as -1 and report it into a pinned error record. The host reads the record at
+  the start of each call, without synchronising, and raises ``DeepEPInvalid``: at the latest on
+  the first call after the faulty launch has finished.
+* ``IndexRangeChecker`` (``settings.check_values = True``, for debugging): a blocking check before
+  the launch that raises on the very call that passes the bad value. One small kernel
+  (cuda_src/checks.cu) reduces into a device scratch record; its last block writes the verdict and
+  a sequence number into a pinned host record, which the host polls rather than synchronising the
+  stream (a driver synchronisation woke the host ~150 us late on the GPU machine); so a check costs
+  about one launch plus a host wait (~20 us). Skipped during CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from . import jit
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 
-__all__ = ["CHECKS_SPEC", "IndexRangeChecker"]
+__all__ = ["CHECKS_SPEC", "IndexRangeChecker", "DeviceInputErrors"]
 
 CHECKS_SPEC = jit.KernelSpec.make("checks.cu", ["check_index_range"])
 
@@ -67,3 +75,37 @@ class IndexRangeChecker:
         if num_bad:
             raise DeepEPInvalid(f"{name}: expected values in [{low}, {high}), found {example} "
                                 f"({num_bad} entries out of range)")
+
+
+class DeviceInputErrors:
+    """The pinned error record that kernels reading ``topk_idx`` report bad expert ids into (phase
+    24), and its host-side check. One per ``GpuBackend``; reading it never waits for the GPU. The
+    launcher passes ``ptr`` and its rank to the kernel, which writes {2, 24, id, rank}."""
+
+    def __init__(self):
+        from .kernel_errors import PinnedErrorRecord
+        self.record = PinnedErrorRecord()
+        self._num_experts: Optional[int] = None   # of the launches since the last report; -1: mixed
+
+    @property
+    def ptr(self) -> int:
+        """Address the kernels write to."""
+        return self.record.ptr
+
+    def launched(self, num_experts: int) -> None:
+        """Note a launch that reports into the record (the message prints its ``num_experts``
+        when every launch since the last report used the same one)."""
+        if self._num_experts is None:
+            self._num_experts = num_experts
+        elif self._num_experts != num_experts:
+            self._num_experts = -1
+
+    def check(self, what: str) -> None:
+        """Raise ``DeepEPInvalid`` if a finished kernel reported a bad expert id (or the error a
+        kernel reported); the record is cleared. No synchronisation: work still running reports
+        at a later call."""
+        if not self.record.record[0]:   # kernels only ever set the code from 0 (first writer wins)
+            return
+        num_experts = self._num_experts if self._num_experts not in (None, -1) else None
+        self._num_experts = None
+        self.record.check(what, num_experts=num_experts)

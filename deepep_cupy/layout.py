@@ -3,6 +3,10 @@
 One launch of ``ceil(T / 256)`` blocks (at least one), one thread per token; the per-expert,
 per-rank and per-node counts meet in a small workspace that the last block copies out and zeroes
 (see the kernel's header comment). No memset, no host synchronisation: capturable in a CUDA graph.
+
+The kernel also checks every expert id against [-1, num_experts) on the way: a bad id counts
+nowhere (as -1) and is written into the error record the caller passes (``error_record_ptr``, a
+pinned ``PinnedErrorRecord``), which the host turns into ``DeepEPInvalid`` at its next call.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ class LayoutKernel:
                 self._workspace = cupy.zeros(need, dtype=cupy.int32)  # kernels leave it zeroed
         return self._workspace
 
-    def __call__(self, topk_idx, num_experts: int, stream) -> tuple:
+    def __call__(self, topk_idx, num_experts: int, stream, error_record_ptr: int = 0, rank: int = -1) -> tuple:
         """Launch on ``stream``. ``topk_idx``: CuPy int64 [T, K], C-contiguous, on this device.
+        ``error_record_ptr``: address of a pinned {code, phase, peer, rank} record that receives
+        {2, 24, bad id, ``rank``} when an id lies outside [-1, num_experts) (0: no report).
 
         Returns:
             (num_tokens_per_rank int32[R], num_tokens_per_rdma_rank int32[N] or None when one node,
@@ -68,6 +74,6 @@ class LayoutKernel:
             self._kernel((blocks,), (_THREADS,),
                          (topk_idx, cupy.int32(num_tokens), cupy.int32(num_topk), cupy.int32(num_experts),
                           per_rank, per_rdma if per_rdma is not None else cupy.uint64(0), per_expert,
-                          in_rank, workspace),
+                          in_rank, workspace, cupy.uint64(error_record_ptr), cupy.int32(rank)),
                          shared_mem=smem)
         return per_rank, per_rdma, per_expert, in_rank

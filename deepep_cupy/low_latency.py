@@ -229,8 +229,9 @@ class LowLatencyKernels:
         return self.layout.max_tokens, self.layout.hidden, self.layout.num_experts
 
     def check_errors(self, what: str) -> None:
-        """Raise if an earlier low-latency kernel recorded a timeout or a bad value."""
-        self.errors.check(what)
+        """Raise if an earlier low-latency kernel recorded a timeout or a bad value (an expert id
+        outside [-1, num_experts) in a dispatch's ``topk_idx``, sent as -1: ``DeepEPInvalid``)."""
+        self.errors.check(what, num_experts=self.layout.num_experts)
 
     def clean(self) -> None:
         """Zero the region and the counters on this rank (the caller makes it collective)."""

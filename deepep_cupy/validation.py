@@ -1,6 +1,7 @@
 """Argument checks run before any launch. Each failure names the argument, what was expected and
 what was received, and raises ``DeepEPInvalid`` (a ValueError) or ``DeepEPTypeError`` (a TypeError).
-Nothing here touches array data except ``check_index_range``, which reads two numbers."""
+Nothing here touches array data except ``check_index_range``, which reads two numbers
+(``expect_aligned`` reads only the data pointer)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from typing import Iterable, Optional, Sequence, Union
 from . import arrays
 from .errors import DeepEPInvalid, DeepEPTypeError
 
-__all__ = ["expect_array", "expect_int", "expect_bool", "expect_optional_array",
-           "check_index_range", "check_same_rows"]
+__all__ = ["expect_array", "expect_int", "expect_bool", "expect_optional_array", "expect_aligned",
+           "check_index_range", "check_same_rows", "VECTOR_ALIGNMENT"]
+
+# The kernels move rows of x, recv_x, biases and outputs with 16-byte loads and stores (int4); such a
+# load on a pointer that is not a multiple of 16 is a misaligned-address fault, which leaves the
+# CUDA context unusable for the rest of the process.
+VECTOR_ALIGNMENT = 16
 
 DTypeSpec = Union[str, Sequence[str]]
 
@@ -77,6 +83,20 @@ def expect_array(x, name: str, *, dtype: Optional[DTypeSpec] = None, ndim: Optio
 def expect_optional_array(x, name: str, **kw):
     """Like ``expect_array`` but ``None`` passes (and returns None)."""
     return None if x is None else expect_array(x, name, **kw)
+
+
+def expect_aligned(x, name: str, alignment: int = VECTOR_ALIGNMENT) -> None:
+    """The data pointer of ``x`` (see ``arrays.data_pointer``) must be a multiple of ``alignment``
+    bytes; a view that starts mid-row (say ``flat[1:].reshape(...)``) is the usual way to miss it.
+
+    Raises:
+        DeepEPInvalid: naming ``name``, the pointer and the alignment.
+    """
+    ptr = arrays.data_pointer(x, name)
+    if ptr % alignment:
+        what = "16-byte loads and stores" if alignment == VECTOR_ALIGNMENT else f"{alignment}-byte accesses"
+        raise DeepEPInvalid(f"{name}: data pointer {ptr:#x} is not {alignment}-byte aligned (a view that "
+                            f"starts mid-row?); the kernels access it with {what}: pass a copy")
 
 
 def check_same_rows(descs: Iterable[tuple], what: str = "token") -> None:

@@ -578,6 +578,22 @@ def test_to_numpy_rejects_gpu_arrays_naming_argument():
         to_numpy({"a": 1}, name="x")
 
 
+def test_data_pointer_of_cupy_numpy_and_interface_objects():
+    """data_pointer reads a view's own start (offset included) without a GPU call."""
+    from types import SimpleNamespace
+    host = np.zeros(64, np.uint16)
+    base = host.ctypes.data
+    c = host_cupy(host, BF16)
+    assert A.data_pointer(c) == base
+    view = c[3:].reshape(61)                     # a bf16 view starting 6 bytes in
+    assert A.data_pointer(view, "x") == base + 6
+    assert A.data_pointer(host[5:]) == base + 10
+    fake = SimpleNamespace(__cuda_array_interface__={"data": (0x1008, False), "shape": (1,)})
+    assert A.data_pointer(fake) == 0x1008
+    with pytest.raises(DeepEPTypeError, match="^x: .* exposes no data pointer"):
+        A.data_pointer(object(), "x")
+
+
 def test_module_exports():
     for name in A.__all__:
         obj = getattr(A, name)

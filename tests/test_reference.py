@@ -3,7 +3,6 @@ properties over random routings. CPU only, no MPI."""
 
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -138,3 +138,45 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
     assert combined_w is None
     with pytest.raises(ValueError, match="topk_weights: needs topk_idx"):
         buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, topk_weights=w)
+
+
+def test_expect_aligned_names_the_argument_and_the_pointer():
+    """A pointer that is not a multiple of 16 (a view starting mid-row) is refused before launch:
+    a 16-byte load on it would fault and take the CUDA context down."""
+    from types import SimpleNamespace
+    from deepep_cupy.validation import VECTOR_ALIGNMENT, expect_aligned
+    assert VECTOR_ALIGNMENT == 16
+    expect_aligned(SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000001000)), "x")
+    with pytest.raises(ep.DeepEPInvalid, match=r"^x: data pointer 0x7f0000001002 is not 16-byte aligned "
+                                                r"\(a view that starts mid-row\?\)"):
+        expect_aligned(SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000001002)), "x")
+    odd = SimpleNamespace(__cuda_array_interface__={"data": (0x1008, False)})
+    expect_aligned(odd, "topk_idx", 8)
+    with pytest.raises(ep.DeepEPInvalid, match="^bias: data pointer 0x1008 is not 16-byte aligned"):
+        expect_aligned(odd, "bias")
+    base = np.zeros(64, np.uint16)                        # numpy views work too
+    start = (-base.ctypes.data % 16) // 2                 # the first 16-byte aligned element
+    expect_aligned(base[start:], "x")
+    with pytest.raises(ep.DeepEPInvalid, match="x: data pointer"):
+        expect_aligned(base[start + 1:], "x")
+
+
+def test_gpu_take_checks_alignment_before_launch(monkeypatch):
+    """Buffer._take on the GPU backend: element-size alignment always, 16 bytes where asked; the
+    reference backend's host arrays pass (their alignment says nothing about a device copy)."""
+    from types import SimpleNamespace
+    from deepep_cupy import buffer as buffer_module
+    from deepep_cupy.validation import VECTOR_ALIGNMENT
+    monkeypatch.setattr(buffer_module.arrays, "to_cupy", lambda x, name: x)
+    b = object.__new__(ep.Buffer)
+    b.backend_name = "gpu"
+    fake = lambda ptr, itemsize: SimpleNamespace(data=SimpleNamespace(ptr=ptr), itemsize=itemsize)
+    assert b._take(fake(0x1000, 2), "x", VECTOR_ALIGNMENT).data.ptr == 0x1000
+    b._take(fake(0x1002, 2), "x")                         # only element-size alignment asked
+    with pytest.raises(ep.DeepEPInvalid, match="^x: data pointer 0x1002 is not 16-byte aligned"):
+        b._take(fake(0x1002, 2), "x", VECTOR_ALIGNMENT)
+    with pytest.raises(ep.DeepEPInvalid, match="^topk_idx: data pointer 0x1004 is not 8-byte aligned"):
+        b._take(fake(0x1004, 8), "topk_idx")
+    b.backend_name = "reference"
+    base = np.zeros(64, np.uint16)
+    assert b._take(base[(-base.ctypes.data % 16) // 2 + 1:], "x", VECTOR_ALIGNMENT).dtype == np.uint16

@@ -257,7 +257,6 @@ def test_jax_in_zero_copy(x64, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jax_out_zero_copy(x64, dtype):
-    jax = x64
     h = host_bits(dtype, seed=2)
     c = cupy.asarray(bits(h)).view(A._cupy_storage_dtype(dtype))
     with warnings.catch_warnings(record=True) as caught:

@@ -143,7 +143,6 @@ def test_layout_repeated_calls_are_identical(buf):
 
 def test_layout_in_cuda_graph(buf):
     import cupy as cp
-    from deepep_cupy import settings
     topk_np = make_routing("random", 1024, 8, 256, buf.num_ranks, seed=11)
     topk = cp.asarray(topk_np)
     buf.get_dispatch_layout(topk, 256)  # compile + warm outside the capture

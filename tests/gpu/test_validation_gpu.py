@@ -1,5 +1,7 @@
 """GPU tier: bad input to the GPU backend raises before launch, naming the argument, and the buffer
-stays usable (a good layout call right after each one matches the reference)."""
+stays usable (a good layout call right after each one matches the reference). Bad expert ids are
+checked here through the blocking ``settings.check_values`` path (raising on the call itself); the
+default device-side check, which raises at the next call, is tested in test_no_host_wait_gpu.py."""
 
 import numpy as np
 import pytest
@@ -24,6 +26,19 @@ def _good(rank):
     return np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64)
 
 
+def _checked(call):
+    """``call`` with ``settings.check_values`` on: the host-side check raises on the call itself."""
+    def run(b):
+        from deepep_cupy import settings
+        old = settings.check_values
+        settings.check_values = True
+        try:
+            return call(b)
+        finally:
+            settings.check_values = old
+    return run
+
+
 def _cases(num_ranks):
     import cupy as cp
     topk = _good(0)
@@ -33,8 +48,8 @@ def _cases(num_ranks):
         ("1-D", lambda b: b.get_dispatch_layout(g[:, 0].copy(), E), ValueError, "expected 2 dimensions"),
         ("non-contiguous", lambda b: b.get_dispatch_layout(g[:, ::2], E), ValueError, "C-contiguous"),
         ("host array to the GPU backend", lambda b: b.get_dispatch_layout(topk, E), ValueError, "topk_idx: expected an array on cuda"),
-        ("expert id >= num_experts", lambda b: b.get_dispatch_layout(cp.where(g == 3, E + 5, g), E), ValueError, f"found {E + 5}"),
-        ("expert id < -1", lambda b: b.get_dispatch_layout(cp.where(g == 3, -7, g), E), ValueError, "found -7"),
+        ("expert id >= num_experts", _checked(lambda b: b.get_dispatch_layout(cp.where(g == 3, E + 5, g), E)), ValueError, f"found {E + 5}"),
+        ("expert id < -1", _checked(lambda b: b.get_dispatch_layout(cp.where(g == 3, -7, g), E)), ValueError, "found -7"),
         ("num_experts not divisible", lambda b: b.get_dispatch_layout(g, num_ranks * 4 + 1), ValueError, "multiple of the"),
         ("num_experts too large", lambda b: b.get_dispatch_layout(g, 1 << 20), ValueError, "at most"),
         ("previous_event type", lambda b: b.get_dispatch_layout(g, E, previous_event=1), TypeError, "previous_event"),
