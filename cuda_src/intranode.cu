@@ -60,6 +60,7 @@ constexpr int kPhaseCombineBarrier = 12;
 constexpr int kPhaseCombineRecv = 13;
 constexpr int kPhaseDispatchBarrier = 14;
 constexpr int kPhaseWorstOverflow = 15;
+constexpr int kPhaseDirectInfo = 16;
 
 template <bool B, typename T, typename F>
 struct pick { using type = T; };
@@ -82,6 +83,8 @@ struct Layout {
     long long dispatch_staging;  // [R-1][slot_rows][dispatch_row_bytes]
     long long combine_staging;   // [R-1][slot_rows][combine_row_bytes]
     long long send_staging;      // puts only: [R-1 destination slots][slot_rows][row_bytes], this rank's rows
+    long long direct_info;       // int64 [R receivers][8]: where receiver j wants this rank's rows (direct dispatch)
+    long long direct_flags;      // uint64 [R]: [j] = last seq in which receiver j posted its direct_info entry
     int notify_ints;
     int max_chunks;
 };
@@ -107,22 +110,37 @@ DEEPEP_DEVICE int4 load16(const int4* p) {
 }
 
 // Copy `bytes` (a multiple of 16) from src to dst with the lanes of one warp, 16 bytes per lane
-// per step, several steps in flight.
+// per step, kept flowing: two batches of kUnroll steps alternate, the loads of batch i+1 are issued
+// before the stores of batch i (restrict lets them pass), and the last batch is guarded rather than
+// a serial tail. 8 steps (4 KiB per warp) stay in flight, the registers the old single batch took;
+// a 14 KiB row costs about 4 memory latencies instead of 7 (3 batches + a 4-step serial tail).
 template <bool kPeerWritten = false>
-DEEPEP_DEVICE void warp_copy(void* dst, const void* src, int bytes, int lane) {
-    const int4* s = reinterpret_cast<const int4*>(src);
-    int4* d = reinterpret_cast<int4*>(dst);
+DEEPEP_DEVICE void warp_copy(void* __restrict__ dst, const void* __restrict__ src, int bytes, int lane) {
+    const int4* __restrict__ s = static_cast<const int4*>(src);
+    int4* __restrict__ d = static_cast<int4*>(dst);
     const int n = bytes >> 4;
-    constexpr int kUnroll = 8;   // 4 KiB per warp in flight: enough to cover NVLink latency
-    int i = lane;
-    for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
-        int4 v[kUnroll];
+    constexpr int kUnroll = 4;
+    constexpr int kBatch = kUnroll * kWarpSize;
+    int4 a[kUnroll], b[kUnroll];
+    // a step past the end loads zeros: a register written only on some paths would stay live
+    // through the whole kernel (ptxas cannot pair the guards), costing the callers registers
+    auto load = [&](int4 (&v)[kUnroll], int i0) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) v[u] = load16<kPeerWritten>(s + i + u * kWarpSize);
+        for (int u = 0; u < kUnroll; ++u)
+            v[u] = i0 + u * kWarpSize < n ? load16<kPeerWritten>(s + i0 + u * kWarpSize) : make_int4(0, 0, 0, 0);
+    };
+    auto store = [&](const int4 (&v)[kUnroll], int i0) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) d[i + u * kWarpSize] = v[u];
+        for (int u = 0; u < kUnroll; ++u)
+            if (i0 + u * kWarpSize < n) d[i0 + u * kWarpSize] = v[u];
+    };
+    load(a, lane);
+    for (int base = lane; base < n; base += 2 * kBatch) {
+        load(b, base + kBatch);
+        store(a, base);
+        load(a, base + 2 * kBatch);
+        store(b, base + kBatch);
     }
-    for (; i < n; i += kWarpSize) d[i] = load16<kPeerWritten>(s + i);
 }
 
 // FP8 scales: H/128 floats, not always a multiple of 16 bytes: 4 bytes per lane.
@@ -539,29 +557,182 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
     }
 }
 
+#if !DEEPEP_INTRANODE_PUTS
+#include "intranode_direct.cuh"   // one-copy dispatch into the receivers' arenas (NVLink stores only)
+#endif
+
 // ------------------------------------------------------------------------------------------------
 // combine (bf16 or float32 rows; accumulation in float32 in rank order, as the reference).
 //   every block first sends back: rows of remote source s (recv_offsets[s] .. recv_offsets[s+1])
 //     go, in chunks of kChunk rows, to s's combine staging slot at their position
 //     (row - recv_offsets[s]), weights behind the data; then s's chunk flag is raised.
 //   then reduces, a warp per token: acc = bias0 + bias1 + sum over ranks r in order
-//     with is_token_in_rank[t, r] of (r == rank ? x[recv_offsets[rank] + send_pos[t, rank]]
+//     with send_pos[t, r] >= 0 of (r == rank ? x[recv_offsets[rank] + send_pos[t, r]]
 //     : staging[r][send_pos[t, r]]), after waiting for that row's chunk flag.
-template <typename T>
-DEEPEP_DEVICE float to_float(T v);
-template <>
-DEEPEP_DEVICE float to_float<float>(float v) { return v; }
-struct bf16_raw {
-    unsigned short bits;
-};
-template <>
-DEEPEP_DEVICE float to_float<bf16_raw>(bf16_raw v) { return __uint_as_float(static_cast<unsigned int>(v.bits) << 16); }
+// Both phases are bound by the bytes each SM keeps in flight (one block of 16 warps per SM, at most
+// 128 registers a thread), so both keep about 16 16-byte loads per lane outstanding.
 
+// float to bf16, round to nearest even; a NaN keeps its top bits with the quiet bit set
 DEEPEP_DEVICE unsigned short float_to_bf16_rn(float f) {
     unsigned int u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40);  // NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return static_cast<unsigned short>(u >> 16);
+}
+
+// Two floats to packed bf16 (lo in the low half), round to nearest even, in one instruction. It
+// equals float_to_bf16_rn on every value but NaN (subnormals and overflow to inf included); NaN
+// gives the canonical 0x7fff, so callers redo NaN with float_to_bf16_rn to keep its bits.
+DEEPEP_DEVICE uint32_t cvt_bf16x2_rn(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <typename T>
+DEEPEP_DEVICE T* shfl_ptr(T* p, int src_lane) {
+    return reinterpret_cast<T*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(p), src_lane));
+}
+
+constexpr int kCombineLoads = 16;   // 16-byte loads per lane in flight in both combine phases (64 registers)
+
+// Send back: one warp copies rows A and B (B optional) of the same length, n16 16-byte pieces each.
+// Both rows advance together in batches of kSteps pieces, two batches alternating (the loads of
+// one are issued before the stores of the other), so kCombineLoads pieces per lane stay in flight:
+// a warp's two rows of a chunk cost about 4-5 memory latencies.
+// A load past the row's end yields zeros rather than leaving its registers unwritten: ptxas cannot
+// see that the matching store is skipped too, so an unwritten register stays live from the
+// kernel's start, and the kernel spills (here and in reduce_round).
+DEEPEP_DEVICE void copy_row_pair(uint8_t* __restrict__ dst_a, const uint8_t* __restrict__ src_a,
+                                 uint8_t* __restrict__ dst_b, const uint8_t* __restrict__ src_b, bool has_b,
+                                 int n16, int lane) {
+    constexpr int kSteps = kCombineLoads / 4;   // per row and batch
+    constexpr int kBatch = kSteps * kWarpSize;
+    const int4* __restrict__ sa = reinterpret_cast<const int4*>(src_a);
+    const int4* __restrict__ sb = reinterpret_cast<const int4*>(src_b);
+    int4* __restrict__ da = reinterpret_cast<int4*>(dst_a);
+    int4* __restrict__ db = reinterpret_cast<int4*>(dst_b);
+    const int nb = has_b ? n16 : 0;
+    int4 p[2][kSteps], q[2][kSteps];   // p: even batches, q: odd batches; [0] row A, [1] row B
+    auto load = [&](int4 (&v)[2][kSteps], int base) {
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+            const int i = base + u * kWarpSize;
+            v[0][u] = i < n16 ? sa[i] : make_int4(0, 0, 0, 0);
+            v[1][u] = i < nb ? sb[i] : make_int4(0, 0, 0, 0);
+        }
+    };
+    auto store = [&](const int4 (&v)[2][kSteps], int base) {
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u) {
+            const int i = base + u * kWarpSize;
+            if (i < n16) da[i] = v[0][u];
+            if (i < nb) db[i] = v[1][u];
+        }
+    };
+    load(p, lane);
+    for (int base = lane; base < n16; base += 2 * kBatch) {
+        load(q, base + kBatch);
+        store(p, base);
+        load(p, base + 2 * kBatch);
+        store(q, base + kBatch);
+    }
+}
+
+// Reduce one token from its N sources (bias0, bias1, then ranks ascending, whichever are present).
+// Each round issues the loads of all N sources for kSteps pieces per lane (about kCombineLoads
+// loads in flight), then adds them in source order; a piece's accumulator lives only between its
+// adds and its store, so the loads get the registers.
+template <int N>
+constexpr int kReduceSteps = N <= 1 ? kCombineLoads : (kCombineLoads / N > 0 ? kCombineLoads / N : 1);
+
+// One round: pieces lane + u * 32 (u < kSteps) from the round's start, of every source, into
+// o + u * 32. Lane j < N holds the address of source j's round (`my_src`); each source's pointer is
+// fetched from its lane here and dies once the round's loads are issued (N pointers held through
+// the whole row would take the loads' registers). kGuard: the row's last round, where only the
+// pieces u * 32 < left exist.
+template <bool kBf16, int N, bool kGuard, typename Probe>
+DEEPEP_DEVICE void reduce_round(unsigned long long my_src, int4* __restrict__ o, int lane, int left, bool do_probe,
+                                Probe& probe) {
+    constexpr int kPer = kBf16 ? 8 : 4;   // elements in 16 bytes
+    constexpr int kSteps = kReduceSteps<N>;
+    int4 v[N > 0 ? N : 1][kSteps];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const int4* src = reinterpret_cast<const int4*>(__shfl_sync(0xffffffffu, my_src, j)) + lane;
+#pragma unroll
+        for (int u = 0; u < kSteps; ++u)
+            if (!kGuard || u * kWarpSize < left) v[j][u] = __ldcg(src + u * kWarpSize);
+            else v[j][u] = make_int4(0, 0, 0, 0);   // see copy_row_pair
+    }
+    if (do_probe) probe();
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+        float acc[kPer];
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) acc[e] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&v[j][u]);
+#pragma unroll
+            for (int e = 0; e < kPer; ++e) {
+                float f;
+                if constexpr (kBf16) f = __uint_as_float(e % 2 == 0 ? w[e / 2] << 16 : w[e / 2] & 0xffff0000u);
+                else f = __uint_as_float(w[e]);
+                acc[e] = __fadd_rn(acc[e], f);
+            }
+        }
+        int4 r;
+        uint32_t* rw = reinterpret_cast<uint32_t*>(&r);
+        if constexpr (kBf16) {
+            bool nan = false;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                rw[k] = cvt_bf16x2_rn(acc[2 * k], acc[2 * k + 1]);
+                nan |= acc[2 * k] != acc[2 * k] || acc[2 * k + 1] != acc[2 * k + 1];
+            }
+            if (nan) {   // rare: one branch per piece
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                    rw[k] = float_to_bf16_rn(acc[2 * k]) | (static_cast<uint32_t>(float_to_bf16_rn(acc[2 * k + 1])) << 16);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) rw[k] = __float_as_uint(acc[k]);
+        }
+        if (!kGuard || u * kWarpSize < left) o[u * kWarpSize] = r;
+    }
+}
+
+// The whole row: lane j < N holds source j's row in `my_src`; n16 16-byte pieces a row, lane l
+// takes pieces l, l + 32, ... `probe` runs once, after the second round's loads (the first round's
+// if there is one), so that its own loads overlap them.
+template <bool kBf16, int N, typename Probe>
+DEEPEP_DEVICE void reduce_row(uint8_t* out, const uint8_t* my_src, int n16, int lane, Probe& probe) {
+    constexpr int kRound = kReduceSteps<N> * kWarpSize;
+    unsigned long long src = reinterpret_cast<unsigned long long>(my_src);   // an address: null past lane N
+    int4* o = reinterpret_cast<int4*>(out) + lane;
+    if (n16 <= 0) probe();
+    const int probe_at = n16 > kRound ? 1 : 0;
+    int base = 0, round = 0;
+    for (; base + kRound <= n16; base += kRound, ++round) {   // full rounds: no guards
+        reduce_round<kBf16, N, false>(src, o, lane, kRound, round == probe_at, probe);
+        src += kRound * sizeof(int4);
+        o += kRound;
+    }
+    if (base < n16) reduce_round<kBf16, N, true>(src, o, lane, n16 - base - lane, round == probe_at, probe);
+}
+
+// reduce_row for the runtime source count n (0 .. kNumRanks + 2): one instance per count.
+template <bool kBf16, int N = 0, typename Probe>
+DEEPEP_DEVICE void reduce_row_n(int n, uint8_t* out, const uint8_t* my_src, int n16, int lane, Probe& probe) {
+    if constexpr (N < kNumRanks + 2) {
+        if (n != N) {
+            reduce_row_n<kBf16, N + 1>(n, out, my_src, n16, lane, probe);
+            return;
+        }
+    }
+    reduce_row<kBf16, N>(out, my_src, n16, lane, probe);
 }
 
 template <bool kBf16>
@@ -576,6 +747,7 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                                 deepep::ErrorRecord* err) {
     constexpr int kElem = kBf16 ? 2 : 4;
     const int hidden_bytes = hidden * kElem;
+    const int n16 = hidden_bytes >> 4;
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     const bool with_weights = with_weights_flag != 0;   // not the pointer: empty arrays are NULL
@@ -591,12 +763,20 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
             for (int c = 0; c < num_chunks; ++c, ++chunk_id) {
                 if (chunk_id % static_cast<int>(gridDim.x) != static_cast<int>(blockIdx.x)) continue;
                 const int p_end = min(rows, (c + 1) * kChunk);
-                for (int p = c * kChunk + warp; p < p_end; p += num_warps) {
-                    const long long r = row0 + p;
+                // rows p and p + num_warps together (with 16 warps: the warp's two rows of the chunk)
+                for (int p = c * kChunk + warp; p < p_end; p += 2 * num_warps) {
+                    const int p2 = p + num_warps;
+                    const bool has2 = p2 < p_end;
+                    const long long r = row0 + p, r2 = row0 + p2;
                     uint8_t* dst = slot + static_cast<long long>(p) * row_bytes;
-                    warp_copy(dst, x + r * hidden_bytes, hidden_bytes, lane);
-                    if (with_weights && lane < num_topk)
-                        reinterpret_cast<float*>(dst + hidden_bytes)[lane] = topk_weights[r * num_topk + lane];
+                    uint8_t* dst2 = slot + static_cast<long long>(p2) * row_bytes;
+                    const bool wlane = with_weights && lane < num_topk;
+                    float w = 0.0f, w2 = 0.0f;   // loaded before the copy: no round trip after it
+                    if (wlane) w = topk_weights[r * num_topk + lane];
+                    if (wlane && has2) w2 = topk_weights[r2 * num_topk + lane];
+                    copy_row_pair(dst, x + r * hidden_bytes, dst2, x + r2 * hidden_bytes, has2, n16, lane);
+                    if (wlane) reinterpret_cast<float*>(dst + hidden_bytes)[lane] = w;
+                    if (wlane && has2) reinterpret_cast<float*>(dst2 + hidden_bytes)[lane] = w2;
                 }
                 __syncthreads();
                 if (warp == 0) {   // puts: the chunk's rows in one put first
@@ -610,109 +790,72 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
         }
     }
 
-    // 2. reduce: a warp per token, lanes over the hidden dimension, kSteps 16-byte pieces per lane
-    //    and source in flight
-    const int reducer = blockIdx.x;
-    const int num_reducers = gridDim.x;
+    // 2. reduce: a warp per token (warps over the grid, round-robin), lanes over the hidden dimension.
+    //    Blocks are numbered backwards here: the blocks that got one chunk more to send (the first
+    //    ones) get the fewer tokens.
+    const int reducer = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+    const int token_stride = static_cast<int>(gridDim.x) * num_warps;
     uint8_t* mine = peers.base[rank];
-    for (int t = reducer * num_warps + warp; t < num_tokens; t += num_reducers * num_warps) {
-        const uint8_t* srcs[kNumRanks];
-        int num_srcs = 0;
+    const uint64_t* flags = at<uint64_t>(mine, layout.combine_flags);
+    const uint8_t* staging = at<uint8_t>(mine, layout.combine_staging);
+    const int own_row0 = recv_offsets[rank];
+    const int num_bias = (bias0 != nullptr) + (bias1 != nullptr);
+    // lane r < kNumRanks follows rank r's copy of the token: its position, and its chunk flag
+    auto flag_of = [&](int pos) { return flags + lane * layout.max_chunks + pos / kChunk; };
+    auto pos_of = [&](int t) {
+        return lane < kNumRanks && t < num_tokens ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
+    };
+    const bool remote_lane = lane < kNumRanks && lane != rank;
+    int t = reducer * num_warps + warp;
+    int pos = pos_of(t);
+    bool ready = false;   // this lane's flag already seen >= seq (by the previous token's probe)
+    for (; t < num_tokens; t += token_stride) {
         bool ok = true;
+        if (remote_lane && pos >= 0 && !ready)   // the lanes of all ranks wait at once
+            ok = wait_flag(flag_of(pos), seq, timeout_ns, err, kPhaseCombineRecv, lane, rank);
+        if (!__all_sync(0xffffffffu, ok)) return;
+        const bool present = lane < kNumRanks && pos >= 0;
+        const unsigned mask = __ballot_sync(0xffffffffu, present);
+        const uint8_t* row = nullptr;
+        if (present)
+            row = lane == rank ? x + static_cast<long long>(own_row0 + pos) * hidden_bytes
+                               : staging + (static_cast<long long>(slot_of(lane, rank)) * slot_rows + pos) * row_bytes;
+        // lane j gets the j-th source in the reference order: biases, then the present ranks
+        const uint8_t* my_src = nullptr;
+        if (lane < num_bias) my_src = (lane == 0 && bias0 != nullptr ? bias0 : bias1) + static_cast<long long>(t) * hidden_bytes;
 #pragma unroll
         for (int r = 0; r < kNumRanks; ++r) {
-            const int pos = send_pos[static_cast<long long>(t) * kNumRanks + r];
-            const uint8_t* src = nullptr;
-            if (pos >= 0) {
-                if (r == rank) {
-                    src = x + static_cast<long long>(recv_offsets[rank] + pos) * hidden_bytes;
-                } else {
-                    if (lane == 0)
-                        ok &= wait_flag(at<uint64_t>(mine, layout.combine_flags) + r * layout.max_chunks + pos / kChunk,
-                                        seq, timeout_ns, err, kPhaseCombineRecv, r, rank);
-                    src = at<uint8_t>(mine, layout.combine_staging) +
-                          (static_cast<long long>(slot_of(r, rank)) * slot_rows + pos) * row_bytes;
-                }
-            }
-            srcs[r] = src;
-            num_srcs += src != nullptr;
+            const uint8_t* p = shfl_ptr(row, r);
+            if (((mask >> r) & 1u) && lane == num_bias + __popc(mask & ((1u << r) - 1u))) my_src = p;
         }
-        ok = __shfl_sync(0xffffffffu, ok, 0);
-        if (!ok) return;
-        __syncwarp();
-        // 16 bytes per lane per piece: 8 bf16 or 4 float; kSteps pieces per lane in flight
-        constexpr int kPer = 16 / kElem;
-        constexpr int kSteps = 4;
-        using Elem = typename pick<kBf16, bf16_raw, float>::type;
-        for (int h0 = lane * kPer; h0 < hidden; h0 += kWarpSize * kPer * kSteps) {
-            float acc[kSteps][kPer];
+        const int n = num_bias + __popc(mask);
+        const int pos_next = pos_of(t + token_stride);   // loaded now, used by mid_row
+        bool ready_next = false;
+        // Runs once inside the row, right after a round's loads were issued, so its own loads
+        // overlap them instead of costing round trips of their own: it reads the next token's flags
+        // (acquire: the next token's row loads come after it) and sums this token's weights.
+        auto mid_row = [&]() {
+            if (remote_lane && pos_next >= 0) ready_next = deepep::ld_acquire_sys(flag_of(pos_next)) >= seq;
+            if (with_weights) {
+                const float* wrow = !present ? nullptr
+                                    : lane == rank ? topk_weights + static_cast<long long>(own_row0 + pos) * num_topk
+                                                   : reinterpret_cast<const float*>(row + hidden_bytes);
+                float wv[kNumRanks];
 #pragma unroll
-            for (int u = 0; u < kSteps; ++u)
-#pragma unroll
-                for (int i = 0; i < kPer; ++i) acc[u][i] = 0.0f;
-            const uint8_t* biases[2] = {bias0, bias1};
-#pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                if (biases[b] == nullptr) continue;
-                int4 v[kSteps];
-#pragma unroll
-                for (int u = 0; u < kSteps; ++u) {
-                    const int h = h0 + u * kWarpSize * kPer;
-                    if (h < hidden)
-                        v[u] = *reinterpret_cast<const int4*>(biases[b] + (static_cast<long long>(t) * hidden + h) * kElem);
+                for (int r = 0; r < kNumRanks; ++r) {
+                    const float* p = shfl_ptr(wrow, r);
+                    wv[r] = ((mask >> r) & 1u) && lane < num_topk ? __ldcg(p + lane) : 0.0f;
                 }
+                float w = 0.0f;
 #pragma unroll
-                for (int u = 0; u < kSteps; ++u) {
-                    const Elem* e = reinterpret_cast<const Elem*>(&v[u]);
-#pragma unroll
-                    for (int i = 0; i < kPer; ++i) acc[u][i] = __fadd_rn(acc[u][i], to_float(e[i]));
-                }
+                for (int r = 0; r < kNumRanks; ++r)
+                    if ((mask >> r) & 1u) w = __fadd_rn(w, wv[r]);
+                if (lane < num_topk) combined_weights[static_cast<long long>(t) * num_topk + lane] = w;
             }
-#pragma unroll
-            for (int r = 0; r < kNumRanks; ++r) {
-                if (srcs[r] == nullptr) continue;
-                int4 v[kSteps];
-#pragma unroll
-                for (int u = 0; u < kSteps; ++u) {
-                    const int h = h0 + u * kWarpSize * kPer;
-                    if (h < hidden) v[u] = __ldcg(reinterpret_cast<const int4*>(srcs[r] + static_cast<long long>(h) * kElem));
-                }
-#pragma unroll
-                for (int u = 0; u < kSteps; ++u) {
-                    const Elem* e = reinterpret_cast<const Elem*>(&v[u]);
-#pragma unroll
-                    for (int i = 0; i < kPer; ++i) acc[u][i] = __fadd_rn(acc[u][i], to_float(e[i]));
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < kSteps; ++u) {
-                const int h = h0 + u * kWarpSize * kPer;
-                if (h >= hidden) continue;
-                int4 out;
-                if constexpr (kBf16) {
-                    unsigned short* o = reinterpret_cast<unsigned short*>(&out);
-#pragma unroll
-                    for (int i = 0; i < kPer; ++i) o[i] = float_to_bf16_rn(acc[u][i]);
-                } else {
-                    float* o = reinterpret_cast<float*>(&out);
-#pragma unroll
-                    for (int i = 0; i < kPer; ++i) o[i] = acc[u][i];
-                }
-                *reinterpret_cast<int4*>(combined_x + (static_cast<long long>(t) * hidden + h) * kElem) = out;
-            }
-        }
-        if (with_weights && lane < num_topk) {
-            float w = 0.0f;
-#pragma unroll
-            for (int r = 0; r < kNumRanks; ++r) {
-                if (srcs[r] == nullptr) continue;
-                const int pos = send_pos[static_cast<long long>(t) * kNumRanks + r];
-                const float* wrow = r == rank ? topk_weights + static_cast<long long>(recv_offsets[rank] + pos) * num_topk
-                                              : reinterpret_cast<const float*>(srcs[r] + hidden_bytes);
-                w = __fadd_rn(w, __ldcg(wrow + lane));
-            }
-            combined_weights[static_cast<long long>(t) * num_topk + lane] = w;
-        }
+        };
+        reduce_row_n<kBf16>(n, combined_x + static_cast<long long>(t) * hidden_bytes, my_src, n16, lane, mid_row);
+        pos = pos_next;
+        ready = ready_next;
     }
 }
 

@@ -110,6 +110,7 @@ __all__ = [
     "framework_of",
     "follow_framework",
     "describe",
+    "data_pointer",
     "canonical_dtype",
     "numpy_dtype",
     "raw_storage_dtype",
@@ -218,8 +219,12 @@ _HOST_MEMORY_KINDS = frozenset({"pinned_host", "unpinned_host"})
 # dtype helpers
 # --------------------------------------------------------------------------------------------
 
+_CANONICAL_CACHE: dict = {}
+
+
 def canonical_dtype(dtype: Any) -> str:
-    """Return the canonical name of a dtype from any framework.
+    """Return the canonical name of a dtype from any framework (memoised: every call validates
+    several arrays, and the lookup through NumPy costs microseconds each time).
 
     Arguments:
         dtype: a string (``"bfloat16"``, ``"torch.float8_e4m3fn"``, ``"f4"``), a NumPy/CuPy/JAX
@@ -233,6 +238,20 @@ def canonical_dtype(dtype: Any) -> str:
     Raises:
         DeepEPTypeError: the dtype is not recognised.
     """
+    try:
+        return _CANONICAL_CACHE[dtype]
+    except (KeyError, TypeError):   # TypeError: an unhashable object
+        pass
+    name = _canonical_dtype(dtype)
+    try:
+        if len(_CANONICAL_CACHE) < 256:
+            _CANONICAL_CACHE[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _canonical_dtype(dtype: Any) -> str:
     if isinstance(dtype, str):
         s = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
         if s in _ML_DTYPE_NAMES:
@@ -490,6 +509,28 @@ def _describe_dlpack(x: Any, name: str) -> ArrayDesc:
                    }.get(info.device_type, f"dlpack-device-{info.device_type}")
     return _make_desc(info.shape, info.dtype, device_type, info.device_id,
                       info.is_c_contiguous, Framework.DLPACK, info.itemsize, name)
+
+
+def data_pointer(x: Any, name: str = "array") -> int:
+    """The address of the first element of ``x`` (device or host), without touching its data.
+
+    Arguments:
+        x: a ``cupy.ndarray`` (``x.data.ptr``: a view's own start, offset included), a NumPy array,
+            or any object with ``__array_interface__`` or ``__cuda_array_interface__``.
+        name: the argument's name, for the error message.
+
+    Raises:
+        DeepEPTypeError: ``x`` exposes no data pointer.
+    """
+    iface = getattr(x, "__array_interface__", None)      # NumPy (x.data is a memoryview there)
+    if iface is None:
+        ptr = getattr(getattr(x, "data", None), "ptr", None)   # CuPy: a MemoryPointer
+        if ptr is not None:
+            return int(ptr)
+        iface = getattr(x, "__cuda_array_interface__", None)
+    if iface is None or "data" not in iface:
+        raise DeepEPTypeError(f"{name}: {_type_name(x)} exposes no data pointer")
+    return int(iface["data"][0] or 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ before anything is launched or sent, and the buffer stays usable. Then it hands 
 backend) or numpy arrays (reference backend) to the backend and returns the results in the
 caller's framework.
 
+Values inside arrays are the exception on the GPU: reading them on the host would mean waiting for
+the GPU on every call. The kernels that read ``topk_idx`` check each expert id against
+[-1, num_experts) themselves, treat a bad one as -1 (nothing is written out of bounds) and record
+it; the next call on the buffer raises ``DeepEPInvalid`` naming ``topk_idx`` and the value, before
+it launches anything (as it does for a timeout). ``settings.check_values = True`` adds a blocking
+check that raises on the call itself (debugging). The reference backend checks values at once.
+
 Backends:
     * ``"gpu"``: CUDA kernels over NVLink/NVSHMEM (``gpu_backend.py``).
     * ``"reference"``: the same API on the CPU across the MPI ranks (``reference_backend.py``), for
@@ -22,8 +29,8 @@ from . import arrays, discovery, jit
 from .config import Config
 from .errors import DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
-from .validation import (check_index_range, expect_array, expect_bool, expect_int,
-                         expect_optional_array)
+from .validation import (VECTOR_ALIGNMENT, check_index_range, expect_aligned, expect_array, expect_bool,
+                         expect_int, expect_optional_array)
 
 __all__ = ["Buffer"]
 
@@ -53,7 +60,9 @@ class Buffer:
             puts (the RDMA path) even to peers reachable over NVLink (DeepEP's flag; tests use it).
 
     Raises:
-        DeepEPInvalid / DeepEPTypeError: bad arguments. DeepEPError: GPU or NVSHMEM setup failed.
+        DeepEPInvalid / DeepEPTypeError: bad arguments, before any launch; an expert id outside
+            [-1, num_experts) in ``topk_idx``, found by the GPU, at the next call (see above).
+            DeepEPError: GPU or NVSHMEM setup failed. DeepEPTimeout: a peer never arrived.
     """
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -151,14 +160,16 @@ class Buffer:
                                 num_topk: int = 8) -> int:
         """``num_nvl_bytes`` the GPU high-throughput kernels need for up to ``num_max_tokens_per_rank``
         tokens of ``hidden`` bf16 (or FP8 + scales) channels with ``num_topk`` experts each, on
-        ``num_ranks`` ranks of one NVLink domain: the control area plus a dispatch and a combine
-        staging area, each with one slot of that many rows per other rank."""
+        ``num_ranks`` ranks of one NVLink domain: the control area, one staging area (shared by
+        the staged dispatch and the combine) with one slot of that many rows per other rank, and a
+        receive arena for two dispatches' outputs, which senders then write in place (one copy
+        per row; docs/intranode.md)."""
         from .intranode import size_hint
         expect_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", minimum=1)
         expect_int(hidden, "hidden", minimum=1)
         expect_int(num_ranks, "num_ranks", minimum=1)
         expect_int(num_topk, "num_topk", minimum=0, maximum=32)
-        return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk)
+        return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk, arena=True)
 
     @staticmethod
     def get_internode_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, ranks_per_node: int,
@@ -222,14 +233,28 @@ class Buffer:
     def _device(self) -> tuple:
         return self._backend.device if self.backend_name == "gpu" else ("cpu", None)
 
-    def _take(self, x, name: str):
-        """A validated input as the backend's array type (CuPy view or numpy)."""
-        return arrays.to_cupy(x, name) if self.backend_name == "gpu" else arrays.to_numpy(x, name)
+    def _take(self, x, name: str, align: int = 0):
+        """A validated input as the backend's array type (CuPy view or numpy).
+
+        On the GPU the view's data pointer must be a multiple of its element size, and of ``align``
+        bytes when given (``VECTOR_ALIGNMENT`` for arrays the kernels move with 16-byte accesses:
+        dispatch/combine ``x``, ``bias``, ``out``): a misaligned access would fault and take the
+        CUDA context down, so it raises ``DeepEPInvalid`` here, before any launch. Host arrays of
+        the reference backend are not checked (their alignment says nothing about a device copy).
+        """
+        if self.backend_name != "gpu":
+            return arrays.to_numpy(x, name)
+        arr = arrays.to_cupy(x, name)
+        expect_aligned(arr, name, max(align, arr.itemsize))
+        return arr
 
     def _give(self, arr, like_framework, dtype: Optional[str] = None):
         """A backend result in the caller's framework (numpy stays numpy)."""
         if arr is None or self.backend_name != "gpu":
             return arr
+        if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK) and (
+                dtype in (None, arr.dtype.name) or (dtype in arrays.FP8_DTYPES and arr.dtype.name == "uint8")):
+            return arr          # already what the caller gets (the common hot path: no conversion)
         return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
 
     def _check_num_experts(self, num_experts) -> int:
@@ -251,7 +276,9 @@ class Buffer:
         """Count what a dispatch will send: tokens per rank, per node and per expert.
 
         Arguments:
-            topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot.
+            topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot. On the
+                GPU an id outside [-1, num_experts) counts nowhere (as -1) and the next call raises
+                ``DeepEPInvalid`` (this one, with ``settings.check_values = True``).
             num_experts: total experts over all ranks (a multiple of the rank count); expert ``e``
                 lives on rank ``e // (num_experts // num_ranks)``.
             previous_event: wait for this ``EventOverlap`` instead of the current stream.
@@ -300,12 +327,12 @@ class Buffer:
                 raise DeepEPInvalid(f"{name}[0]: FP8 hidden size must be a multiple of 128, got {d.shape[1]}")
             expect_array(x[1], f"{name}[1]", dtype="float32", shape=(d.shape[0], d.shape[1] // 128),
                          device=self._device)
-            return self._take(x[0], f"{name}[0]"), self._take(x[1], f"{name}[1]"), d
+            return self._take(x[0], f"{name}[0]", VECTOR_ALIGNMENT), self._take(x[1], f"{name}[1]"), d
         d = expect_array(x, name, dtype=("bfloat16", "float32"), ndim=2, device=self._device)
         if self.backend_name == "gpu" and (d.shape[1] * d.itemsize) % 16:
             raise DeepEPInvalid(f"{name}: a row must be a multiple of 16 bytes, got hidden {d.shape[1]} "
                                 f"of {d.dtype}")
-        return self._take(x, name), None, d
+        return self._take(x, name, VECTOR_ALIGNMENT), None, d
 
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
@@ -316,6 +343,8 @@ class Buffer:
 
         Arguments:
             x: bf16 or float32 ``[T, H]``, or the FP8 pair ``(x_e4m3 [T, H], scales float32 [T, H/128])``.
+                On the GPU rows are moved with 16-byte accesses: a row is a multiple of 16 bytes and
+                the data pointer 16-byte aligned (a view starting mid-row raises ``DeepEPInvalid``).
             handle: a previous dispatch's handle: cached mode (same routing, only ``x`` travels;
                 ``topk_idx``/``topk_weights`` must be None and come back as None).
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert:
@@ -470,6 +499,7 @@ class Buffer:
             handle: the dispatch's handle.
             topk_weights: float32 ``[N, K]``, reduced the same way (optional).
             bias: ``[T, H]`` array or a pair of them (either may be None), added once.
+            On the GPU ``x`` and ``bias`` need 16-byte aligned data pointers (16-byte accesses).
             config, previous_event, async_finish, allocate_on_comm_stream: as DeepEP's.
 
         Returns:
@@ -494,7 +524,8 @@ class Buffer:
         for i, b in enumerate(biases):
             if b is not None and arrays.describe(b).dtype != xd.dtype:
                 raise DeepEPTypeError(f"bias: expected dtype {xd.dtype} like x, got {arrays.describe(b).dtype}")
-        taken = tuple(None if b is None else self._take(b, "bias") for b in biases)
+        taken = tuple(None if b is None else self._take(b, f"bias[{i}]" if isinstance(bias, tuple) else "bias",
+                                                        VECTOR_ALIGNMENT) for i, b in enumerate(biases))
         if self.backend_name == "gpu":
             if config is not None and not isinstance(config, Config):
                 raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
@@ -503,7 +534,8 @@ class Buffer:
             if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
                 raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
             out, out_w, event = self._backend.combine(
-                self._take(x, "x"), handle, None if topk_weights is None else self._take(topk_weights, "topk_weights"),
+                self._take(x, "x", VECTOR_ALIGNMENT), handle,
+                None if topk_weights is None else self._take(topk_weights, "topk_weights"),
                 taken[0], taken[1] if len(taken) > 1 else None, config, previous_event,
                 expect_bool(async_finish, "async_finish"),
                 expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
@@ -534,8 +566,10 @@ class Buffer:
 
         Arguments:
             x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``; ``H`` a multiple of 128 up
-                to 8192.
-            topk_idx: int64 ``[T, K]``, -1 for none, ``K <= 16``.
+                to 8192; on the GPU a 16-byte aligned data pointer.
+            topk_idx: int64 ``[T, K]``, -1 for none, ``K <= 16``. On the GPU an id outside
+                [-1, num_experts) is sent nowhere (as -1) and the next low-latency call raises
+                ``DeepEPInvalid`` (this one, with ``settings.check_values = True``).
             num_max_dispatch_tokens_per_rank: ``M <= 1024``, fixed for the buffer's life (a change
                 re-lays the buffer: a collective clean, not allowed during graph capture).
             num_experts: total experts (a multiple of the rank count, at most 1024).
@@ -573,8 +607,8 @@ class Buffer:
         idx = self._take(topk_idx, "topk_idx")
         if self.backend_name == "gpu":
             recv_x, recv_scales, recv_count, handle, event, hook = self._backend.low_latency_dispatch(
-                self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish,
-                return_recv_hook)
+                self._take(x, "x", VECTOR_ALIGNMENT), idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
+                async_finish, return_recv_hook)
             fw = xd.framework
             recv = self._give(recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
             if use_fp8:
@@ -606,7 +640,8 @@ class Buffer:
             async_finish, return_recv_hook: as in ``low_latency_dispatch``. With the hook, the send
                 kernel (on the stream current at the call) is the last reader of ``x``; work queued
                 after it on that stream may overwrite ``x`` before ``hook()``.
-            out: optional bf16 ``[T, H]`` to write into.
+            out: optional bf16 ``[T, H]`` to write into. On the GPU ``x`` and ``out`` need 16-byte
+                aligned data pointers.
 
         Returns:
             combined_x bf16 ``[T, H]`` (valid after the hook with ``return_recv_hook``), event,
@@ -635,8 +670,9 @@ class Buffer:
                                     "(handle) returned")
         if self.backend_name == "gpu":
             combined, event, hook = self._backend.low_latency_combine(
-                self._take(x, "x"), self._take(topk_idx, "topk_idx"), self._take(topk_weights, "topk_weights"),
-                handle, None if out is None else self._take(out, "out"), async_finish, return_recv_hook)
+                self._take(x, "x", VECTOR_ALIGNMENT), self._take(topk_idx, "topk_idx"),
+                self._take(topk_weights, "topk_weights"), handle,
+                None if out is None else self._take(out, "out", VECTOR_ALIGNMENT), async_finish, return_recv_hook)
             return (out if out is not None else self._give(combined, xd.framework)), event, hook
         import numpy as np
         check_index_range(self._take(topk_idx, "topk_idx"), "topk_idx", -1, handle.num_experts, np)

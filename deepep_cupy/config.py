@@ -48,9 +48,14 @@ class Settings:
             no ``JitOptions`` is given.
         timeout_seconds: how long a GPU wait loop spins before it gives up with an exception naming
             the rank and the phase ($DEEPEP_CUPY_TIMEOUT_S, default 100 s, like DeepEP's).
-        check_values: check index values (expert ids in [-1, num_experts)) before a launch; costs one
-            small device reduction and a host read, skipped during CUDA-graph capture
-            ($DEEPEP_CUPY_CHECK_VALUES, default on).
+        check_values: add the blocking host-side check of expert ids before each launch that reads
+            ``topk_idx`` (get_dispatch_layout, dispatch without a handle, low_latency_dispatch), which
+            raises ``DeepEPInvalid`` on the very call that passes a bad id; for debugging: it costs one
+            small device reduction and a host wait (~20 us) per call, and is skipped during
+            CUDA-graph capture ($DEEPEP_CUPY_CHECK_VALUES, default off). Without it nothing waits:
+            the kernels that read ``topk_idx`` always check the ids themselves (an id outside
+            [-1, num_experts) is treated as -1) and report through an error record, which the next
+            call on the buffer raises as ``DeepEPInvalid``, like timeouts.
         nvshmem_home: NVSHMEM install to use instead of the pip wheel ($NVSHMEM_HOME).
         num_sms: SMs of the high-throughput kernels when no Config is passed (set by
             ``Buffer.set_num_sms``); None = the tuned table.
@@ -65,6 +70,10 @@ class Settings:
         share_gpus: let more ranks than GPUs run on a node, for tests on a machine with fewer GPUs
             under CUDA MPS; kernels that wait on peers then take only their share of the SMs
             ($DEEPEP_CUPY_SHARE_GPUS, default off).
+        intranode_dispatch: "direct" (default): a receiver whose outputs fit its symmetric receive
+            arena has them written in place by its senders, one copy per row; "staged": the
+            earlier kernel, every remote row through the receiver's staging area, two copies
+            ($DEEPEP_CUPY_INTRANODE_DISPATCH; kept to compare the two).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -76,7 +85,7 @@ class Settings:
     timeout_seconds: float = dataclasses.field(
         default_factory=lambda: _env_float("DEEPEP_CUPY_TIMEOUT_S", 100.0))
     check_values: bool = dataclasses.field(
-        default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_VALUES", True))
+        default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_VALUES", False))
     nvshmem_home: Optional[str] = dataclasses.field(
         default_factory=lambda: os.environ.get("NVSHMEM_HOME"))
     num_sms: Optional[int] = None
@@ -87,6 +96,8 @@ class Settings:
     ll_combine_tma: bool = dataclasses.field(
         default_factory=lambda: _env_bool("DEEPEP_CUPY_LL_COMBINE_TMA", False))
     share_gpus: bool = dataclasses.field(default_factory=lambda: _env_bool("DEEPEP_CUPY_SHARE_GPUS", False))
+    intranode_dispatch: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_DISPATCH", "direct"))
 
 
 settings = Settings()
@@ -120,15 +131,33 @@ class Config:
             raise DeepEPInvalid(f"Config.num_sms: expected an even number, got {self.num_sms}")
 
 
+_TUNED_CACHE: dict = {}
+
+
+def _tuned_table(path: str) -> dict:
+    """The tuned table at ``path``, parsed once per file version (a dispatch without a config
+    asks for it on every call; the cache key includes the file's mtime, so a re-tune is seen)."""
+    import json
+    try:
+        key = (path, Path(path).stat().st_mtime_ns)
+    except OSError:
+        return {}
+    table = _TUNED_CACHE.get(key)
+    if table is None:
+        try:
+            table = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            table = {}
+        _TUNED_CACHE.clear()
+        _TUNED_CACHE[key] = table
+    return table
+
+
 def tuned_config(kind: str, num_ranks: int) -> Config:
     """The default Config for ``kind`` ("dispatch" or "combine") on ``num_ranks`` ranks: the tuned
     table's entry for that rank count (or the nearest smaller one), with ``settings.num_sms``
     overriding the SM count when set."""
-    import json
-    try:
-        table = json.loads(Path(settings.tuned_configs_path).read_text()).get(kind, {})
-    except (OSError, ValueError):
-        table = {}
+    table = _tuned_table(settings.tuned_configs_path).get(kind, {})
     known = sorted(int(k) for k in table)
     pick = max((k for k in known if k <= num_ranks), default=known[0] if known else None)
     entry = dict(table.get(str(pick), {})) if pick is not None else {}

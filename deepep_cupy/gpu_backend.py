@@ -15,7 +15,7 @@ from .config import settings
 from .layout import LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
-from .checks import IndexRangeChecker
+from .checks import DeviceInputErrors, IndexRangeChecker
 from .config import Config
 from .errors import DeepEPInvalid
 from .event import EventOverlap
@@ -62,6 +62,8 @@ class GpuBackend:
             self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
             self._layout: Optional[LayoutKernel] = None
             self._range_checker: Optional[IndexRangeChecker] = None
+            # bad expert ids found by the kernels that read topk_idx (layout), raised at the next call
+            self.input_errors = DeviceInputErrors()
             self._intranode: Optional[IntranodeKernels] = None
             self._internode: Optional[InternodeKernels] = None
             self._low_latency: Optional[LowLatencyKernels] = None
@@ -126,7 +128,9 @@ class GpuBackend:
         return self.num_ranks // self.ranks_per_node
 
     def check_index_range(self, values, name: str, low: int, high: int) -> None:
-        """Value check before a launch (when ``settings.check_values`` is on and not capturing)."""
+        """The blocking value check before a launch, for debugging: only when ``settings.check_values``
+        is on and the stream is not capturing (it waits for the GPU). Without it the kernels that
+        read ``topk_idx`` check it themselves and report through ``self.input_errors``."""
         import cupy
         stream = cupy.cuda.get_current_stream()
         if not settings.check_values or stream.is_capturing():
@@ -139,11 +143,13 @@ class GpuBackend:
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event, async_finish: bool,
                             allocate_on_comm_stream: bool) -> tuple:
         """See ``Buffer.get_dispatch_layout``; ``topk_idx`` is a CuPy int64 [T, K]."""
+        self.input_errors.check("get_dispatch_layout")
         kernel = self.layout_kernel()
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
-            outputs = kernel(topk_idx, num_experts, self.comm_stream)
+            outputs = kernel(topk_idx, num_experts, self.comm_stream, self.input_errors.ptr, self.rank)
+            self.input_errors.launched(num_experts)
         event = scope.finish(keep_alive=(topk_idx,) + tuple(o for o in outputs if o is not None))
         return outputs + (event,)
 
@@ -157,6 +163,7 @@ class GpuBackend:
         One node: the intranode kernels; several: the hierarchical ones (same interface)."""
         kernels = self.internode() if self.num_nodes > 1 else self.intranode()
         kernels.check_errors("dispatch")
+        self.input_errors.check("dispatch")
         if handle is None and topk_idx is not None:
             self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
@@ -166,16 +173,24 @@ class GpuBackend:
         kernels.check_dispatch(x, x_scales, topk_idx, num_experts, handle)
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
+            inputs = (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                      num_tokens_per_expert)
+            queued = []   # the event, when the kernels close the scope before the host waits
+
+            def on_queued():
+                # outputs need no keep-alive there: they are the caller's arena blocks, and a block
+                # the caller drops is reused only by later work on the communication stream
+                queued.append(self._finish(scope, *inputs))
+
             if handle is None:
                 recv_x, recv_scales, recv_idx, recv_w, per_expert, handle = kernels.notify_and_dispatch(
                     x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                     num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config.num_sms,
-                    self.comm_stream)
+                    self.comm_stream, on_queued=on_queued)
             else:
                 recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
                 recv_idx = recv_w = per_expert = None
-        event = self._finish(scope, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                             num_tokens_per_expert, recv_x, recv_scales, recv_idx, recv_w)
+        event = queued[0] if queued else self._finish(scope, *inputs, recv_x, recv_scales, recv_idx, recv_w)
         return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
 
     @staticmethod
@@ -189,6 +204,7 @@ class GpuBackend:
         # the handle says which path made it: the stages backwards, or the intranode combine
         kernels = self.internode() if isinstance(handle, InternodeHandle) else self.intranode()
         kernels.check_errors("combine")
+        self.input_errors.check("combine")
         with CommStreamScope(self.comm_stream, previous_event, async_finish,
                              allocate_on_comm_stream) as scope:
             out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
@@ -239,7 +255,8 @@ class GpuBackend:
         event, hook or None); fp8 data as uint8 storage."""
         import cupy
         kernels = self.low_latency(num_max_dispatch_tokens_per_rank, int(x.shape[1]), num_experts)
-        kernels.check_errors("low_latency_dispatch")
+        kernels.check_errors("low_latency_dispatch")      # the send reports bad expert ids here too
+        self.input_errors.check("low_latency_dispatch")
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         if return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
             pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0,
@@ -263,6 +280,7 @@ class GpuBackend:
         import cupy
         kernels = self.low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         kernels.check_errors("low_latency_combine")
+        self.input_errors.check("low_latency_combine")
         if return_recv_hook:
             stream = cupy.cuda.get_current_stream()
             out = kernels.combine_output(handle, out, stream)   # allocated now: the hook allocates nothing

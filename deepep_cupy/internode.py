@@ -144,9 +144,10 @@ class InternodeKernels:
 
     def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                             num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                            num_sms: int, stream) -> tuple:
+                            num_sms: int, stream, on_queued=None) -> tuple:
         """A fresh (non-cached) hierarchical dispatch on ``stream``, with the arguments of
         ``IntranodeKernels.notify_and_dispatch``; the caller has run ``check_dispatch``.
+        ``on_queued`` is never called here (the stages wait on the host in between).
 
         Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert list or None, handle).
         ``topk_idx`` None routes by ``is_token_in_rank`` alone (one synthetic expert per rank).

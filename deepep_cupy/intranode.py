@@ -26,6 +26,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
+from .arena import ReceiveArena
 from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["intranode_spec", "SymmetricLayout", "IntranodeHandle", "IntranodeKernels", "dispatch_row_bytes",
@@ -67,43 +68,66 @@ class SymmetricLayout:
     combine_flags: int
     dispatch_staging: int
     combine_staging: int
+    staging_bytes: int             # bytes of each staging area
     send_staging: int = 0          # puts transport only: this rank's rows before they are put
+    direct_info: int = 0           # int64 [R][8]: where each receiver wants this rank's rows
+    direct_flags: int = 0          # uint64 [R]: seq of each receiver's direct_info entry
+    arena: int = 0                 # receive arena (direct dispatch outputs), arena_bytes long
+    arena_bytes: int = 0
     notify_ints: int = MAX_LOCAL_EXPERTS + 2
     max_chunks: int = MAX_CHUNKS
 
     @staticmethod
+    def _control_parts(num_ranks: int) -> tuple:
+        r = num_ranks
+        return (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
+                ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
+                ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
+                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 8 * r), ("direct_flags", 8 * r))
+
+    @staticmethod
     def control_bytes(num_ranks: int) -> int:
         """Bytes before the staging areas."""
-        r = num_ranks
-        return _align(2 * r * (MAX_LOCAL_EXPERTS + 2) * 4) + 2 * _align(8 * r) + \
-            3 * _align(8 * r * MAX_CHUNKS)
+        return sum(_align(size) for _, size in SymmetricLayout._control_parts(num_ranks))
+
+    @staticmethod
+    def arena_share(num_ranks: int) -> tuple:
+        """(staging parts, arena parts) of the bytes after the control area in an ``arena`` layout:
+        R - 1 staging rows per 2R arena rows, i.e. room for two receives of R sources each beside
+        one staging slot per peer (``size_hint`` sizes it so)."""
+        return num_ranks - 1, 2 * num_ranks
 
     @classmethod
-    def build(cls, num_ranks: int, total_bytes: int, send_area: bool = False) -> "SymmetricLayout":
+    def build(cls, num_ranks: int, total_bytes: int, send_area: bool = False,
+              arena: bool = False) -> "SymmetricLayout":
         """Carve ``total_bytes`` (the buffer's num_nvl_bytes, or its RDMA region) for ``num_ranks``
-        ranks; ``send_area`` (the puts transport) adds a third staging area of the same size, where
-        this rank's rows wait to be put."""
+        ranks.
+
+        Default: two staging areas of equal size, one for dispatch and one for combine.
+        ``send_area`` (the puts transport) adds a third, where this rank's rows wait to be put.
+        ``arena`` (the intranode path): ONE staging area, which the staged dispatch and the combine
+        share (each operation starts with a barrier or the notify exchange, so no peer writes an
+        operation's rows before this rank's previous kernel ended), and a receive arena for the
+        outputs of direct dispatches (``arena_share``)."""
         r = num_ranks
         off = 0
         parts = {}
-        for name, size in (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
-                           ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
-                           ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
-                           ("combine_flags", 8 * r * MAX_CHUNKS)):
+        for name, size in cls._control_parts(r):
             parts[name] = off
             off += _align(size)
+        rest = max(0, total_bytes - off)
+        if arena:
+            stage_parts, arena_parts = cls.arena_share(r)
+            staging = rest * stage_parts // (stage_parts + arena_parts) // _ALIGN * _ALIGN
+            parts.update(dispatch_staging=off, combine_staging=off, staging_bytes=staging,
+                         arena=off + staging, arena_bytes=(rest - staging) // _ALIGN * _ALIGN)
+            return cls(num_ranks=r, total_bytes=total_bytes, **parts)
         areas = 3 if send_area else 2
-        staging = max(0, (total_bytes - off) // areas // _ALIGN * _ALIGN)
-        parts["dispatch_staging"] = off
-        parts["combine_staging"] = off + staging
+        staging = rest // areas // _ALIGN * _ALIGN
+        parts.update(dispatch_staging=off, combine_staging=off + staging, staging_bytes=staging)
         if send_area:
             parts["send_staging"] = off + 2 * staging
         return cls(num_ranks=r, total_bytes=total_bytes, **parts)
-
-    @property
-    def staging_bytes(self) -> int:
-        """Bytes of each staging area."""
-        return self.combine_staging - self.dispatch_staging
 
     def slot_rows(self, row_bytes: int) -> int:
         """Rows of ``row_bytes`` one source slot holds (0 for a single rank: no slots needed)."""
@@ -112,31 +136,50 @@ class SymmetricLayout:
         return self.staging_bytes // (self.num_ranks - 1) // row_bytes
 
     def device_struct(self):
-        """The kernel's ``Layout`` struct as a CuPy byte array (9 int64 + 2 int32)."""
+        """The kernel's ``Layout`` struct as a CuPy byte array (11 int64 + 2 int32)."""
         import cupy
-        host = np.zeros(10, dtype=np.int64)
-        host[:9] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
-                    self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging,
-                    self.send_staging]
-        host.view(np.int32)[18:20] = [self.notify_ints, self.max_chunks]
+        host = np.zeros(12, dtype=np.int64)
+        host[:11] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
+                     self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging,
+                     self.send_staging, self.direct_info, self.direct_flags]
+        host.view(np.int32)[22:24] = [self.notify_ints, self.max_chunks]
         return cupy.asarray(host.view(np.uint8))
 
 
+def arena_row_bytes(hidden_bytes: int, scale_bytes: int, num_topk: int) -> int:
+    """Arena bytes of one received row: data, scales, int64 top-k ids, float weights, source index."""
+    return hidden_bytes + scale_bytes + 12 * num_topk + 4
+
+
 def size_hint(num_ranks: int, max_tokens_per_rank: int, hidden: int, num_topk: int,
-              elem_bytes: int = 2, fp8_scales: bool = True, send_area: bool = False) -> int:
+              elem_bytes: int = 2, fp8_scales: bool = True, send_area: bool = False,
+              arena: bool = False) -> int:
     """Symmetric bytes (``num_nvl_bytes``) the intranode kernels need for ``max_tokens_per_rank``
     tokens of ``hidden`` channels: control area plus both staging areas (three with
     ``send_area``, the puts transport), each with ``num_ranks - 1`` slots of
-    ``max_tokens_per_rank`` rows of the largest row format."""
-    if num_ranks == 1:
-        return _align(SymmetricLayout.control_bytes(1)) + _ALIGN
+    ``max_tokens_per_rank`` rows of the largest row format. ``arena`` (the intranode path's
+    layout): one shared staging area plus a receive arena that holds two receives of
+    ``num_ranks * max_tokens_per_rank`` rows (one kept by the caller, e.g. for combine, and the next)."""
     scale_bytes = hidden // 128 * 4 if fp8_scales else 0
     row = max(dispatch_row_bytes(hidden * elem_bytes, 0, num_topk),
               dispatch_row_bytes(hidden, scale_bytes, num_topk),
               combine_row_bytes(hidden * elem_bytes, num_topk))
+    control = SymmetricLayout.control_bytes(num_ranks)
+    if arena:
+        stage_need = _align((num_ranks - 1) * max_tokens_per_rank * row)
+        receive = max(arena_row_bytes(hidden * elem_bytes, 0, num_topk), arena_row_bytes(hidden, scale_bytes, num_topk))
+        # + 64 rows a rank: a non-cached dispatch takes its blocks for the most rows it may receive
+        # (a staging slot per peer, a little over max_tokens_per_rank) while the last one is kept
+        arena_need = 2 * (num_ranks * max_tokens_per_rank * receive + 5 * _ALIGN) + num_ranks * 64 * receive
+        stage_parts, arena_parts = SymmetricLayout.arena_share(num_ranks)
+        rest = max(stage_need * (stage_parts + arena_parts) // max(stage_parts, 1),
+                   -(-arena_need * (stage_parts + arena_parts) // arena_parts))
+        return control + _align(rest) + 2 * _ALIGN
+    if num_ranks == 1:
+        return _align(control) + _ALIGN
     per_area = _align((num_ranks - 1) * max_tokens_per_rank * row)
     areas = 3 if send_area else 2
-    return SymmetricLayout.control_bytes(num_ranks) + areas * per_area + areas * _ALIGN
+    return control + areas * per_area + areas * _ALIGN
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -173,11 +216,40 @@ class IntranodeHandle:
 
 def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
     """The JIT instance of cuda_src/intranode.cu for a team of ``num_ranks`` ranks; ``puts`` selects
-    the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores."""
+    the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores,
+    which alone has the direct (one-copy) dispatch."""
+    direct = [] if puts else ["intranode_dispatch_direct"]
     return jit.KernelSpec.make(
-        "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch",
-                         "intranode_combine_bf16", "intranode_combine_f32"],
+        "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch"] + direct +
+        ["intranode_combine_bf16", "intranode_combine_f32"],
         {"DEEPEP_NUM_RANKS": num_ranks, "DEEPEP_INTRANODE_PUTS": int(puts)}, uses_nvshmem=puts)
+
+
+# DirectDispatchParams (cuda_src/intranode_direct.cuh): every field 8 bytes, in this order
+DIRECT_PARAM_FIELDS = (
+    "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "recv_info", "recv_x", "recv_x_scales",
+    "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
+    "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
+    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct")
+_DIRECT_PARAM_DTYPE = np.dtype({"names": ["words"], "formats": [(np.int64, (len(DIRECT_PARAM_FIELDS),))]})
+
+
+def pack_direct_params(**fields) -> np.ndarray:
+    """The kernel's by-value parameter struct: one structured numpy scalar of int64 words. Arrays
+    (anything with ``.data.ptr``) become their device address, None becomes 0."""
+    missing = set(DIRECT_PARAM_FIELDS) - set(fields)
+    if missing or len(fields) != len(DIRECT_PARAM_FIELDS):
+        raise ValueError(f"direct dispatch parameters: missing {sorted(missing)}, "
+                         f"unknown {sorted(set(fields) - set(DIRECT_PARAM_FIELDS))}")
+    words = np.zeros(len(DIRECT_PARAM_FIELDS), dtype=np.uint64)
+    for i, name in enumerate(DIRECT_PARAM_FIELDS):
+        v = fields[name]
+        if v is None:
+            v = 0
+        elif hasattr(v, "data") and hasattr(v.data, "ptr"):
+            v = v.data.ptr
+        words[i] = int(v) & 0xFFFFFFFFFFFFFFFF     # two's complement for the signed fields
+    return words.view(_DIRECT_PARAM_DTYPE)
 
 
 class IntranodeKernels:
@@ -195,10 +267,12 @@ class IntranodeKernels:
         region: (byte offset, bytes) of the region in the symmetric buffer (default: the NVLink region).
         puts: reach team members through NVSHMEM puts (which need no NVLink mapping).
         label: names the team in error messages.
+        arena: lay the region out with a receive arena for one-copy dispatches (default: the
+            intranode path, i.e. no team, no region, no puts).
     """
 
     def __init__(self, backend, jit_options: Optional[jit.JitOptions] = None, team=None, region=None,
-                 puts: bool = False, label: str = ""):
+                 puts: bool = False, label: str = "", arena: Optional[bool] = None):
         import cupy
 
         self.backend = backend
@@ -212,7 +286,9 @@ class IntranodeKernels:
             what = "num_rdma_bytes" if puts else "num_nvl_bytes"
             raise DeepEPInvalid(f"{what}: the high-throughput kernels need symmetric memory; "
                                 f"at least {size_hint(self.num_ranks, 1, 128, 1)} bytes")
-        self.layout = SymmetricLayout.build(self.num_ranks, nbytes, send_area=self.puts)
+        if arena is None:
+            arena = team is None and region is None and not puts
+        self.layout = SymmetricLayout.build(self.num_ranks, nbytes, send_area=self.puts, arena=bool(arena))
         if self.puts:   # puts name the PE and take this rank's own symmetric address
             own = int(backend.symmetric.data.ptr) + offset
             bases = [own] * self.num_ranks
@@ -225,6 +301,11 @@ class IntranodeKernels:
                                   "team in one NVLink domain")
             bases = [b + offset for b in bases]
         self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
+        self.arena = None
+        self.last_dispatch_direct = False    # whether the last dispatch wrote its outputs in place (tests)
+        if self.layout.arena_bytes > 0:
+            own = int(backend.symmetric.data.ptr) + offset
+            self.arena = ReceiveArena(own + self.layout.arena, self.layout.arena_bytes, backend.device_id)
         self.team_pes = cupy.asarray(np.array(self.team, dtype=np.int32))
         self.layout_struct = self.layout.device_struct()
         self.seq = cupy.zeros(1, dtype=np.uint64)
@@ -258,6 +339,14 @@ class IntranodeKernels:
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
                expert_alignment: int, wait: bool, stream):
         """bump_seq + notify on ``stream``. Returns (send_pos, recv_info, host view or None)."""
+        send_pos, recv_info, poll = self._launch_notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                                        num_experts, expert_alignment, wait, stream)
+        return send_pos, recv_info, (poll() if wait else None)
+
+    def _launch_notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
+                       expert_alignment: int, host_record: bool, stream):
+        """bump_seq + notify on ``stream``: (send_pos, recv_info, poll), where ``poll()`` waits for
+        the pinned record (``host_record``) and returns the host copy of the receive layout."""
         import cupy
         num_tokens = is_token_in_rank.shape[0]
         num_local = num_experts // self.num_ranks
@@ -274,23 +363,24 @@ class IntranodeKernels:
                  cupy.int32(num_local), cupy.int32(expert_alignment), send_pos, recv_info,
                  # no host record unless the host waits for it: a late write from an unwaited notify
                  # must never wake the poll of a later one
-                 cupy.uint64(self._info_pinned.ptr if wait else 0)) + self._common_tail())
-        if not wait:
-            return send_pos, recv_info, None
-        deadline = time.monotonic() + settings.timeout_seconds + 5.0
-        spins = 0
-        while int(seq_view[seq_index]) == before:
-            spins += 1
-            if spins % 4096 == 0:
-                self.check_errors("dispatch (notify)")
-                if time.monotonic() > deadline:
-                    raise DeepEPTimeout(f"rank {self.backend.rank}: dispatch notify did not finish within "
-                                        f"{settings.timeout_seconds} s (a peer never called dispatch?)")
-                if spins > (1 << 20):
-                    time.sleep(50e-6)
-        self.check_errors("dispatch (notify)")
-        info = self.host_info[:2 * self.num_ranks + 1 + num_local].copy()
-        return send_pos, recv_info, info
+                 cupy.uint64(self._info_pinned.ptr if host_record else 0)) + self._common_tail())
+
+        def poll():
+            deadline = time.monotonic() + settings.timeout_seconds + 5.0
+            spins = 0
+            while int(seq_view[seq_index]) == before:
+                spins += 1
+                if spins % 4096 == 0:
+                    self.check_errors("dispatch (notify)")
+                    if time.monotonic() > deadline:
+                        raise DeepEPTimeout(f"rank {self.backend.rank}: dispatch notify did not finish within "
+                                            f"{settings.timeout_seconds} s (a peer never called dispatch?)")
+                    if spins > (1 << 20):
+                        time.sleep(50e-6)
+            self.check_errors("dispatch (notify)")
+            return self.host_info[:2 * self.num_ranks + 1 + num_local].copy()
+
+        return send_pos, recv_info, poll
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info,
                  num_rows: int, num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int,
@@ -305,6 +395,11 @@ class IntranodeKernels:
         scale_bytes = 0 if x_scales is None else x_scales.shape[1] * 4
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
+        if self._direct_enabled(src_tags):
+            return self._dispatch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, num_rows,
+                                         num_experts, num_worst_tokens, cached_src_idx, num_sms, stream,
+                                         row_bytes, slot_rows)
+        self.last_dispatch_direct = False
         # outputs on the current stream (the caller's, or the communication stream with
         # allocate_on_comm_stream: CommStreamScope decides)
         recv_x = cupy.empty((num_rows, hidden), dtype=x.dtype)
@@ -330,12 +425,121 @@ class IntranodeKernels:
                 + self._common_tail())
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
 
+    def _direct_enabled(self, src_tags) -> bool:
+        """Whether dispatches take intranode_dispatch_direct (``settings.intranode_dispatch``): only
+        with a receive arena and without source tags (the internode stages keep the staged kernel)."""
+        if settings.intranode_dispatch not in ("direct", "staged"):
+            raise DeepEPInvalid(f"settings.intranode_dispatch: expected 'direct' or 'staged', got "
+                                f"{settings.intranode_dispatch!r}")
+        return self.arena is not None and src_tags is None and settings.intranode_dispatch == "direct"
+
+    def _direct_specs(self, x, x_scales, topk_idx, topk_weights, num_rows: int, cached: bool) -> list:
+        """(shape, dtype) of each output of a dispatch, or None where it has none."""
+        import cupy
+        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+        return [((num_rows, x.shape[1]), x.dtype),
+                None if x_scales is None else ((num_rows, x_scales.shape[1]), cupy.float32),
+                None if topk_idx is None else ((num_rows, num_topk), cupy.int64),
+                None if topk_weights is None else ((num_rows, num_topk), cupy.float32),
+                None if cached else ((num_rows,), cupy.int32)]
+
+    def _launch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, outputs, direct: bool,
+                       num_experts: int, num_worst_tokens: int, num_sms: int, stream, row_bytes: int,
+                       slot_rows: int, bump_seq: bool) -> None:
+        """Launch intranode_dispatch_direct writing ``outputs`` (recv_x, scales, ids, weights, source
+        index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
+        (senders write them in place)."""
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
+        params = pack_direct_params(
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
+            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
+            seq=self.seq, err=self.errors.ptr, timeout_ns=int(settings.timeout_seconds * 1e9),
+            num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
+            scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
+            num_topk=0 if topk_idx is None else topk_idx.shape[1],
+            with_topk=topk_idx is not None, with_weights=topk_weights is not None,
+            num_local_experts=num_experts // self.num_ranks, num_worst_tokens=num_worst_tokens, rank=self.rank,
+            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct)
+        self.last_dispatch_direct = direct
+        with stream:
+            if bump_seq:
+                self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
+            self.module["intranode_dispatch_direct"]((num_sms,), (DATA_THREADS,), (params,))
+
+    def _dispatch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, num_rows: int,
+                         num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int, stream,
+                         row_bytes: int, slot_rows: int) -> tuple:
+        """``dispatch`` through intranode_dispatch_direct: outputs from the receive arena when they
+        fit (senders then write them in place), else ordinary memory reached through staging."""
+        import cupy
+        cached = cached_src_idx is not None
+        specs = self._direct_specs(x, x_scales, topk_idx, topk_weights, num_rows, cached)
+        outputs = self.arena.arrays(specs)
+        direct = outputs is not None
+        if not direct:
+            outputs = [None if spec is None else cupy.empty(spec[0], spec[1]) for spec in specs]
+        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, outputs, direct, num_experts,
+                            num_worst_tokens, num_sms, stream, row_bytes, slot_rows, bump_seq=cached)
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
+        return recv_x, recv_scales, recv_idx, recv_w, cached_src_idx if cached else recv_src
+
+    def _notify_and_dispatch_ahead(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
+                                   num_tokens_per_expert, num_experts: int, expert_alignment: int, num_sms: int,
+                                   stream, on_queued=None) -> Optional[tuple]:
+        """A fresh direct dispatch whose data kernel is queued right behind notify, before the host
+        knows the receive count, so the GPU never waits for the host's poll and allocation.
+
+        The outputs are arena blocks sized for the most rows this rank can receive (its own tokens
+        plus a full staging slot, the most any peer may send, from each peer); once the poll
+        gives the count, the arrays take their real shape and the unused tails go back to the
+        arena (no later kernel can run before this one ends: one stream). ``on_queued()`` runs once
+        both kernels are queued, before the host waits (the caller closes its stream bookkeeping
+        there, so that nothing but the poll and a few slices follows the wait). Returns None,
+        having launched nothing, when the arena cannot hold that many rows."""
+        row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
+        capacity = max(1, int(x.shape[0]) + (self.num_ranks - 1) * slot_rows)
+        specs = self._direct_specs(x, x_scales, topk_idx, topk_weights, capacity, cached=False)
+        blocks = self.arena.take(specs)
+        if blocks is None:
+            return None
+        send_pos, recv_info, poll = self._launch_notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                                        num_experts, expert_alignment, True, stream)
+        full = [self.arena.view(b, *spec) if b is not None else None for b, spec in zip(blocks, specs)]
+        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, full, True, num_experts, 0,
+                            num_sms, stream, row_bytes, slot_rows, bump_seq=False)
+        if on_queued is not None:
+            on_queued()
+        info = poll()
+        # the host waited: from here on every microsecond may delay the GPU, so only slices
+        r = self.num_ranks
+        num_rows = int(info[r])
+        outputs = []
+        for block, arr in zip(blocks, full):
+            if block is None:
+                outputs.append(None)
+                continue
+            self.arena.shrink(block, arr.nbytes // capacity * num_rows)
+            outputs.append(arr[:num_rows])
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
+        handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
+                                 num_rows, 0, num_experts, int(x.shape[1]))
+        return recv_x, recv_scales, recv_idx, recv_w, [int(v) for v in info[2 * r + 1:]], handle
+
     def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                             num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                            num_sms: int, stream, src_tags=None) -> tuple:
+                            num_sms: int, stream, src_tags=None, on_queued=None) -> tuple:
         """A fresh dispatch on ``stream``: notify (the host waits for the receive count unless
         ``num_worst_tokens``), then the data kernel. Returns (recv_x, recv_scales, recv_topk_idx,
-        recv_topk_weights, per-expert list, IntranodeHandle); ``src_tags`` as in ``dispatch``."""
+        recv_topk_weights, per-expert list, IntranodeHandle); ``src_tags`` as in ``dispatch``.
+        A direct dispatch queues its data kernel before the host waits (``_notify_and_dispatch_ahead``,
+        which calls ``on_queued`` then); the other paths never call ``on_queued``."""
+        if num_worst_tokens == 0 and self._direct_enabled(src_tags):
+            done = self._notify_and_dispatch_ahead(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                                                   num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                                                   expert_alignment, num_sms, stream, on_queued)
+            if done is not None:
+                return done
         send_pos, recv_info, info = self.notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
                                                 num_experts, expert_alignment, wait=num_worst_tokens == 0,
                                                 stream=stream)

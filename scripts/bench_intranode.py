@@ -27,6 +27,12 @@ combine always counts bf16 rows. Columns (all per rank, in GB/s = bytes / median
     "RDMA" figure is higher for the same run. When the "nodes" share one host (a smaller
     --ranks-per-node than the host's rank count) NVSHMEM carries these puts over NVLink too.
   * "vs DeepEP" (one node only): median time / DeepEP v1.2.1's time on the same machine.
+  * "host us": the median host time of the Python call (a non-cached dispatch includes its wait
+    for the receive count).
+  * "SM MB", "GB/s/SM" (one node only): the bytes this rank's SMs read and write in the operation
+    (``sm_bytes``), and those bytes / median time / SMs: how hard each SM works.
+  * ``--dispatch-kernels``: the dispatch rows of every kernel named, the first unmarked and the
+    others as "[staged]" etc., in one run (old and new side by side).
   * NCCL row: bytes received from all other ranks (any link), in the NVLink column.
 """
 
@@ -38,6 +44,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DEEPEP = {"dispatch_fp8": 258.0, "dispatch_bf16": 353.0, "combine_bf16": 403.0}   # us, same machine, one node
+
+
+def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes):
+    """Bytes one rank's SMs read and write in ``op`` (one node), from the rows it moves:
+    ``tokens_sent`` tokens with at least one destination, ``own_rows`` rows that stay on the rank,
+    ``sent_remote`` rows it sends to (and in combine gets back from) other ranks, ``recv_remote``
+    rows it receives from them. docs/intranode.md explains each term.
+
+      dispatch, direct: x read once a token; each row written once where it belongs.
+      dispatch, staged: x read once a destination; own rows written into recv_x, remote rows into the
+          peers' staging; the receiver reads its staging rows and writes them into recv_x.
+      combine: the rows received in dispatch, sent back (read x, write the peer's staging); then the
+          reduce reads own rows in place and the staging rows, and writes one row a token."""
+    if op.startswith("combine"):
+        return (2 * recv_remote + own_rows + sent_remote + tokens_sent) * row_bytes
+    if "[staged]" in op:
+        return (2 * (own_rows + sent_remote) + 2 * recv_remote) * row_bytes
+    return (tokens_sent + own_rows + sent_remote) * row_bytes
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
@@ -78,6 +102,10 @@ def main():
     ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
+    ap.add_argument("--dispatch-kernels", default="direct,staged",
+                    help="settings.intranode_dispatch values to time side by side (one node only): "
+                         "direct (one copy per row into the receivers' arenas) and staged (the "
+                         "earlier kernel, two copies); the first is also the one combine follows")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks per node; fewer than the rank count benchmarks the hierarchical "
                          "(internode) path with the ranks split into nodes of this many "
@@ -131,6 +159,8 @@ def main():
     recv_counts = comm.allgather(in_rank_host.sum(axis=0))        # [src][dst]
     recv_rows = int(sum(c[rank] for c in recv_counts))
     recv_remote = int(sum(c[rank] for s, c in enumerate(recv_counts) if s != rank))
+    own_rows = int(in_rank_host[:, rank].sum())
+    tokens_sent = int(in_rank_host.any(axis=1).sum())
     bf16_row, fp8_row = H * 2, H + H // 128 * 4
     if internode:
         rdma_rows = rows_to_other_nodes(topk, E, num_nodes, rank // L)
@@ -147,6 +177,7 @@ def main():
         layout["num_tokens_per_rdma_rank"] = per_rdma
     ep.settings.check_values = False      # DeepEP checks nothing; time the same work
     rows = []
+    host_times = {}
     counter = [0]
     for sms in [int(s) for s in args.sms.split(",")]:
         cfg = ep.Config(num_sms=sms)
@@ -160,16 +191,24 @@ def main():
                 return buf.dispatch(xi, topk_idx=idx, topk_weights=weights, config=cfg, **layout)
             return run
 
-        handle_box = [buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]]
-        recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
+        handle_box = [None]
         results = {}
-        say(f"  num_sms={sms}: timing ...")
-        results["dispatch_bf16"] = time_calls(disp(xs), num_tests=args.iters)
-        results["dispatch_bf16_cached"] = time_calls(disp(xs, True), num_tests=args.iters)
-        results["dispatch_fp8"] = time_calls(disp(fp8s), num_tests=args.iters)
-        results["dispatch_fp8_cached"] = time_calls(disp(fp8s, True), num_tests=args.iters)
+        kinds = ["direct"] if internode else args.dispatch_kernels.split(",")
+        for kind in kinds:
+            ep.settings.intranode_dispatch = kind
+            suffix = "" if kind == kinds[0] else f"[{kind}]"
+            say(f"  num_sms={sms}, {kind} dispatch: timing ...")
+            handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
+            for name, fn in (("dispatch_bf16", disp(xs)), ("dispatch_bf16_cached", disp(xs, True)),
+                             ("dispatch_fp8", disp(fp8s)), ("dispatch_fp8_cached", disp(fp8s, True))):
+                host_times[name + suffix] = []
+                results[name + suffix] = time_calls(fn, num_tests=args.iters, host_us=host_times[name + suffix])
+        ep.settings.intranode_dispatch = kinds[0]
+        handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
+        recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
+        host_times["combine_bf16"] = []
         results["combine_bf16"] = time_calls(lambda: buf.combine(recv_x, handle_box[0], config=cfg),
-                                             num_tests=args.iters)
+                                             num_tests=args.iters, host_us=host_times["combine_bf16"])
         for name, samples in results.items():
             med = summarize(samples)[0]
             row_bytes = fp8_row if "fp8" in name else bf16_row
@@ -180,7 +219,8 @@ def main():
             else:
                 nvlink = (recv_remote if "dispatch" in name else sent_remote) * row_bytes / med / 1e3
                 rdma = None
-            rows.append((sms, name, samples, deepep_metric, nvlink, rdma))
+            moved = sm_bytes(name, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes)
+            rows.append((sms, name, samples, deepep_metric, nvlink, rdma, summarize(host_times[name])[0], moved))
 
     nccl_rows = []
     if not args.no_nccl:
@@ -200,16 +240,18 @@ def main():
     say("")
     if internode:
         say(f"{'SMs':>4} {'op':22s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} "
-            f"{'RDMA GB/s':>10}")
-        for sms, name, samples, m1, m2, m3 in rows:
-            say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {m3:10.1f}")
+            f"{'RDMA GB/s':>10} {'host us':>8}")
+        for sms, name, samples, m1, m2, m3, hst, _ in rows:
+            say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {m3:10.1f} {hst:8.1f}")
     else:
-        say(f"{'SMs':>4} {'op':22s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} "
-            f"{'vs DeepEP':>10}")
-        for sms, name, samples, m1, m2, _ in rows:
-            base = DEEPEP.get(name.replace("_cached", ""))
+        say(f"{'SMs':>4} {'op':28s} {'median (p10-p90)':34s} {'DeepEP NVL GB/s':>16} {'NVLink GB/s':>12} "
+            f"{'vs DeepEP':>10} {'host us':>8} {'SM MB':>7} {'GB/s/SM':>8}")
+        for sms, name, samples, m1, m2, _, hst, moved in rows:
+            base = DEEPEP.get(name.split("[")[0].replace("_cached", ""))
             ratio = f"{summarize(samples)[0] / base:.2f}x" if base else ""
-            say(f"{sms:>4} {name:22s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {ratio:>10}")
+            per_sm = moved / summarize(samples)[0] / 1e3 / sms
+            say(f"{sms:>4} {name:28s} {fmt_us(samples):34s} {m1:16.1f} {m2:12.1f} {ratio:>10} {hst:8.1f} "
+                f"{moved / 1e6:7.1f} {per_sm:8.1f}")
     for name, samples, gbps in nccl_rows:
         say(f"{'':>4} {name:22s} {fmt_us(samples):34s} {'':>16} {gbps:12.1f}")
     say("")
@@ -219,7 +261,7 @@ def main():
     else:
         say("SUMMARY bench_intranode (DeepEP v1.2.1: dispatch FP8 258 us, BF16 353 us, combine 403 us)")
     best = {}
-    for sms, name, samples, m1, m2, m3 in rows:
+    for sms, name, samples, m1, m2, m3, _, _ in rows:
         med = summarize(samples)[0]
         if name not in best or med < best[name][0]:
             best[name] = (med, sms, m2, m3)

@@ -9,11 +9,14 @@ import os
 import statistics
 
 
-def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True, before=None, after=None):
+def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True, before=None, after=None, host_us=None):
     """Per-call times in microseconds (list), events on the current stream around each call.
 
     ``before`` / ``after`` run untimed around every call (e.g. the send before a timed receive,
-    or the receive after a timed send, so collective halves stay paired)."""
+    or the receive after a timed send, so collective halves stay paired). ``host_us``: a list that
+    receives each call's host time (how long ``fn`` took to return), to tell host overhead from
+    GPU time."""
+    import time
     import cupy as cp
     cache = cp.empty(256 << 20, dtype=cp.int8) if flush_l2 else None
     for _ in range(num_warmups):
@@ -31,7 +34,10 @@ def time_calls(fn, num_warmups=20, num_tests=200, flush_l2=True, before=None, af
         if before:
             before()
         starts[i].record()
+        t0 = time.perf_counter()
         fn()
+        if host_us is not None:
+            host_us.append((time.perf_counter() - t0) * 1e6)
         ends[i].record()
         if after:
             after()

@@ -36,8 +36,9 @@ def test_intranode_size_hint_grows_with_tokens_and_ranks():
     big = ep.Buffer.get_intranode_size_hint(4096, 7168, 2)
     wide = ep.Buffer.get_intranode_size_hint(4096, 7168, 8)
     assert small < big < wide
-    # 4096 x 7168 bf16 rows with metadata, one slot each for dispatch and combine: about 113 MiB
-    assert 110 << 20 < big < 120 << 20
+    # 4096 x 7168 bf16 rows with metadata: one staging slot (~57 MiB) and a receive arena for two
+    # worst-case receives of 2 x 4096 rows (~226 MiB) plus 64 rows a rank: about 284 MiB
+    assert 280 << 20 < big < 290 << 20
     with pytest.raises(ValueError, match="num_topk"):
         ep.Buffer.get_intranode_size_hint(1, 128, 2, num_topk=64)
 
@@ -100,3 +101,60 @@ def test_team_errors_name_global_ranks_and_the_stage():
         raise_if_error(team_to_global([1, 10, 0, 1], team), "dispatch [internode RDMA stage]")
     with pytest.raises(DeepEPError, match="num_worst_tokens"):
         raise_if_error(team_to_global([2, 15, 0, 1], team), "dispatch")
+
+
+def test_check_values_is_off_by_default(monkeypatch):
+    """No host wait by default: the blocking value check is opt-in (the device-side one always runs)."""
+    from deepep_cupy.config import Settings
+    monkeypatch.delenv("DEEPEP_CUPY_CHECK_VALUES", raising=False)
+    assert Settings().check_values is False
+    monkeypatch.setenv("DEEPEP_CUPY_CHECK_VALUES", "1")
+    assert Settings().check_values is True
+    assert "check_values" in Settings.__doc__ and "default off" in Settings.__doc__
+
+
+def test_bad_expert_id_record_is_invalid_input_naming_topk_idx():
+    """Phase 24 (an expert id outside [-1, num_experts), found by the layout or low-latency kernel)
+    raises DeepEPInvalid, not DeepEPTimeout, with the value, the argument and the range."""
+    from deepep_cupy.errors import DeepEPInvalid, DeepEPTimeout
+    from deepep_cupy.kernel_errors import PHASE_BAD_EXPERT_ID, PHASES, raise_if_error, team_to_global
+    assert PHASE_BAD_EXPERT_ID == 24 and "topk_idx" in PHASES[24]
+    with pytest.raises(DeepEPInvalid) as info:
+        raise_if_error([2, 24, 256, 1], "dispatch", num_experts=256)
+    msg = str(info.value)
+    assert not isinstance(info.value, DeepEPTimeout)
+    assert msg.startswith("dispatch: topk_idx: expected expert ids in [-1, 256), found 256 on rank 1"), msg
+    with pytest.raises(DeepEPInvalid, match=r"\[-1, num_experts\), found -7 on rank 0"):
+        raise_if_error([2, 24, -7, 0], "get_dispatch_layout")
+    with pytest.raises(DeepEPInvalid, match=r"found 2147483647 or more \(clamped to int32\)"):
+        raise_if_error([2, 24, 2**31 - 1, 0], "low_latency_dispatch", num_experts=64)
+    with pytest.raises(DeepEPInvalid, match=r"found -2147483648 or less"):
+        raise_if_error([2, 24, -2**31, 0], "low_latency_dispatch", num_experts=64)
+    assert team_to_global([2, 24, 5, 1], [4, 6]) == [2, 24, 5, 6]     # the value stays, the rank maps
+
+
+def test_device_input_errors_raise_once_with_the_launched_range(monkeypatch):
+    """GpuBackend's input-check record (pinned memory on the GPU; a numpy stand-in here): a phase-24
+    report raises DeepEPInvalid once, with num_experts when every launch since used the same one."""
+    import numpy as np
+    from deepep_cupy import kernel_errors
+    from deepep_cupy.checks import DeviceInputErrors
+    from deepep_cupy.errors import DeepEPInvalid
+
+    class HostRecord(kernel_errors.PinnedErrorRecord):
+        def __init__(self):
+            self.record, self.team, self.label = np.zeros(4, np.int32), None, ""
+
+    monkeypatch.setattr(kernel_errors, "PinnedErrorRecord", HostRecord)
+    errors = DeviceInputErrors()
+    errors.check("dispatch")                                   # clean: nothing raised
+    errors.launched(256)
+    errors.record.record[:] = [2, 24, 300, 1]                  # what the layout kernel writes
+    with pytest.raises(DeepEPInvalid, match=r"^combine: topk_idx: expected expert ids in \[-1, 256\), found 300"):
+        errors.check("combine")
+    errors.check("combine")                                    # reported once, then cleared
+    errors.launched(256)
+    errors.launched(64)                                        # mixed ranges: the message stays generic
+    errors.record.record[:] = [2, 24, -3, 0]
+    with pytest.raises(DeepEPInvalid, match=r"\[-1, num_experts\), found -3 on rank 0"):
+        errors.check("get_dispatch_layout")

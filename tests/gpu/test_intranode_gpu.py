@@ -162,3 +162,70 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
     """No topk_idx: is_token_in_rank alone routes; no expert data travels."""
     problems = rank_mask_problems(buf)
     assert_all_ranks(world(), not problems, "; ".join(problems))
+
+
+@pytest.fixture
+def dispatch_kernel(request):
+    """settings.intranode_dispatch for one test, restored afterwards."""
+    import deepep_cupy as ep
+    old = ep.settings.intranode_dispatch
+    ep.settings.intranode_dispatch = request.param
+    yield request.param
+    ep.settings.intranode_dispatch = old
+
+
+@pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
+                                                           ("direct", "all")],
+                         indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
+                                                            "direct-all-arenas-full"])
+@pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
+                                                    (1000, 4096, "rank0_only", True), (0, 2048, "random", False)])
+def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on, tokens, hidden, kind, fp8):
+    """The staged kernel, and the direct kernel with every receiver direct, with rank 0 staged
+    (its arena held full, the others direct: the modes mix within one operation) and with every
+    receiver staged: all bit-exact against the reference (dispatch, combine, cached dispatch)."""
+    kernels = buf._backend.intranode()
+    hold = None
+    if arena_full_on == "all" or arena_full_on == buf.rank:   # the caller "keeps" the whole arena
+        hold = []
+        while kernels.arena.largest_free:
+            hold.append(kernels.arena.alloc(kernels.arena.largest_free))
+    try:
+        seed = 4000 + tokens + hidden + (0 if arena_full_on is None else 7)
+        problems = run_case(buf, seed, tokens, hidden, 8, 256, kind, fp8=fp8, with_weights=True,
+                            use_cached=not fp8, alignment=1)
+        want_direct = dispatch_kernel == "direct" and hold is None
+        if kernels.last_dispatch_direct != want_direct:
+            problems.append(f"rank {buf.rank}: last dispatch direct={kernels.last_dispatch_direct}, "
+                            f"expected {want_direct}")
+    finally:
+        del hold
+    assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
+
+
+def test_receive_arena_blocks_return_when_arrays_die(buf):
+    """recv_x from the arena is freed when the caller drops it, so a loop that drops its outputs
+    keeps taking the one-copy path; a kept output stays valid while later dispatches run."""
+    import gc
+    kernels = buf._backend.intranode()
+    free0 = kernels.arena.free_bytes
+    R, me = buf.num_ranks, buf.rank
+    xs, _, idxs, _ = make_inputs(77, R, 512, 2048, 8, 256, "random", False, False)
+    idx_g = to_gpu(idxs[me])
+    layout = buf.get_dispatch_layout(idx_g, 256)
+    kw = dict(topk_idx=idx_g, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+              num_tokens_per_expert=layout[2])
+    kept = buf.dispatch(to_gpu(xs[me]), **kw)[0]
+    kept_host = host(kept).copy()
+    directs = []
+    for _ in range(5):
+        out = buf.dispatch(to_gpu(xs[me]), **kw)
+        directs.append(kernels.last_dispatch_direct)
+        del out
+    gc.collect()
+    ok = all(directs) and np.array_equal(host(kept).view(np.uint16), kept_host.view(np.uint16))
+    del kept
+    gc.collect()
+    ok = ok and kernels.arena.free_bytes == free0
+    assert_all_ranks(world(), ok, f"direct each time: {directs}; arena free {kernels.arena.free_bytes} "
+                                  f"vs {free0} at the start")

@@ -1,0 +1,344 @@
+// One-copy ("direct") intranode dispatch. Included by intranode.cu (NVLink stores route only), whose
+// helpers (Layout, PeerBases, at, slot_of, wait_flag, st_release_sys_u64) it uses.
+//
+// The staged dispatch (intranode_dispatch) moves a remote row twice: the sender copies x into the
+// receiver's staging slot, the receiver copies staging into recv_x. Here each receiver tells every
+// sender where its outputs are, and the sender writes each row once, straight into its final place:
+//
+//   receiver j, block 0, at kernel start: for every source s, writes into s's direct_info[j]
+//       {mode, offsets (in j's symmetric region) of the first row from s in recv_x / scales /
+//        top-k ids / weights / source index, row limit} and release-stores seq into s's
+//        direct_flags[j]. mode 1 (direct): j's outputs live in its symmetric arena (the host took
+//        them from deepep_cupy/arena.py). mode 2 (staged): they are ordinary memory, so rows for j
+//        go through j's staging slot as in intranode_dispatch, and j copies them out.
+//   every block, before its first chunk: waits for every peer's direct_flags entry (phase 16) and
+//       reads the entries into shared memory. This wait is also the barrier that keeps a sender out
+//       of a receiver whose previous kernels still run (the receiver posts it from this kernel).
+//   send: token chunk c belongs to block c % gridDim.x; a warp takes a token, loads its row once
+//       (16 bytes per lane, kCopyUnroll loads in flight) and stores it to every destination: own
+//       outputs, direct peers' outputs, staged peers' staging rows. Then the chunk is published
+//       to every peer: its row range (staged peers read it) and the chunk flag, after a fence.
+//   receive: direct mode, wait until every chunk flag of every source is up (thread-parallel,
+//       phase 11); staged mode, copy chunks out of staging as intranode_dispatch does.
+//
+// Why a receiver cannot overwrite an entry a sender still needs: receiver j posts the entries of
+// operation n+1 from its kernel n+1, which starts after its kernel n ended, which waited for every
+// chunk of every source; a source block reads the entries before it writes its first chunk.
+// Ranks may differ in mode within one operation (one rank's arena full, another's not).
+
+namespace {
+
+constexpr int kCopyUnroll = 8;            // 16-byte loads in flight per lane in a row copy
+constexpr long long kNoLimit = 0x7fffffffLL;
+
+enum DirectMode : int { kModeDirect = 1, kModeStaged = 2 };
+
+// Every field is 8 bytes wide, so the host packs the struct as int64 words (intranode.py,
+// DIRECT_PARAM_FIELDS, same order).
+struct DirectDispatchParams {
+    const uint8_t* x;                 // [T][hidden_bytes]
+    const uint8_t* x_scales;          // [T][scale_bytes] (FP8) or null
+    const int64_t* topk_idx;          // [T][K] or null (cached dispatch)
+    const float* topk_weights;        // [T][K] or null
+    const int* send_pos;              // [T][R]: row of token t in destination j's block, or -1
+    const int* recv_info;             // [R+1] receive offsets, [R] source token counts, ...
+    uint8_t* recv_x;                  // this rank's outputs; in its arena when `direct`
+    uint8_t* recv_x_scales;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int* recv_src_idx;                // null: not written (a cached dispatch keeps the handle's)
+    const uint64_t* peer_bases;       // [R] every rank's region, mapped here
+    const Layout* layout;
+    const uint64_t* seq;
+    deepep::ErrorRecord* err;
+    unsigned long long timeout_ns;
+    long long num_tokens;
+    long long hidden_bytes;
+    long long scale_bytes;
+    long long num_topk;               // K of topk_idx / topk_weights (0 without)
+    long long with_topk;              // explicit flags: a rank without tokens has null inputs
+    long long with_weights;           //   yet receives top-k data from its peers
+    long long num_local_experts;
+    long long num_worst_tokens;       // > 0: outputs hold this many rows; rows past it are dropped
+    long long rank;
+    long long slot_rows;              // staged rows per source slot
+    long long row_bytes;              // staged row bytes (data, scales, K ids, K weights, source)
+    long long direct;                 // 1: outputs in this rank's arena (mode 1), 0: mode 2
+};
+
+// 16-byte load of input data the kernel never writes (no L1 allocation: each byte is read once)
+DEEPEP_DEVICE int4 ld_nc_16(const int4* p) {
+    int4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// One warp copies `n16` 16-byte words from `src` to every non-null dst[j]: each load once, all
+// kCopyUnroll loads of a lane in flight before their stores.
+DEEPEP_DEVICE void copy_row_to_all(const int4* __restrict__ src, int4* const (&dst)[kNumRanks], int n16,
+                                   int lane) {
+    for (int i0 = 0; i0 < n16; i0 += kCopyUnroll * kWarpSize) {
+        int4 v[kCopyUnroll];
+#pragma unroll
+        for (int u = 0; u < kCopyUnroll; ++u) {
+            const int i = i0 + u * kWarpSize + lane;
+            if (i < n16) v[u] = ld_nc_16(src + i);
+        }
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j) {
+            if (dst[j] == nullptr) continue;
+#pragma unroll
+            for (int u = 0; u < kCopyUnroll; ++u) {
+                const int i = i0 + u * kWarpSize + lane;
+                if (i < n16) dst[j][i] = v[u];
+            }
+        }
+    }
+}
+
+// FP8 scales (hidden/128 floats, not always a multiple of 16 bytes): 4 bytes per lane.
+DEEPEP_DEVICE void copy_words_to_all(const int* __restrict__ src, int* const (&dst)[kNumRanks], int words,
+                                     int lane) {
+    for (int i = lane; i < words; i += kWarpSize) {
+        const int v = __ldg(src + i);
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j)
+            if (dst[j] != nullptr) dst[j][i] = v;
+    }
+}
+
+// Where one peer wants this rank's rows (read from direct_info into shared memory).
+struct DestInfo {
+    long long off[5];     // x, scales, top-k ids, weights, source index: region offsets or -1
+    long long limit;      // rows past this are dropped (num_worst_tokens)
+    int mode;
+};
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+intranode_dispatch_direct(const DirectDispatchParams p) {
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
+    const Layout layout = *p.layout;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
+    const int rank = static_cast<int>(p.rank);
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int num_warps = blockDim.x / kWarpSize;
+    const int num_tokens = static_cast<int>(p.num_tokens);
+    const int hidden_bytes = static_cast<int>(p.hidden_bytes), scale_bytes = static_cast<int>(p.scale_bytes);
+    const int num_topk = static_cast<int>(p.num_topk);
+    const bool with_topk = p.with_topk != 0, with_weights = p.with_weights != 0;
+    const int num_local = static_cast<int>(p.num_local_experts);
+    const long long row_bytes = p.row_bytes;
+    const int* recv_offsets = p.recv_info;
+    const int* src_tokens = p.recv_info + kNumRanks + 1;
+    const int num_worst = static_cast<int>(p.num_worst_tokens);
+
+    // 0. tell every source where its rows go (block 0, one thread per source)
+    if (blockIdx.x == 0 && threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        const int s = threadIdx.x;
+        long long* e = at<long long>(peers.base[s], layout.direct_info) + rank * 8;
+        const long long row0 = recv_offsets[s];
+        const uint8_t* own = peers.base[rank];
+        auto region_off = [&](const void* q, long long elem_bytes) -> long long {
+            return q == nullptr ? -1 : (reinterpret_cast<const uint8_t*>(q) - own) + row0 * elem_bytes;
+        };
+        e[0] = p.direct ? kModeDirect : kModeStaged;
+        e[1] = region_off(p.recv_x, hidden_bytes);
+        e[2] = region_off(p.recv_x_scales, scale_bytes);
+        e[3] = region_off(p.recv_topk_idx, 8LL * num_topk);
+        e[4] = region_off(p.recv_topk_weights, 4LL * num_topk);
+        e[5] = region_off(p.recv_src_idx, 4);
+        e[6] = num_worst > 0 ? max(0LL, static_cast<long long>(num_worst) - row0) : kNoLimit;
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[s], layout.direct_flags) + rank, seq);
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0 && num_worst > 0 && recv_offsets[kNumRanks] > num_worst)
+        deepep::record_error(p.err, deepep::kBadValue, kPhaseWorstOverflow, rank, rank);
+
+    // 1. send
+    __shared__ DestInfo s_dest[kNumRanks];
+    __shared__ bool s_ok;
+    const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
+    if (static_cast<int>(blockIdx.x) < num_chunks) {
+        if (threadIdx.x == 0) s_ok = true;
+        __syncthreads();
+        if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+            const int j = threadIdx.x;
+            uint8_t* mine = peers.base[rank];
+            if (wait_flag(at<uint64_t>(mine, layout.direct_flags) + j, seq, p.timeout_ns, p.err, kPhaseDirectInfo,
+                          j, rank)) {
+                const volatile long long* e = at<long long>(mine, layout.direct_info) + j * 8;
+                s_dest[j].mode = static_cast<int>(e[0]);
+                for (int f = 0; f < 5; ++f) s_dest[j].off[f] = e[1 + f];
+                s_dest[j].limit = e[6];
+            } else {
+                s_ok = false;
+            }
+        }
+        __syncthreads();
+        if (!s_ok) return;
+    }
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+        const int t_end = min(num_tokens, (c + 1) * kChunk);
+        for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+            // per destination: row index there (own row in recv_x, or the peer's position), or -1
+            int4* dx[kNumRanks];
+            int* dscale[kNumRanks];
+            long long drow[kNumRanks];
+#pragma unroll
+            for (int j = 0; j < kNumRanks; ++j) {
+                const int pos = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
+                dx[j] = nullptr;
+                dscale[j] = nullptr;
+                drow[j] = -1;
+                if (pos < 0) continue;
+                if (j == rank) {
+                    const long long r = recv_offsets[rank] + pos;
+                    if (num_worst > 0 && r >= num_worst) continue;   // recorded above
+                    drow[j] = r;
+                    dx[j] = reinterpret_cast<int4*>(p.recv_x + r * hidden_bytes);
+                    if (scale_bytes) dscale[j] = reinterpret_cast<int*>(p.recv_x_scales + r * scale_bytes);
+                } else if (s_dest[j].mode == kModeDirect) {
+                    if (pos >= s_dest[j].limit) continue;             // the receiver records the overflow
+                    drow[j] = pos;
+                    dx[j] = reinterpret_cast<int4*>(peers.base[j] + s_dest[j].off[0] + static_cast<long long>(pos) * hidden_bytes);
+                    if (scale_bytes)
+                        dscale[j] = reinterpret_cast<int*>(peers.base[j] + s_dest[j].off[1] +
+                                                           static_cast<long long>(pos) * scale_bytes);
+                } else {   // staged: the receiver's staging slot, row `pos`, with the row trailer
+                    uint8_t* row = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
+                                   (static_cast<long long>(slot_of(rank, j)) * p.slot_rows + pos) * row_bytes;
+                    drow[j] = pos;
+                    dx[j] = reinterpret_cast<int4*>(row);
+                    if (scale_bytes) dscale[j] = reinterpret_cast<int*>(row + hidden_bytes);
+                }
+            }
+            copy_row_to_all(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
+                            hidden_bytes >> 4, lane);
+            if (scale_bytes)
+                copy_words_to_all(reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes),
+                                  dscale, scale_bytes >> 2, lane);
+            // top-k ids / weights and the source index: one lane per top-k slot
+            const int64_t e = (with_topk && lane < num_topk) ? p.topk_idx[static_cast<long long>(t) * num_topk + lane] : -1;
+            const float w = (with_weights && lane < num_topk) ? p.topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < kNumRanks; ++j) {
+                if (drow[j] < 0) continue;
+                const long long r = drow[j];
+                const bool local = e >= static_cast<long long>(j) * num_local && e < static_cast<long long>(j + 1) * num_local;
+                const int64_t local_id = local ? e - static_cast<long long>(j) * num_local : -1;
+                const float local_w = local ? w : 0.0f;
+                if (j == rank) {
+                    if (with_topk && lane < num_topk) {
+                        p.recv_topk_idx[r * num_topk + lane] = local_id;
+                        if (with_weights) p.recv_topk_weights[r * num_topk + lane] = local_w;
+                    }
+                    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[r] = t;
+                } else if (s_dest[j].mode == kModeDirect) {
+                    uint8_t* b = peers.base[j];
+                    if (with_topk && lane < num_topk && s_dest[j].off[2] >= 0) {
+                        at<int64_t>(b, s_dest[j].off[2])[r * num_topk + lane] = local_id;
+                        if (with_weights && s_dest[j].off[3] >= 0) at<float>(b, s_dest[j].off[3])[r * num_topk + lane] = local_w;
+                    }
+                    if (lane == 0 && s_dest[j].off[4] >= 0) at<int>(b, s_dest[j].off[4])[r] = t;
+                } else {
+                    int* ids = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(dx[j]) + hidden_bytes + scale_bytes);
+                    if (with_topk && lane < num_topk) {
+                        ids[lane] = static_cast<int>(e);
+                        if (with_weights) reinterpret_cast<float*>(ids + num_topk)[lane] = w;
+                    }
+                    if (lane == 0) ids[2 * num_topk] = t;
+                }
+            }
+        }
+        __syncthreads();
+        // publish the chunk to every peer j (thread j): the row range (staged peers copy it out),
+        // then the flag, after a fence that orders every warp's rows before it
+        if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+            const int j = threadIdx.x;
+            if (s_dest[j].mode == kModeStaged) {
+                int first = 0, count = 0;
+                for (int t = c * kChunk; t < t_end; ++t) {
+                    const int q = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
+                    if (q >= 0) {
+                        if (count == 0) first = q;
+                        ++count;
+                    }
+                }
+                __threadfence_system();
+                int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
+                ranges[0] = first;
+                ranges[1] = count;
+            }
+            __threadfence_system();
+            st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
+        }
+    }
+
+    // 2. receive
+    uint8_t* mine = peers.base[rank];
+    if (p.direct) {
+        // every chunk of every source is up: chunk c of s is waited for by block c % gridDim.x
+        for (int s = 0; s < kNumRanks; ++s) {
+            if (s == rank) continue;
+            const int chunks = (src_tokens[s] + kChunk - 1) / kChunk;
+            for (int c = blockIdx.x + threadIdx.x * gridDim.x; c < chunks; c += blockDim.x * gridDim.x)
+                if (!wait_flag(at<uint64_t>(mine, layout.dispatch_flags) + s * layout.max_chunks + c, seq,
+                               p.timeout_ns, p.err, kPhaseDispatchRecv, s, rank))
+                    break;
+        }
+    } else {
+        __shared__ int s_range[2];
+        for (int s = 0; s < kNumRanks; ++s) {
+            if (s == rank) continue;
+            const int chunks = (src_tokens[s] + kChunk - 1) / kChunk;
+            const uint8_t* slot = at<uint8_t>(mine, layout.dispatch_staging) +
+                                  static_cast<long long>(slot_of(s, rank)) * p.slot_rows * row_bytes;
+            for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
+                if (threadIdx.x == 0) {
+                    s_ok = wait_flag(at<uint64_t>(mine, layout.dispatch_flags) + s * layout.max_chunks + c, seq,
+                                     p.timeout_ns, p.err, kPhaseDispatchRecv, s, rank);
+                    const volatile int* ranges = at<int>(mine, layout.dispatch_ranges) + 2 * (s * layout.max_chunks + c);
+                    s_range[0] = ranges[0];
+                    s_range[1] = ranges[1];
+                }
+                __syncthreads();
+                if (!s_ok) return;
+                const int first = s_range[0], count = s_range[1];
+                for (int i = warp; i < count; i += num_warps) {
+                    const int pos = first + i;
+                    const uint8_t* src = slot + static_cast<long long>(pos) * row_bytes;
+                    const long long r = recv_offsets[s] + pos;
+                    if (num_worst > 0 && r >= num_worst) continue;   // recorded at the start
+                    warp_copy<true>(p.recv_x + r * hidden_bytes, src, hidden_bytes, lane);
+                    if (scale_bytes)
+                        warp_copy_words<true>(p.recv_x_scales + r * scale_bytes, src + hidden_bytes, scale_bytes, lane);
+                    const int* ids = reinterpret_cast<const int*>(src + hidden_bytes + scale_bytes);
+                    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[r] = __ldcg(ids + 2 * num_topk);
+                    if (with_topk && lane < num_topk) {
+                        const int e = __ldcg(ids + lane);
+                        const bool local = e >= rank * num_local && e < (rank + 1) * num_local;
+                        p.recv_topk_idx[r * num_topk + lane] = local ? e - rank * num_local : -1;
+                        if (with_weights)
+                            p.recv_topk_weights[r * num_topk + lane] =
+                                local ? __ldcg(reinterpret_cast<const float*>(ids + num_topk) + lane) : 0.0f;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+    }
+    // padding rows of a num_worst_tokens dispatch: top-k ids -1, weights 0, source -1
+    if (num_worst > 0 && p.recv_src_idx != nullptr) {
+        const int total = recv_offsets[kNumRanks];
+        for (int r = total + blockIdx.x * blockDim.x + threadIdx.x; r < num_worst; r += gridDim.x * blockDim.x) {
+            p.recv_src_idx[r] = -1;
+            for (int k = 0; k < num_topk && with_topk; ++k) {
+                p.recv_topk_idx[static_cast<long long>(r) * num_topk + k] = -1;
+                if (with_weights) p.recv_topk_weights[static_cast<long long>(r) * num_topk + k] = 0.0f;
+            }
+        }
+    }
+}

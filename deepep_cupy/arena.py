@@ -1,0 +1,144 @@
+"""The receive arena: dispatch outputs carved from this rank's symmetric memory.
+
+A dispatch whose outputs (``recv_x``, scales, top-k ids, weights, source index) live in symmetric
+memory can be written in place by its senders over NVLink: one copy per row instead of two (see
+cuda_src/intranode_direct.cuh). ``ReceiveArena`` hands out such blocks as ordinary CuPy arrays that
+the caller owns: a block goes back to the arena when the last array viewing it is garbage
+collected, as CuPy's own memory pool does with its blocks.
+
+Stream order makes the reuse safe: a dispatch's kernel runs on the buffer's communication stream
+after the caller's stream (``CommStreamScope``), so work the caller queued on a freed block has
+finished before the kernel that tells the senders about the block's new use; and senders write a
+block only inside that kernel. (As with CuPy's pool, an array used on another stream than the one
+current at the call must be kept alive by the caller until that work is done.)
+
+When the arena cannot hold a dispatch's outputs (the caller keeps earlier ones alive), the
+dispatch falls back to ordinary memory and its senders go through the staging area: the same
+result, two copies per row.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+from typing import Optional
+
+__all__ = ["ReceiveArena", "ArenaBlock"]
+
+ALIGN = 256
+
+
+class ArenaBlock:
+    """One allocation: ``offset`` bytes from the arena's start, ``nbytes`` long. Freed when the
+    object is garbage collected (arrays viewing it hold it through ``cupy.cuda.UnownedMemory``)."""
+
+    __slots__ = ("offset", "nbytes", "ptr", "_arena", "__weakref__")
+
+    def __init__(self, arena: "ReceiveArena", offset: int, nbytes: int):
+        self.offset, self.nbytes = offset, nbytes
+        self.ptr = arena.base_ptr + offset
+        self._arena = weakref.ref(arena)
+
+    def __del__(self):
+        arena = self._arena()
+        if arena is not None:
+            arena.free(self.offset, self.nbytes)
+
+
+class ReceiveArena:
+    """First-fit allocator over ``[base_ptr, base_ptr + nbytes)`` with coalescing free extents.
+
+    Arguments:
+        base_ptr: device address of the arena's first byte (this rank's own mapping).
+        nbytes: arena size in bytes. device_id: the GPU it is on.
+    """
+
+    def __init__(self, base_ptr: int, nbytes: int, device_id: int):
+        self.base_ptr = int(base_ptr)
+        self.device_id = int(device_id)
+        self.nbytes = int(nbytes) // ALIGN * ALIGN
+        self._starts = [0] if self.nbytes else []      # free extents, sorted by start
+        self._sizes = [self.nbytes] if self.nbytes else []
+        self._lock = threading.Lock()                   # __del__ may run on any thread
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes not handed out."""
+        return sum(self._sizes)
+
+    @property
+    def largest_free(self) -> int:
+        """Bytes of the largest free extent: the largest block ``alloc`` can give now."""
+        return max(self._sizes, default=0)
+
+    def alloc(self, nbytes: int) -> Optional[ArenaBlock]:
+        """A block of at least ``nbytes`` (256-byte aligned), or None when no free extent fits."""
+        need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+        with self._lock:
+            for i, size in enumerate(self._sizes):
+                if size >= need:
+                    start = self._starts[i]
+                    if size == need:
+                        del self._starts[i], self._sizes[i]
+                    else:
+                        self._starts[i] += need
+                        self._sizes[i] -= need
+                    return ArenaBlock(self, start, need)
+        return None
+
+    def free(self, offset: int, nbytes: int) -> None:
+        """Return an extent (called by ``ArenaBlock.__del__``), merging it with its neighbours."""
+        with self._lock:
+            i = bisect.bisect_left(self._starts, offset)
+            end = offset + nbytes
+            if i < len(self._starts) and self._starts[i] == end:        # merge with the next extent
+                nbytes += self._sizes[i]
+                del self._starts[i], self._sizes[i]
+            if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset:   # and with the previous
+                self._sizes[i - 1] += nbytes
+            else:
+                self._starts.insert(i, offset)
+                self._sizes.insert(i, nbytes)
+
+    def shrink(self, block: ArenaBlock, nbytes: int) -> None:
+        """Give the tail of ``block`` past ``nbytes`` (rounded up to 256) back to the arena."""
+        keep = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+        if keep < block.nbytes:
+            tail = block.nbytes - keep
+            block.nbytes = keep
+            self.free(block.offset + keep, tail)
+
+    def take(self, specs) -> Optional[list]:
+        """One block per entry of ``specs`` (``(shape, dtype)`` or None), each its own allocation so
+        that each lives as long as its own array; None (nothing kept) when one does not fit."""
+        import cupy
+        blocks = []
+        for spec in specs:
+            if spec is None:
+                blocks.append(None)
+                continue
+            nbytes = int(cupy.dtype(spec[1]).itemsize)
+            for d in spec[0]:
+                nbytes *= int(d)
+            block = self.alloc(nbytes)
+            if block is None:
+                return None          # the blocks taken so far are freed with the list
+            blocks.append(block)
+        return blocks
+
+    def view(self, block: Optional[ArenaBlock], shape, dtype):
+        """A CuPy array of ``shape`` over ``block`` (None for None); it keeps the block alive."""
+        import cupy
+        if block is None:
+            return None
+        # the device given: no pointer-attribute query per array
+        mem = cupy.cuda.UnownedMemory(block.ptr, block.nbytes, block, self.device_id)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+    def arrays(self, specs) -> Optional[list]:
+        """``take`` then ``view``: CuPy arrays for ``specs``, or None when one does not fit."""
+        blocks = self.take(specs)
+        if blocks is None:
+            return None
+        return [None if b is None else self.view(b, *spec) for b, spec in zip(blocks, specs)]

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Where the host time of a non-cached dispatch goes (a diagnostic, not a benchmark).
+
+    mpirun -n 2 python scripts/trace_dispatch.py [--tokens 4096 --hidden 7168 --iters 30]
+
+Wraps IntranodeKernels.notify and the data-kernel launch with host timers and prints, per
+dispatch kernel (direct, staged), the median host microseconds of: the front end before notify
+is launched, the notify launch, from there to the data kernel's launch (staged: the poll for the
+receive count and the allocation; direct: the data kernel is queued before the poll), and the
+rest (direct: the poll); beside the GPU time of the whole call (events) with and without an
+L2 flush before it.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--sms", type=int, default=24)
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of rank 0's direct dispatches")
+    args = ap.parse_args()
+    from mpi4py import MPI
+    import cupy as cp
+    import ml_dtypes
+    import numpy as np
+    import deepep_cupy as ep
+    from deepep_cupy import intranode
+
+    comm = MPI.COMM_WORLD
+    rank, R = comm.Get_rank(), comm.Get_size()
+    T, H, K, E = args.tokens, args.hidden, 8, 256
+    buf = ep.Buffer(comm, num_nvl_bytes=ep.Buffer.get_intranode_size_hint(T, H, R, K), backend="gpu")
+    rng = np.random.default_rng(rank)
+    idx = cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64))
+    w = cp.asarray(rng.random((T, K), dtype=np.float32))
+    x = cp.asarray(rng.standard_normal((T, H), dtype=np.float32).astype(ml_dtypes.bfloat16))
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    cfg = ep.Config(num_sms=args.sms)
+    ep.settings.check_values = False
+
+    marks = {}
+
+    def wrap(name, enter=None, leave=None):
+        orig = getattr(intranode.IntranodeKernels, name)
+
+        def timed(self, *a, **k):
+            if enter:
+                marks[enter] = time.perf_counter()
+            out = orig(self, *a, **k)
+            if leave:
+                marks[leave] = time.perf_counter()
+            return out
+        setattr(intranode.IntranodeKernels, name, timed)
+
+    wrap("_launch_notify", enter="notify_in", leave="notify_out")
+    launch_notify = intranode.IntranodeKernels._launch_notify
+
+    def launch_notify_marking_poll(self, *a, **k):   # the poll's return, marked
+        send_pos, recv_info, poll = launch_notify(self, *a, **k)
+
+        def timed_poll():
+            out = poll()
+            marks["poll_done"] = time.perf_counter()
+            return out
+        return send_pos, recv_info, timed_poll
+    intranode.IntranodeKernels._launch_notify = launch_notify_marking_poll
+    wrap("_launch_direct", leave="data_out")     # direct kernel (queued before or after the poll)
+    wrap("dispatch", leave="data_out")           # the staged kernel's launcher
+    flush = cp.empty(256 << 20, dtype=cp.int8)
+    for kind in ("direct", "staged"):
+        ep.settings.intranode_dispatch = kind
+        for flushed in (False, True):
+            rows = {"front": [], "notify launch": [], "data launch": [], "poll+rest": [], "after poll": [],
+                    "host total": [], "gpu": []}
+            for i in range(args.iters + 5):
+                if flushed:
+                    flush.fill(i & 0x7F)
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                start.record()
+                t0 = time.perf_counter()
+                buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
+                t1 = time.perf_counter()
+                end.record()
+                end.synchronize()
+                if i < 5:
+                    continue
+                rows["front"].append(marks["notify_in"] - t0)
+                rows["notify launch"].append(marks["notify_out"] - marks["notify_in"])
+                rows["data launch"].append(marks["data_out"] - marks["notify_out"])   # staged: includes the poll
+                rows["poll+rest"].append(t1 - marks["data_out"])
+                rows["after poll"].append(t1 - marks["poll_done"])
+                rows["host total"].append(t1 - t0)
+                rows["gpu"].append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+            if rank == 0:
+                cells = "  ".join(f"{k} {statistics.median(v) * 1e6:7.1f}" for k, v in rows.items())
+                print(f"{kind:7s} flush={int(flushed)}  {cells}  (us, medians of {args.iters})", flush=True)
+            comm.Barrier()
+    if args.profile:   # where the host time goes: cProfile of rank 0's direct dispatches (no flush)
+        import cProfile
+        import io
+        import pstats
+        ep.settings.intranode_dispatch = "direct"
+        prof = cProfile.Profile()
+        for i in range(args.iters):
+            if rank == 0:
+                prof.enable()
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
+            if rank == 0:
+                prof.disable()
+            cp.cuda.Device().synchronize()
+        if rank == 0:
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            print(out.getvalue(), flush=True)
+        comm.Barrier()
+    buf.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The receive arena's allocator, the arena layout of the symmetric buffer and the direct dispatch's
+packed parameter struct (pure Python: no GPU needed)."""
+
+import gc
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepep_cupy.arena import ReceiveArena
+from deepep_cupy.intranode import (DIRECT_PARAM_FIELDS, SymmetricLayout, arena_row_bytes, dispatch_row_bytes,
+                                   pack_direct_params, size_hint)
+
+
+def test_alloc_is_aligned_first_fit_and_fails_when_full():
+    arena = ReceiveArena(base_ptr=1 << 20, nbytes=4096, device_id=0)
+    a = arena.alloc(1)
+    b = arena.alloc(300)
+    assert (a.offset, a.nbytes) == (0, 256) and (b.offset, b.nbytes) == (256, 512)
+    assert a.ptr == (1 << 20) and b.ptr == (1 << 20) + 256
+    assert arena.free_bytes == 4096 - 768 and arena.largest_free == 4096 - 768
+    assert arena.alloc(4096) is None          # no extent that large
+    rest = arena.alloc(4096 - 768)
+    assert arena.free_bytes == 0 and arena.largest_free == 0 and arena.alloc(1) is None
+    del a, b, rest
+
+
+def test_freed_blocks_coalesce_in_any_order():
+    arena = ReceiveArena(0, 8 * 256, 0)
+    blocks = [arena.alloc(256) for _ in range(8)]
+    for i in (1, 5, 3, 7):             # free every other one: four separate holes
+        blocks[i] = None
+    gc.collect()
+    assert arena.free_bytes == 4 * 256 and arena.largest_free == 256
+    blocks[2] = blocks[6] = None        # holes 1-3 and 5-7 merge
+    assert arena.largest_free == 3 * 256
+    blocks[4] = None                    # 1-7 merge
+    assert arena.largest_free == 7 * 256
+    blocks[0] = None
+    assert arena.free_bytes == arena.largest_free == 8 * 256
+    assert arena.alloc(8 * 256).offset == 0
+
+
+def test_block_outliving_its_arena_is_harmless():
+    arena = ReceiveArena(0, 1024, 0)
+    block = arena.alloc(10)
+    del arena
+    gc.collect()
+    del block                           # the weak reference is dead: nothing to return it to
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_arena_layout_from_the_size_hint_fits_its_promise(num_ranks):
+    T, H, K = 4096, 7168, 8
+    hint = size_hint(num_ranks, T, H, K, arena=True)
+    layout = SymmetricLayout.build(num_ranks, hint, arena=True)
+    assert layout.dispatch_staging == layout.combine_staging        # one staging area, shared
+    assert layout.arena == layout.dispatch_staging + layout.staging_bytes
+    assert layout.arena + layout.arena_bytes <= hint
+    if num_ranks > 1:
+        assert layout.slot_rows(dispatch_row_bytes(2 * H, 0, K)) >= T
+    receive = num_ranks * T * arena_row_bytes(2 * H, 0, K) + 5 * 256
+    assert layout.arena_bytes >= 2 * receive                       # two worst-case receives
+    # the control area starts the same way in every layout; the staged layouts are unchanged
+    plain = SymmetricLayout.build(num_ranks, size_hint(num_ranks, T, H, K), arena=False)
+    assert plain.arena_bytes == 0 and plain.combine_staging == plain.dispatch_staging + plain.staging_bytes
+    assert plain.direct_info == layout.direct_info and plain.direct_flags == layout.direct_flags
+
+
+def test_direct_params_match_the_kernel_struct():
+    """DIRECT_PARAM_FIELDS names the fields of DirectDispatchParams in order, and every field is
+    8 bytes (pointers, long long), so the host can pack int64 words."""
+    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "intranode_direct.cuh").read_text()
+    body = re.search(r"struct DirectDispatchParams \{(.*?)\n\};", src, re.S).group(1)
+    names, kinds = [], []
+    for line in body.splitlines():
+        m = re.match(r"\s*(.+?)\s*\b(\w+);", line.split("//")[0])
+        if m:
+            kinds.append(m.group(1))
+            names.append(m.group(2))
+    assert tuple(names) == DIRECT_PARAM_FIELDS
+    for kind in kinds:
+        assert kind.endswith("*") or kind in ("long long", "unsigned long long"), kind
+
+
+def test_pack_direct_params():
+    class Fake:   # anything with .data.ptr packs as its address
+        class data:
+            ptr = 0xDEAD00
+    fields = {name: 0 for name in DIRECT_PARAM_FIELDS}
+    fields.update(x=Fake(), rank=3, num_worst_tokens=-1, timeout_ns=(1 << 64) - 1, recv_x=None)
+    packed = pack_direct_params(**fields)
+    words = packed.view(np.int64)
+    assert packed.itemsize == 8 * len(DIRECT_PARAM_FIELDS) and packed.shape == (1,)
+    at = {name: i for i, name in enumerate(DIRECT_PARAM_FIELDS)}
+    assert words[at["x"]] == 0xDEAD00 and words[at["rank"]] == 3 and words[at["recv_x"]] == 0
+    assert words[at["num_worst_tokens"]] == -1 and words[at["timeout_ns"]] == -1
+    with pytest.raises(ValueError, match="missing"):
+        pack_direct_params(x=0)
