@@ -5,17 +5,26 @@
 //             notify flag  [R] uint64, barrier flag [R] uint64
 //             dispatch chunk flags [R][max_chunks] uint64 + chunk ranges [R][max_chunks] int2
 //             combine chunk flags  [R][max_chunks] uint64
-//   staging   dispatch: [R-1 source slots][slot_rows][dispatch_row_bytes]
-//             combine:  [R-1 source slots][slot_rows][combine_row_bytes]
+//             direct dispatch: direct_info [R][8] int64 + direct_flags [R] uint64
+//             combine: combine_info [2][R][4] int64 + combine_info_flags [R] uint64 + combine_done
+//   staging   the intranode layout: ONE area [R-1 source slots][slot_rows][row_bytes], shared by the
+//             staged dispatch and the combine (every operation starts with notify or a barrier);
+//             the internode stages: a dispatch and a combine area (and a send area for puts)
+//   arena     (intranode layout) the receive arena: direct dispatch outputs, caller-owned arrays
 // Flags carry the operation's sequence number (the same on every rank, since collective calls come
 // in the same order), so nothing is ever reset: a wait is "flag >= seq".
 //
-// dispatch = notify kernel (counts exchange, one block per peer) -> host reads the receive count
-//            -> dispatch kernel (every block pushes its token chunks: remote rows into the peer's
-//               staging slot, own rows straight into recv_x; then moves arrived chunks from
-//               staging into recv_x)
-// combine  = combine kernel (a barrier; every block pushes its share of the received rows back
-//            into their source's combine staging, then sums tokens' copies in rank order)
+// dispatch = notify kernel (counts exchange, one block per peer) -> one of
+//              intranode_dispatch_direct (intranode_direct.cuh, the default): receivers post where
+//                their outputs are; every block loads each of its tokens' rows once and stores it
+//                straight into every destination's output (or staging, for a receiver whose
+//                arena was full); its kernel is queued before the host polls the receive count
+//              intranode_dispatch (staged; the internode stages): remote rows into the peer's
+//                staging slot, own rows straight into recv_x; then arrived chunks from staging
+// combine  = combine kernel: every rank posts whether its x can be read in place (pull: x is in its
+//            arena) or will be pushed into the sources' staging; pushers send; then every rank sums
+//            its tokens' copies in rank order, reading pulled rows over NVLink and pushed rows from
+//            its staging; a completion handshake keeps pulled x alive until every reader is done
 //
 // The sequence number is read from device memory (`seq_ptr`), advanced by intranode_bump_seq at
 // the start of every operation, so CUDA-graph replays advance it too.
@@ -61,6 +70,7 @@ constexpr int kPhaseCombineRecv = 13;
 constexpr int kPhaseDispatchBarrier = 14;
 constexpr int kPhaseWorstOverflow = 15;
 constexpr int kPhaseDirectInfo = 16;
+constexpr int kPhaseCombineDone = 17;
 
 template <bool B, typename T, typename F>
 struct pick { using type = T; };
@@ -85,6 +95,9 @@ struct Layout {
     long long send_staging;      // puts only: [R-1 destination slots][slot_rows][row_bytes], this rank's rows
     long long direct_info;       // int64 [R receivers][8]: where receiver j wants this rank's rows (direct dispatch)
     long long direct_flags;      // uint64 [R]: [j] = last seq in which receiver j posted its direct_info entry
+    long long combine_info;      // int64 [2 parities][R][4]: [seq & 1][j] = {mode, x offset, weights offset, seq} of peer j's combine
+    long long combine_info_flags;  // uint64 [R]: [j] = last seq in which peer j posted its combine_info entry
+    long long combine_done;      // uint64 done [R], uint64 ack [R] (seq from each peer), uint32 block counters [2]
     int notify_ints;
     int max_chunks;
 };
@@ -562,6 +575,113 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
 #endif
 
 // ------------------------------------------------------------------------------------------------
+// combine's pull/push exchange (NVLink stores route; see the combine section below)
+enum CombineMode : int { kCombinePull = 1, kCombinePush = 2 };
+
+// Where the reduce finds rank r's rows for this rank's tokens (shared memory, one per rank): read in
+// place (this rank's own x, or a pull peer's x over NVLink): row p at x + p rows, its weights at
+// w + p rows (null without); else (direct == 0) through this rank's staging.
+struct CombinePeer {
+    const uint8_t* x;
+    const float* w;
+    int direct;
+};
+
+// This rank's own entry (thread 0; the caller's next __syncthreads publishes it), and on the puts
+// route every peer's: staging.
+DEEPEP_DEVICE void combine_own_entry(CombinePeer* s_peer, const uint8_t* x, const float* topk_weights,
+                                     const int* recv_offsets, int hidden_bytes, int num_topk, int with_weights_flag,
+                                     int rank) {
+    if (threadIdx.x != 0) return;
+    for (int r = 0; r < kNumRanks; ++r) s_peer[r] = CombinePeer{nullptr, nullptr, 0};
+    const long long row0 = recv_offsets[rank];
+    s_peer[rank] = CombinePeer{x + row0 * hidden_bytes, with_weights_flag ? topk_weights + row0 * num_topk : nullptr, 1};
+}
+
+// Arrive at a per-kernel block counter (this rank's own memory); true in the block that arrives
+// last, which resets the counter for the next kernel. The block's earlier reads and writes, peer
+// memory included, are ordered before the arrival (fence.sys).
+DEEPEP_DEVICE bool last_block_arrives(unsigned int* counter) {
+    __shared__ bool s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const unsigned int old = atomicAdd(counter, 1u);
+        s_last = old == gridDim.x - 1;
+        if (s_last) *counter = 0u;   // every block has arrived: nobody touches it again in this kernel
+    }
+    __syncthreads();
+    return s_last;
+}
+
+// (Both routes compile these; only the stores route calls them.)
+// Kernel start: post this rank's entry to every peer (block 0), then every block reads every peer's
+// entry into `s_peer` (its wait is also the domain barrier), then arrives at the "ack" counter.
+// Returns false (in every thread of the block) when a peer never posted.
+DEEPEP_DEVICE bool combine_exchange_info(const uint8_t* x, const float* topk_weights, const int* recv_offsets,
+                                         int hidden_bytes, int num_topk, int with_weights_flag, int pull,
+                                         CombinePeer* s_peer, const PeerBases& peers, const Layout& layout,
+                                         int rank, uint64_t seq, uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    __shared__ bool s_ok;
+    uint8_t* mine = peers.base[rank];
+    const long long parity = static_cast<long long>(seq & 1) * kNumRanks;
+    if (blockIdx.x == 0 && threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        const int s = threadIdx.x;
+        long long* e = at<long long>(peers.base[s], layout.combine_info) + (parity + rank) * 4;
+        const long long row0 = recv_offsets[s];
+        e[0] = pull ? kCombinePull : kCombinePush;
+        e[1] = pull ? (x - mine) + row0 * hidden_bytes : -1;
+        e[2] = pull && with_weights_flag ? (reinterpret_cast<const uint8_t*>(topk_weights) - mine) + row0 * num_topk * 4LL
+                                         : -1;
+        e[3] = static_cast<long long>(seq);
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[s], layout.combine_info_flags) + rank, seq);
+    }
+    if (threadIdx.x == 0) s_ok = true;
+    __syncthreads();
+    if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        const int j = threadIdx.x;
+        if (wait_flag(at<uint64_t>(mine, layout.combine_info_flags) + j, seq, timeout_ns, err, kPhaseCombineBarrier,
+                      j, rank)) {
+            const volatile long long* e = at<long long>(mine, layout.combine_info) + (parity + j) * 4;
+            const bool direct = e[0] == kCombinePull;
+            const long long x_off = e[1], w_off = e[2];
+            s_peer[j] = CombinePeer{direct ? peers.base[j] + x_off : nullptr,
+                                    direct && w_off >= 0 ? reinterpret_cast<const float*>(peers.base[j] + w_off) : nullptr,
+                                    direct ? 1 : 0};
+        } else {
+            s_ok = false;
+        }
+    }
+    // the ack: every block of this rank has read its entries (a timed-out block arrives too)
+    if (last_block_arrives(at<unsigned int>(mine, layout.combine_done + 16LL * kNumRanks))) {
+        if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+            __threadfence_system();
+            st_release_sys_u64(at<uint64_t>(peers.base[threadIdx.x], layout.combine_done) + kNumRanks + rank, seq);
+        }
+    }
+    return s_ok;   // read after the counter's __syncthreads
+}
+
+// Kernel end (every block, after its reduce): arrive at the "done" counter; the last block tells
+// every peer, then waits until no peer reads this rank's x any more (pull) or every peer has read
+// this rank's entry (push).
+DEEPEP_DEVICE void combine_finish(int pull, const PeerBases& peers, const Layout& layout, int rank, uint64_t seq,
+                                  uint64_t timeout_ns, deepep::ErrorRecord* err) {
+    uint8_t* mine = peers.base[rank];
+    if (!last_block_arrives(at<unsigned int>(mine, layout.combine_done + 16LL * kNumRanks) + 1)) return;
+    if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        const int j = threadIdx.x;
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[j], layout.combine_done) + rank, seq);
+        // after a recorded timeout (the peer is gone) no second wait: the call reports the first
+        if (reinterpret_cast<const volatile int*>(err)[0] == deepep::kOk)
+            wait_flag(at<uint64_t>(mine, layout.combine_done) + (pull ? 0 : kNumRanks) + j, seq, timeout_ns, err,
+                      kPhaseCombineDone, j, rank);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // combine (bf16 or float32 rows; accumulation in float32 in rank order, as the reference).
 //   every block first sends back: rows of remote source s (recv_offsets[s] .. recv_offsets[s+1])
 //     go, in chunks of kChunk rows, to s's combine staging slot at their position
@@ -571,6 +691,25 @@ intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_
 //     : staging[r][send_pos[t, r]]), after waiting for that row's chunk flag.
 // Both phases are bound by the bytes each SM keeps in flight (one block of 16 warps per SM, at most
 // 128 registers a thread), so both keep about 16 16-byte loads per lane outstanding.
+//
+// Pull mode (NVLink stores route only). A rank whose x (and weights) lie in its symmetric receive
+// arena (a direct dispatch's outputs) lets its peers read its rows in place: it sends nothing, and
+// a peer reduces from x's row over NVLink instead of its staging row (no flag wait). Modes are per
+// rank and may mix within one operation (a rank that pushes sends to every peer as above).
+//   start, block 0, thread s (s != rank): into s's combine_info[seq & 1][rank] {mode (1 pull,
+//     2 push), region offset of x's row recv_offsets[s] (pull), of the weights' row (or -1), seq},
+//     fence, release-store seq into s's combine_info_flags[rank]. Every block: thread j waits for
+//     combine_info_flags[j] >= seq (phase 12) and reads entry [seq & 1][j] into shared memory. This
+//     wait is also the barrier the domain barrier was: j posts from this kernel, so j's earlier
+//     kernels (which used its staging) ended. The data of a pull peer was complete when it posted
+//     (its x was written by work ordered before its kernel, fenced by its post).
+//   end: two per-kernel block counters in this rank's control memory (combine_done): when every
+//     block has read the entries ("ack") and when every block has reduced ("done"), the last block
+//     release-stores seq into every peer's combine_done ack[rank] / done[rank]. The block that
+//     finishes last then waits (phase 17): in pull mode for every peer's done (nobody reads this
+//     rank's x any more, so the caller may free it and the arena reuse it), in push mode only for
+//     every peer's ack (so that this rank's next entry cannot overwrite one a peer block has not
+//     read yet: ranks whose routing has no rows between them never wait for each other otherwise).
 
 // float to bf16, round to nearest even; a NaN keeps its top bits with the quiet bit set
 DEEPEP_DEVICE unsigned short float_to_bf16_rn(float f) {
@@ -741,8 +880,8 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
                                 const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
                                 const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
                                 float* __restrict__ combined_weights, int num_tokens, int hidden,
-                                int num_topk, int with_weights_flag, int row_bytes, int slot_rows,
-                                const PeerBases& peers, const Team& team,
+                                int num_topk, int with_weights_flag, int row_bytes, int slot_rows, int pull,
+                                const CombinePeer* __restrict__ peer_info, const PeerBases& peers, const Team& team,
                                 const Layout& layout, int rank, uint64_t seq, uint64_t timeout_ns,
                                 deepep::ErrorRecord* err) {
     constexpr int kElem = kBf16 ? 2 : 4;
@@ -752,8 +891,9 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     const int num_warps = blockDim.x / kWarpSize;
     const bool with_weights = with_weights_flag != 0;   // not the pointer: empty arrays are NULL
 
-    // 1. send back: chunks of every remote source's row block, round-robin over all blocks
-    {
+    // 1. send back: chunks of every remote source's row block, round-robin over all blocks (a rank
+    //    in pull mode sends nothing: its peers read its x in place)
+    if (!pull) {
         int chunk_id = 0;
         for (int s = 0; s < kNumRanks; ++s) {
             if (s == rank) continue;
@@ -798,14 +938,17 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     uint8_t* mine = peers.base[rank];
     const uint64_t* flags = at<uint64_t>(mine, layout.combine_flags);
     const uint8_t* staging = at<uint8_t>(mine, layout.combine_staging);
-    const int own_row0 = recv_offsets[rank];
     const int num_bias = (bias0 != nullptr) + (bias1 != nullptr);
     // lane r < kNumRanks follows rank r's copy of the token: its position, and its chunk flag
     auto flag_of = [&](int pos) { return flags + lane * layout.max_chunks + pos / kChunk; };
     auto pos_of = [&](int t) {
         return lane < kNumRanks && t < num_tokens ? send_pos[static_cast<long long>(t) * kNumRanks + lane] : -1;
     };
-    const bool remote_lane = lane < kNumRanks && lane != rank;
+    // lane r's rank: rows read in place (own x, a pull peer's x) or from staging after a chunk flag.
+    // The pointers stay in shared memory (volatile: re-read per token, not held in registers).
+    const volatile CombinePeer* vpeer = peer_info;
+    const bool direct_lane = lane < kNumRanks && vpeer[lane].direct != 0;
+    const bool remote_lane = lane < kNumRanks && !direct_lane;   // waits for chunk flags
     int t = reducer * num_warps + warp;
     int pos = pos_of(t);
     bool ready = false;   // this lane's flag already seen >= seq (by the previous token's probe)
@@ -818,8 +961,8 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
         const unsigned mask = __ballot_sync(0xffffffffu, present);
         const uint8_t* row = nullptr;
         if (present)
-            row = lane == rank ? x + static_cast<long long>(own_row0 + pos) * hidden_bytes
-                               : staging + (static_cast<long long>(slot_of(lane, rank)) * slot_rows + pos) * row_bytes;
+            row = direct_lane ? vpeer[lane].x + static_cast<long long>(pos) * hidden_bytes
+                              : staging + (static_cast<long long>(slot_of(lane, rank)) * slot_rows + pos) * row_bytes;
         // lane j gets the j-th source in the reference order: biases, then the present ranks
         const uint8_t* my_src = nullptr;
         if (lane < num_bias) my_src = (lane == 0 && bias0 != nullptr ? bias0 : bias1) + static_cast<long long>(t) * hidden_bytes;
@@ -838,13 +981,13 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
             if (remote_lane && pos_next >= 0) ready_next = deepep::ld_acquire_sys(flag_of(pos_next)) >= seq;
             if (with_weights) {
                 const float* wrow = !present ? nullptr
-                                    : lane == rank ? topk_weights + static_cast<long long>(own_row0 + pos) * num_topk
-                                                   : reinterpret_cast<const float*>(row + hidden_bytes);
+                                    : direct_lane ? (vpeer[lane].w == nullptr ? nullptr : vpeer[lane].w + static_cast<long long>(pos) * num_topk)
+                                                  : reinterpret_cast<const float*>(row + hidden_bytes);
                 float wv[kNumRanks];
 #pragma unroll
                 for (int r = 0; r < kNumRanks; ++r) {
                     const float* p = shfl_ptr(wrow, r);
-                    wv[r] = ((mask >> r) & 1u) && lane < num_topk ? __ldcg(p + lane) : 0.0f;
+                    wv[r] = ((mask >> r) & 1u) && lane < num_topk && p != nullptr ? __ldcg(p + lane) : 0.0f;
                 }
                 float w = 0.0f;
 #pragma unroll
@@ -864,17 +1007,34 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     NAME(const uint8_t* x, const float* topk_weights, const uint8_t* bias0, const uint8_t* bias1,             \
          const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
          float* combined_weights, int num_tokens, int hidden, int num_topk, int with_weights_flag,          \
-         int row_bytes, int slot_rows, const uint64_t* peer_bases, const int* team_pes,                        \
+         int row_bytes, int slot_rows, int pull, const uint64_t* peer_bases, const int* team_pes,              \
          const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                     \
          deepep::ErrorRecord* err) {                                                                          \
         const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};                                 \
         const Team team{team_pes};                                                                            \
         const Layout layout = *layout_ptr;                                                                    \
         const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);                            \
-        if (!domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;   \
-        combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,            \
-                           combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag,     \
-                           row_bytes, slot_rows, peers, team, layout, rank, seq, timeout_ns, err);            \
+        __shared__ CombinePeer s_peer[kNumRanks];                                                             \
+        const int hidden_bytes = hidden * (BF16 ? 2 : 4);                                                     \
+        combine_own_entry(s_peer, x, topk_weights, recv_offsets, hidden_bytes, num_topk, with_weights_flag,   \
+                          rank);                                                                              \
+        if constexpr (kPuts) {                                                                                \
+            if (!domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return; \
+            combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,        \
+                               combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag, \
+                               row_bytes, slot_rows, 0, s_peer, peers, team, layout, rank, seq, timeout_ns,   \
+                               err);                                                                          \
+        } else {                                                                                              \
+            const bool ok = combine_exchange_info(x, topk_weights, recv_offsets, hidden_bytes, num_topk,       \
+                                                  with_weights_flag, pull, s_peer, peers, layout, rank, seq,   \
+                                                  timeout_ns, err);                                           \
+            if (ok)                                                                                           \
+                combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,    \
+                                   combined_x, combined_weights, num_tokens, hidden, num_topk,               \
+                                   with_weights_flag, row_bytes, slot_rows, pull, s_peer, peers, team, layout,\
+                                   rank, seq, timeout_ns, err);                                               \
+            combine_finish(pull, peers, layout, rank, seq, timeout_ns, err);                                  \
+        }                                                                                                     \
     }
 
 DEEPEP_COMBINE_ENTRY(intranode_combine_bf16, true)

@@ -2,15 +2,18 @@
 
 Design (docs/intranode.md has the diagrams):
   * The buffer's symmetric memory (``num_nvl_bytes``) holds a control area (notify slots, flags,
-    chunk ranges) and two staging areas, one for dispatch and one for combine, each with one slot
-    per other rank. Every rank computes the same ``SymmetricLayout`` from (num_ranks, bytes).
-  * dispatch: ``bump_seq`` -> ``notify`` (exchange counts, scan ``send_pos``) -> the host reads the
-    receive count from a pinned record (skipped with ``num_worst_tokens``) -> ``dispatch``
-    (every block pushes its token chunks: remote rows into the peer's staging slot, own rows
-    straight into ``recv_x``; then moves arrived chunks from staging into ``recv_x``).
-  * combine: ``bump_seq`` -> ``combine`` (domain barrier; every block pushes its share of the
-    received rows back into their source's combine staging, then sums tokens' copies in rank
-    order, reading its own rows in place).
+    chunk ranges, the direct-dispatch and combine entries), one staging area with one slot per
+    other rank (shared by the staged dispatch and the combine), and a receive arena whose blocks
+    become the caller's dispatch outputs (``arena.ReceiveArena``). Every rank computes the same
+    ``SymmetricLayout`` from (num_ranks, bytes).
+  * dispatch: ``bump_seq`` -> ``notify`` (exchange counts, scan ``send_pos``) ->
+    ``dispatch_direct`` (receivers post where their outputs are; senders write each row once, in
+    place), queued before the host reads the receive count from a pinned record (no read with
+    ``num_worst_tokens``); ``settings.intranode_dispatch = "staged"`` (and the internode stages)
+    use the two-copy ``dispatch`` kernel instead.
+  * combine: ``bump_seq`` -> ``combine`` (each rank posts pull (x in its arena: peers read it in
+    place) or push (x sent into the sources' staging); then every rank sums its tokens' copies in
+    rank order).
 Every wait on a peer is bounded; a timeout lands in a pinned error record that the next call (or
 the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the peer.
 """
@@ -72,6 +75,9 @@ class SymmetricLayout:
     send_staging: int = 0          # puts transport only: this rank's rows before they are put
     direct_info: int = 0           # int64 [R][8]: where each receiver wants this rank's rows
     direct_flags: int = 0          # uint64 [R]: seq of each receiver's direct_info entry
+    combine_info: int = 0          # int64 [2 parities][R][4]: {mode, x offset, weights offset, seq} of each peer's combine
+    combine_info_flags: int = 0    # uint64 [R]: seq of each peer's combine_info entry
+    combine_done: int = 0          # uint64 done [R], uint64 ack [R], uint32 block counters [2] (combine completion)
     arena: int = 0                 # receive arena (direct dispatch outputs), arena_bytes long
     arena_bytes: int = 0
     notify_ints: int = MAX_LOCAL_EXPERTS + 2
@@ -83,7 +89,8 @@ class SymmetricLayout:
         return (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
                 ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
                 ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
-                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 8 * r), ("direct_flags", 8 * r))
+                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 8 * r), ("direct_flags", 8 * r),
+                ("combine_info", 8 * 2 * r * 4), ("combine_info_flags", 8 * r), ("combine_done", 8 * 2 * r + 8))
 
     @staticmethod
     def control_bytes(num_ranks: int) -> int:
@@ -136,14 +143,19 @@ class SymmetricLayout:
         return self.staging_bytes // (self.num_ranks - 1) // row_bytes
 
     def device_struct(self):
-        """The kernel's ``Layout`` struct as a CuPy byte array (11 int64 + 2 int32)."""
+        """The kernel's ``Layout`` struct as a CuPy byte array (14 int64 + 2 int32)."""
         import cupy
-        host = np.zeros(12, dtype=np.int64)
-        host[:11] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
+        return cupy.asarray(self.struct_bytes())
+
+    def struct_bytes(self) -> np.ndarray:
+        """The kernel's ``Layout`` struct as host bytes: the int64 offsets, then the two int32."""
+        host = np.zeros(15, dtype=np.int64)
+        host[:14] = [self.notify_slots, self.notify_flags, self.barrier_flags, self.dispatch_flags,
                      self.dispatch_ranges, self.combine_flags, self.dispatch_staging, self.combine_staging,
-                     self.send_staging, self.direct_info, self.direct_flags]
-        host.view(np.int32)[22:24] = [self.notify_ints, self.max_chunks]
-        return cupy.asarray(host.view(np.uint8))
+                     self.send_staging, self.direct_info, self.direct_flags, self.combine_info,
+                     self.combine_info_flags, self.combine_done]
+        host.view(np.int32)[28:30] = [self.notify_ints, self.max_chunks]
+        return host.view(np.uint8)
 
 
 def arena_row_bytes(hidden_bytes: int, scale_bytes: int, num_topk: int) -> int:
@@ -303,6 +315,7 @@ class IntranodeKernels:
         self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
         self.arena = None
         self.last_dispatch_direct = False    # whether the last dispatch wrote its outputs in place (tests)
+        self.last_combine_pull = False       # whether peers read the last combine's x in place (tests)
         if self.layout.arena_bytes > 0:
             own = int(backend.symmetric.data.ptr) + offset
             self.arena = ReceiveArena(own + self.layout.arena, self.layout.arena_bytes, backend.device_id)
@@ -524,7 +537,7 @@ class IntranodeKernels:
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
                                  num_rows, 0, num_experts, int(x.shape[1]))
-        return recv_x, recv_scales, recv_idx, recv_w, [int(v) for v in info[2 * r + 1:]], handle
+        return recv_x, recv_scales, recv_idx, recv_w, info[2 * r + 1:].tolist(), handle
 
     def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                             num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
@@ -548,7 +561,7 @@ class IntranodeKernels:
             num_rows, num_recv, per_expert = num_worst_tokens, -1, []
         else:
             num_rows = num_recv = int(info[r])
-            per_expert = [int(v) for v in info[2 * r + 1:]]
+            per_expert = info[2 * r + 1:].tolist()
         recv_x, recv_scales, recv_idx, recv_w, recv_src = self.dispatch(
             x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info, num_rows, num_experts,
             num_worst_tokens, None, num_sms, stream, src_tags=src_tags)
@@ -580,14 +593,27 @@ class IntranodeKernels:
         self._check_capacity(num_tokens, slot_rows, row_bytes, "dispatch")
         return row_bytes, slot_rows
 
+    def _in_arena(self, a) -> bool:
+        """Whether array ``a``'s whole (contiguous, non-empty) data lies inside this rank's receive arena."""
+        if self.arena is None or a.size == 0 or not a.flags.c_contiguous:
+            return False
+        lo, hi = self.arena.base_ptr, self.arena.base_ptr + self.arena.nbytes
+        return lo <= int(a.data.ptr) and int(a.data.ptr) + a.nbytes <= hi
+
     def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, num_sms: int, stream):
-        """bump_seq + combine on ``stream``; returns (combined_x, combined_weights or None)."""
+        """bump_seq + combine on ``stream``; returns (combined_x, combined_weights or None).
+
+        Pull mode (NVLink stores only): when ``x`` (and ``topk_weights``, if given) lie in this rank's
+        receive arena, e.g. a direct dispatch's outputs, peers read the rows in place and this rank
+        sends nothing; otherwise it pushes them into the peers' combine staging. Ranks may differ."""
         import cupy
         hidden = x.shape[1]
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         row_bytes = combine_row_bytes(hidden * x.itemsize, num_topk)
         slot_rows = self.layout.slot_rows(row_bytes)
         self._check_capacity(handle.num_tokens, slot_rows, row_bytes, "combine")
+        pull = (not self.puts and self._in_arena(x) and (topk_weights is None or self._in_arena(topk_weights)))
+        self.last_combine_pull = pull
         out = cupy.empty((handle.num_tokens, hidden), dtype=x.dtype)
         out_w = None if topk_weights is None else cupy.empty((handle.num_tokens, num_topk), cupy.float32)
         null = cupy.uint64(0)
@@ -600,7 +626,7 @@ class IntranodeKernels:
                  null if bias1 is None else bias1, handle.is_token_in_rank, handle.send_pos,
                  handle.recv_offsets, out, null if out_w is None else out_w, cupy.int32(handle.num_tokens),
                  cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(topk_weights is not None),
-                 cupy.int32(row_bytes), cupy.int32(slot_rows)) + self._common_tail())
+                 cupy.int32(row_bytes), cupy.int32(slot_rows), cupy.int32(1 if pull else 0)) + self._common_tail())
         return out, out_w
 
     def check_rows(self, num_rows: int, row_bytes: int, what: str) -> None:

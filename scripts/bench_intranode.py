@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEEPEP = {"dispatch_fp8": 258.0, "dispatch_bf16": 353.0, "combine_bf16": 403.0}   # us, same machine, one node
 
 
-def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes):
+def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pull=False):
     """Bytes one rank's SMs read and write in ``op`` (one node), from the rows it moves:
     ``tokens_sent`` tokens with at least one destination, ``own_rows`` rows that stay on the rank,
     ``sent_remote`` rows it sends to (and in combine gets back from) other ranks, ``recv_remote``
@@ -56,9 +56,10 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes):
       dispatch, staged: x read once a destination; own rows written into recv_x, remote rows into the
           peers' staging; the receiver reads its staging rows and writes them into recv_x.
       combine: the rows received in dispatch, sent back (read x, write the peer's staging); then the
-          reduce reads own rows in place and the staging rows, and writes one row a token."""
+          reduce reads own rows in place and the staging rows, and writes one row a token.
+          ``pull`` (x in the arena): no send back; the reduce reads the peers' rows in place."""
     if op.startswith("combine"):
-        return (2 * recv_remote + own_rows + sent_remote + tokens_sent) * row_bytes
+        return ((0 if pull else 2 * recv_remote) + own_rows + sent_remote + tokens_sent) * row_bytes
     if "[staged]" in op:
         return (2 * (own_rows + sent_remote) + 2 * recv_remote) * row_bytes
     return (tokens_sent + own_rows + sent_remote) * row_bytes
@@ -207,8 +208,16 @@ def main():
         handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
         recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
         host_times["combine_bf16"] = []
+        # recv_x is the dispatch's arena output, as DeepEP's test passes it back: the pull combine
         results["combine_bf16"] = time_calls(lambda: buf.combine(recv_x, handle_box[0], config=cfg),
                                              num_tests=args.iters, host_us=host_times["combine_bf16"])
+        pulled = {"combine_bf16": not internode and buf._backend.intranode().last_combine_pull}
+        # the same rows in ordinary memory (an expert output a GEMM allocated): the push combine
+        if not internode:
+            plain_x = recv_x.copy()
+            host_times["combine_bf16[push]"] = []
+            results["combine_bf16[push]"] = time_calls(lambda: buf.combine(plain_x, handle_box[0], config=cfg),
+                                                       num_tests=args.iters, host_us=host_times["combine_bf16[push]"])
         for name, samples in results.items():
             med = summarize(samples)[0]
             row_bytes = fp8_row if "fp8" in name else bf16_row
@@ -219,7 +228,8 @@ def main():
             else:
                 nvlink = (recv_remote if "dispatch" in name else sent_remote) * row_bytes / med / 1e3
                 rdma = None
-            moved = sm_bytes(name, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes)
+            pull = pulled.get(name, False)
+            moved = sm_bytes(name, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pull)
             rows.append((sms, name, samples, deepep_metric, nvlink, rdma, summarize(host_times[name])[0], moved))
 
     nccl_rows = []

@@ -98,3 +98,29 @@ def test_pack_direct_params():
     assert words[at["num_worst_tokens"]] == -1 and words[at["timeout_ns"]] == -1
     with pytest.raises(ValueError, match="missing"):
         pack_direct_params(x=0)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 8])
+def test_layout_struct_bytes_match_the_kernel_struct(num_ranks):
+    """SymmetricLayout.struct_bytes packs the fields of the kernel's Layout (cuda_src/intranode.cu)
+    in its order: the long long offsets, then the int fields; the combine's control words follow
+    direct_flags, inside the control area, without overlapping."""
+    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "intranode.cu").read_text()
+    body = re.search(r"struct Layout \{(.*?)\n\};", src, re.S).group(1)
+    fields = [re.match(r"\s*(long long|int)\s+(\w+);", line.split("//")[0]) for line in body.splitlines()]
+    fields = [(m.group(1), m.group(2)) for m in fields if m]
+    longs = [name for kind, name in fields if kind == "long long"]
+    ints = [name for kind, name in fields if kind == "int"]
+    assert [kind for kind, _ in fields] == ["long long"] * len(longs) + ["int"] * len(ints)
+    layout = SymmetricLayout.build(num_ranks, size_hint(num_ranks, 512, 2048, 8, arena=True), arena=True)
+    raw = layout.struct_bytes()
+    assert raw.nbytes == 8 * len(longs) + 4 * len(ints)        # sizeof(Layout): no tail padding
+    words = raw[:8 * len(longs)].view(np.int64)
+    assert [int(w) for w in words] == [getattr(layout, name) for name in longs]
+    assert [int(v) for v in raw[8 * len(longs):8 * len(longs) + 4 * len(ints)].view(np.int32)] == \
+        [getattr(layout, name) for name in ints]
+    r = num_ranks
+    assert layout.direct_flags + 8 * r <= layout.combine_info
+    assert layout.combine_info + 64 * r <= layout.combine_info_flags
+    assert layout.combine_info_flags + 8 * r <= layout.combine_done
+    assert layout.combine_done + 16 * r + 8 <= SymmetricLayout.control_bytes(r) <= layout.dispatch_staging

@@ -229,3 +229,50 @@ def test_receive_arena_blocks_return_when_arrays_die(buf):
     ok = ok and kernels.arena.free_bytes == free0
     assert_all_ranks(world(), ok, f"direct each time: {directs}; arena free {kernels.arena.free_bytes} "
                                   f"vs {free0} at the start")
+
+
+@pytest.mark.parametrize("with_weights", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("tokens,hidden,kind", [(4096, 7168, "random"), (129, 2048, "hot")])
+@pytest.mark.parametrize("combine_mode", ["pull", "push", "mixed"])
+def test_combine_pull_push_modes(buf, combine_mode, tokens, hidden, kind, with_weights):
+    """Combine of the direct dispatch's own outputs: x (and the weights) in the receive arena, so
+    peers read the rows in place (pull); x copied to ordinary memory, so this rank pushes them into
+    the peers' staging (push); rank 0 pushing while the others pull (mixed). Bit-exact against the
+    reference, and the mode each rank took is the expected one. Twice, the first outputs dropped
+    before the second dispatch, so the second reuses the arena blocks the first combine's peers read."""
+    import gc
+    import cupy as cp
+    from deepep_cupy import reference
+    kernels = buf._backend.intranode()
+    R, me, K, E = buf.num_ranks, buf.rank, 8, 256
+    push = combine_mode == "push" or (combine_mode == "mixed" and me == 0)
+    problems = []
+    for it in range(2):
+        gc.collect()
+        seed = 6000 + tokens + hidden + 2 * it + (1 if with_weights else 0)
+        xs, _, idxs, ws = make_inputs(seed, R, tokens, hidden, K, E, kind, False, with_weights)
+        tag = f"{combine_mode} T={tokens} H={hidden} {kind} w={with_weights} it={it} rank {me}"
+        idx_g = to_gpu(idxs[me])
+        w_g = to_gpu(ws[me]) if with_weights else None
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_g, E)
+        recv_x, _, recv_w, _, handle, _ = buf.dispatch(to_gpu(xs[me]), topk_idx=idx_g, topk_weights=w_g,
+                                                       num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                       num_tokens_per_expert=per_expert)
+        if not kernels.last_dispatch_direct:
+            problems.append(f"{tag}: the dispatch did not write the arena")
+        x_in = cp.array(recv_x) if push else recv_x
+        got, got_w, _ = buf.combine(x_in, handle, topk_weights=recv_w if with_weights else None)
+        if kernels.last_combine_pull != (not push):
+            problems.append(f"{tag}: combine pull={kernels.last_combine_pull}, expected {not push}")
+        res = reference.dispatch(xs, idxs, ws, E)
+        want, want_w = reference.combine([r.recv_x for r in res], res,
+                                         topk_weights=[r.recv_topk_weights for r in res] if with_weights else None)[me]
+        if not np.array_equal(host(got).view(np.uint16), want.view(np.uint16)):
+            diff = np.abs(host(got).astype(np.float32) - want.astype(np.float32)).max() if want.size else 0
+            problems.append(f"{tag}: combine differs (max abs {diff})")
+        if with_weights and not np.array_equal(host(got_w), want_w):
+            problems.append(f"{tag}: combined weights differ")
+        if not with_weights and got_w is not None:
+            problems.append(f"{tag}: combined weights returned without weights")
+        del recv_x, recv_w, x_in, got, got_w, handle
+    assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
