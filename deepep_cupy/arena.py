@@ -72,6 +72,14 @@ class ReceiveArena:
         """Bytes of the largest free extent: the largest block ``alloc`` can give now."""
         return max(self._sizes, default=0)
 
+    def holds(self, array) -> bool:
+        """Whether ``array``'s whole data (contiguous, non-empty; anything with ``.data.ptr``,
+        ``.nbytes``, ``.size`` and ``.flags.c_contiguous``, e.g. a CuPy array) lies in the arena."""
+        if array.size == 0 or not array.flags.c_contiguous:
+            return False
+        start = int(array.data.ptr)
+        return self.base_ptr <= start and start + array.nbytes <= self.base_ptr + self.nbytes
+
     def alloc(self, nbytes: int) -> Optional[ArenaBlock]:
         """A block of at least ``nbytes`` (256-byte aligned), or None when no free extent fits."""
         need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)

@@ -105,6 +105,21 @@ class SymmetricLayout:
         return num_ranks - 1, 2 * num_ranks
 
     @classmethod
+    def bytes_for(cls, num_ranks: int, staging_need: int, arena_need: int = 0, send_area: bool = False,
+                  arena: bool = False) -> int:
+        """The smallest ``total_bytes`` whose ``build`` gives each staging area ``staging_need``
+        bytes (and, with ``arena``, a receive arena of ``arena_need`` bytes)."""
+        control = cls.control_bytes(num_ranks)
+        staging_need = _align(staging_need)
+        if arena:
+            stage_parts, arena_parts = cls.arena_share(num_ranks)
+            rest = max(staging_need * (stage_parts + arena_parts) // max(stage_parts, 1),
+                       -(-arena_need * (stage_parts + arena_parts) // arena_parts))
+            return control + _align(rest) + 2 * _ALIGN
+        areas = 3 if send_area else 2
+        return control + areas * staging_need + areas * _ALIGN
+
+    @classmethod
     def build(cls, num_ranks: int, total_bytes: int, send_area: bool = False,
               arena: bool = False) -> "SymmetricLayout":
         """Carve ``total_bytes`` (the buffer's num_nvl_bytes, or its RDMA region) for ``num_ranks``
@@ -176,22 +191,16 @@ def size_hint(num_ranks: int, max_tokens_per_rank: int, hidden: int, num_topk: i
     row = max(dispatch_row_bytes(hidden * elem_bytes, 0, num_topk),
               dispatch_row_bytes(hidden, scale_bytes, num_topk),
               combine_row_bytes(hidden * elem_bytes, num_topk))
-    control = SymmetricLayout.control_bytes(num_ranks)
+    stage_need = (num_ranks - 1) * max_tokens_per_rank * row
     if arena:
-        stage_need = _align((num_ranks - 1) * max_tokens_per_rank * row)
         receive = max(arena_row_bytes(hidden * elem_bytes, 0, num_topk), arena_row_bytes(hidden, scale_bytes, num_topk))
         # + 64 rows a rank: a non-cached dispatch takes its blocks for the most rows it may receive
         # (a staging slot per peer, a little over max_tokens_per_rank) while the last one is kept
         arena_need = 2 * (num_ranks * max_tokens_per_rank * receive + 5 * _ALIGN) + num_ranks * 64 * receive
-        stage_parts, arena_parts = SymmetricLayout.arena_share(num_ranks)
-        rest = max(stage_need * (stage_parts + arena_parts) // max(stage_parts, 1),
-                   -(-arena_need * (stage_parts + arena_parts) // arena_parts))
-        return control + _align(rest) + 2 * _ALIGN
+        return SymmetricLayout.bytes_for(num_ranks, stage_need, arena_need, arena=True)
     if num_ranks == 1:
-        return _align(control) + _ALIGN
-    per_area = _align((num_ranks - 1) * max_tokens_per_rank * row)
-    areas = 3 if send_area else 2
-    return control + areas * per_area + areas * _ALIGN
+        return _align(SymmetricLayout.control_bytes(1)) + _ALIGN
+    return SymmetricLayout.bytes_for(num_ranks, stage_need, send_area=send_area)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -593,13 +602,6 @@ class IntranodeKernels:
         self._check_capacity(num_tokens, slot_rows, row_bytes, "dispatch")
         return row_bytes, slot_rows
 
-    def _in_arena(self, a) -> bool:
-        """Whether array ``a``'s whole (contiguous, non-empty) data lies inside this rank's receive arena."""
-        if self.arena is None or a.size == 0 or not a.flags.c_contiguous:
-            return False
-        lo, hi = self.arena.base_ptr, self.arena.base_ptr + self.arena.nbytes
-        return lo <= int(a.data.ptr) and int(a.data.ptr) + a.nbytes <= hi
-
     def combine(self, x, handle: IntranodeHandle, topk_weights, bias0, bias1, num_sms: int, stream):
         """bump_seq + combine on ``stream``; returns (combined_x, combined_weights or None).
 
@@ -612,7 +614,8 @@ class IntranodeKernels:
         row_bytes = combine_row_bytes(hidden * x.itemsize, num_topk)
         slot_rows = self.layout.slot_rows(row_bytes)
         self._check_capacity(handle.num_tokens, slot_rows, row_bytes, "combine")
-        pull = (not self.puts and self._in_arena(x) and (topk_weights is None or self._in_arena(topk_weights)))
+        pull = (not self.puts and self.arena is not None and self.arena.holds(x)
+                and (topk_weights is None or self.arena.holds(topk_weights)))
         self.last_combine_pull = pull
         out = cupy.empty((handle.num_tokens, hidden), dtype=x.dtype)
         out_w = None if topk_weights is None else cupy.empty((handle.num_tokens, num_topk), cupy.float32)
@@ -635,9 +638,10 @@ class IntranodeKernels:
 
     def _check_capacity(self, num_tokens: int, slot_rows: int, row_bytes: int, what: str) -> None:
         if self.num_ranks > 1 and num_tokens > slot_rows:
-            areas = 3 if self.puts else 2
-            need = SymmetricLayout.control_bytes(self.num_ranks) + \
-                areas * _align((self.num_ranks - 1) * num_tokens * row_bytes) + areas * _ALIGN
+            # as large as this layout kind needs for that staging (an arena layout keeps its arena)
+            need = SymmetricLayout.bytes_for(self.num_ranks, (self.num_ranks - 1) * num_tokens * row_bytes,
+                                             self.layout.arena_bytes, send_area=self.puts,
+                                             arena=self.layout.arena_bytes > 0)
             region, hint = (("num_rdma_bytes", "get_internode_size_hint") if self.puts
                             else ("num_nvl_bytes", "get_intranode_size_hint"))
             raise DeepEPInvalid(f"x: {num_tokens} rows exceed the {slot_rows} rows the buffer's "

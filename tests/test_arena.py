@@ -124,3 +124,31 @@ def test_layout_struct_bytes_match_the_kernel_struct(num_ranks):
     assert layout.combine_info + 64 * r <= layout.combine_info_flags
     assert layout.combine_info_flags + 8 * r <= layout.combine_done
     assert layout.combine_done + 16 * r + 8 <= SymmetricLayout.control_bytes(r) <= layout.dispatch_staging
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3, 8])
+@pytest.mark.parametrize("kind", ["staged", "puts", "arena"])
+def test_bytes_for_gives_the_staging_it_promises(num_ranks, kind):
+    """``SymmetricLayout.bytes_for`` (the size hint, and the size a capacity error advises) builds
+    a layout whose staging areas hold the bytes asked for, and an arena layout keeps its arena."""
+    for need in (1, 4096 * 14416, 12345 * 777):
+        arena_need = 3 * need if kind == "arena" else 0
+        total = SymmetricLayout.bytes_for(num_ranks, need, arena_need, send_area=kind == "puts",
+                                          arena=kind == "arena")
+        layout = SymmetricLayout.build(num_ranks, total, send_area=kind == "puts", arena=kind == "arena")
+        assert layout.staging_bytes >= need and layout.arena_bytes >= arena_need
+
+
+def test_holds_only_arrays_wholly_inside():
+    arena = ReceiveArena(base_ptr=1 << 20, nbytes=4096, device_id=0)
+
+    class Arr:
+        def __init__(self, ptr, nbytes, contiguous=True):
+            self.data = type("P", (), {"ptr": ptr})()
+            self.nbytes = self.size = nbytes
+            self.flags = type("F", (), {"c_contiguous": contiguous})()
+    assert arena.holds(Arr(1 << 20, 4096)) and arena.holds(Arr((1 << 20) + 256, 100))
+    assert not arena.holds(Arr((1 << 20) + 4000, 200))        # runs past the end
+    assert not arena.holds(Arr((1 << 20) - 16, 64))          # starts before it
+    assert not arena.holds(Arr(1 << 20, 0))                  # empty
+    assert not arena.holds(Arr(1 << 20, 64, contiguous=False))
