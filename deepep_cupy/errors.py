@@ -20,7 +20,8 @@ class DeepEPError(RuntimeError):
 
 
 class DeepEPTimeout(DeepEPError):
-    """A GPU wait loop gave up: a peer never arrived. The message names the rank and the phase."""
+    """A wait gave up: a peer never arrived (a GPU wait loop, or the reference backend's exchange).
+    The message names the rank, the phase and, where known, the peer."""
 
 
 class DeepEPCompileError(DeepEPError):

@@ -2,22 +2,33 @@
 
 Each MPI process is one rank. The backend runs exactly the per-rank pieces of
 :mod:`deepep_cupy.reference` (pack on the sender, unpack/reduce on the receiver) and moves the
-pieces with ``comm.alltoall`` (each rank sends every other rank only the rows meant for it), so
-its results are bit-identical to the single-process reference model.
+pieces between the ranks (each rank sends every other rank only the rows meant for it), so its
+results are bit-identical to the single-process reference model.
 
 Arguments reach this class already validated by the ``Buffer`` front end. Every method is a
 collective: all ranks must call the same methods in the same order.
+
+The pieces travel as non-blocking point-to-point messages on a private duplicate of the
+communicator, one tag per operation, polled against the same timeout as the GPU wait loops
+(``settings.timeout_seconds``): a rank that died or never made the call makes every other rank
+raise ``DeepEPTimeout`` naming it, instead of blocking in MPI forever (a blocking ``alltoall``
+would). The tag per operation keeps a late rank's messages of a timed-out operation from being
+taken for a later one's.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Optional, Tuple
+import os
+import time
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import reference as ref
-from .errors import DeepEPInvalid
+from .config import settings
+from .errors import DeepEPInvalid, DeepEPTimeout
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -107,6 +118,11 @@ def _detect_ranks_per_node(comm) -> int:
     return size
 
 
+def _ranks(ranks: Sequence[int]) -> str:
+    """``"rank 3"`` or ``"ranks 2, 3"``."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
 class ReferenceBackend:
     """Runs deepep_cupy's operations on the CPU across the ranks of an MPI communicator.
 
@@ -115,15 +131,158 @@ class ReferenceBackend:
         ranks_per_node: ranks per node (node of rank ``r`` is ``r // ranks_per_node``); ``None``
             detects it with ``MPI.COMM_TYPE_SHARED`` (a collective call). It only affects
             ``num_tokens_per_rdma_rank``.
+        timeout_seconds: how long one exchange waits for the other ranks before it raises
+            ``DeepEPTimeout``; ``None`` reads ``settings.timeout_seconds`` at each call (as the
+            GPU kernels do).
+
+    The constructor is collective (it duplicates ``comm``); :meth:`destroy` is not. Every
+    collective method raises ``DeepEPTimeout`` naming the phase and the ranks it waited for when
+    they do not take part within :attr:`timeout`; the ranks are out of step after that.
     """
 
-    def __init__(self, comm, ranks_per_node: Optional[int] = None):
+    def __init__(self, comm, ranks_per_node: Optional[int] = None,
+                 timeout_seconds: Optional[float] = None):
+        from mpi4py import MPI
+
         self.comm = comm
         self.rank = comm.Get_rank()
         self.num_ranks = comm.Get_size()
         if ranks_per_node is None:
             ranks_per_node = _detect_ranks_per_node(comm)
         self.ranks_per_node = int(ranks_per_node)
+        self.timeout_seconds = None if timeout_seconds is None else float(timeout_seconds)
+        # private communicator: our point-to-point messages must never meet the caller's own on
+        # `comm` (an any-tag receive of theirs would take ours); errors come back as exceptions
+        self._comm = comm.Dup()
+        self._comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self._tag_ub = int(self._comm.Get_attr(MPI.TAG_UB))
+        self._op = 0                      # operations so far; identical on every rank in step
+        self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
+        # tags of recent timed-out exchanges: their late messages are received and dropped
+        self._stale_tags: collections.deque = collections.deque(maxlen=64)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def timeout(self) -> float:
+        """Seconds an exchange waits for its peers (``timeout_seconds`` or the setting)."""
+        return float(settings.timeout_seconds if self.timeout_seconds is None else self.timeout_seconds)
+
+    def barrier(self, phase: str = "barrier") -> None:
+        """Collective: return once every rank has called it; ``DeepEPTimeout`` naming the ranks
+        that did not within :attr:`timeout` (``comm.Barrier()`` would wait forever for a dead one).
+        """
+        self._exchange([None] * self.num_ranks, phase)
+
+    def destroy(self) -> None:
+        """Free the private communicator. Local (no message): safe with a dead peer, after a
+        timeout. Idempotent; the backend is unusable afterwards."""
+        if getattr(self, "_comm", None) is None:
+            return
+        self._reap()
+        comm, self._comm = self._comm, None
+        # requests still pending (to a dead peer) refer to the communicator: leave it to them
+        if not self._stale_requests:
+            comm.Free()
+
+    # ---------------------------------------------------------------- exchange
+
+    def _exchange(self, pieces: Sequence, phase: str) -> List:
+        """Send ``pieces[p]`` to every rank ``p`` and return what each rank sent here (indexed by
+        source; this rank's own piece is passed through). Non-blocking messages, polled until
+        :attr:`timeout`.
+
+        Raises:
+            DeepEPTimeout: some rank's piece did not arrive, or some rank did not take ours, in
+                time (names the ranks and ``phase``); or MPI reported a failed peer.
+            DeepEPInvalid: the backend was destroyed.
+        """
+        from mpi4py import MPI
+
+        comm = self._comm
+        if comm is None:
+            raise DeepEPInvalid("self: this ReferenceBackend was destroyed")
+        me, n = self.rank, self.num_ranks
+        received = [None] * n
+        received[me] = pieces[me]
+        if n == 1:
+            return received
+        self._op += 1
+        tag = self._op % self._tag_ub
+        self._reap()
+        timeout = self.timeout
+        deadline = time.monotonic() + timeout
+        peer = me
+        try:
+            sends = {}
+            for peer in range(n):
+                if peer != me:
+                    sends[peer] = comm.isend(pieces[peer], dest=peer, tag=tag)
+            unmatched = set(sends)  # peers whose message has not even started to arrive
+            recvs = {}              # peer -> receive of its matched message
+            idle = 0
+            while True:
+                busy = False
+                for peer in sorted(unmatched):
+                    msg = comm.improbe(source=peer, tag=tag)
+                    if msg is not None:
+                        recvs[peer] = msg.irecv()
+                        unmatched.discard(peer)
+                        busy = True
+                for peer, req in list(recvs.items()):
+                    done, obj = req.test()
+                    if done:
+                        received[peer] = obj
+                        del recvs[peer]
+                        busy = True
+                for peer, req in list(sends.items()):
+                    if req.Test():
+                        del sends[peer]
+                        busy = True
+                if not (unmatched or recvs or sends):
+                    return received
+                if time.monotonic() > deadline:
+                    break
+                idle = 0 if busy else idle + 1
+                if not busy and (self._stale_tags or self._stale_requests):
+                    self._reap()   # a late peer may wait on us to take its old message
+                # spin briefly (the peers are usually just behind), then yield the core: ranks
+                # often outnumber cores on a CPU machine
+                if idle < 50:
+                    os.sched_yield()
+                else:
+                    time.sleep(min(1e-3, 2e-5 * (idle - 49)))
+        except MPI.Exception as e:
+            raise DeepEPTimeout(f"rank {me}: {phase}: MPI failed talking to rank {peer} (did it die?): "
+                                f"{e}") from e
+        # out of step now: keep what is in flight alive, drain what comes late for this tag
+        self._stale_requests.extend(sends.values())
+        self._stale_requests.extend(recvs.values())
+        self._stale_tags.append(tag)
+        late = [(sorted(unmatched), "sent nothing"), (sorted(recvs), "sent only part of its data"),
+                (sorted(set(sends) - unmatched - set(recvs)), "did not take this rank's data")]
+        what = ", ".join(f"{_ranks(r)} {w}" for r, w in late if r)
+        raise DeepEPTimeout(f"rank {me}: {phase} timed out: {what} within {timeout:g} s "
+                            f"(died, or did not make the same call?)")
+
+    def _reap(self) -> None:
+        """Forget finished requests of timed-out exchanges and receive (and drop) the messages a
+        late rank sent for them, so its sends complete and nothing piles up."""
+        from mpi4py import MPI
+
+        comm = self._comm
+        if comm is None or not (self._stale_tags or self._stale_requests):
+            return
+        try:
+            for tag in self._stale_tags:
+                while True:
+                    msg = comm.improbe(source=MPI.ANY_SOURCE, tag=tag)
+                    if msg is None:
+                        break
+                    self._stale_requests.append(msg.irecv())
+            self._stale_requests = [r for r in self._stale_requests if not r.Test()]
+        except MPI.Exception:
+            pass  # a failed peer's requests: nothing to recover, the next exchange reports it
 
     # ---------------------------------------------------------------- high throughput
 
@@ -165,11 +324,10 @@ class ReferenceBackend:
             DeepEPInvalid: some rank would receive more than ``num_worst_tokens`` tokens (raised
             on every rank, before any data moves).
         """
-        comm = self.comm
         num_ranks = self.num_ranks
         if handle is not None:
             pieces = ref.dispatch_pack(x, x_scales, None, None, handle.is_token_in_rank)
-            received = comm.alltoall(pieces)
+            received = self._exchange(pieces, "cached dispatch exchange")
             res = ref.dispatch_unpack(
                 received, rank=self.rank, num_experts=handle.num_experts,
                 rank_prefix_matrix=handle.rank_prefix_matrix,
@@ -182,7 +340,7 @@ class ReferenceBackend:
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         is_token_in_rank = ref.token_in_rank(topk_idx, num_experts, num_ranks)
         counts = is_token_in_rank.sum(axis=0, dtype=np.int64)
-        gathered = comm.allgather((int(x.shape[0]), counts))
+        gathered = self._exchange([(int(x.shape[0]), counts)] * num_ranks, "dispatch count exchange")
         src_num_tokens = tuple(g[0] for g in gathered)
         prefix = ref.rank_prefix_matrix_from_counts(np.stack([g[1] for g in gathered]))
         if num_worst_tokens > 0:
@@ -193,7 +351,7 @@ class ReferenceBackend:
                 raise DeepEPInvalid(f"num_worst_tokens={num_worst_tokens} is too small: rank {r} "
                                     f"receives {int(totals[r])} tokens")
         pieces = ref.dispatch_pack(x, x_scales, topk_idx, topk_weights, is_token_in_rank)
-        received = comm.alltoall(pieces)
+        received = self._exchange(pieces, "dispatch exchange")
         res = ref.dispatch_unpack(
             received, rank=self.rank, num_experts=num_experts, rank_prefix_matrix=prefix,
             src_num_tokens=src_num_tokens, x_template=x[:0],
@@ -222,7 +380,7 @@ class ReferenceBackend:
             ``(combined_x [T, H] dtype of x, combined_topk_weights float32 [T, K] or None)``.
         """
         pieces = ref.combine_pack(x, topk_weights, handle.rank_prefix_matrix, self.rank)
-        received = self.comm.alltoall(pieces)
+        received = self._exchange(pieces, "combine exchange")
         token_indices = [np.nonzero(handle.is_token_in_rank[:, r])[0]
                          for r in range(self.num_ranks)]
         return ref.combine_reduce(
@@ -251,7 +409,7 @@ class ReferenceBackend:
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         pieces = ref.low_latency_pack(x, topk_idx, num_experts, self.num_ranks, use_fp8,
                                       round_scale, use_ue8m0)
-        received = self.comm.alltoall(pieces)
+        received = self._exchange(pieces, "low-latency dispatch exchange")
         res = ref.low_latency_unpack(
             received, rank=self.rank, num_experts=num_experts,
             num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
@@ -281,7 +439,7 @@ class ReferenceBackend:
         """
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         pieces = ref.low_latency_combine_pack(x, handle.layout_begin, handle.layout_count)
-        received = self.comm.alltoall(pieces)
+        received = self._exchange(pieces, "low-latency combine exchange")
         combined = ref.low_latency_combine_reduce(received, topk_idx,
                                                   np.asarray(topk_weights, dtype=np.float32),
                                                   handle.num_experts, handle.hidden)
