@@ -253,7 +253,9 @@ extern "C" __global__ void intranode_bump_seq(uint64_t* seq) { *seq += 1; }
 // writes them to `recv_info` (device) and to the pinned host record `host_info` (last word: seq).
 //
 // recv_info / host_info int32 layout: [0..R] offsets, [R+1..2R] source token counts,
-// [2R+1..2R+L] aligned per-expert counts, then at the end (host only) the seq as int64.
+// [2R+1..2R+L] aligned per-expert counts; host only: the seq as int64 at a fixed position after
+// the largest layout (L = notify_ints - 2), so a call with fewer experts than the last one cannot
+// find the last call's counts where it polls for its seq.
 extern "C" __global__ void __launch_bounds__(1024, 1)
 intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
                  const int* __restrict__ num_tokens_per_rank,
@@ -330,11 +332,13 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
     __syncthreads();
     const volatile int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
     const int num_info = 2 * kNumRanks + 1 + num_local_experts;
+    volatile long long* host_seq = reinterpret_cast<volatile long long*>(
+        host_info + ((2 * kNumRanks + 1 + (layout.notify_ints - 2) + 1) & ~1));
     if (!ok) {  // timed out: an empty receive layout, so the data kernel moves nothing
         for (int i = threadIdx.x; i < num_info; i += blockDim.x) recv_info[i] = 0;
         if (threadIdx.x == 0 && host_info != nullptr) {
             __threadfence_system();
-            reinterpret_cast<volatile long long*>(host_info + ((num_info + 1) & ~1))[0] = static_cast<long long>(seq);
+            *host_seq = static_cast<long long>(seq);
         }
         return;
     }
@@ -359,7 +363,7 @@ intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        reinterpret_cast<volatile long long*>(host_info + ((num_info + 1) & ~1))[0] = static_cast<long long>(seq);
+        *host_seq = static_cast<long long>(seq);
     }
 }
 

@@ -216,6 +216,13 @@ DEEPEP_DEVICE bool wait_peers_received(uint8_t* region, const uint64_t* peers, c
     return ok;
 }
 
+// Whether a wait of this buffer has timed out (this call's or an earlier one's). A sender that sees
+// it writes no meta and raises no flag: peers then time out naming this rank instead of reading a
+// half that a lagging peer may still need (after a timeout the buffer is to be destroyed).
+DEEPEP_DEVICE bool buffer_timed_out(const deepep::ErrorRecord* err) {
+    return *reinterpret_cast<const volatile int*>(&err->code) == deepep::kTimeout;
+}
+
 // The receive half's last block: publish the operation count (peers' guards read it) and advance.
 DEEPEP_DEVICE void finish_receive(uint8_t* region, const LLLayout& lay, uint64_t* seq_ptr, uint64_t seq) {
     *seq_ptr = seq;
@@ -259,9 +266,10 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
     if (threadIdx.x < kNumRanks) s_peers[threadIdx.x] = peer_regions[threadIdx.x];
     if (threadIdx.x == 0) s_bad = 0;
     __syncthreads();
-    if (guard) wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
+    // a guard that timed out sends nothing (block-uniform: `ok` is shared)
+    const bool guard_ok = !guard || wait_peers_received(region, s_peers, lay, seq, timeout_ns, err, rank);
 
-    for (int t = blockIdx.x; t < shape.num_tokens; t += gridDim.x) {
+    for (int t = blockIdx.x; guard_ok && t < shape.num_tokens; t += gridDim.x) {
         const long long first = static_cast<long long>(t) * K;
         if (threadIdx.x < K) {
             const int64_t raw = topk_idx[first + threadIdx.x];
@@ -410,6 +418,10 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
     if (threadIdx.x == 0 && s_bad)
         deepep::record_error(err, deepep::kBadValue, kPhaseBadExpertId, clamp_to_int32(s_bad_id), rank);
     if (!last_block_done<true>(done_counter)) return;   // the caller continues (fused kernels)
+    if (buffer_timed_out(err)) {   // no meta, no flags (see buffer_timed_out)
+        if (threadIdx.x == 0) *seq_ptr = seq;
+        return;
+    }
     // meta of every destination, then its flag
     const int meta_len = 1 + num_local;
     const long long meta_off = half_off + lay.recv_meta + static_cast<long long>(rank) * lay.meta_ints * 4;
@@ -613,6 +625,7 @@ struct CombineShared {
     uint64_t peers[kNumRanks];
     int src_tokens[kNumRanks];
     int token_span;              // max over sources of src_tokens
+    bool guard_ok;               // the reuse guard did not time out: send
     bool last_send, last_recv;
 };
 
@@ -631,14 +644,15 @@ DEEPEP_DEVICE void combine_send_prologue(CombineShared& sh, const uint64_t* peer
         for (int s = 0; s < kNumRanks; ++s) span = max(span, sh.src_tokens[s]);
         sh.token_span = span;
     }
-    if (guard) wait_peers_received(region, sh.peers, lay, seq, timeout_ns, err, rank);
+    const bool ok = !guard || wait_peers_received(region, sh.peers, lay, seq, timeout_ns, err, rank);
+    if (threadIdx.x == 0) sh.guard_ok = ok;
     __syncthreads();
 }
 
 DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const unsigned short* __restrict__ x,
                                      const int* __restrict__ combine_slot, const LLShape& shape, const LLLayout& lay,
                                      uint8_t* region, unsigned int put_mask, int rank, uint64_t seq, uint64_t* seq_ptr,
-                                     unsigned int* done_counter, int use_tma) {
+                                     unsigned int* done_counter, int use_tma, const deepep::ErrorRecord* err) {
     const int lane = threadIdx.x % kWarpSize;
     extern __shared__ __align__(128) uint8_t tma_smem[];
     __shared__ __align__(8) uint64_t tma_bars[16][2];
@@ -649,7 +663,7 @@ DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const 
     const long long row_bytes = 2LL * shape.hidden;
     const int part_bytes = static_cast<int>(row_bytes / kCombineParts);
     const long long half_off = static_cast<long long>(seq & 1) * lay.half_bytes;
-    const int items = sh.token_span * kNumRanks * K * kCombineParts;   // <= 2^21: M, K, R bounded
+    const int items = sh.guard_ok ? sh.token_span * kNumRanks * K * kCombineParts : 0;   // <= 2^21: M, K, R bounded
     for (int item = role.global_warp(); item < items; item += role.global_warps()) {
         const int part = item % kCombineParts;
         const int entry = item / kCombineParts;                        // (t, s, k), token-major
@@ -682,7 +696,7 @@ DEEPEP_DEVICE void combine_send_role(const Role& role, CombineShared& sh, const 
     if (use_tma && lane == 0) tma.release_pending(true);
     if (put_mask && role.tid() == 0) quiet_puts();
     if (!role.last_block_done<true>(done_counter, &sh.last_send)) return;
-    if (role.tid() < kNumRanks) {
+    if (role.tid() < kNumRanks && !buffer_timed_out(err)) {   // no flags after a timeout (buffer_timed_out)
         const int s = role.tid();
         const long long flag_off = half_off + lay.combine_flags + static_cast<long long>(rank) * 8;
         const uint64_t base = s == rank ? reinterpret_cast<uint64_t>(region) : sh.peers[s];
@@ -773,6 +787,17 @@ DEEPEP_DEVICE void combine_recv_role(const Role& role, bool* s_last, const int64
         reinterpret_cast<int4*>(out + static_cast<long long>(t) * H)[h] = o;
     }
     if (!role.last_block_done<false>(done_counter, s_last)) return;
+    // Every source's flag, not only those of the sources my tokens needed: a peer raises it after its
+    // combine send, which follows its receive of the dispatch that last used the other half. Without
+    // this, a rank whose tokens avoid peer P could finish here and send the next dispatch into the
+    // half whose dispatch P has not received yet (docs/reliability.md, LL reuse).
+    __shared__ bool s_all;
+    if (role.tid() == 0) {
+        s_all = !buffer_timed_out(err);   // a token's wait already gave up: do not wait again
+        for (int s = 0; s < kNumRanks && s_all; ++s)
+            s_all = deepep::wait_geq(flags + s, seq, timeout_ns, err, kPhaseLLCombineRecv, s, rank);
+    }
+    role.sync();
     for (int t = role.tid(); t < shape.num_tokens; t += role.threads()) arrived[t] = 0;   // for operation seq + 2
     role.sync();
     if (role.tid() == 0) finish_receive(region, lay, seq_ptr, seq);
@@ -834,7 +859,7 @@ extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_
     combine_send_prologue(sh, peer_regions, src_tokens, region, lay, seq, rank, guard, timeout_ns, err);
     const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
     combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_ranks(peer_regions), rank, seq, seq_ptr,
-                      done_counter, use_tma);
+                      done_counter, use_tma, err);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -862,13 +887,13 @@ ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, int reduce_warps) {
     if (reduce_warps <= 0 || reduce_warps >= warps) {
         const Role all{0, warps, 1};
         combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter, use_tma);
+                          done_counter, use_tma, err);
         combine_recv_role(all, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
                           recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
     } else if (warp < warps - reduce_warps) {
         const Role senders{0, warps - reduce_warps, 1};
         combine_send_role(senders, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter, use_tma);
+                          done_counter, use_tma, err);
     } else {
         const Role reducers{warps - reduce_warps, reduce_warps, 2};
         combine_recv_role(reducers, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,

@@ -22,21 +22,49 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
 from . import arrays, discovery, jit
-from .config import Config
+from .config import Config, settings
 from .errors import DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
-from .validation import (VECTOR_ALIGNMENT, check_index_range, expect_aligned, expect_array, expect_bool,
-                         expect_int, expect_optional_array)
+from .validation import (VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_index_range, check_same_values,
+                         expect_aligned, expect_array, expect_bool, expect_int, expect_optional_array,
+                         expect_stream_args)
 
 __all__ = ["Buffer"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gpu", "reference")
+
+
+def _checked(method):
+    """With ``settings.check_each_call``, run ``Buffer.check`` after the call (and after the hook it
+    returns, if any), unless the current stream is capturing a CUDA graph."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        if not settings.check_each_call or self.backend_name != "gpu" or _capturing():
+            return out
+        self.check(method.__name__)
+        if isinstance(out, tuple) and out and callable(out[-1]):
+            hook = out[-1]
+
+            def checked_hook():
+                hook()
+                if not _capturing():
+                    self.check(f"{method.__name__} (hook)")
+            out = out[:-1] + (checked_hook,)
+        return out
+    return wrapper
+
+
+def _capturing() -> bool:
+    import cupy
+    return cupy.cuda.get_current_stream().is_capturing()
 
 
 class Buffer:
@@ -107,6 +135,7 @@ class Buffer:
         else:
             from .reference_backend import ReferenceBackend
             self._backend = ReferenceBackend(comm, ranks_per_node=self.ranks_per_node)
+        self._handles = HandleRegistry(f"Buffer(rank={self.rank}, backend={local_choice})")
         self._destroyed = False
         log.info("rank %d/%d: Buffer up (backend %s, %d nodes of %d)", self.rank, self.num_ranks,
                  self.backend_name, self.num_nodes, self.ranks_per_node)
@@ -135,13 +164,34 @@ class Buffer:
         """Collective: free the buffer's memory; the last buffer of the process finalises NVSHMEM.
 
         Explicit, because garbage collection order across ranks is not collective. Idempotent.
+        A peer that does not arrive within ``settings.timeout_seconds`` (it died) does not hang it:
+        the GPU backend then leaves its memory and NVSHMEM to the process, which should exit
+        (``os._exit``: MPI_Finalize would wait for the dead rank too); the reference backend's
+        teardown is local anyway.
         """
         if getattr(self, "_destroyed", True):
             return
         self._destroyed = True
+        self._handles.close()
         destroy = getattr(self._backend, "destroy", None)
         if destroy is not None:
             destroy()
+
+    def check(self, what: str = "the last operation") -> None:
+        """Raise what this buffer's kernels reported, on the call that caused it.
+
+        Kernels report timeouts (a peer that never arrived), overflow and bad expert ids through an
+        error record that the next call on the buffer raises before it launches anything. ``check``
+        instead waits for the GPU (every kernel queued on this device; not a pending low-latency
+        hook, whose receive has not been launched) and raises at once: ``DeepEPTimeout`` naming
+        the rank, the phase and the peer, ``DeepEPInvalid`` for a bad expert id, ``DeepEPError``
+        for overflow. The record is cleared. ``settings.check_each_call = True`` does this after
+        every call. On the reference backend errors are raised by the call itself, so this only
+        checks that the buffer is alive. Not allowed while the stream captures a CUDA graph."""
+        backend = self._live()
+        check = getattr(backend, "check", None)
+        if check is not None:
+            check(what)
 
     def __enter__(self) -> "Buffer":
         return self
@@ -257,6 +307,48 @@ class Buffer:
             return arr          # already what the caller gets (the common hot path: no conversion)
         return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
 
+    def _checks_values(self) -> bool:
+        """Whether values inside arrays (NaN weights, layout outputs against topk_idx) are read before
+        a launch: always on the reference backend (free on numpy); on the GPU only with
+        ``settings.check_values`` and outside CUDA-graph capture (a device reduction and a host wait)."""
+        if self.backend_name != "gpu":
+            return True
+        from .config import settings
+        if not settings.check_values:
+            return False
+        import cupy
+        return not cupy.cuda.get_current_stream().is_capturing()
+
+    @property
+    def _xp(self):
+        if self.backend_name != "gpu":
+            import numpy
+            return numpy
+        import cupy
+        return cupy
+
+    def _check_layout_args(self, idx, num_experts: int, given: dict, previous_event) -> None:
+        """The ``get_dispatch_layout`` outputs passed to a dispatch must be those of ``idx`` and
+        ``num_experts`` (``given``: name -> backend array or None). Only where ``_checks_values``."""
+        if not any(a is not None for a in given.values()):
+            return
+        from .layout import MAX_LAYOUT_EXPERTS
+        if self.backend_name == "gpu":
+            if num_experts > MAX_LAYOUT_EXPERTS:
+                return
+            self._backend.check_index_range(idx, "topk_idx", -1, num_experts)   # before the layout kernel
+            per_rank, per_rdma, per_expert, in_rank, _ = self._backend.get_dispatch_layout(
+                idx, num_experts, previous_event, False, False)
+        else:
+            per_rank, per_rdma, per_expert, in_rank = self._backend.get_dispatch_layout(idx, num_experts)
+        want = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                    num_tokens_per_expert=per_expert, is_token_in_rank=in_rank)
+        for name, arr in given.items():
+            if arr is not None and want[name] is not None:
+                check_same_values(arr, want[name], name, self._xp, f"topk_idx and num_experts={num_experts}",
+                                  "pass what get_dispatch_layout returned for this topk_idx and num_experts "
+                                  "(a stale layout, or one for another num_experts?)")
+
     def _check_num_experts(self, num_experts) -> int:
         num_experts = expect_int(num_experts, "num_experts", minimum=1)
         if num_experts % self.num_ranks:
@@ -271,6 +363,7 @@ class Buffer:
         return desc
 
     # ---------------------------------------------------------------------- high-throughput mode
+    @_checked
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False) -> tuple:
         """Count what a dispatch will send: tokens per rank, per node and per expert.
@@ -298,15 +391,11 @@ class Buffer:
         if self.backend_name == "gpu" and num_experts > MAX_LAYOUT_EXPERTS:
             raise DeepEPInvalid(f"num_experts: at most {MAX_LAYOUT_EXPERTS} supported, got {num_experts}")
         desc = self._check_topk_idx(topk_idx, num_experts)
-        async_finish = expect_bool(async_finish, "async_finish")
-        allocate_on_comm_stream = expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+        expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         idx = self._take(topk_idx, "topk_idx")
         if self.backend_name != "gpu":
             import numpy as np
             check_index_range(idx, "topk_idx", -1, num_experts, np)
-            if previous_event is not None and not isinstance(previous_event, EventOverlap):
-                raise DeepEPTypeError(f"previous_event: expected an EventOverlap or None, got "
-                                      f"{type(previous_event).__name__}")
             out = backend.get_dispatch_layout(idx, num_experts)
             return tuple(out) + (EventOverlap(None),)
         per_rank, per_rdma, per_expert, in_rank, event = backend.get_dispatch_layout(
@@ -334,6 +423,7 @@ class Buffer:
                                 f"of {d.dtype}")
         return self._take(x, name, VECTOR_ALIGNMENT), None, d
 
+    @_checked
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
@@ -369,6 +459,7 @@ class Buffer:
         """
         self._live()
         data, scales, xd = self._check_x(x)
+        expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         expert_alignment = expect_int(expert_alignment, "expert_alignment", minimum=1)
         num_worst_tokens = expect_int(num_worst_tokens, "num_worst_tokens", minimum=0)
         if config is not None and not isinstance(config, Config):
@@ -383,6 +474,9 @@ class Buffer:
                 raise DeepEPInvalid("topk_idx: must be None in cached mode (with handle)")
             if num_tokens != handle.num_tokens:
                 raise DeepEPInvalid(f"x: the handle was made for {handle.num_tokens} tokens, got {num_tokens}")
+            if num_tokens_per_expert is not None:   # ignored in cached mode, but must not contradict the handle
+                expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32",
+                             shape=(handle.num_experts,), device=self._device)
             if self.backend_name == "gpu":
                 out = self._backend.dispatch(
                     data, scales, None, None, None, None, None, handle.num_experts, 1, handle.num_worst_tokens,
@@ -418,8 +512,18 @@ class Buffer:
                                     f"{num_experts // self.num_ranks}")
             idx = self._take(topk_idx, "topk_idx")
             weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
+            take = lambda a, n: None if a is None else self._take(a, n)
+            if self.backend_name != "gpu":     # (the GPU checks ids on the device, see get_dispatch_layout)
+                check_index_range(idx, "topk_idx", -1, num_experts, self._xp)
+            if self._checks_values():
+                if weights is not None:     # the weights of -1 slots are never read
+                    check_finite(weights, "topk_weights", self._xp, where=idx >= 0)
+                self._check_layout_args(idx, num_experts, {
+                    n: take(a, n) for n, a in (("num_tokens_per_rank", num_tokens_per_rank),
+                                               ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
+                                               ("num_tokens_per_expert", num_tokens_per_expert),
+                                               ("is_token_in_rank", is_token_in_rank))}, previous_event)
             if self.backend_name == "gpu":
-                take = lambda a, n: None if a is None else self._take(a, n)
                 out = self._backend.dispatch(
                     data, scales, idx, weights, take(num_tokens_per_rank, "num_tokens_per_rank"),
                     take(is_token_in_rank, "is_token_in_rank"), take(num_tokens_per_expert, "num_tokens_per_expert"),
@@ -427,13 +531,11 @@ class Buffer:
                     expect_bool(async_finish, "async_finish"),
                     expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
                 return self._gpu_dispatch_result(out, xd, scales is not None)
-            import numpy as np
-            check_index_range(idx, "topk_idx", -1, num_experts, np)
             out = self._backend.dispatch(data, scales, idx, weights, num_experts, expert_alignment,
                                          num_worst_tokens)
         recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
         recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, recv_idx, recv_w, per_expert, new_handle, EventOverlap(None)
+        return recv, recv_idx, recv_w, per_expert, self._handles.add(new_handle), EventOverlap(None)
 
     def _dispatch_by_rank_mask(self, data, scales, xd, num_tokens_per_rank, is_token_in_rank,
                                topk_weights, num_worst_tokens, config, previous_event, async_finish,
@@ -452,6 +554,9 @@ class Buffer:
                      device=self._device)
         in_rank = self._take(is_token_in_rank, "is_token_in_rank")
         per_rank = self._take(num_tokens_per_rank, "num_tokens_per_rank")
+        if self._checks_values():
+            check_same_values(per_rank, in_rank.sum(axis=0, dtype=self._xp.int32), "num_tokens_per_rank",
+                              self._xp, "the column sums of is_token_in_rank")
         if self.backend_name == "gpu":
             import cupy
             zeros = cupy.zeros(self.num_ranks, dtype=cupy.int32)   # one (empty) expert per rank
@@ -468,7 +573,7 @@ class Buffer:
         recv_x, recv_scales, _, _, _, handle = self._backend.dispatch(
             data, scales, synthetic, None, self.num_ranks, 1, num_worst_tokens)
         recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, None, None, [], handle, EventOverlap(None)
+        return recv, None, None, [], self._handles.add(handle), EventOverlap(None)
 
     @property
     def _handle_kind(self) -> str:
@@ -486,8 +591,9 @@ class Buffer:
         recv = self._give(recv_x, fw, xd.dtype)
         if fp8:
             recv = (recv, self._give(recv_scales, fw, "float32"))
-        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, handle, event)
+        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, self._handles.add(handle), event)
 
+    @_checked
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> tuple:
@@ -508,6 +614,7 @@ class Buffer:
         """
         self._live()
         self._check_handle(handle, self._handle_kind)
+        expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         rows = handle.num_rows if self.backend_name == "gpu" else (handle.num_worst_tokens or handle.num_recv_tokens)
         xd = expect_array(x, "x", dtype=("bfloat16", "float32"), shape=(rows, None), device=self._device)
         if self.backend_name == "gpu" and (xd.shape[1] * xd.itemsize) % 16:
@@ -526,6 +633,9 @@ class Buffer:
                 raise DeepEPTypeError(f"bias: expected dtype {xd.dtype} like x, got {arrays.describe(b).dtype}")
         taken = tuple(None if b is None else self._take(b, f"bias[{i}]" if isinstance(bias, tuple) else "bias",
                                                         VECTOR_ALIGNMENT) for i, b in enumerate(biases))
+        if topk_weights is not None and self._checks_values():   # padding rows (source -1) are not read
+            check_finite(self._take(topk_weights, "topk_weights"), "topk_weights", self._xp,
+                         where=(handle.recv_src_idx >= 0)[:, None])
         if self.backend_name == "gpu":
             if config is not None and not isinstance(config, Config):
                 raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
@@ -548,17 +658,20 @@ class Buffer:
         return combined, combined_w, EventOverlap(None)
 
     # ---------------------------------------------------------------------------- low-latency mode
-    def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int, num_experts: int) -> None:
+    def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int, num_experts: int,
+                                  hidden_name: str = "x") -> None:
         from .low_latency import MAX_EXPERTS, MAX_HIDDEN, MAX_TOKENS, MAX_TOPK
         if num_experts > MAX_EXPERTS:
             raise DeepEPInvalid(f"num_experts: at most {MAX_EXPERTS} supported in low-latency mode, got {num_experts}")
         if m > MAX_TOKENS:
             raise DeepEPInvalid(f"num_max_dispatch_tokens_per_rank: at most {MAX_TOKENS} supported, got {m}")
         if hidden % 128 or not 128 <= hidden <= MAX_HIDDEN:
-            raise DeepEPInvalid(f"x: low-latency hidden sizes are multiples of 128 up to {MAX_HIDDEN}, got {hidden}")
+            raise DeepEPInvalid(f"{hidden_name}: low-latency hidden sizes are multiples of 128 up to {MAX_HIDDEN}, "
+                                f"got {hidden}")
         if num_topk > MAX_TOPK:
             raise DeepEPInvalid(f"topk_idx: at most {MAX_TOPK} top-k columns supported, got {num_topk}")
 
+    @_checked
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> tuple:
@@ -613,7 +726,7 @@ class Buffer:
             recv = self._give(recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
             if use_fp8:
                 recv = (recv, self._give(recv_scales, fw))
-            return recv, self._give(recv_count, fw), handle, event, hook
+            return recv, self._give(recv_count, fw), self._handles.add(handle), event, hook
         import numpy as np
         check_index_range(idx, "topk_idx", -1, num_experts, np)
         # one source fills at most M slots of an expert's region (only duplicates could exceed it)
@@ -624,8 +737,9 @@ class Buffer:
         recv_x, recv_count, handle = self._backend.low_latency_dispatch(
             self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
         hook = (lambda: None) if return_recv_hook else None
-        return recv_x, recv_count, handle, EventOverlap(None), hook
+        return recv_x, recv_count, self._handles.add(handle), EventOverlap(None), hook
 
+    @_checked
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None) -> tuple:
         """Weighted sum of each token's top-k expert outputs, back at its source (collective).
@@ -664,6 +778,9 @@ class Buffer:
             expect_bool(flag, name)
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
+        if self._checks_values():   # the weights of -1 slots are never read
+            check_finite(self._take(topk_weights, "topk_weights"), "topk_weights", self._xp,
+                         where=self._take(topk_idx, "topk_idx") >= 0)
         if zero_copy and self.backend_name == "gpu":
             if not self._backend.is_low_latency_combine_buffer(self._take(x, "x")):
                 raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
@@ -692,11 +809,11 @@ class Buffer:
         m = expect_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", minimum=1)
         hidden = expect_int(hidden, "hidden", minimum=1)
         num_experts = self._check_num_experts(num_experts)
-        self._check_low_latency_shapes(m, hidden, 1, num_experts)
+        self._check_low_latency_shapes(m, hidden, 1, num_experts, hidden_name="hidden")
         if self.backend_name == "gpu":
             self._backend.clean_low_latency_buffer(m, hidden, num_experts)
         else:
-            self.comm.Barrier()
+            self._backend.barrier("clean_low_latency_buffer barrier")   # gives up on a dead rank
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[L, R*M, H]`` array to write expert outputs into for a ``zero_copy`` combine
@@ -715,6 +832,7 @@ class Buffer:
         if type(handle).__name__ != kind:
             raise DeepEPTypeError(f"handle: expected the {kind} returned by this backend's dispatch, "
                                   f"got {type(handle).__name__}")
+        self._handles.check(handle, "handle")
 
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else self.backend_name

@@ -70,6 +70,11 @@ class Settings:
         share_gpus: let more ranks than GPUs run on a node, for tests on a machine with fewer GPUs
             under CUDA MPS; kernels that wait on peers then take only their share of the SMs
             ($DEEPEP_CUPY_SHARE_GPUS, default off).
+        check_each_call: after every dispatch, combine, layout and low-latency call (and hook),
+            wait for the GPU and raise what its kernels reported (``Buffer.check``), so an error
+            surfaces on the call that caused it instead of the next one; for debugging: it
+            serialises the host with the GPU; skipped while a stream captures a CUDA graph
+            ($DEEPEP_CUPY_CHECK_EACH_CALL, default off).
         intranode_dispatch: "direct" (default): a receiver whose outputs fit its symmetric receive
             arena has them written in place by its senders, one copy per row; "staged": the
             earlier kernel, every remote row through the receiver's staging area, two copies
@@ -96,6 +101,8 @@ class Settings:
     ll_combine_tma: bool = dataclasses.field(
         default_factory=lambda: _env_bool("DEEPEP_CUPY_LL_COMBINE_TMA", False))
     share_gpus: bool = dataclasses.field(default_factory=lambda: _env_bool("DEEPEP_CUPY_SHARE_GPUS", False))
+    check_each_call: bool = dataclasses.field(
+        default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_EACH_CALL", False))
     intranode_dispatch: str = dataclasses.field(
         default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_DISPATCH", "direct"))
 

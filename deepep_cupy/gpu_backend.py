@@ -74,17 +74,37 @@ class GpuBackend:
             raise
 
     # ------------------------------------------------------------------------------------------
+    def check(self, what: str) -> None:
+        """Wait for every kernel queued on this GPU, then raise what any of this buffer's kernels
+        reported (timeouts, overflow, bad expert ids), clearing the record. Pending low-latency
+        hooks are not waited for: their receive kernels have not been launched."""
+        import cupy
+        if cupy.cuda.get_current_stream().is_capturing():
+            raise DeepEPInvalid("check: the current stream is capturing a CUDA graph; check after the replay")
+        cupy.cuda.Device(self.device_id).synchronize()
+        self.input_errors.check(what)
+        for kernels in (self._intranode, self._internode, self._low_latency):
+            if kernels is not None:
+                kernels.check_errors(what)
+
     @property
     def device(self) -> tuple:
         """``("cuda", device_id)``: where inputs must live."""
         return ("cuda", self.device_id)
 
     def destroy(self) -> None:
-        """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM."""
+        """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM. If a peer
+        does not arrive within ``settings.timeout_seconds`` (it died), nothing collective is done:
+        the memory stays with this process, which should exit (see ``runtime.nvshmem``)."""
         import cupy
-        cupy.cuda.Device(self.device_id).synchronize()
+        cupy.cuda.Device(self.device_id).synchronize()   # our kernels end: every wait is bounded
         if self.symmetric is not None:
-            self.comm.Barrier()   # nobody may still be writing into our memory
+            # nobody may still be writing into our memory
+            if not nvshmem_runtime.timed_barrier(self.comm, settings.timeout_seconds):
+                self.symmetric = None
+                self.runtime._abandon("destroying a Buffer")
+                nvshmem_runtime.forget()
+                return
             self.runtime.free(self.symmetric)
             self.symmetric = None
         nvshmem_runtime.release()

@@ -335,7 +335,8 @@ class IntranodeKernels:
         if self.puts:
             rt.register_module(self.module)
         # pinned host records: notify results (polled) and the error record (read without sync)
-        # int32 words: offsets, source counts, per-expert counts, then an int64 seq (even index)
+        # int32 words: offsets, source counts, per-expert counts (up to MAX_LOCAL_EXPERTS), then an
+        # int64 seq at a fixed even index (_seq_word_index)
         self._info_words = (2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS + 4 + 1) // 2 * 2
         self._info_pinned = cupy.cuda.alloc_pinned_memory(self._info_words * 4)
         self.host_info = np.frombuffer(self._info_pinned, dtype=np.int32, count=self._info_words)
@@ -348,9 +349,11 @@ class IntranodeKernels:
         """Raise if an earlier kernel of this buffer recorded a timeout (reads pinned memory)."""
         self.errors.check(what)
 
-    def _seq_word_index(self, num_local_experts: int) -> int:
-        num_info = 2 * self.num_ranks + 1 + num_local_experts
-        return ((num_info + 1) & ~1) // 2   # int64 index in host_info
+    def _seq_word_index(self) -> int:
+        """int64 index of the seq in host_info: after the largest receive layout, so its position
+        does not move with num_experts (a moving seq word could read a stale count as the new seq)."""
+        num_info = 2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS
+        return ((num_info + 1) & ~1) // 2
 
     def _common_tail(self):
         import cupy
@@ -375,7 +378,7 @@ class IntranodeKernels:
         send_pos = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.int32)
         recv_info = cupy.empty(2 * self.num_ranks + 1 + num_local, dtype=cupy.int32)
         seq_view = self.host_info.view(np.int64)
-        seq_index = self._seq_word_index(num_local)
+        seq_index = self._seq_word_index()
         before = int(seq_view[seq_index])
         with stream:
             self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))

@@ -1,18 +1,26 @@
 """Argument checks run before any launch. Each failure names the argument, what was expected and
 what was received, and raises ``DeepEPInvalid`` (a ValueError) or ``DeepEPTypeError`` (a TypeError).
-Nothing here touches array data except ``check_index_range``, which reads two numbers
-(``expect_aligned`` reads only the data pointer)."""
+Nothing here touches array data except the value checks (``check_index_range``, ``check_finite``,
+``check_same_values``), which read a few numbers back (``expect_aligned`` reads only the data
+pointer). On the GPU reading values means a device reduction and a host wait, so ``Buffer`` runs the
+value checks there only with ``settings.check_values`` (outside CUDA-graph capture); on the
+reference backend (numpy) they always run.
+
+``HandleRegistry`` remembers which ``Buffer`` returned a handle, so a handle from another buffer (or
+from one since destroyed) is refused instead of driving kernels over memory it does not describe."""
 
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Iterable, Optional, Sequence, Union
 
 from . import arrays
 from .errors import DeepEPInvalid, DeepEPTypeError
 
 __all__ = ["expect_array", "expect_int", "expect_bool", "expect_optional_array", "expect_aligned",
-           "check_index_range", "check_same_rows", "VECTOR_ALIGNMENT"]
+           "expect_stream_args", "check_index_range", "check_same_rows", "check_finite", "check_same_values",
+           "HandleRegistry", "VECTOR_ALIGNMENT"]
 
 # The kernels move rows of x, recv_x, biases and outputs with 16-byte loads and stores (int4); such a
 # load on a pointer that is not a multiple of 16 is a misaligned-address fault, which leaves the
@@ -124,6 +132,117 @@ def check_index_range(values, name: str, low: int, high: int, xp) -> None:
     if lo < low or hi >= high:
         bad = lo if lo < low else hi
         raise DeepEPInvalid(f"{name}: expected values in [{low}, {high}), found {bad}")
+
+
+def check_finite(values, name: str, xp, where=None) -> None:
+    """Every entry of the float array ``values`` must be finite (no NaN, no +-inf): a NaN gate
+    weight would spread into every channel of its token's combined output. Reads one flag back,
+    and on failure the first bad entry (on the GPU: a reduction and a host wait; see the module
+    docstring for when ``Buffer`` calls it there).
+
+    Arguments:
+        xp: the array module of ``values`` (numpy or cupy).
+        where: optional bool mask broadcastable to ``values``: only these entries are read by the
+            kernels, so only they are checked (a weight in a ``-1`` top-k slot is never used).
+    Raises:
+        DeepEPInvalid: naming ``name``, the first bad value and its index.
+    """
+    if values.size == 0:
+        return
+    bad = ~xp.isfinite(values)
+    if where is not None:
+        bad &= where
+    if not bool(bad.any()):
+        return
+    first = xp.argwhere(bad)[0]
+    pos = tuple(int(i) for i in (first.get() if hasattr(first, "get") else first))
+    value = float(values[pos].item())
+    raise DeepEPInvalid(f"{name}: expected finite values, found {value} at index {pos} "
+                        f"({int(bad.sum().item())} entries not finite)")
+
+
+def check_same_values(given, expected, name: str, xp, what: str, hint: str = "") -> None:
+    """``given`` must equal ``expected`` entry by entry (shapes already checked): for inputs that
+    must be derived from others, e.g. ``get_dispatch_layout`` outputs passed to ``dispatch``. Reads
+    one flag back, and on failure the first differing entry.
+
+    Arguments:
+        xp: the array module of both (numpy or cupy).
+        what: what ``given`` must agree with, for the message (e.g. "topk_idx and num_experts=8").
+        hint: advice appended to the message.
+    Raises:
+        DeepEPInvalid: naming ``name``, the first differing entry, and ``what``.
+    """
+    differ = given != expected
+    if not bool(differ.any()):
+        return
+    first = xp.argwhere(differ)[0]
+    pos = tuple(int(i) for i in (first.get() if hasattr(first, "get") else first))
+    got, want = given[pos].item(), expected[pos].item()
+    raise DeepEPInvalid(f"{name}: does not match {what}: entry {pos} is {got}, expected {want} "
+                        f"({int(differ.sum().item())} entries differ)" + (f"; {hint}" if hint else ""))
+
+
+def expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, event_type) -> None:
+    """DeepEP's stream arguments: ``previous_event`` an ``event_type`` (``EventOverlap``) or None,
+    the two flags bools, and ``allocate_on_comm_stream`` only with a ``previous_event`` (the
+    caller's work must be captured in an event first). The same rules on every backend."""
+    if previous_event is not None and not isinstance(previous_event, event_type):
+        raise DeepEPTypeError(f"previous_event: expected an {event_type.__name__} or None, got "
+                              f"{type(previous_event).__name__}")
+    expect_bool(async_finish, "async_finish")
+    expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+    if allocate_on_comm_stream and previous_event is None:
+        raise DeepEPTypeError("allocate_on_comm_stream: needs previous_event (the caller's work "
+                              "must be captured in an event first)")
+
+
+# id(handle) -> (weak reference to the handle, the HandleRegistry that returned it). Handles are
+# frozen dataclasses, some holding arrays (not hashable), so they are keyed by identity; an entry
+# goes when its handle is collected. It keeps the registry (a flag) alive, not the Buffer.
+_HANDLE_OWNERS: dict = {}
+
+
+def _forget_handle(key: int):
+    return lambda _ref: _HANDLE_OWNERS.pop(key, None)
+
+
+class HandleRegistry:
+    """The handles one ``Buffer``'s dispatches returned (held weakly, by identity).
+
+    ``add`` notes a handle before it is returned; ``check`` refuses any other: a handle of another
+    buffer describes another buffer's memory and routing (on the GPU its kernels would read and
+    write at offsets that mean nothing here), and one of a destroyed buffer describes memory that
+    is gone. Costs a dict insert per dispatch and a dict look-up per use.
+    """
+
+    def __init__(self, owner: str = "Buffer"):
+        self.owner = owner
+        self.closed = False
+
+    def add(self, handle):
+        """Note ``handle`` as this buffer's; returns it."""
+        key = id(handle)
+        _HANDLE_OWNERS[key] = (weakref.ref(handle, _forget_handle(key)), self)
+        return handle
+
+    def close(self) -> None:
+        """The buffer was destroyed: its handles are refused everywhere, with that reason."""
+        self.closed = True
+
+    def check(self, handle, name: str = "handle") -> None:
+        """Raise ``DeepEPInvalid`` naming ``name`` unless this registry's buffer returned ``handle``."""
+        entry = _HANDLE_OWNERS.get(id(handle))
+        if entry is not None and entry[0]() is handle:
+            if entry[1] is self:
+                return
+            other = entry[1]
+            why = (f"by {other.owner}, which was destroyed since" if other.closed
+                   else f"by another buffer ({other.owner})")
+        else:
+            why = "by no Buffer's dispatch (a copy or a hand-made handle?)"
+        raise DeepEPInvalid(f"{name}: this {type(handle).__name__} was made {why}; pass the handle that "
+                            f"this buffer's dispatch returned")
 
 
 def _fmt_shape(shape) -> str:

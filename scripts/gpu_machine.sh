@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,extra
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,deadrank,extra
 #                                              (default: env,tests,bench,demo,tune; internode benchmarks the
 #                                              hierarchical path with the ranks split into 2 "nodes";
 #                                              ll runs the low-latency tests and benchmark; nvlink the NVLink
-#                                              write probe; extra runs "$EXTRA" in this environment)
+#                                              write probe; deadrank the dead-rank tests; extra runs "$EXTRA"
+#                                              in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
 # only if the image's Open MPI cannot run mpi4py), sets the environment the shared GPUs require,
@@ -160,6 +161,14 @@ if [[ "$STEPS" == *tune* ]]; then   # writes the table into the tree here and co
   row "tune_intranode" "rc=$? $(grep -E '^best' "$OUTD/tune_intranode.log" | tr '\n' ' ')"
   cp deepep_cupy/tuned_configs.json "$OUTD/" 2>/dev/null
   tail -8 "$OUTD/tune_intranode.log"
+fi
+
+if [[ "$STEPS" == *deadrank* ]]; then   # a rank that dies (issue #12): survivors raise and exit
+  say "dead-rank tests (2 and 4 ranks; each group launched by the test itself)"
+  DEEPEP_MPIRUN="$MPIRUN" timeout -k 10 "${DEADRANK_LIMIT_S:-400}" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
+      tests/test_dead_rank_gpu.py tests/test_dead_rank_reference.py > "$OUTD/dead_rank.log" 2>&1
+  row "dead-rank tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/dead_rank.log" | tail -1)"
+  grep -E "^(FAILED|ERROR)|^E  " "$OUTD/dead_rank.log" | head -20
 fi
 
 if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EXTRA="..." bash ...

@@ -23,7 +23,7 @@ from .. import discovery
 from ..config import settings
 from ..errors import DeepEPError, DeepEPInvalid
 
-__all__ = ["NvshmemRuntime", "acquire", "release", "active"]
+__all__ = ["NvshmemRuntime", "acquire", "release", "active", "forget", "timed_barrier"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,25 @@ def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
+def timed_barrier(comm, timeout_seconds: float) -> bool:
+    """Collective barrier that gives up: True once every rank of ``comm`` arrived, False if some
+    did not within ``timeout_seconds`` (a dead rank: ``comm.Barrier()`` would wait forever)."""
+    import time
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout_seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1e-3)
+    return True
+
+
 @dataclasses.dataclass
 class _State:
     runtime: Optional["NvshmemRuntime"] = None
     holders: int = 0
     heap_env_we_set: Optional[str] = None   # so a later init may resize a heap we chose
+    abandoned: bool = False                 # a teardown found a peer gone: no NVSHMEM again here
 
 
 _state = _State()
@@ -162,7 +176,9 @@ class NvshmemRuntime:
         from .. import jit
 
         cupy.cuda.Device(self.device_id).synchronize()
-        self.comm.Barrier()
+        if not timed_barrier(self.comm, settings.timeout_seconds):
+            self._abandon("finalising NVSHMEM")
+            return
         for arr in list(self._arrays):
             self.free(arr)
         for mod in self._modules:
@@ -172,6 +188,15 @@ class NvshmemRuntime:
         self._modules = []
         self._nvcore.finalize()
         log.info("rank %d: NVSHMEM finalised", self.rank)
+
+    def _abandon(self, during: str) -> None:
+        """A peer did not arrive for a collective step: leave NVSHMEM as it is (freeing and
+        finalising are collective and would wait for it forever). The memory goes with the
+        process; NVSHMEM cannot be initialised again in it."""
+        _state.abandoned = True
+        self._arrays, self._modules = [], []
+        log.warning("rank %d: a peer did not arrive while %s; NVSHMEM left unfinalised (exit this process)",
+                    self.rank, during)
 
 
 def acquire(comm, symmetric_bytes: int) -> NvshmemRuntime:
@@ -188,6 +213,9 @@ def acquire(comm, symmetric_bytes: int) -> NvshmemRuntime:
     """
     with _lock:
         rt = _state.runtime
+        if rt is None and _state.abandoned:
+            raise DeepEPError("NVSHMEM was left unfinalised after a peer did not arrive at a buffer's "
+                              "teardown; start a new process")
         if rt is None:
             want = max(_HEAP_FLOOR, _round_up(int(symmetric_bytes) + _HEAP_HEADROOM, _HEAP_ALIGN))
             user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
@@ -224,6 +252,12 @@ def release() -> None:
         if _state.holders == 0 and _state.runtime is not None:
             rt, _state.runtime = _state.runtime, None
             rt._finalize()
+
+
+def forget() -> None:
+    """Drop the runtime without finalising it (after ``NvshmemRuntime._abandon``)."""
+    with _lock:
+        _state.runtime, _state.holders = None, 0
 
 
 def active() -> Optional[NvshmemRuntime]:

@@ -276,3 +276,59 @@ def test_combine_pull_push_modes(buf, combine_mode, tokens, hidden, kind, with_w
             problems.append(f"{tag}: combined weights returned without weights")
         del recv_x, recv_w, x_in, got, got_w, handle
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
+
+
+def test_num_experts_changing_between_calls_keeps_notify_seq_apart():
+    """The host polls the notify's sequence word. It used to sit right after the receive layout, so
+    its position moved with the local expert count, and a call with fewer experts than the last one
+    polled where the last call had left per-expert counts. Here the first call (16 local experts)
+    leaves counts {s + 2, 0} exactly where the old code put the second call's (8 local experts)
+    seq word, s + 2: the old poll saw no change and timed out. Both calls must finish and count right."""
+    import cupy as cp
+    import deepep_cupy as ep
+    comm = world()
+    R = comm.Get_size()
+    old = ep.settings.timeout_seconds
+    ep.settings.timeout_seconds = 3.0
+    b = ep.Buffer(comm, num_nvl_bytes=ep.Buffer.get_intranode_size_hint(256, 2048, R), backend="gpu")
+    try:
+        kernels = b._backend.intranode()
+        s0 = int(kernels.seq.get()[0])
+        big_local, small_local = 16, 8
+        a = small_local + 1             # the old seq word for 8 local experts: counts of local experts 9, 10
+        need = s0 + 2                   # the second call's seq
+        per_rank = [need // R + (1 if s < need % R else 0) for s in range(R)]
+        assert max(per_rank) <= 256, f"seq {s0} too large for this test's buffer"
+        T = max(per_rank)
+        problems = []
+        # call 1: rank s's first per_rank[s] tokens go to local expert `a` of every rank (one top-k slot per rank)
+        idx = np.full((T, R), -1, dtype=np.int64)
+        idx[:per_rank[b.rank]] = np.arange(R) * big_local + a
+        x = to_gpu(np.ones((T, 2048), BF16))
+        idx_g = to_gpu(idx)
+        layout = b.get_dispatch_layout(idx_g, R * big_local)
+        recv_x, _, _, counts, _, _ = b.dispatch(x, topk_idx=idx_g, num_tokens_per_rank=layout[0],
+                                                is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+        expect = [0] * big_local
+        expect[a] = need
+        if list(counts) != expect:
+            problems.append(f"call 1 per-expert counts {list(counts)} != {expect}")
+        if int(kernels.seq.get()[0]) != s0 + 1:
+            problems.append(f"call 1 moved seq from {s0} to {int(kernels.seq.get()[0])}, expected one step")
+        # call 2: fewer local experts; every token to local expert 0 of rank 0
+        idx2 = np.full((T, 1), -1, dtype=np.int64)
+        idx2[:per_rank[b.rank], 0] = 0
+        idx2_g = to_gpu(idx2)
+        layout2 = b.get_dispatch_layout(idx2_g, R * small_local)
+        recv_x2, _, _, counts2, _, _ = b.dispatch(x, topk_idx=idx2_g, num_tokens_per_rank=layout2[0],
+                                                  is_token_in_rank=layout2[3], num_tokens_per_expert=layout2[2])
+        expect2 = [need if b.rank == 0 else 0] + [0] * (small_local - 1)
+        if list(counts2) != expect2 or recv_x2.shape[0] != (need if b.rank == 0 else 0):
+            problems.append(f"call 2 counts {list(counts2)} rows {recv_x2.shape[0]}, expected {expect2}")
+        cp.cuda.Device().synchronize()
+        kernels.check_errors("num_experts change")
+        assert_all_ranks(comm, not problems, "; ".join(problems))
+    finally:
+        ep.settings.timeout_seconds = old
+        comm.Barrier()
+        b.destroy()

@@ -276,6 +276,49 @@ def test_two_in_flight_with_a_slow_peer(buf):
     assert_all_ranks(comm, not problems, "\n".join(problems))
 
 
+def test_lagging_peer_that_receives_nothing_keeps_its_dispatch(buf):
+    """The reuse hole of issue #12: dispatch A routes nothing to the last rank P, which sleeps before
+    its hook while the others hook A, combine A (their tokens need no row from P) and send dispatch
+    C into A's half, with tokens for P. A combine receive that waited only for its own tokens' rows
+    let C's metas, flags and messages land before P read A's, so P saw C's counts as A's. Every
+    receive now waits for every source's flag, so P's A, everyone's combine and C stay exact."""
+    import cupy as cp
+    from deepep_cupy import reference
+    comm = world()
+    R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 4096, 32, 4
+    if R < 2:
+        pytest.skip("needs 2 ranks")
+    L, P = E // R, R - 1
+    xs_a, _, ws_a = make_inputs(760, R, M, H, K, E, "random")
+    idxs_a = []
+    for r in range(R):     # A: experts of ranks 0 .. R-2 only
+        rng = np.random.default_rng(761 + r)
+        idxs_a.append(np.argsort(rng.random((len(xs_a[r]), P * L)), axis=1)[:, :K].astype(np.int64))
+    xs_c, idxs_c, _ = make_inputs(762, R, M, H, K, E, "hot")      # C: expert 1 and every rank
+    ref_a = reference.low_latency_dispatch(xs_a, idxs_a, M, E, use_fp8=False)
+    ref_c = reference.low_latency_dispatch(xs_c, idxs_c, M, E, use_fp8=False)
+    assert ref_a[P].recv_count.sum() == 0 and ref_c[P].recv_count.sum() > 0
+    ys = [r.recv_x for r in ref_a]
+    want = reference.low_latency_combine(ys, idxs_a, ws_a, ref_a)[me]
+    problems = run_case(buf, 759, M, H, E, K, M, "random", "bf16")     # lay the shapes out first
+    comm.Barrier()
+    a = buf.low_latency_dispatch(cp.asarray(xs_a[me]), cp.asarray(idxs_a[me]), M, E, use_fp8=False,
+                                 return_recv_hook=True)
+    if me == P:
+        cp.cuda.get_current_stream().synchronize()     # A is sent; now lag
+        time.sleep(1.0)
+    a[4]()
+    out, _, _ = buf.low_latency_combine(cp.asarray(ys[me]), cp.asarray(idxs_a[me]), cp.asarray(ws_a[me]), a[2])
+    c = buf.low_latency_dispatch(cp.asarray(xs_c[me]), cp.asarray(idxs_c[me]), M, E, use_fp8=False,
+                                 return_recv_hook=True)
+    c[4]()
+    problems += check_dispatch(a[:3], ref_a[me], False, False, "dispatch A")
+    problems += check_dispatch(c[:3], ref_c[me], False, False, "dispatch C")
+    if not np.array_equal(host(out).view(np.uint16), want.view(np.uint16)):
+        problems.append("combine A differs")
+    assert_all_ranks(comm, not problems, "\n".join(problems))
+
+
 def test_send_does_not_wait_for_peers(buf):
     """With return_recv_hook the send kernels finish while a peer has not even called yet."""
     import cupy as cp
