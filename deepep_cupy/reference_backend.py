@@ -155,7 +155,8 @@ class ReferenceBackend:
         # `comm` (an any-tag receive of theirs would take ours); errors come back as exceptions
         self._comm = comm.Dup()
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)
-        self._tag_ub = int(self._comm.Get_attr(MPI.TAG_UB))
+        # MPI guarantees tags up to 32767; Open MPI attaches TAG_UB to COMM_WORLD only (None here)
+        self._tag_ub = int(self._comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767)
         self._op = 0                      # operations so far; identical on every rank in step
         self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
         # tags of recent timed-out exchanges: their late messages are received and dropped

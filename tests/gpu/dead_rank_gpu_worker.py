@@ -10,8 +10,9 @@ call and again after ``destroy`` (which must return: its barrier gives up after 
 
 OP:
     dispatch              the rank dies before dispatch (survivors wait in notify: phase 10).
-    dispatch_mid          the rank launches a worst-case dispatch (no host wait) and dies while its
-                          kernels run.
+    dispatch_mid          the rank runs the dispatch's notify (its counts reach the survivors) and
+                          dies before its data kernel (survivors wait for its output addresses:
+                          phase 16).
     combine               the rank dies before combine (phases 16/17: the combine handshake).
     low_latency_dispatch  the rank dies before low_latency_dispatch (phase 20).
     low_latency_combine   the rank dies before low_latency_combine (phase 21).
@@ -96,17 +97,18 @@ def main():
     comm.Barrier()
     if rank == dead:
         if op == "dispatch_mid":
-            dispatch(worst=TOKENS * n)      # queued, no host wait; the process ends under it
+            # the notify only: counts go out (the survivors' notify completes), rows never do
+            per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
+            stream = cp.cuda.get_current_stream()
+            buf._backend.intranode()._launch_notify(in_rank, per_rank, per_expert, num_experts, 1, False, stream)
+            stream.synchronize()
         die()
 
     result = {"rank": rank, "op": op, "error": None, "message": "", "seconds": None,
               "destroyed": False, "destroy_seconds": None}
     start = time.monotonic()
     try:
-        if op == "dispatch_mid":
-            dispatch(worst=TOKENS * n)
-        else:
-            run()
+        run()
         buf.check()
     except Exception as e:  # reported to the test, which checks the type
         result.update(error=type(e).__name__, message=str(e))
