@@ -23,6 +23,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPInvalid
+from .handles import DeepEPLowLatencyTuple
 from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "PendingDispatch", "PendingCombine",
@@ -119,8 +120,10 @@ def size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LowLatencyHandle:
-    """What a low-latency combine needs from its dispatch (CuPy arrays on the GPU).
+class LowLatencyHandle(DeepEPLowLatencyTuple):
+    """What a low-latency combine needs from its dispatch (CuPy arrays on the GPU). Indexable like
+    DeepEP's tuple: ``handle[0]`` is ``recv_src_info``, ``handle[1]`` ``layout_range``, then
+    ``num_max_dispatch_tokens_per_rank``, ``hidden``, ``num_experts``.
 
     recv_src_info / recv_src_k: int32 [L, R*M] source token and top-k slot of each received entry.
     topk_slots: int32 [T, K] rank of each of this rank's (t, k) entries within its expert (-1 none):
