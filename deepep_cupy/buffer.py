@@ -6,6 +6,15 @@ before anything is launched or sent, and the buffer stays usable. Then it hands 
 backend) or numpy arrays (reference backend) to the backend and returns the results in the
 caller's framework.
 
+Before anything collective happens, the ranks agree (``agreement.py``, issue #15): each call sends
+its signature (the shapes, dtypes and options every rank must share, never per-rank token counts),
+or the error its own checks raised, to every other rank, so a rank whose input is bad or differs
+(another ``hidden``, top-k, ``num_experts`` or dtype) makes every rank raise the same
+``DeepEPInvalid`` naming the argument and the ranks, instead of the others waiting in the
+collective until the timeout or computing a wrong result. ``settings.check_agreement`` (default
+``"auto"``: on for the reference backend, off on the GPU until its cost there is measured; ``True``
+everywhere, ``False`` nowhere); it is skipped on one rank and during CUDA-graph capture.
+
 Values inside arrays are the exception on the GPU: reading them on the host would mean waiting for
 the GPU on every call. The kernels that read ``topk_idx`` check each expert id against
 [-1, num_experts) themselves, treat a bad one as -1 (nothing is written out of bounds) and record
@@ -27,6 +36,7 @@ import logging
 from typing import Optional
 
 from . import arrays, discovery, jit
+from .agreement import Agreement
 from .config import Config, settings
 from .errors import DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
@@ -67,11 +77,56 @@ def _capturing() -> bool:
     return cupy.cuda.get_current_stream().is_capturing()
 
 
+class _Call:
+    """One collective call in progress: its operation and whether it has agreed yet."""
+    __slots__ = ("op", "agreed")
+
+    def __init__(self, op: str):
+        self.op, self.agreed = op, False
+
+
+def _collective(op: str, low_latency: bool = False):
+    """Make a collective method agree across ranks before anything is launched or sent (issue #15).
+
+    The method runs its own argument checks, then calls ``self._agreed(signature)`` just before
+    its first backend call: every rank exchanges its signature (``agreement.py``) and raises the
+    same ``DeepEPInvalid`` if they differ. If the checks raise first, the exception is posted to
+    the peers (which raise it too, naming this rank) and re-raised here without waiting. Where
+    ``_agreeing`` says no (``settings.check_agreement``, one rank, CUDA-graph capture), the method
+    runs as it is. ``low_latency``: the call is a low-latency one (``"auto"`` skips those on the
+    GPU). Hooks the method returns never agree (they are not collective on the host).
+    """
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            if self._destroyed or not self._agreeing(low_latency):
+                return method(self, *args, **kwargs)
+            call = _Call(op)
+            outer, self._call = self._call, call
+            try:
+                self._raise_reported(op)
+                out = method(self, *args, **kwargs)
+            except Exception as e:
+                if not call.agreed:
+                    call.agreed = True
+                    self._agreement.agree(op, local_error=e, timeout=settings.timeout_seconds)
+                raise
+            finally:
+                self._call = outer
+            if not call.agreed:   # a path that skipped _agreed: the peers now wait for us
+                raise AssertionError(f"deepep_cupy bug: {op} returned without agreeing across ranks")
+            return out
+        return wrapper
+    return decorate
+
+
 class Buffer:
     """Communication buffers and kernels for expert-parallel dispatch and combine.
 
-    Collective: every rank of ``comm`` constructs it together, and every collective method must be
-    called by every rank in the same order.
+    Collective: every rank of ``comm`` constructs it together, and every collective method (the
+    layout, dispatch, combine and low-latency calls, ``clean_low_latency_buffer``, ``destroy``)
+    must be called by every rank in the same order, with the same shapes, dtypes and options
+    (checked across the ranks before each call: see the module docstring).
 
     Arguments:
         comm: an mpi4py communicator (``None``: ``MPI.COMM_WORLD``); one process per GPU, the rank
@@ -88,8 +143,10 @@ class Buffer:
             puts (the RDMA path) even to peers reachable over NVLink (DeepEP's flag; tests use it).
 
     Raises:
-        DeepEPInvalid / DeepEPTypeError: bad arguments, before any launch; an expert id outside
-            [-1, num_experts) in ``topk_idx``, found by the GPU, at the next call (see above).
+        DeepEPInvalid / DeepEPTypeError: bad arguments, before any launch, on every rank when any
+            rank's are bad or the ranks' differ (the message names the argument and the ranks); an
+            expert id outside [-1, num_experts) in ``topk_idx``, found by the GPU, at the next call
+            (see above).
             DeepEPError: GPU or NVSHMEM setup failed. DeepEPTimeout: a peer never arrived.
     """
 
@@ -128,17 +185,28 @@ class Buffer:
             if len(set(values)) != 1:
                 raise DeepEPInvalid(f"{what}: every rank must pass the same value, got {values} by rank")
         self.backend_name = local_choice
-        if local_choice == "gpu":
-            from .gpu_backend import GpuBackend
-            self._backend = GpuBackend(comm, self.num_nvl_bytes, self.num_rdma_bytes,
-                                       self.ranks_per_node, jit_options, self.allow_nvlink_for_low_latency_mode)
-        else:
-            from .reference_backend import ReferenceBackend
-            self._backend = ReferenceBackend(comm, ranks_per_node=self.ranks_per_node)
+        self._call: Optional[_Call] = None
+        self._destroyed = True   # until the backend is up
+        # private channel of the cross-rank agreement (collective; None on one rank: nothing to do)
+        self._agreement = Agreement.create(comm)
+        try:
+            self._backend = self._make_backend(comm, local_choice, jit_options)
+        except BaseException:
+            if self._agreement is not None:
+                self._agreement.free()
+            raise
         self._handles = HandleRegistry(f"Buffer(rank={self.rank}, backend={local_choice})")
         self._destroyed = False
         log.info("rank %d/%d: Buffer up (backend %s, %d nodes of %d)", self.rank, self.num_ranks,
                  self.backend_name, self.num_nodes, self.ranks_per_node)
+
+    def _make_backend(self, comm, local_choice: str, jit_options):
+        if local_choice == "gpu":
+            from .gpu_backend import GpuBackend
+            return GpuBackend(comm, self.num_nvl_bytes, self.num_rdma_bytes,
+                              self.ranks_per_node, jit_options, self.allow_nvlink_for_low_latency_mode)
+        from .reference_backend import ReferenceBackend
+        return ReferenceBackend(comm, ranks_per_node=self.ranks_per_node)
 
     @staticmethod
     def _resolve_ranks_per_node(comm, ranks_per_node) -> int:
@@ -173,6 +241,8 @@ class Buffer:
             return
         self._destroyed = True
         self._handles.close()
+        if self._agreement is not None:
+            self._agreement.free()
         destroy = getattr(self._backend, "destroy", None)
         if destroy is not None:
             destroy()
@@ -203,6 +273,63 @@ class Buffer:
         if self._destroyed:
             raise DeepEPInvalid("self: this Buffer was destroyed")
         return self._backend
+
+    # ------------------------------------------------------------------------ cross-rank agreement
+    def _agreeing(self, low_latency: bool) -> bool:
+        """Whether this call agrees across ranks first (``settings.check_agreement``): never on one
+        rank or while the current stream captures a CUDA graph (a replay could not re-check);
+        ``"auto"`` (the default) agrees on the reference backend only: on the GPU each agreement is a
+        host round trip between the ranks (~25 us on a CPU machine) that has not been measured on
+        the GPU machine yet, so the GPU needs ``True``. Every rank must use the same setting."""
+        if self._agreement is None:
+            return False
+        mode = getattr(settings, "check_agreement", "auto")
+        if mode is False:
+            return False
+        if mode is not True and mode != "auto":
+            raise DeepEPInvalid(f"settings.check_agreement: expected True, False or 'auto', got {mode!r}")
+        if self.backend_name != "gpu":
+            return True
+        if mode == "auto":
+            return False
+        return not _capturing()
+
+    def _agreed(self, signature) -> None:
+        """Agree on ``signature`` (``(argument, field, value)`` entries that must be equal on every
+        rank) with the peers, inside a ``_collective`` method, after its checks and before its
+        first backend call; raises the verdict. A no-op when the call does not agree."""
+        call = self._call
+        if call is None or call.agreed:
+            return
+        call.agreed = True
+        self._agreement.agree(call.op, signature, timeout=settings.timeout_seconds)
+
+    def _raise_reported(self, what: str) -> None:
+        """GPU: raise what earlier kernels reported (bad expert ids, timeouts) now, among the
+        call's own checks, so the peers learn of it before anything is launched (the backend
+        would raise it on this rank alone at its start). Reads pinned memory; no wait."""
+        if self.backend_name != "gpu":
+            return
+        backend = self._backend
+        report = getattr(backend, "raise_reported", None)
+        if report is not None:
+            report(what)
+            return
+        errors = getattr(backend, "input_errors", None)
+        if errors is not None:
+            errors.check(what)
+        for name in ("_intranode", "_internode", "_low_latency"):
+            kernels = getattr(backend, name, None)
+            if kernels is not None:
+                kernels.check_errors(what)
+
+    def _check_ids(self, idx, num_experts: int) -> None:
+        """The expert-id check before the agreement: on numpy always; on the GPU the blocking check
+        of ``settings.check_values`` (a no-op without it: the kernels check and report)."""
+        if self.backend_name != "gpu":
+            check_index_range(idx, "topk_idx", -1, num_experts, self._xp)
+        elif self._call is not None:   # (without agreement the backend checks on its own)
+            self._backend.check_index_range(idx, "topk_idx", -1, num_experts)
 
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
@@ -364,9 +491,12 @@ class Buffer:
 
     # ---------------------------------------------------------------------- high-throughput mode
     @_checked
+    @_collective("get_dispatch_layout")
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False) -> tuple:
-        """Count what a dispatch will send: tokens per rank, per node and per expert.
+        """Count what a dispatch will send: tokens per rank, per node and per expert (collective:
+        the computation is local, but the ranks agree on ``num_experts`` and top-k first, so a
+        rank whose ``topk_idx`` is bad makes every rank raise here rather than in the dispatch).
 
         Arguments:
             topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot. On the
@@ -393,9 +523,9 @@ class Buffer:
         desc = self._check_topk_idx(topk_idx, num_experts)
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         idx = self._take(topk_idx, "topk_idx")
+        self._check_ids(idx, num_experts)
+        self._agreed([("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", desc.shape[1])])
         if self.backend_name != "gpu":
-            import numpy as np
-            check_index_range(idx, "topk_idx", -1, num_experts, np)
             out = backend.get_dispatch_layout(idx, num_experts)
             return tuple(out) + (EventOverlap(None),)
         per_rank, per_rdma, per_expert, in_rank, event = backend.get_dispatch_layout(
@@ -424,6 +554,7 @@ class Buffer:
         return self._take(x, name, VECTOR_ALIGNMENT), None, d
 
     @_checked
+    @_collective("dispatch")
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
@@ -477,6 +608,8 @@ class Buffer:
             if num_tokens_per_expert is not None:   # ignored in cached mode, but must not contradict the handle
                 expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32",
                              shape=(handle.num_experts,), device=self._device)
+            self._precheck_gpu_dispatch(data, scales, None, handle.num_experts, handle)
+            self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=True))
             if self.backend_name == "gpu":
                 out = self._backend.dispatch(
                     data, scales, None, None, None, None, None, handle.num_experts, 1, handle.num_worst_tokens,
@@ -513,8 +646,7 @@ class Buffer:
             idx = self._take(topk_idx, "topk_idx")
             weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
             take = lambda a, n: None if a is None else self._take(a, n)
-            if self.backend_name != "gpu":     # (the GPU checks ids on the device, see get_dispatch_layout)
-                check_index_range(idx, "topk_idx", -1, num_experts, self._xp)
+            self._check_ids(idx, num_experts)   # (the GPU checks ids on the device, see get_dispatch_layout)
             if self._checks_values():
                 if weights is not None:     # the weights of -1 slots are never read
                     check_finite(weights, "topk_weights", self._xp, where=idx >= 0)
@@ -523,6 +655,11 @@ class Buffer:
                                                ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
                                                ("num_tokens_per_expert", num_tokens_per_expert),
                                                ("is_token_in_rank", is_token_in_rank))}, previous_event)
+            self._precheck_gpu_dispatch(data, scales, idx, num_experts, None)
+            self._agreed(self._dispatch_signature(
+                xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
+                num_topk=kd.shape[1], weights=weights is not None, expert_alignment=expert_alignment,
+                num_worst_tokens=num_worst_tokens))
             if self.backend_name == "gpu":
                 out = self._backend.dispatch(
                     data, scales, idx, weights, take(num_tokens_per_rank, "num_tokens_per_rank"),
@@ -557,6 +694,9 @@ class Buffer:
         if self._checks_values():
             check_same_values(per_rank, in_rank.sum(axis=0, dtype=self._xp.int32), "num_tokens_per_rank",
                               self._xp, "the column sums of is_token_in_rank")
+        self._precheck_gpu_dispatch(data, scales, None, self.num_ranks, None)
+        self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=False, topk=False,
+                                              num_worst_tokens=num_worst_tokens))
         if self.backend_name == "gpu":
             import cupy
             zeros = cupy.zeros(self.num_ranks, dtype=cupy.int32)   # one (empty) expert per rank
@@ -574,6 +714,36 @@ class Buffer:
             data, scales, synthetic, None, self.num_ranks, 1, num_worst_tokens)
         recv = (recv_x, recv_scales) if scales is not None else recv_x
         return recv, None, None, [], self._handles.add(handle), EventOverlap(None)
+
+    def _dispatch_signature(self, xd, fp8: bool, config, handle: bool, topk: bool = False,
+                            num_experts=None, num_topk=None, weights: bool = False, expert_alignment: int = 1,
+                            num_worst_tokens: int = 0) -> list:
+        """What every rank's dispatch must share: the row format, the mode (cached, routed by
+        ``topk_idx`` or by ``is_token_in_rank`` alone), the expert count and top-k, weights or
+        not, alignment, padding and (GPU) the SM count. Not the token counts: those are per rank."""
+        sig = [("x", "hidden", int(xd.shape[1])), ("x", "dtype", "float8_e4m3fn" if fp8 else xd.dtype),
+               ("handle", "handle", "a handle" if handle else None)]
+        if not handle:
+            sig += [("topk_idx", "topk_idx", "an array" if topk else None),
+                    ("num_worst_tokens", "num_worst_tokens", int(num_worst_tokens))]
+        if topk:
+            sig += [("num_tokens_per_expert", "num_experts", int(num_experts)), ("topk_idx", "top-k", int(num_topk)),
+                    ("topk_weights", "topk_weights", "an array" if weights else None),
+                    ("expert_alignment", "expert_alignment", int(expert_alignment))]
+        if self.backend_name == "gpu":
+            sig.append(("config", "num_sms", int(config.num_sms)))
+        return sig
+
+    def _precheck_gpu_dispatch(self, data, scales, idx, num_experts: int, handle) -> None:
+        """GPU, while agreeing: the backend's own pre-launch checks of a dispatch that depend on
+        this rank's token count (staging capacity), run among the call's checks so that a rank
+        that fails them tells its peers instead of leaving them in the kernel until the timeout."""
+        if self.backend_name != "gpu" or self._call is None:
+            return
+        kernels = self._backend.internode() if self.num_nodes > 1 else self._backend.intranode()
+        check = getattr(kernels, "check_dispatch", None)
+        if check is not None:
+            check(data, scales, idx, num_experts, handle)
 
     @property
     def _handle_kind(self) -> str:
@@ -594,6 +764,7 @@ class Buffer:
         return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, self._handles.add(handle), event)
 
     @_checked
+    @_collective("combine")
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> tuple:
@@ -633,9 +804,10 @@ class Buffer:
                 raise DeepEPTypeError(f"bias: expected dtype {xd.dtype} like x, got {arrays.describe(b).dtype}")
         taken = tuple(None if b is None else self._take(b, f"bias[{i}]" if isinstance(bias, tuple) else "bias",
                                                         VECTOR_ALIGNMENT) for i, b in enumerate(biases))
-        if topk_weights is not None and self._checks_values():   # padding rows (source -1) are not read
-            check_finite(self._take(topk_weights, "topk_weights"), "topk_weights", self._xp,
-                         where=(handle.recv_src_idx >= 0)[:, None])
+        xt = self._take(x, "x", VECTOR_ALIGNMENT)
+        wt = None if topk_weights is None else self._take(topk_weights, "topk_weights")
+        if wt is not None and self._checks_values():   # padding rows (source -1) are not read
+            check_finite(wt, "topk_weights", self._xp, where=(handle.recv_src_idx >= 0)[:, None])
         if self.backend_name == "gpu":
             if config is not None and not isinstance(config, Config):
                 raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
@@ -643,18 +815,22 @@ class Buffer:
             self._check_num_sms(config)
             if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
                 raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
+        num_biases = sum(b is not None for b in biases)
+        sig = [("x", "hidden", int(xd.shape[1])), ("x", "dtype", xd.dtype),
+               ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
+               ("topk_weights", "top-k", None if topk_weights is None else int(arrays.describe(topk_weights).shape[1])),
+               ("bias", "bias", f"{num_biases} array{'s' if num_biases != 1 else ''}" if num_biases else None)]
+        if self.backend_name == "gpu":
+            sig.append(("config", "num_sms", int(config.num_sms)))
+        self._agreed(sig)
+        if self.backend_name == "gpu":
             out, out_w, event = self._backend.combine(
-                self._take(x, "x", VECTOR_ALIGNMENT), handle,
-                None if topk_weights is None else self._take(topk_weights, "topk_weights"),
-                taken[0], taken[1] if len(taken) > 1 else None, config, previous_event,
+                xt, handle, wt, taken[0], taken[1] if len(taken) > 1 else None, config, previous_event,
                 expect_bool(async_finish, "async_finish"),
                 expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
             fw = xd.framework
             return self._give(out, fw, xd.dtype), self._give(out_w, fw), event
-        combined, combined_w = self._backend.combine(
-            self._take(x, "x"), handle,
-            None if topk_weights is None else self._take(topk_weights, "topk_weights"),
-            taken if isinstance(bias, tuple) else taken[0])
+        combined, combined_w = self._backend.combine(xt, handle, wt, taken if isinstance(bias, tuple) else taken[0])
         return combined, combined_w, EventOverlap(None)
 
     # ---------------------------------------------------------------------------- low-latency mode
@@ -672,6 +848,7 @@ class Buffer:
             raise DeepEPInvalid(f"topk_idx: at most {MAX_TOPK} top-k columns supported, got {num_topk}")
 
     @_checked
+    @_collective("low_latency_dispatch", low_latency=True)
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> tuple:
@@ -718,28 +895,37 @@ class Buffer:
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
         idx = self._take(topk_idx, "topk_idx")
+        xt = self._take(x, "x", VECTOR_ALIGNMENT)
+        self._check_ids(idx, num_experts)
+        if self.backend_name != "gpu":
+            import numpy as np
+            # one source fills at most M slots of an expert's region (only duplicates could exceed it)
+            per_expert = np.bincount(idx[idx >= 0].ravel(), minlength=num_experts)
+            if per_expert.size and int(per_expert.max()) > m:
+                raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
+                                    f"times, more than num_max_dispatch_tokens_per_rank={m}")
+        self._agreed([("x", "hidden", int(xd.shape[1])),
+                      ("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
+                      ("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", int(kd.shape[1])),
+                      ("use_fp8", "use_fp8", bool(use_fp8)),
+                      ("round_scale", "round_scale", bool(round_scale) if use_fp8 else None),
+                      ("use_ue8m0", "use_ue8m0", bool(use_ue8m0) if use_fp8 else None),
+                      ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
         if self.backend_name == "gpu":
             recv_x, recv_scales, recv_count, handle, event, hook = self._backend.low_latency_dispatch(
-                self._take(x, "x", VECTOR_ALIGNMENT), idx, m, num_experts, use_fp8, round_scale, use_ue8m0,
-                async_finish, return_recv_hook)
+                xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
             fw = xd.framework
             recv = self._give(recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
             if use_fp8:
                 recv = (recv, self._give(recv_scales, fw))
             return recv, self._give(recv_count, fw), self._handles.add(handle), event, hook
-        import numpy as np
-        check_index_range(idx, "topk_idx", -1, num_experts, np)
-        # one source fills at most M slots of an expert's region (only duplicates could exceed it)
-        per_expert = np.bincount(idx[idx >= 0].ravel(), minlength=num_experts)
-        if per_expert.size and int(per_expert.max()) > m:
-            raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
-                                f"times, more than num_max_dispatch_tokens_per_rank={m}")
         recv_x, recv_count, handle = self._backend.low_latency_dispatch(
-            self._take(x, "x"), idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
+            xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
         hook = (lambda: None) if return_recv_hook else None
         return recv_x, recv_count, self._handles.add(handle), EventOverlap(None), hook
 
     @_checked
+    @_collective("low_latency_combine", low_latency=True)
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None) -> tuple:
         """Weighted sum of each token's top-k expert outputs, back at its source (collective).
@@ -778,27 +964,31 @@ class Buffer:
             expect_bool(flag, name)
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
+        xt = self._take(x, "x", VECTOR_ALIGNMENT)
+        idx = self._take(topk_idx, "topk_idx")
+        wt = self._take(topk_weights, "topk_weights")
+        outt = None if out is None else self._take(out, "out", VECTOR_ALIGNMENT)
         if self._checks_values():   # the weights of -1 slots are never read
-            check_finite(self._take(topk_weights, "topk_weights"), "topk_weights", self._xp,
-                         where=self._take(topk_idx, "topk_idx") >= 0)
+            check_finite(wt, "topk_weights", self._xp, where=idx >= 0)
         if zero_copy and self.backend_name == "gpu":
-            if not self._backend.is_low_latency_combine_buffer(self._take(x, "x")):
+            if not self._backend.is_low_latency_combine_buffer(xt):
                 raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
                                     "(handle) returned")
+        if self.backend_name != "gpu":
+            check_index_range(idx, "topk_idx", -1, handle.num_experts, self._xp)
+        self._agreed([("x", "hidden", int(handle.hidden)),
+                      ("handle", "num_max_dispatch_tokens_per_rank", int(handle.num_max_dispatch_tokens_per_rank)),
+                      ("handle", "num_experts", int(handle.num_experts)), ("topk_idx", "top-k", int(kd.shape[1])),
+                      ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
         if self.backend_name == "gpu":
             combined, event, hook = self._backend.low_latency_combine(
-                self._take(x, "x", VECTOR_ALIGNMENT), self._take(topk_idx, "topk_idx"),
-                self._take(topk_weights, "topk_weights"), handle,
-                None if out is None else self._take(out, "out", VECTOR_ALIGNMENT), async_finish, return_recv_hook)
+                xt, idx, wt, handle, outt, async_finish, return_recv_hook)
             return (out if out is not None else self._give(combined, xd.framework)), event, hook
-        import numpy as np
-        check_index_range(self._take(topk_idx, "topk_idx"), "topk_idx", -1, handle.num_experts, np)
-        combined = self._backend.low_latency_combine(
-            self._take(x, "x"), self._take(topk_idx, "topk_idx"), self._take(topk_weights, "topk_weights"),
-            handle, out=None if out is None else self._take(out, "out"))
+        combined = self._backend.low_latency_combine(xt, idx, wt, handle, out=outt)
         hook = (lambda: None) if return_recv_hook else None
         return (out if out is not None else combined), EventOverlap(None), hook
 
+    @_collective("clean_low_latency_buffer")
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: zero the low-latency buffer and its sequence counters for these shapes.
 
@@ -810,6 +1000,8 @@ class Buffer:
         hidden = expect_int(hidden, "hidden", minimum=1)
         num_experts = self._check_num_experts(num_experts)
         self._check_low_latency_shapes(m, hidden, 1, num_experts, hidden_name="hidden")
+        self._agreed([("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
+                      ("hidden", "hidden", hidden), ("num_experts", "num_experts", num_experts)])
         if self.backend_name == "gpu":
             self._backend.clean_low_latency_buffer(m, hidden, num_experts)
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import DeepEPInvalid
 
@@ -34,6 +34,15 @@ def _env_int(name: str, default: int) -> int:
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     return default if raw is None else float(raw)
+
+
+def _env_agreement(name: str, default):
+    """True / False / "auto" from the environment ("auto", or a boolean word)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip().lower()
+    return "auto" if raw == "auto" else raw not in ("0", "false", "no", "off", "")
 
 
 @dataclasses.dataclass
@@ -70,6 +79,15 @@ class Settings:
         share_gpus: let more ranks than GPUs run on a node, for tests on a machine with fewer GPUs
             under CUDA MPS; kernels that wait on peers then take only their share of the SMs
             ($DEEPEP_CUPY_SHARE_GPUS, default off).
+        check_agreement: before each collective call (layout, dispatch, combine, the low-latency
+            calls, clean_low_latency_buffer) the ranks exchange the call's signature (shapes,
+            dtypes, options) or the error their own checks raised, so every rank raises the same
+            ``DeepEPInvalid`` naming the argument and the ranks instead of waiting for the timeout
+            or computing a wrong result (``agreement.py``). ``True``: every call; ``False``: none;
+            ``"auto"`` (default): the reference backend's calls, not the GPU's (a host round trip
+            per call, not yet measured on the GPU machine). Skipped on one rank and during CUDA
+            graph capture; every rank must use the same value ($DEEPEP_CUPY_CHECK_AGREEMENT:
+            1/0/auto).
         check_each_call: after every dispatch, combine, layout and low-latency call (and hook),
             wait for the GPU and raise what its kernels reported (``Buffer.check``), so an error
             surfaces on the call that caused it instead of the next one; for debugging: it
@@ -101,6 +119,8 @@ class Settings:
     ll_combine_tma: bool = dataclasses.field(
         default_factory=lambda: _env_bool("DEEPEP_CUPY_LL_COMBINE_TMA", False))
     share_gpus: bool = dataclasses.field(default_factory=lambda: _env_bool("DEEPEP_CUPY_SHARE_GPUS", False))
+    check_agreement: Union[bool, str] = dataclasses.field(
+        default_factory=lambda: _env_agreement("DEEPEP_CUPY_CHECK_AGREEMENT", "auto"))
     check_each_call: bool = dataclasses.field(
         default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_EACH_CALL", False))
     intranode_dispatch: str = dataclasses.field(

@@ -14,6 +14,13 @@ communicator, one tag per operation, polled against the same timeout as the GPU 
 raise ``DeepEPTimeout`` naming it, instead of blocking in MPI forever (a blocking ``alltoall``
 would). The tag per operation keeps a late rank's messages of a timed-out operation from being
 taken for a later one's.
+
+The first exchange of every operation carries the operation's name and its signature (hidden, dtype,
+top-k, expert count, flags: what every rank must share), and every rank checks all of them before
+unpacking anything: ranks that disagree all raise the same ``DeepEPInvalid`` naming the argument,
+instead of a numpy error naming none, a silent dtype conversion or a wrong result. ``Buffer``
+agrees on the same before the call (``agreement.py``), which also covers a rank whose own checks
+fail; this is what remains with ``settings.check_agreement = False``, at no extra message.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import reference as ref
+from .agreement import signature_verdict
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 
@@ -173,7 +181,7 @@ class ReferenceBackend:
         """Collective: return once every rank has called it; ``DeepEPTimeout`` naming the ranks
         that did not within :attr:`timeout` (``comm.Barrier()`` would wait forever for a dead one).
         """
-        self._exchange([None] * self.num_ranks, phase)
+        self._exchange_agreeing([None] * self.num_ranks, phase, [], phase)
 
     def destroy(self) -> None:
         """Free the private communicator. Local (no message): safe with a dead peer, after a
@@ -266,6 +274,30 @@ class ReferenceBackend:
         raise DeepEPTimeout(f"rank {me}: {phase} timed out: {what} within {timeout:g} s "
                             f"(died, or did not make the same call?)")
 
+    def _exchange_agreeing(self, pieces: Sequence, phase: str, signature: list, what: str) -> List:
+        """``_exchange`` with the operation ``what`` and this rank's ``signature`` (``(argument,
+        field, value)`` entries every rank must share) riding along with every piece. Every rank
+        receives every other rank's, so all raise the same ``DeepEPInvalid`` naming the first
+        differing argument (or the different calls) before anything is unpacked, instead of a
+        numpy error or a silent conversion from mismatched pieces. The first exchange of every
+        operation goes through here (``Buffer`` agrees before the call as well, unless
+        ``settings.check_agreement`` is off; this costs nothing extra: the signature rides along)."""
+        signature = [("self", "call", what)] + list(signature)
+        received = self._exchange([(signature, p) for p in pieces], phase)
+        self._check_signatures([r[0] for r in received], what)
+        return [r[1] for r in received]
+
+    @staticmethod
+    def _check_signatures(signatures: Sequence, what: str) -> None:
+        error = signature_verdict(signatures, what)
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _x_signature(x, x_scales=None) -> list:
+        return [("x", "hidden", int(x.shape[-1])), ("x", "dtype", str(np.dtype(x.dtype))),
+                ("x", "scales", None if x_scales is None else int(x_scales.shape[-1]))]
+
     def _reap(self) -> None:
         """Forget finished requests of timed-out exchanges and receive (and drop) the messages a
         late rank sent for them, so its sends complete and nothing piles up."""
@@ -328,7 +360,8 @@ class ReferenceBackend:
         num_ranks = self.num_ranks
         if handle is not None:
             pieces = ref.dispatch_pack(x, x_scales, None, None, handle.is_token_in_rank)
-            received = self._exchange(pieces, "cached dispatch exchange")
+            received = self._exchange_agreeing(pieces, "cached dispatch exchange", self._x_signature(x, x_scales),
+                                               "cached dispatch")
             res = ref.dispatch_unpack(
                 received, rank=self.rank, num_experts=handle.num_experts,
                 rank_prefix_matrix=handle.rank_prefix_matrix,
@@ -341,7 +374,12 @@ class ReferenceBackend:
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         is_token_in_rank = ref.token_in_rank(topk_idx, num_experts, num_ranks)
         counts = is_token_in_rank.sum(axis=0, dtype=np.int64)
-        gathered = self._exchange([(int(x.shape[0]), counts)] * num_ranks, "dispatch count exchange")
+        signature = self._x_signature(x, x_scales) + [
+            ("num_experts", "num_experts", int(num_experts)), ("topk_idx", "top-k", int(topk_idx.shape[1])),
+            ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
+            ("num_worst_tokens", "num_worst_tokens", int(num_worst_tokens))]
+        gathered = self._exchange_agreeing([(int(x.shape[0]), counts)] * num_ranks, "dispatch count exchange",
+                                           signature, "dispatch")
         src_num_tokens = tuple(g[0] for g in gathered)
         prefix = ref.rank_prefix_matrix_from_counts(np.stack([g[1] for g in gathered]))
         if num_worst_tokens > 0:
@@ -381,7 +419,9 @@ class ReferenceBackend:
             ``(combined_x [T, H] dtype of x, combined_topk_weights float32 [T, K] or None)``.
         """
         pieces = ref.combine_pack(x, topk_weights, handle.rank_prefix_matrix, self.rank)
-        received = self._exchange(pieces, "combine exchange")
+        signature = self._x_signature(x) + [
+            ("topk_weights", "top-k", None if topk_weights is None else int(topk_weights.shape[1]))]
+        received = self._exchange_agreeing(pieces, "combine exchange", signature, "combine")
         token_indices = [np.nonzero(handle.is_token_in_rank[:, r])[0]
                          for r in range(self.num_ranks)]
         return ref.combine_reduce(
@@ -410,7 +450,14 @@ class ReferenceBackend:
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         pieces = ref.low_latency_pack(x, topk_idx, num_experts, self.num_ranks, use_fp8,
                                       round_scale, use_ue8m0)
-        received = self._exchange(pieces, "low-latency dispatch exchange")
+        signature = self._x_signature(x) + [
+            ("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank",
+             int(num_max_dispatch_tokens_per_rank)),
+            ("num_experts", "num_experts", int(num_experts)), ("use_fp8", "use_fp8", bool(use_fp8)),
+            ("round_scale", "round_scale", bool(round_scale) if use_fp8 else None),
+            ("use_ue8m0", "use_ue8m0", bool(use_ue8m0) if use_fp8 else None)]
+        received = self._exchange_agreeing(pieces, "low-latency dispatch exchange", signature,
+                                           "low_latency_dispatch")
         res = ref.low_latency_unpack(
             received, rank=self.rank, num_experts=num_experts,
             num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
@@ -440,7 +487,11 @@ class ReferenceBackend:
         """
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         pieces = ref.low_latency_combine_pack(x, handle.layout_begin, handle.layout_count)
-        received = self._exchange(pieces, "low-latency combine exchange")
+        signature = self._x_signature(x) + [
+            ("handle", "num_max_dispatch_tokens_per_rank", int(handle.num_max_dispatch_tokens_per_rank)),
+            ("handle", "num_experts", int(handle.num_experts))]
+        received = self._exchange_agreeing(pieces, "low-latency combine exchange", signature,
+                                           "low_latency_combine")
         combined = ref.low_latency_combine_reduce(received, topk_idx,
                                                   np.asarray(topk_weights, dtype=np.float32),
                                                   handle.num_experts, handle.hidden)
