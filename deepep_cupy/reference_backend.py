@@ -37,6 +37,7 @@ from . import reference as ref
 from .agreement import signature_verdict
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
+from .handles import DeepEPLowLatencyTuple
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -74,8 +75,10 @@ class ReferenceDispatchHandle:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ReferenceLowLatencyHandle:
-    """Routing of one low-latency dispatch (receiver-side layout), used by the combine.
+class ReferenceLowLatencyHandle(DeepEPLowLatencyTuple):
+    """Routing of one low-latency dispatch (receiver-side layout), used by the combine. Indexable
+    like DeepEP's tuple (``handle[0]`` ``recv_src_info``, ``handle[1]`` ``layout_range``, then M,
+    hidden, num_experts).
 
     Fields:
         recv_src_info: int32 ``[L, R*M]`` source token index of each slot (-1 unused).

@@ -42,3 +42,25 @@ def test_check_each_call_leaves_reference_results_unchanged(ref_buf):
     assert out[2].tolist() == [1, 0, 1, 0]
     # the decorator keeps each method's name and docstring
     assert ep.Buffer.dispatch.__name__ == "dispatch" and "dispatch" in ep.Buffer.dispatch.__doc__.lower()
+
+
+def test_low_latency_handle_indexes_like_deepep_tuple():
+    """DeepEP v1 code reads handle[0] (src_info) and handle[1] (layout_range) and unpacks the
+    5-tuple; it runs unchanged on our named handle (reference backend here, same mixin on the GPU)."""
+    from mpi4py import MPI
+    import ml_dtypes
+    import deepep_cupy as ep
+    b = ep.Buffer(MPI.COMM_SELF, backend="reference", low_latency_mode=True)
+    try:
+        x = np.ones((3, 2048), ml_dtypes.bfloat16)
+        idx = np.array([[0, 1], [2, -1], [3, 0]], np.int64)
+        _, count, handle, _, _ = b.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
+        src_info, layout_range, m, hidden, num_experts = handle       # DeepEP's unpacking
+        assert len(handle) == 5 and (m, hidden, num_experts) == (8, 2048, 4)
+        assert handle[0] is handle.recv_src_info
+        assert np.array_equal(handle[1], handle.layout_range) and layout_range.dtype == np.int64
+        # expert 0 got tokens 0 and 2 (k 0 and 1); DeepEP's packing: begin << 32 | count
+        assert int(count[0]) == 2 and int(layout_range[0, 0]) == 2
+        assert sorted(src_info[0, :2].tolist()) == [0, 2]
+    finally:
+        b.destroy()
