@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,deadrank,extra
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,deadrank,seed,extra
 #                                              (default: env,tests,bench,demo,tune; internode benchmarks the
 #                                              hierarchical path with the ranks split into 2 "nodes";
 #                                              ll runs the low-latency tests and benchmark; nvlink the NVLink
-#                                              write probe; deadrank the dead-rank tests; extra runs "$EXTRA"
+#                                              write probe; deadrank the dead-rank tests; seed the DeepEP-style tests/test_*.py scripts; extra runs "$EXTRA"
 #                                              in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
@@ -169,6 +169,14 @@ if [[ "$STEPS" == *deadrank* ]]; then   # a rank that dies (issue #12): survivor
       tests/test_dead_rank_gpu.py tests/test_dead_rank_reference.py > "$OUTD/dead_rank.log" 2>&1
   row "dead-rank tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/dead_rank.log" | tail -1)"
   grep -E "^(FAILED|ERROR)|^E  " "$OUTD/dead_rank.log" | head -20
+fi
+
+if [[ "$STEPS" == *seed* ]]; then   # DeepEP-style scripts (issue #14): each checks and prints its table
+  for t in intranode internode low_latency fp8 inference; do
+    say "tests/test_$t.py"
+    timeout -k 10 "${SEED_LIMIT_S:-240}" $MPIRUN -n "$NUM_RANKS" $PY tests/test_$t.py > "$OUTD/seed_$t.log" 2>&1
+    row "test_$t.py" "rc=$? $(grep -E 'PASSED|FAILED' "$OUTD/seed_$t.log" | tail -1)"
+  done
 fi
 
 if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EXTRA="..." bash ...
