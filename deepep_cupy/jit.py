@@ -10,11 +10,15 @@ How a kernel goes from source to a launch:
 2. On a miss it compiles to a cubin, with no GPU needed:
      * route ``"nvrtc"`` (default): cuda.bindings' NVRTC, header-only NVSHMEM (every device
        function inlined; NVLink/P2P and CPU-proxy transports, no IBGDA);
-     * route ``"nvcc"``: ``nvcc -rdc`` plus a device link against ``libnvshmem_device.a``; this keeps
-       NVSHMEM's device-initiated InfiniBand (IBGDA) for multi-node runs.
+     * route ``"nvcc"``: ``nvcc -rdc=true -cubin`` (device code only) plus a device link against
+       ``libnvshmem_device.a``; this keeps NVSHMEM's device-initiated InfiniBand (IBGDA) for
+       multi-node runs.
    The cubin and a JSON record (kernel names, ptxas resource report, compile time) are written to
    a temporary directory that is renamed into place, so concurrent ranks never see half a file.
    A failed compile raises ``DeepEPCompileError`` with the full log (it carries file:line).
+   A compile that runs past ``PROGRESS_AFTER_S`` (1 s) says what it compiles and how long it took
+   (``_report``: the ``deepep_cupy.jit`` logger, or stderr on one rank where logging is not set up);
+   cache hits are silent. ``build_many``/``BuildSet`` compile several specs at once on threads.
 3. ``load(CompiledKernel)`` hands the cubin to ``cupy.RawModule(path=...)``; NVSHMEM kernels are then
    registered with the NVSHMEM runtime (``nvshmemx_cumodule_init``) by the caller.
 
@@ -33,7 +37,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,8 +50,8 @@ from . import discovery
 from .config import settings
 from .errors import DeepEPCompileError, DeepEPInvalid
 
-__all__ = ["JitOptions", "KernelSpec", "CompiledKernel", "build", "load", "cuda_src_dir",
-           "ROUTES", "CACHE_SCHEMA"]
+__all__ = ["JitOptions", "KernelSpec", "CompiledKernel", "build", "build_many", "BuildSet", "load",
+           "cuda_src_dir", "ROUTES", "CACHE_SCHEMA"]
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +258,31 @@ def _compile_nvrtc(src_path: Path, flags: list) -> tuple:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+_tls = threading.local()   # .owner: the BuildSet whose thread this is (its close() kills our nvcc)
+
+
+def _kill_group(popen) -> None:
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except (AttributeError, OSError):   # no process groups here, or it has ended
+        popen.kill()
+
+
 def _run(cmd: list, what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    owner = getattr(_tls, "owner", None)
+    if owner is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    else:
+        # own process group, so that close() can stop nvcc together with its cicc/ptxas children
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as popen:
+            if not owner._track(popen):
+                _kill_group(popen)
+            stdout, stderr = popen.communicate()
+            owner._untrack(popen)
+        proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+        if owner.cancelled.is_set():
+            raise DeepEPCompileError(f"nvcc {what}: cancelled (BuildSet closed)")
     out = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         raise DeepEPCompileError(f"nvcc failed to {what} (exit {proc.returncode}):\n{out}\n"
@@ -271,9 +300,11 @@ def _compile_nvcc(src_path: Path, flags: list, arch: str, uses_nvshmem: bool, wo
     if not os.path.isfile(device_lib):
         raise DeepEPCompileError(f"the nvcc route links {device_lib}, which does not exist; "
                                  "use route 'nvrtc' or an NVSHMEM install with its device library")
-    obj = workdir / "kernel.o"
-    out = _run([nvcc, "-rdc=true", "-c", *flags, str(src_path), "-o", str(obj)], "compile (-rdc)")
-    out += "\n" + _run([nvcc, f"-arch={arch}", "-dlink", "-cubin", str(obj),
+    # device code only: a relocatable cubin (no host-side cudafe++/gcc pass, which -c would add and
+    # which cost a third of the time), then the device link; same cubin as linking a -rdc -c object
+    rel = workdir / "kernel.rdc.cubin"
+    out = _run([nvcc, "-rdc=true", "-cubin", *flags, str(src_path), "-o", str(rel)], "compile (-rdc)")
+    out += "\n" + _run([nvcc, f"-arch={arch}", "-dlink", "-cubin", str(rel),
                         discovery.nvshmem().device_lib, "-o", str(cubin_path)],
                        "device-link with libnvshmem_device.a")
     return cubin_path.read_bytes(), out
@@ -308,9 +339,9 @@ def parse_ptxas_report(text: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # build + load
 # ------------------------------------------------------------------------------------------------
-def cache_key(spec: KernelSpec, options: JitOptions) -> tuple:
+def cache_key(spec: KernelSpec, options: JitOptions, src_dir=None) -> tuple:
     """(digest, arch, flags) for a spec: what the disk cache is keyed on."""
-    root = cuda_src_dir()
+    root = Path(src_dir) if src_dir is not None else cuda_src_dir()
     arch = options.resolved_arch()
     flags = (_nvrtc_flags if options.route == "nvrtc" else _nvcc_flags)(spec, arch, options, root)
     h = hashlib.sha256()
@@ -323,17 +354,58 @@ def cache_key(spec: KernelSpec, options: JitOptions) -> tuple:
     return h.hexdigest()[:32], arch, flags
 
 
-def build(spec: KernelSpec, options: Optional[JitOptions] = None) -> CompiledKernel:
-    """Compile ``spec`` (or take it from the disk cache). Needs no GPU.
+def _describe(spec: KernelSpec, route: str, arch: str) -> str:
+    defines = " ".join(f"{k}={v}" for k, v in spec.defines)
+    return f"{spec.source}{f' [{defines}]' if defines else ''} ({route}, {arch})"
+
+
+# A compile that takes longer than this prints what it is compiling; faster ones and cache hits say
+# nothing (at INFO on the ``deepep_cupy.jit`` logger, they do).
+PROGRESS_AFTER_S = 1.0
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def _report(msg: str) -> None:
+    """A progress line: to the ``deepep_cupy.jit`` logger at INFO; where logging is not set up at
+    all (no handler anywhere), to stderr, on one rank only (every rank compiles the same kernels).
+    ``DEEPEP_CUPY_JIT_PROGRESS=0`` silences the stderr line, ``=all`` prints it on every rank."""
+    log.info(msg)
+    if log.hasHandlers():
+        return
+    mode = os.environ.get("DEEPEP_CUPY_JIT_PROGRESS", "1").strip().lower()
+    if mode in ("0", "off", "no", "false"):
+        return
+    rank = next((os.environ[v] for v in _MPI_RANK_VARS if os.environ.get(v)), None)
+    if mode != "all" and rank not in (None, "0"):
+        return
+    prefix = "deepep_cupy" if rank is None else f"deepep_cupy [rank {rank}]"
+    print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
+
+
+def build(spec: KernelSpec, options: Optional[JitOptions] = None, *, cache_dir=None,
+          src_dir=None, report=None, report_done: bool = True) -> CompiledKernel:
+    """Compile ``spec`` (or take it from the disk cache). Needs no GPU. Thread-safe: several
+    builds may run at once (NVRTC releases the GIL; nvcc is a subprocess); see ``build_many``.
+
+    Args:
+        cache_dir: the disk cache (default ``settings.cache_dir``).
+        src_dir: the kernel sources (default ``cuda_src_dir()``).
+        report: where progress lines go (default ``_report``: the logger, or stderr).
+        report_done: also report the end of a long compile (``BuildSet`` reports it itself,
+            with its count).
+
+    A compile that runs past ``PROGRESS_AFTER_S`` says what it is compiling, and how long it took
+    once done (``_report``); cache hits are silent.
 
     Raises:
         DeepEPCompileError: the compiler failed; the message holds its log.
     """
     options = options or JitOptions(route=settings.jit_route)
-    root = cuda_src_dir()
-    key, arch, flags = cache_key(spec, options)
+    root = Path(src_dir) if src_dir is not None else cuda_src_dir()
+    cache = Path(cache_dir if cache_dir is not None else settings.cache_dir)
+    key, arch, flags = cache_key(spec, options, root)
     stem = Path(spec.source).stem
-    final = Path(settings.cache_dir) / f"{stem}.{options.route}.{arch}.{key}"
+    final = cache / f"{stem}.{options.route}.{arch}.{key}"
     meta_path = final / "meta.json"
     if meta_path.is_file():
         try:
@@ -342,10 +414,21 @@ def build(spec: KernelSpec, options: Optional[JitOptions] = None) -> CompiledKer
                                   True, meta.get("resources", {}))
         except (OSError, ValueError):
             log.warning("unreadable cache entry %s; recompiling", final)
+    what = _describe(spec, options.route, arch)
+    log.debug("compiling %s into %s", what, cache)
+    announced = threading.Event()
+    report = report or _report
+
+    def announce():
+        announced.set()
+        report(f"compiling {what}: first use, cached afterwards in {cache}")
+
+    timer = threading.Timer(PROGRESS_AFTER_S, announce)
+    timer.daemon = True
     t0 = time.perf_counter()
-    log.info("compiling %s (%s, %s, %d defines)...", spec.source, options.route, arch, len(spec.defines))
-    Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=settings.cache_dir))
+    timer.start()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=cache))
     try:
         if options.route == "nvrtc":
             cubin, compile_log = _compile_nvrtc(root / spec.source, flags)
@@ -357,18 +440,154 @@ def build(spec: KernelSpec, options: Optional[JitOptions] = None) -> CompiledKer
         (tmp / "meta.json").write_text(json.dumps(
             {"spec": dataclasses.asdict(spec), "route": options.route, "arch": arch, "flags": flags,
              "compile_seconds": seconds, "resources": resources, "log": compile_log}, indent=1))
-        for leftover in tmp.glob("kernel.o"):
-            leftover.unlink()
+        for leftover in (tmp / "kernel.o", tmp / "kernel.rdc.cubin"):
+            if leftover.exists():
+                leftover.unlink()
         try:
             os.replace(tmp, final)  # atomic: another rank may have won the race, which is fine
         except OSError:
             if not meta_path.is_file():
                 raise
-        log.info("compiled %s in %.1f s", spec.source, seconds)
+        timer.cancel()
+        if announced.is_set() and report_done:
+            report(f"compiled {what} in {seconds:.1f} s")
+        else:
+            log.info("compiled %s in %.1f s", what, seconds)
         return CompiledKernel(spec, str(final / "kernel.cubin"), key, options.route, arch, seconds,
                               False, resources)
     finally:
+        timer.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cost_estimate(job, src_dir: Path) -> float:
+    """Rough relative compile cost of a (spec, options) pair, to start the longest first."""
+    spec, options = job
+    try:
+        size = (src_dir / spec.source).stat().st_size
+    except OSError:
+        size = 0
+    return (size + (40_000 if spec.uses_nvshmem else 0)) * (1.5 if options.route == "nvcc" else 1.0)
+
+
+def default_workers() -> int:
+    """Threads for ``build_many``: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+class BuildSet:
+    """Several (spec, options) builds running at once on a thread pool (NVRTC releases the GIL;
+    nvcc runs as a subprocess), longest first, each compiled once, with a progress line
+    ``[k/N] compiled ... in S s`` per kernel actually compiled (cache hits are silent).
+
+        with jit.BuildSet([(spec, JitOptions(route="nvrtc")), ...]) as builds:
+            compiled = builds.result(spec, options)   # waits for that one; raises its error
+
+    Args:
+        jobs: (KernelSpec, JitOptions) pairs; duplicates are built once.
+        workers: threads (default ``default_workers()``).
+        cache_dir, src_dir: as for ``build`` (fixed at construction, so later changes to
+            ``settings`` do not reach builds already queued).
+        report: where the progress lines go (default: the ``deepep_cupy.jit`` logger, or stderr).
+    """
+
+    def __init__(self, jobs, workers: Optional[int] = None, cache_dir=None, src_dir=None, report=None):
+        import concurrent.futures
+
+        unique = list(dict.fromkeys((spec, opts or JitOptions(route=settings.jit_route)) for spec, opts in jobs))
+        self.cache_dir = str(cache_dir if cache_dir is not None else settings.cache_dir)
+        self.src_dir = str(src_dir if src_dir is not None else cuda_src_dir())
+        self.jobs = sorted(unique, key=lambda job: _cost_estimate(job, Path(self.src_dir)), reverse=True)
+        self.workers = max(1, min(workers or default_workers(), len(self.jobs) or 1))
+        self.started = time.perf_counter()
+        self.finished_at = None
+        self.cancelled = threading.Event()
+        self._sink = report or _report
+        self._done = 0
+        self._procs = set()
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="deepep-jit")
+        self.futures = {job: self._pool.submit(self._one, job) for job in self.jobs}
+
+    def _report(self, msg: str) -> None:
+        if not self.cancelled.is_set():   # quiet once closed (e.g. after a test run was interrupted)
+            self._sink(msg)
+
+    def _track(self, popen) -> bool:
+        with self._lock:
+            self._procs.add(popen)
+            return not self.cancelled.is_set()
+
+    def _untrack(self, popen) -> None:
+        with self._lock:
+            self._procs.discard(popen)
+
+    def _one(self, job) -> CompiledKernel:
+        spec, options = job
+        _tls.owner = self
+        try:
+            compiled = build(spec, options, cache_dir=self.cache_dir, src_dir=self.src_dir,
+                             report=self._report, report_done=False)
+        finally:
+            _tls.owner = None
+            with self._lock:
+                self._done += 1
+                done = self._done
+                if done == len(self.jobs):
+                    self.finished_at = time.perf_counter()
+        if not compiled.from_cache:
+            self._report(f"[{done}/{len(self.jobs)}] compiled {_describe(spec, options.route, compiled.arch)} "
+                         f"in {compiled.compile_seconds:.1f} s")
+        return compiled
+
+    def result(self, spec: KernelSpec, options: Optional[JitOptions] = None) -> CompiledKernel:
+        """The build of ``spec`` with ``options`` (waits for it); raises what the build raised."""
+        return self.futures[(spec, options or JitOptions(route=settings.jit_route))].result()
+
+    def results(self) -> list:
+        """Every build, in the order given (waits); raises the first error."""
+        return [f.result() for f in self.futures.values()]
+
+    def compiler_seconds(self) -> float:
+        """Summed compile time of the builds finished so far (cache hits count 0)."""
+        total = 0.0
+        for f in self.futures.values():
+            if f.done() and not f.cancelled() and f.exception() is None:
+                total += f.result().compile_seconds
+        return total
+
+    def wall_seconds(self) -> float:
+        """From construction to the last build's end (or to now, while some still run)."""
+        return (self.finished_at or time.perf_counter()) - self.started
+
+    def close(self, cancel: bool = True) -> None:
+        """Wait for the builds to end. With ``cancel``: drop those not yet started, kill the running
+        nvcc processes and stay quiet; an NVRTC compile under way cannot be stopped and is waited for."""
+        if cancel:
+            self.cancelled.set()
+            with self._lock:
+                for popen in self._procs:
+                    _kill_group(popen)
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(cancel=exc[0] is not None)
+
+
+def build_many(jobs, workers: Optional[int] = None, cache_dir=None, report=None) -> list:
+    """Compile several (spec, options) pairs at once (``BuildSet``); returns the ``CompiledKernel``
+    of each pair in the order given, raising the first compile error. Use it to warm the cache
+    for a set of kernels (scripts/warm_cache.py) instead of one ``build`` after another."""
+    jobs = [(spec, opts or JitOptions(route=settings.jit_route)) for spec, opts in jobs]
+    with BuildSet(jobs, workers=workers, cache_dir=cache_dir, report=report) as builds:
+        return [builds.result(spec, opts) for spec, opts in jobs]
 
 
 class LoadedKernel:

@@ -11,17 +11,9 @@ from deepep_cupy import jit, kernels
 from deepep_cupy.config import settings
 from deepep_cupy.errors import DeepEPCompileError, DeepEPInvalid
 
+from kernel_builds import get as built, left_out
+
 ROUTES = ["nvrtc", "nvcc"]
-
-
-def _route_available(route):
-    if route == "nvcc":
-        try:
-            from deepep_cupy import discovery
-            discovery.nvcc_path()
-        except Exception as e:  # noqa: BLE001
-            return str(e)
-    return None
 
 
 @pytest.fixture
@@ -30,20 +22,23 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.mark.kernel_build
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("spec", kernels.all_specs(), ids=lambda s: f"{s.source}{dict(s.defines)}")
-def test_every_kernel_compiles_for_sm90(spec, route, cache):
-    why = _route_available(route)
+def test_every_kernel_compiles_for_sm90(spec, route):
+    """Every kernel for sm_90 on both routes. The compiles run on a thread pool from the end of
+    collection on, each once, into one fresh cache for the run (tests/kernel_builds.py)."""
+    why = left_out(spec, route)
     if why:
         pytest.skip(why)
-    compiled = jit.build(spec, jit.JitOptions(arch="sm_90", route=route))
+    compiled = built(spec, route)
     blob = Path(compiled.cubin_path).read_bytes()
     assert blob[:4] == b"\x7fELF", "a cubin is an ELF file"
     assert not compiled.from_cache and compiled.compile_seconds > 0
     for name in spec.kernels:
         assert name.encode() in blob, f"entry point {name} missing from the cubin"
     if route == "nvrtc" and not compiled.resources:
-        # some NVRTC builds (seen with the GPU machine's) print no ptxas report; nvcc always does
+        # some NVRTC builds (seen with the GPU machine's) print no ptxas -v report; nvcc always does
         pytest.skip("this NVRTC printed no ptxas -v report; the nvcc case checks registers and spills")
     for name in spec.kernels:
         res = compiled.resources.get(name)
@@ -127,3 +122,65 @@ def test_public_names_have_docstrings():
     for attr in dir(ep.Buffer):
         if not attr.startswith("_"):
             assert (getattr(ep.Buffer, attr).__doc__ or "").strip(), f"Buffer.{attr} has no docstring"
+
+
+def test_build_set_builds_each_pair_once_and_reports_progress(cache):
+    """BuildSet: duplicates built once, results by (spec, options), a '[k/N] compiled' line per
+    kernel compiled; a second set over the same cache hits it and says nothing."""
+    opts = jit.JitOptions(arch="sm_90")
+    a = jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 2, "DEEPEP_RANKS_PER_NODE": 2})
+    b = kernels.CHECKS_SPEC
+    lines = []
+    with jit.BuildSet([(a, opts), (b, opts), (a, opts)], workers=2, report=lines.append) as builds:
+        assert len(builds.jobs) == 2
+        first = builds.results()
+    assert [c.spec for c in first] == [a, b] and not any(c.from_cache for c in first)
+    assert builds.result(a, opts).cubin_path == first[0].cubin_path
+    done = sorted(line for line in lines if " compiled " in line)
+    assert [line[:15] for line in done] == ["[1/2] compiled ", "[2/2] compiled "], lines
+    assert any("compiled layout.cu [DEEPEP_NUM_RANKS=2 DEEPEP_RANKS_PER_NODE=2] (nvrtc, sm_90) in " in line
+               for line in done), lines
+    lines.clear()
+    again = jit.build_many([(a, opts), (b, opts)], report=lines.append)
+    assert all(c.from_cache for c in again) and [c.cubin_path for c in again] == [c.cubin_path for c in first]
+    assert lines == []   # cache hits are silent
+
+
+def test_long_compile_says_what_it_compiles_and_how_long(cache, monkeypatch):
+    import time
+    real = jit._compile_nvrtc
+
+    def slow(*args):
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(jit, "_compile_nvrtc", slow)
+    monkeypatch.setattr(jit, "PROGRESS_AFTER_S", 0.05)
+    spec = jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 4, "DEEPEP_RANKS_PER_NODE": 4})
+    messages = []
+    jit.build(spec, jit.JitOptions(arch="sm_90"), report=messages.append)
+    what = "layout.cu [DEEPEP_NUM_RANKS=4 DEEPEP_RANKS_PER_NODE=4] (nvrtc, sm_90)"
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"compiling {what}: first use, cached afterwards in {cache}"), messages
+    assert messages[1].startswith(f"compiled {what} in "), messages
+    messages.clear()
+    jit.build(spec, jit.JitOptions(arch="sm_90"), report=messages.append)
+    assert messages == []   # a cache hit says nothing
+
+
+def test_progress_goes_to_stderr_on_rank_0_without_logging_setup(monkeypatch, capsys):
+    """With no logging configured, a long compile's progress line goes to stderr, on one rank."""
+    import logging
+    monkeypatch.setattr(jit, "log", logging.Logger("deepep_cupy.jit.unconfigured"))  # no handler anywhere
+    cases = [({}, "deepep_cupy: compiling x.cu (nvrtc, sm_90)"),
+             ({"PMI_RANK": "0"}, "deepep_cupy [rank 0]: compiling x.cu (nvrtc, sm_90)"),
+             ({"PMI_RANK": "1"}, ""),
+             ({"DEEPEP_CUPY_JIT_PROGRESS": "0"}, ""),
+             ({"PMI_RANK": "1", "DEEPEP_CUPY_JIT_PROGRESS": "all"}, "deepep_cupy [rank 1]: compiling x.cu (nvrtc, sm_90)")]
+    for env, want in cases:
+        for var in jit._MPI_RANK_VARS + ("DEEPEP_CUPY_JIT_PROGRESS",):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        jit._report("compiling x.cu (nvrtc, sm_90)")
+        assert capsys.readouterr().err.strip() == want, env

@@ -1,0 +1,66 @@
+"""The MPI library under mpi4py: a clear error when there is none, and a check that the library
+mpi4py loaded is the launcher's.
+
+``pip install deepep_cupy`` brings the ``mpich`` wheel, so mpi4py finds ``libmpi.so.12`` in the
+environment's ``lib/`` (mpi4py 4 looks there before the system's libraries). On a cluster whose own
+MPI launches the job (Open MPI's ``mpirun``, Cray's ``srun``), mpi4py must load that MPI instead:
+``MPI4PY_LIBMPI=/path/to/libmpi.so`` (or ``pip uninstall mpich``). Loading the wrong one does not
+fail; every rank silently becomes rank 0 of a world of 1, which ``check_world`` turns into an error.
+docs/install.md, "MPI".
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import DeepEPError
+
+__all__ = ["import_mpi", "launcher_world_size", "check_world"]
+
+# what launchers export: MPICH's hydra and Intel MPI (PMI_SIZE), Open MPI (OMPI_COMM_WORLD_SIZE)
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def import_mpi():
+    """``mpi4py.MPI``, or ``DeepEPError`` saying how to get an MPI library (mpi4py's own error
+    lists the files it tried)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise DeepEPError("mpi4py is not installed: pip install mpi4py mpich") from e
+    except RuntimeError as e:  # mpi4py 4: "cannot load MPI library" + every dlopen error
+        raise DeepEPError(
+            "mpi4py found no MPI library. pip install mpich (deepep_cupy depends on it; a "
+            "'pip install --no-deps' skipped it), or point MPI4PY_LIBMPI at your MPI's libmpi.so. "
+            f"mpi4py said: {' | '.join(str(e).splitlines())}") from e
+    return MPI
+
+
+def launcher_world_size():
+    """The rank count the launcher (mpiexec/mpirun) announced in the environment, or None."""
+    for var in _SIZE_VARS:
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def check_world(comm) -> None:
+    """Raise ``DeepEPError`` where a launcher started several ranks but ``comm`` (a world
+    communicator) has one: mpi4py loaded another MPI than the launcher's, for example the mpich
+    wheel's under Open MPI's mpirun, so each process runs alone."""
+    launched = launcher_world_size()
+    if launched is None or launched <= 1 or comm.Get_size() != 1:
+        return
+    try:
+        from mpi4py import MPI
+        lib = MPI.Get_library_version().splitlines()[0].strip()
+        if comm != MPI.COMM_WORLD:
+            return  # a sub-communicator of one rank is legitimate
+    except Exception:  # noqa: BLE001 - only for the message
+        lib = "unknown"
+    raise DeepEPError(
+        f"the launcher started {launched} ranks but MPI_COMM_WORLD has 1: mpi4py loaded a "
+        f"different MPI library ({lib}) than the launcher's. Use the mpiexec of that library "
+        "(pip's mpich puts one next to the python executable), or set MPI4PY_LIBMPI to the "
+        "launcher's libmpi.so (see docs/install.md, MPI)")
