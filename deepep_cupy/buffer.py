@@ -35,10 +35,10 @@ import functools
 import logging
 from typing import Optional
 
-from . import arrays, discovery, jit
+from . import arrays, discovery, jit, mpienv
 from .agreement import Agreement
 from .config import Config, settings
-from .errors import DeepEPInvalid, DeepEPTypeError
+from .errors import DeepEPError, DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
 from .validation import (VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_index_range, check_same_values,
                          expect_aligned, expect_array, expect_bool, expect_int, expect_optional_array,
@@ -155,12 +155,13 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  ranks_per_node: Optional[int] = None, backend: str = "auto",
                  jit_options: Optional[jit.JitOptions] = None, allow_nvlink_for_low_latency_mode: bool = True):
-        from mpi4py import MPI
+        MPI = mpienv.import_mpi()   # a missing MPI library: a DeepEPError saying what to install
 
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Comm):
             raise DeepEPTypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
+        mpienv.check_world(comm)    # launched as N ranks but each process alone: the wrong libmpi
         self.num_nvl_bytes = expect_int(num_nvl_bytes, "num_nvl_bytes", minimum=0)
         self.num_rdma_bytes = expect_int(num_rdma_bytes, "num_rdma_bytes", minimum=0)
         self.low_latency_mode = expect_bool(low_latency_mode, "low_latency_mode")
@@ -202,6 +203,11 @@ class Buffer:
 
     def _make_backend(self, comm, local_choice: str, jit_options):
         if local_choice == "gpu":
+            import importlib.util
+            if importlib.util.find_spec("cupy") is None:
+                raise DeepEPError("backend: 'gpu' needs CuPy and the CUDA wheels, which a CPU-only install "
+                                  "(requirements-cpu.txt) leaves out: pip install deepep_cupy (the full "
+                                  "install), or use backend='reference'")
             from .gpu_backend import GpuBackend
             return GpuBackend(comm, self.num_nvl_bytes, self.num_rdma_bytes,
                               self.ranks_per_node, jit_options, self.allow_nvlink_for_low_latency_mode)
