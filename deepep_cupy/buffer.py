@@ -314,20 +314,8 @@ class Buffer:
         """GPU: raise what earlier kernels reported (bad expert ids, timeouts) now, among the
         call's own checks, so the peers learn of it before anything is launched (the backend
         would raise it on this rank alone at its start). Reads pinned memory; no wait."""
-        if self.backend_name != "gpu":
-            return
-        backend = self._backend
-        report = getattr(backend, "raise_reported", None)
-        if report is not None:
-            report(what)
-            return
-        errors = getattr(backend, "input_errors", None)
-        if errors is not None:
-            errors.check(what)
-        for name in ("_intranode", "_internode", "_low_latency"):
-            kernels = getattr(backend, name, None)
-            if kernels is not None:
-                kernels.check_errors(what)
+        if self.backend_name == "gpu":
+            self._backend.raise_reported(what)
 
     def _check_ids(self, idx, num_experts: int) -> None:
         """The expert-id check before the agreement: on numpy always; on the GPU the blocking check

@@ -82,6 +82,11 @@ class GpuBackend:
         if cupy.cuda.get_current_stream().is_capturing():
             raise DeepEPInvalid("check: the current stream is capturing a CUDA graph; check after the replay")
         cupy.cuda.Device(self.device_id).synchronize()
+        self.raise_reported(what)
+
+    def raise_reported(self, what: str) -> None:
+        """Raise (and clear) what this buffer's finished kernels recorded: bad expert ids, timeouts,
+        overflow. Reads pinned memory, no wait: work still running reports at a later call."""
         self.input_errors.check(what)
         for kernels in (self._intranode, self._internode, self._low_latency):
             if kernels is not None:

@@ -85,19 +85,12 @@ class _HandleMeta:
     names: Tuple[str, ...]
 
 
-@jax.tree_util.register_pytree_node_class
-class DispatchHandle:
-    """The routing of one high-throughput :func:`dispatch`, as arrays; drives :func:`combine` and
-    :func:`cached_dispatch`. Treat it as opaque: its arrays depend on the backend.
+class _ArrayHandle:
+    """A handle as a pytree: its arrays are the leaves (they cross jit, custom_vjp residuals and
+    scan), its meta (static shapes, flags, the arrays' names) the aux data; each array reads as
+    the attribute of its name."""
 
-    Always present: ``is_token_in_rank`` (bool ``[T, R]``) and ``recv_src_idx`` (int32 ``[W]``,
-    source token of each received row, -1 for padding). Reference backend: also
-    ``rank_prefix_matrix`` (int32 ``[R, R]``), ``recv_src_rank`` (int32 ``[W]``) and
-    ``src_num_tokens`` (int32 ``[R]``). GPU backend: ``send_pos`` (int32 ``[T, R]``) and
-    ``recv_info`` (int32 ``[2R+1+L]``).
-    """
-
-    def __init__(self, arrays: tuple, meta: _HandleMeta):
+    def __init__(self, arrays: tuple, meta):
         self.arrays = tuple(arrays)
         self.meta = meta
 
@@ -113,6 +106,19 @@ class DispatchHandle:
         if meta is not None and name in meta.names:
             return self.arrays[meta.names.index(name)]
         raise AttributeError(name)
+
+
+@jax.tree_util.register_pytree_node_class
+class DispatchHandle(_ArrayHandle):
+    """The routing of one high-throughput :func:`dispatch`, as arrays; drives :func:`combine` and
+    :func:`cached_dispatch`. Treat it as opaque: its arrays depend on the backend.
+
+    Always present: ``is_token_in_rank`` (bool ``[T, R]``) and ``recv_src_idx`` (int32 ``[W]``,
+    source token of each received row, -1 for padding). Reference backend: also
+    ``rank_prefix_matrix`` (int32 ``[R, R]``), ``recv_src_rank`` (int32 ``[W]``) and
+    ``src_num_tokens`` (int32 ``[R]``). GPU backend: ``send_pos`` (int32 ``[T, R]``) and
+    ``recv_info`` (int32 ``[2R+1+L]``).
+    """
 
     @property
     def num_worst_tokens(self) -> int:
@@ -150,7 +156,7 @@ class _LowLatencyMeta:
 
 
 @jax.tree_util.register_pytree_node_class
-class LowLatencyHandle:
+class LowLatencyHandle(_ArrayHandle):
     """The layout of one :func:`low_latency_dispatch`, as arrays; drives :func:`low_latency_combine`.
 
     Always present: ``recv_src_info`` and ``recv_src_k`` (int32 ``[L, R*M]``, source token and top-k
@@ -158,23 +164,6 @@ class LowLatencyHandle:
     ``[L, R]``). GPU backend: also ``recv_count``, ``topk_slots``, ``combine_slot`` and
     ``src_tokens`` (see ``deepep_cupy.low_latency.LowLatencyHandle``).
     """
-
-    def __init__(self, arrays: tuple, meta: _LowLatencyMeta):
-        self.arrays = tuple(arrays)
-        self.meta = meta
-
-    def tree_flatten(self):
-        return self.arrays, self.meta
-
-    @classmethod
-    def tree_unflatten(cls, meta, arrays):
-        return cls(arrays, meta)
-
-    def __getattr__(self, name):
-        meta = self.__dict__.get("meta")
-        if meta is not None and name in meta.names:
-            return self.arrays[meta.names.index(name)]
-        raise AttributeError(name)
 
     def __repr__(self) -> str:
         m = self.meta
