@@ -14,7 +14,9 @@ back arrays of the caller's own framework. This module is the one place that kno
 * :func:`from_cupy` turns a CuPy result into an array of the caller's framework, again
   over the same memory, with the caller's logical dtype.
 * :func:`to_numpy` is the host-side twin of :func:`to_cupy`, used by the CPU reference
-  backend.
+  backend, and :func:`from_numpy` the twin of :func:`from_cupy`: the reference backend's
+  results in the caller's framework (NumPy stays NumPy at no cost; JAX and PyTorch CPU arrays
+  through DLPack or ``torch.from_numpy``, bfloat16 and FP8 included).
 
 Dtypes: CuPy 14 computes on ``bfloat16`` (through ml_dtypes) but has no FP8 support, so
 inside deepep_cupy an FP8 (``float8_e4m3fn`` and the other 8-bit float formats) array is
@@ -117,6 +119,7 @@ __all__ = [
     "to_cupy",
     "from_cupy",
     "to_numpy",
+    "from_numpy",
     "read_dlpack_capsule",
     "rewrite_capsule_dtype",
 ]
@@ -1131,3 +1134,93 @@ def _warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, ZeroCopyWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs of the reference backend: from_numpy
+# --------------------------------------------------------------------------------------------
+
+def from_numpy(arr: Any, framework: Union[Framework, str], dtype: Any = None,
+               name: str = "output") -> Any:
+    """Return the host array ``arr`` as an array of ``framework``: the reference backend's
+    results in the caller's framework (the host-side twin of :func:`from_cupy`).
+
+    Arguments:
+        arr: a ``numpy.ndarray`` (bfloat16 and FP8 with their ml_dtypes dtypes, or as raw
+            ``uint16``/``uint8`` storage when ``dtype`` names the logical dtype).
+        framework: :class:`Framework` (or its value, e.g. ``"jax"``) of the caller.
+        dtype: the logical dtype of the result; ``None`` keeps ``arr.dtype``. It must have the
+            itemsize of ``arr.dtype``.
+        name: the output's name, for messages.
+
+    Returns:
+        * ``Framework.NUMPY`` / ``Framework.DLPACK``: ``arr`` itself (NumPy speaks DLPack): no
+          copy, no cost.
+        * ``Framework.TORCH``: a CPU ``torch.Tensor`` over ``arr``'s memory (bfloat16 and FP8
+          through their integer storage, then ``.view(torch.<dtype>)``); a read-only ``arr`` is
+          copied first, since tensors are writable.
+        * ``Framework.JAX``: a CPU ``jax.Array`` through DLPack (bfloat16 and FP8 through a
+          capsule whose dtype code is rewritten, as :func:`from_cupy` does), zero-copy where
+          jaxlib takes the buffer as it is; otherwise (a read-only array, a jaxlib that refuses
+          the dtype) a copy. 64-bit dtypes become 32-bit unless ``jax_enable_x64`` is on: JAX's
+          own canonicalisation.
+
+    Raises:
+        DeepEPInvalid: ``Framework.CUPY`` (CuPy arrays live on the GPU; the reference backend
+            computes on host arrays and is never handed one).
+        DeepEPTypeError: ``arr`` is not a NumPy array, or ``dtype`` does not fit its storage.
+    """
+    if not isinstance(arr, np.ndarray):
+        raise DeepEPTypeError(f"{name}: from_numpy expects a numpy.ndarray, got {_type_name(arr)}")
+    try:
+        fw = framework if isinstance(framework, Framework) else Framework(framework)
+    except ValueError:
+        raise DeepEPTypeError(f"{name}: unknown framework {framework!r}") from None
+    logical = canonical_dtype(arr.dtype if dtype is None else dtype)
+    want = numpy_dtype(logical)
+    if arr.dtype != want:
+        if arr.dtype.itemsize != want.itemsize:
+            raise DeepEPTypeError(
+                f"{name}: cannot present {arr.dtype.name} storage ({arr.dtype.itemsize} bytes per "
+                f"element) as {logical} ({want.itemsize} bytes)")
+        arr = arr.view(want)
+    if fw in (Framework.NUMPY, Framework.DLPACK):
+        return arr
+    if fw is Framework.CUPY:
+        raise DeepEPInvalid(f"{name}: CuPy arrays live on the GPU; the reference backend returns "
+                            f"host arrays (NumPy, or the caller's JAX / PyTorch CPU arrays)")
+    if fw is Framework.TORCH:
+        return _torch_from_numpy(arr, logical, name)
+    return _jax_from_numpy(arr, logical)
+
+
+def _torch_from_numpy(arr: np.ndarray, logical: str, name: str):
+    import torch
+
+    # torch.from_numpy refuses negative strides and warns on read-only memory: copy those
+    if not arr.flags.writeable or any(s < 0 for s in arr.strides):
+        arr = np.array(arr, copy=True, order="C")
+    if logical not in _ML_DTYPE_NAMES:
+        return torch.from_numpy(arr)
+    tdtype = getattr(torch, logical, None)
+    if tdtype is None:
+        raise DeepEPTypeError(f"{name}: this PyTorch has no torch.{logical}")
+    # NumPy's ml_dtypes types are unknown to torch: share the bits as integers, then retype
+    storage = np.int16 if logical == "bfloat16" else np.uint8
+    return torch.from_numpy(arr.view(storage)).view(tdtype)
+
+
+def _jax_from_numpy(arr: np.ndarray, logical: str):
+    import jax
+    import jax.dlpack
+    import jax.numpy as jnp
+
+    if arr.flags.writeable:   # NumPy cannot export read-only memory through (legacy) DLPack
+        try:
+            if logical in _NUMPY_DLPACK_DTYPES:
+                return jax.dlpack.from_dlpack(arr)
+            if logical in _NAME_TO_DL:   # bfloat16, FP8: NumPy exports the raw storage, retyped here
+                return jax.dlpack.from_dlpack(_RetypedExporter(arr.view(raw_storage_dtype(logical)), logical))
+        except Exception:   # noqa: BLE001 - any refusal (dtype, alignment, version): copy below
+            pass
+    return jnp.asarray(arr)

@@ -4,7 +4,19 @@ Methods are ordered as in DeepEP: lifecycle, static helpers, high-throughput mod
 mode. Every public method validates its arguments first (``validation.py``): bad input raises
 before anything is launched or sent, and the buffer stays usable. Then it hands CuPy views (GPU
 backend) or numpy arrays (reference backend) to the backend and returns the results in the
-caller's framework.
+caller's framework, that of the call's primary input (``x``; ``topk_idx`` for the layout): on the
+GPU through ``arrays.from_cupy``, on the reference backend through ``arrays.from_numpy`` (numpy
+stays numpy at no cost; JAX and PyTorch CPU arrays come back as such, bfloat16 and FP8 included).
+
+The reference backend holds code to the GPU backend's rules (issue #15), through the same checks
+here, so that what passes on a CPU does not fail on a GPU: top-k at most 32, at most 1022 experts
+per rank and 8192 in a layout, at most 131072 tokens per rank, ``config`` and every bool and
+``previous_event`` type-checked, ``out=`` writable (never a JAX array), ``zero_copy`` only with
+the combine buffer. A buffer given ``num_nvl_bytes``/``num_rdma_bytes`` (sized for the GPU) is also
+held to the GPU's memory rules: rows of whole 16-byte units, ``num_nvl_bytes`` for the
+high-throughput calls and a large enough ``num_rdma_bytes`` for the low-latency ones; a buffer of no
+bytes is the reference backend's own mode (it needs no memory) and skips those. ``topk_idx`` is
+int64, or int32 from JAX (its default integer type; int64 needs ``jax_enable_x64``), widened here.
 
 Before anything collective happens, the ranks agree (``agreement.py``, issue #15): each call sends
 its signature (the shapes, dtypes and options every rank must share, never per-rank token counts),
@@ -40,9 +52,9 @@ from .agreement import Agreement
 from .config import Config, settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
-from .validation import (VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_index_range, check_same_values,
-                         expect_aligned, expect_array, expect_bool, expect_int, expect_optional_array,
-                         expect_stream_args)
+from .validation import (MAX_HT_TOPK, VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_index_range,
+                         check_same_values, expect_aligned, expect_array, expect_bool, expect_int,
+                         expect_optional_array, expect_row_bytes, expect_stream_args, expect_writable)
 
 __all__ = ["Buffer"]
 
@@ -197,6 +209,7 @@ class Buffer:
                 self._agreement.free()
             raise
         self._handles = HandleRegistry(f"Buffer(rank={self.rank}, backend={local_choice})")
+        self._combine_buffer = None   # reference backend: get_next_low_latency_combine_buffer's array
         self._destroyed = False
         log.info("rank %d/%d: Buffer up (backend %s, %d nodes of %d)", self.rank, self.num_ranks,
                  self.backend_name, self.num_nodes, self.ranks_per_node)
@@ -420,9 +433,16 @@ class Buffer:
         return arr
 
     def _give(self, arr, like_framework, dtype: Optional[str] = None):
-        """A backend result in the caller's framework (numpy stays numpy)."""
-        if arr is None or self.backend_name != "gpu":
+        """A backend result in the caller's framework (``like_framework``: that of the call's
+        primary input). GPU: CuPy results as CuPy (no conversion), JAX or PyTorch arrays over the
+        same memory (``arrays.from_cupy``). Reference: numpy stays numpy (no conversion, no cost);
+        JAX and PyTorch CPU arrays through ``arrays.from_numpy``."""
+        if arr is None:
             return arr
+        if self.backend_name != "gpu":
+            if like_framework is arrays.Framework.NUMPY:
+                return arr
+            return arrays.from_numpy(arr, like_framework, dtype)
         if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK) and (
                 dtype in (None, arr.dtype.name) or (dtype in arrays.FP8_DTYPES and arr.dtype.name == "uint8")):
             return arr          # already what the caller gets (the common hot path: no conversion)
@@ -478,10 +498,22 @@ class Buffer:
         return num_experts
 
     def _check_topk_idx(self, topk_idx, num_experts: int) -> "arrays.ArrayDesc":
-        desc = expect_array(topk_idx, "topk_idx", dtype="int64", ndim=2, device=self._device)
+        """``topk_idx`` is int64 ``[T, K >= 1]``, or int32 from JAX: JAX's default integer type
+        (int64 needs ``jax_enable_x64``), widened by ``_take_topk_idx``."""
+        from_jax = topk_idx is not None and arrays.framework_of(topk_idx, "topk_idx") is arrays.Framework.JAX
+        desc = expect_array(topk_idx, "topk_idx", dtype=("int64", "int32") if from_jax else "int64", ndim=2,
+                            device=self._device)
         if desc.shape[1] < 1:
             raise DeepEPInvalid(f"topk_idx: expected at least one top-k column, got shape {desc.shape}")
         return desc
+
+    def _take_topk_idx(self, topk_idx):
+        """A checked ``topk_idx`` as the backend's int64 array: JAX's int32 is widened here (a copy,
+        on the GPU a small cast kernel on the current stream; int64 input is taken as it is)."""
+        idx = self._take(topk_idx, "topk_idx")
+        if idx.dtype != self._xp.int64:
+            idx = idx.astype(self._xp.int64)
+        return idx
 
     # ---------------------------------------------------------------------- high-throughput mode
     @_checked
@@ -493,16 +525,17 @@ class Buffer:
         rank whose ``topk_idx`` is bad makes every rank raise here rather than in the dispatch).
 
         Arguments:
-            topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot. On the
-                GPU an id outside [-1, num_experts) counts nowhere (as -1) and the next call raises
-                ``DeepEPInvalid`` (this one, with ``settings.check_values = True``).
-            num_experts: total experts over all ranks (a multiple of the rank count); expert ``e``
-                lives on rank ``e // (num_experts // num_ranks)``.
+            topk_idx: int64 ``[num_tokens, num_topk]`` expert ids, ``-1`` for an unused slot (from
+                JAX also int32, widened). On the GPU an id outside [-1, num_experts) counts nowhere
+                (as -1) and the next call raises ``DeepEPInvalid`` (this one, with
+                ``settings.check_values = True``).
+            num_experts: total experts over all ranks (a multiple of the rank count, at most 8192);
+                expert ``e`` lives on rank ``e // (num_experts // num_ranks)``.
             previous_event: wait for this ``EventOverlap`` instead of the current stream.
             async_finish: return an event rather than making the current stream wait.
             allocate_on_comm_stream: allocate the outputs on the communication stream.
 
-        Returns:
+        Returns (arrays of ``topk_idx``'s framework):
             num_tokens_per_rank: int32 ``[num_ranks]``, tokens with at least one expert on each rank.
             num_tokens_per_rdma_rank: int32 ``[num_nodes]`` likewise per node, or None on one node.
             num_tokens_per_expert: int32 ``[num_experts]``, (token, slot) entries per expert.
@@ -512,19 +545,20 @@ class Buffer:
         backend = self._live()
         num_experts = self._check_num_experts(num_experts)
         from .layout import MAX_LAYOUT_EXPERTS
-        if self.backend_name == "gpu" and num_experts > MAX_LAYOUT_EXPERTS:
+        if num_experts > MAX_LAYOUT_EXPERTS:   # the GPU's limit, on every backend (issue #15)
             raise DeepEPInvalid(f"num_experts: at most {MAX_LAYOUT_EXPERTS} supported, got {num_experts}")
         desc = self._check_topk_idx(topk_idx, num_experts)
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
-        idx = self._take(topk_idx, "topk_idx")
+        idx = self._take_topk_idx(topk_idx)
         self._check_ids(idx, num_experts)
         self._agreed([("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", desc.shape[1])])
+        fw = desc.framework
         if self.backend_name != "gpu":
-            out = backend.get_dispatch_layout(idx, num_experts)
-            return tuple(out) + (EventOverlap(None),)
+            per_rank, per_rdma, per_expert, in_rank = backend.get_dispatch_layout(idx, num_experts)
+            return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
+                    self._give(in_rank, fw), EventOverlap(None))
         per_rank, per_rdma, per_expert, in_rank, event = backend.get_dispatch_layout(
             idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
-        fw = desc.framework
         return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
                 self._give(in_rank, fw), event)
 
@@ -542,9 +576,7 @@ class Buffer:
                          device=self._device)
             return self._take(x[0], f"{name}[0]", VECTOR_ALIGNMENT), self._take(x[1], f"{name}[1]"), d
         d = expect_array(x, name, dtype=("bfloat16", "float32"), ndim=2, device=self._device)
-        if self.backend_name == "gpu" and (d.shape[1] * d.itemsize) % 16:
-            raise DeepEPInvalid(f"{name}: a row must be a multiple of 16 bytes, got hidden {d.shape[1]} "
-                                f"of {d.dtype}")
+        self._check_row_bytes(d)
         return self._take(x, name, VECTOR_ALIGNMENT), None, d
 
     @_checked
@@ -565,7 +597,8 @@ class Buffer:
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert:
                 the outputs of ``get_dispatch_layout`` for ``topk_idx`` (shapes checked; routing
                 follows ``topk_idx``). ``num_tokens_per_expert`` is required (it gives num_experts).
-            topk_idx: int64 ``[T, K]``. Without it (and without ``handle``) the routing comes from
+            topk_idx: int64 ``[T, K]`` (from JAX also int32), ``K <= 32``, at most 1022 experts per
+                rank. Without it (and without ``handle``) the routing comes from
                 ``is_token_in_rank`` alone (with ``num_tokens_per_rank``), and no expert
                 information travels: ``recv_topk_idx``/``recv_topk_weights`` are None and the
                 per-expert list is empty. topk_weights: float32 ``[T, K]`` (needs topk_idx).
@@ -574,7 +607,7 @@ class Buffer:
                 synchronisation (graph-capturable); ``num_recv_tokens_per_expert_list`` is then ``[]``.
             config, previous_event, async_finish, allocate_on_comm_stream: as DeepEP's.
 
-        Returns:
+        Returns (arrays of ``x``'s framework):
             recv_x: like ``x`` (FP8: a pair), ``[N, H]`` ordered by source rank then token index.
             recv_topk_idx: int64 ``[N, K]`` local expert ids, -1 elsewhere (None in cached mode).
             recv_topk_weights: float32 ``[N, K]``, 0 where not local (None in cached mode or without weights).
@@ -584,14 +617,19 @@ class Buffer:
         """
         self._live()
         data, scales, xd = self._check_x(x)
+        self._check_high_throughput_bytes("dispatch")
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         expert_alignment = expect_int(expert_alignment, "expert_alignment", minimum=1)
         num_worst_tokens = expect_int(num_worst_tokens, "num_worst_tokens", minimum=0)
         if config is not None and not isinstance(config, Config):
             raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
         num_tokens = xd.shape[0]
+        from .intranode import CHUNK_TOKENS, MAX_CHUNKS
+        if num_tokens > CHUNK_TOKENS * MAX_CHUNKS:   # the GPU kernels' chunk table
+            raise DeepEPInvalid(f"x: at most {CHUNK_TOKENS * MAX_CHUNKS} tokens per rank, got {num_tokens}")
         if self.backend_name == "gpu":
             config = config or self.get_dispatch_config(self.num_ranks)
+        if config is not None:
             self._check_num_sms(config)
         if handle is not None:
             self._check_handle(handle, self._handle_kind)
@@ -632,12 +670,14 @@ class Buffer:
                                   shape=(self.num_nodes,), device=self._device)
             expect_optional_array(is_token_in_rank, "is_token_in_rank", dtype="bool",
                                   shape=(num_tokens, self.num_ranks), device=self._device)
-            if kd.shape[1] > 32 and self.backend_name == "gpu":
-                raise DeepEPInvalid(f"topk_idx: at most 32 top-k columns on the GPU, got {kd.shape[1]}")
-            if num_experts // self.num_ranks > 1022 and self.backend_name == "gpu":
-                raise DeepEPInvalid(f"num_tokens_per_expert: at most 1022 experts per rank, got "
+            # the GPU kernels' limits, enforced on every backend (issue #15)
+            if kd.shape[1] > MAX_HT_TOPK:
+                raise DeepEPInvalid(f"topk_idx: at most {MAX_HT_TOPK} top-k columns on the GPU, got {kd.shape[1]}")
+            from .intranode import MAX_LOCAL_EXPERTS
+            if num_experts // self.num_ranks > MAX_LOCAL_EXPERTS:
+                raise DeepEPInvalid(f"num_tokens_per_expert: at most {MAX_LOCAL_EXPERTS} experts per rank, got "
                                     f"{num_experts // self.num_ranks}")
-            idx = self._take(topk_idx, "topk_idx")
+            idx = self._take_topk_idx(topk_idx)
             weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
             take = lambda a, n: None if a is None else self._take(a, n)
             self._check_ids(idx, num_experts)   # (the GPU checks ids on the device, see get_dispatch_layout)
@@ -665,8 +705,17 @@ class Buffer:
             out = self._backend.dispatch(data, scales, idx, weights, num_experts, expert_alignment,
                                          num_worst_tokens)
         recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, recv_idx, recv_w, per_expert, self._handles.add(new_handle), EventOverlap(None)
+        return self._reference_dispatch_result(recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle, xd)
+
+    def _reference_dispatch_result(self, recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, xd) -> tuple:
+        """A reference dispatch's outputs in the framework of ``x`` (``xd``), as ``dispatch`` returns
+        them; the handle keeps its numpy arrays (it never leaves the buffer's own calls)."""
+        fw = xd.framework
+        recv = self._give(recv_x, fw)
+        if recv_scales is not None:
+            recv = (recv, self._give(recv_scales, fw))
+        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, self._handles.add(handle),
+                EventOverlap(None))
 
     def _dispatch_by_rank_mask(self, data, scales, xd, num_tokens_per_rank, is_token_in_rank,
                                topk_weights, num_worst_tokens, config, previous_event, async_finish,
@@ -706,8 +755,7 @@ class Buffer:
         synthetic = np.where(in_rank, np.arange(self.num_ranks, dtype=np.int64), -1)
         recv_x, recv_scales, _, _, _, handle = self._backend.dispatch(
             data, scales, synthetic, None, self.num_ranks, 1, num_worst_tokens)
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, None, None, [], self._handles.add(handle), EventOverlap(None)
+        return self._reference_dispatch_result(recv_x, recv_scales, None, None, [], handle, xd)
 
     def _dispatch_signature(self, xd, fp8: bool, config, handle: bool, topk: bool = False,
                             num_experts=None, num_topk=None, weights: bool = False, expert_alignment: int = 1,
@@ -745,6 +793,50 @@ class Buffer:
             return "ReferenceDispatchHandle"
         return "InternodeHandle" if self.num_nodes > 1 else "IntranodeHandle"
 
+    def _checks_gpu_bytes(self) -> bool:
+        """Whether the reference backend checks this buffer's byte counts as the GPU backend would
+        (issue #15): when the buffer was given any (``num_nvl_bytes`` or ``num_rdma_bytes``), i.e.
+        sized for the GPU, so code that passes here has the memory it needs there. A buffer of no
+        bytes is the reference backend's own mode (it needs no memory) and is not checked. (The GPU
+        backend checks its own memory when it lays out its kernels.)"""
+        return self.backend_name != "gpu" and (self.num_nvl_bytes > 0 or self.num_rdma_bytes > 0)
+
+    def _check_row_bytes(self, desc) -> None:
+        """A row of ``desc`` (a 2-D ``x``) must be a multiple of 16 bytes: the GPU moves rows with
+        16-byte accesses. On the GPU always; on the reference backend where the buffer is sized for
+        the GPU (``_checks_gpu_bytes``). (Not for every reference buffer: ``jaxep`` dispatches
+        ``[T, K]`` float32 weight gradients unpadded there.)"""
+        if self.backend_name == "gpu" or self._checks_gpu_bytes():
+            expect_row_bytes(desc, desc.name)
+
+    def _check_high_throughput_bytes(self, what: str) -> None:
+        """Reference backend, sized buffer: the memory the GPU's high-throughput kernels run in must
+        be there: ``num_nvl_bytes`` on one node, and on several ``num_rdma_bytes`` for the RDMA stage.
+        (Whether this rank's rows fit the GPU's staging is left to the GPU: it depends on the row
+        format the size hint was computed for.)"""
+        if not self._checks_gpu_bytes():
+            return
+        if self.num_nodes > 1:
+            if self.num_rdma_bytes <= 0:
+                raise DeepEPInvalid(f"num_rdma_bytes: {what} across {self.num_nodes} nodes needs the RDMA region; "
+                                    "size it with Buffer.get_internode_size_hint")
+            return
+        if self.num_nvl_bytes <= 0:
+            from .intranode import size_hint
+            raise DeepEPInvalid(f"num_nvl_bytes: the high-throughput kernels need symmetric memory; at least "
+                                f"{size_hint(self.num_ranks, 1, 128, 1)} bytes (Buffer.get_intranode_size_hint)")
+
+    def _check_low_latency_bytes(self, m: int, hidden: int, num_experts: int) -> None:
+        """Reference backend, sized buffer: ``num_rdma_bytes`` must hold the GPU's low-latency region
+        for these shapes (``low_latency.size_hint``, as ``get_low_latency_rdma_size_hint``)."""
+        if not self._checks_gpu_bytes():
+            return
+        from .low_latency import size_hint
+        need = size_hint(m, hidden, self.num_ranks, num_experts)
+        if self.num_rdma_bytes < need:
+            raise DeepEPInvalid(f"num_rdma_bytes: the low-latency kernels need {need} bytes for these shapes, "
+                                f"the buffer has {self.num_rdma_bytes} (Buffer.get_low_latency_rdma_size_hint)")
+
     def _check_num_sms(self, config: Config) -> None:
         if config.num_sms < 2:
             raise DeepEPInvalid(f"config.num_sms: need at least 2 (a sender and a receiver), got {config.num_sms}")
@@ -773,7 +865,7 @@ class Buffer:
             On the GPU ``x`` and ``bias`` need 16-byte aligned data pointers (16-byte accesses).
             config, previous_event, async_finish, allocate_on_comm_stream: as DeepEP's.
 
-        Returns:
+        Returns (arrays of ``x``'s framework):
             combined_x ``[T, H]`` (dtype of ``x``), combined_topk_weights float32 ``[T, K]`` or None,
             event.
         """
@@ -782,10 +874,13 @@ class Buffer:
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         rows = handle.num_rows if self.backend_name == "gpu" else (handle.num_worst_tokens or handle.num_recv_tokens)
         xd = expect_array(x, "x", dtype=("bfloat16", "float32"), shape=(rows, None), device=self._device)
-        if self.backend_name == "gpu" and (xd.shape[1] * xd.itemsize) % 16:
-            raise DeepEPInvalid(f"x: a row must be a multiple of 16 bytes, got hidden {xd.shape[1]} of {xd.dtype}")
-        expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=(rows, None),
-                              device=self._device)
+        self._check_row_bytes(xd)
+        wd = expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=(rows, None),
+                                   device=self._device)
+        if wd is not None and wd.shape[1] > MAX_HT_TOPK:
+            raise DeepEPInvalid(f"topk_weights: at most {MAX_HT_TOPK} top-k columns on the GPU, got {wd.shape[1]}")
+        if config is not None and not isinstance(config, Config):
+            raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
         biases = bias if isinstance(bias, tuple) else (bias,)
         if len(biases) > 2:
             raise DeepEPInvalid(f"bias: expected an array or a pair, got {len(biases)} items")
@@ -803,12 +898,10 @@ class Buffer:
         if wt is not None and self._checks_values():   # padding rows (source -1) are not read
             check_finite(wt, "topk_weights", self._xp, where=(handle.recv_src_idx >= 0)[:, None])
         if self.backend_name == "gpu":
-            if config is not None and not isinstance(config, Config):
-                raise DeepEPTypeError(f"config: expected a Config, got {type(config).__name__}")
             config = config or self.get_combine_config(self.num_ranks)
+        if config is not None:
             self._check_num_sms(config)
-            if topk_weights is not None and arrays.describe(topk_weights).shape[1] > 32:
-                raise DeepEPInvalid("topk_weights: at most 32 top-k columns on the GPU")
+        self._check_high_throughput_bytes("combine")
         num_biases = sum(b is not None for b in biases)
         sig = [("x", "hidden", int(xd.shape[1])), ("x", "dtype", xd.dtype),
                ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
@@ -825,7 +918,7 @@ class Buffer:
             fw = xd.framework
             return self._give(out, fw, xd.dtype), self._give(out_w, fw), event
         combined, combined_w = self._backend.combine(xt, handle, wt, taken if isinstance(bias, tuple) else taken[0])
-        return combined, combined_w, EventOverlap(None)
+        return self._give(combined, xd.framework), self._give(combined_w, xd.framework), EventOverlap(None)
 
     # ---------------------------------------------------------------------------- low-latency mode
     def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int, num_experts: int,
@@ -851,7 +944,7 @@ class Buffer:
         Arguments:
             x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``; ``H`` a multiple of 128 up
                 to 8192; on the GPU a 16-byte aligned data pointer.
-            topk_idx: int64 ``[T, K]``, -1 for none, ``K <= 16``. On the GPU an id outside
+            topk_idx: int64 ``[T, K]`` (from JAX also int32), -1 for none, ``K <= 16``. On the GPU an id outside
                 [-1, num_experts) is sent nowhere (as -1) and the next low-latency call raises
                 ``DeepEPInvalid`` (this one, with ``settings.check_values = True``).
             num_max_dispatch_tokens_per_rank: ``M <= 1024``, fixed for the buffer's life (a change
@@ -866,7 +959,7 @@ class Buffer:
                 most two operations may wait for their hooks; hooks run in call order. Not with
                 ``async_finish``.
 
-        Returns:
+        Returns (arrays of ``x``'s framework; with the hook on the reference backend, complete at once):
             recv_x: bf16 ``[L, R*M, H]`` or the pair ``(e4m3 [L, R*M, H], scales)`` (scales float32
             ``[L, R*M, H/128]``, or int32 ``[L, R*M, ceil(H/512)]`` packed UE8M0); recv_count
             int32 ``[L]``; handle; event; hook (None without ``return_recv_hook``).
@@ -884,11 +977,12 @@ class Buffer:
         if xd.shape[0] > m:
             raise DeepEPInvalid(f"x: {xd.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank={m}")
         self._check_low_latency_shapes(m, xd.shape[1], kd.shape[1], num_experts)
+        self._check_low_latency_bytes(m, xd.shape[1], num_experts)
         if use_fp8 and use_ue8m0 and not round_scale:
             raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
-        idx = self._take(topk_idx, "topk_idx")
+        idx = self._take_topk_idx(topk_idx)
         xt = self._take(x, "x", VECTOR_ALIGNMENT)
         self._check_ids(idx, num_experts)
         if self.backend_name != "gpu":
@@ -915,8 +1009,10 @@ class Buffer:
             return recv, self._give(recv_count, fw), self._handles.add(handle), event, hook
         recv_x, recv_count, handle = self._backend.low_latency_dispatch(
             xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
-        hook = (lambda: None) if return_recv_hook else None
-        return recv_x, recv_count, self._handles.add(handle), EventOverlap(None), hook
+        fw = xd.framework
+        recv = (self._give(recv_x[0], fw), self._give(recv_x[1], fw)) if use_fp8 else self._give(recv_x, fw)
+        hook = (lambda: None) if return_recv_hook else None   # the outputs are complete already
+        return recv, self._give(recv_count, fw), self._handles.add(handle), EventOverlap(None), hook
 
     @_checked
     @_collective("low_latency_combine", low_latency=True)
@@ -934,15 +1030,17 @@ class Buffer:
             async_finish, return_recv_hook: as in ``low_latency_dispatch``. With the hook, the send
                 kernel (on the stream current at the call) is the last reader of ``x``; work queued
                 after it on that stream may overwrite ``x`` before ``hook()``.
-            out: optional bf16 ``[T, H]`` to write into. On the GPU ``x`` and ``out`` need 16-byte
-                aligned data pointers.
+            out: optional bf16 ``[T, H]`` to write into, writable: not a JAX array (immutable) nor a
+                read-only numpy array. On the GPU ``x`` and ``out`` need 16-byte aligned data pointers.
 
         Returns:
-            combined_x bf16 ``[T, H]`` (valid after the hook with ``return_recv_hook``), event,
-            hook (None without ``return_recv_hook``).
+            combined_x bf16 ``[T, H]``: ``out`` itself when given, else an array of ``x``'s framework
+            (valid after the hook with ``return_recv_hook``), event, hook (None without
+            ``return_recv_hook``).
         """
         self._live()
         self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
+        self._check_low_latency_bytes(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         num_local = handle.num_experts // self.num_ranks
         slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
         xd = expect_array(x, "x", dtype="bfloat16", shape=(num_local, slots, handle.hidden), device=self._device)
@@ -953,21 +1051,22 @@ class Buffer:
         expect_array(topk_weights, "topk_weights", dtype="float32", shape=kd.shape, device=self._device)
         expect_optional_array(out, "out", dtype="bfloat16", shape=(handle.num_tokens, handle.hidden),
                               device=self._device)
+        if out is not None:
+            expect_writable(out, "out")
         for flag, name in ((zero_copy, "zero_copy"), (async_finish, "async_finish"),
                            (return_recv_hook, "return_recv_hook")):
             expect_bool(flag, name)
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
         xt = self._take(x, "x", VECTOR_ALIGNMENT)
-        idx = self._take(topk_idx, "topk_idx")
+        idx = self._take_topk_idx(topk_idx)
         wt = self._take(topk_weights, "topk_weights")
         outt = None if out is None else self._take(out, "out", VECTOR_ALIGNMENT)
         if self._checks_values():   # the weights of -1 slots are never read
             check_finite(wt, "topk_weights", self._xp, where=idx >= 0)
-        if zero_copy and self.backend_name == "gpu":
-            if not self._backend.is_low_latency_combine_buffer(xt):
-                raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
-                                    "(handle) returned")
+        if zero_copy and not self._is_low_latency_combine_buffer(xt):
+            raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
+                                "(handle) returned")
         if self.backend_name != "gpu":
             check_index_range(idx, "topk_idx", -1, handle.num_experts, self._xp)
         self._agreed([("x", "hidden", int(handle.hidden)),
@@ -980,7 +1079,8 @@ class Buffer:
             return (out if out is not None else self._give(combined, xd.framework)), event, hook
         combined = self._backend.low_latency_combine(xt, idx, wt, handle, out=outt)
         hook = (lambda: None) if return_recv_hook else None
-        return (out if out is not None else combined), EventOverlap(None), hook
+        # out= was written in place through its numpy view: hand back the caller's own array
+        return (out if out is not None else self._give(combined, xd.framework)), EventOverlap(None), hook
 
     @_collective("clean_low_latency_buffer")
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -994,6 +1094,7 @@ class Buffer:
         hidden = expect_int(hidden, "hidden", minimum=1)
         num_experts = self._check_num_experts(num_experts)
         self._check_low_latency_shapes(m, hidden, 1, num_experts, hidden_name="hidden")
+        self._check_low_latency_bytes(m, hidden, num_experts)
         self._agreed([("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
                       ("hidden", "hidden", hidden), ("num_experts", "num_experts", num_experts)])
         if self.backend_name == "gpu":
@@ -1003,7 +1104,8 @@ class Buffer:
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[L, R*M, H]`` array to write expert outputs into for a ``zero_copy`` combine
-        (owned by the buffer, reused by every call with the same shapes)."""
+        (owned by the buffer, reused by every call with the same shapes): the backend's own array,
+        CuPy on the GPU, numpy on the reference backend (there is no input array to follow)."""
         self._live()
         self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
         if self.backend_name == "gpu":
@@ -1012,7 +1114,19 @@ class Buffer:
         import numpy as np
         shape = (handle.num_experts // self.num_ranks, self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
                  handle.hidden)
-        return np.zeros(shape, dtype=ml_dtypes.bfloat16)
+        # owned and reused like the GPU's, so that zero_copy=True can check x is this array
+        if self._combine_buffer is None or self._combine_buffer.shape != shape:
+            self._combine_buffer = np.zeros(shape, dtype=ml_dtypes.bfloat16)
+        return self._combine_buffer
+
+    def _is_low_latency_combine_buffer(self, x) -> bool:
+        """Whether the backend array ``x`` is the one ``get_next_low_latency_combine_buffer`` handed
+        out (the same data pointer): the ``zero_copy`` check, on every backend."""
+        if self.backend_name == "gpu":
+            return self._backend.is_low_latency_combine_buffer(x)
+        own = self._combine_buffer
+        return (own is not None and x.shape == own.shape
+                and arrays.data_pointer(x, "x") == arrays.data_pointer(own, "x"))
 
     def _check_handle(self, handle, kind: str) -> None:
         if type(handle).__name__ != kind:

@@ -19,13 +19,17 @@ from . import arrays
 from .errors import DeepEPInvalid, DeepEPTypeError
 
 __all__ = ["expect_array", "expect_int", "expect_bool", "expect_optional_array", "expect_aligned",
-           "expect_stream_args", "check_index_range", "check_same_rows", "check_finite", "check_same_values",
-           "HandleRegistry", "VECTOR_ALIGNMENT"]
+           "expect_row_bytes", "expect_writable", "expect_stream_args", "check_index_range", "check_same_rows",
+           "check_finite", "check_same_values", "HandleRegistry", "VECTOR_ALIGNMENT", "MAX_HT_TOPK"]
 
 # The kernels move rows of x, recv_x, biases and outputs with 16-byte loads and stores (int4); such a
 # load on a pointer that is not a multiple of 16 is a misaligned-address fault, which leaves the
 # CUDA context unusable for the rest of the process.
 VECTOR_ALIGNMENT = 16
+
+# Top-k columns the high-throughput GPU kernels take (one warp lane per column). Enforced on every
+# backend, so code that passes on the reference backend does not fail on the GPU (issue #15).
+MAX_HT_TOPK = 32
 
 DTypeSpec = Union[str, Sequence[str]]
 
@@ -105,6 +109,38 @@ def expect_aligned(x, name: str, alignment: int = VECTOR_ALIGNMENT) -> None:
         what = "16-byte loads and stores" if alignment == VECTOR_ALIGNMENT else f"{alignment}-byte accesses"
         raise DeepEPInvalid(f"{name}: data pointer {ptr:#x} is not {alignment}-byte aligned (a view that "
                             f"starts mid-row?); the kernels access it with {what}: pass a copy")
+
+
+def expect_row_bytes(desc: "arrays.ArrayDesc", name: str, multiple: int = VECTOR_ALIGNMENT) -> None:
+    """A row of the 2-D array ``desc`` (``hidden * itemsize`` bytes) must be a multiple of
+    ``multiple`` bytes: the GPU kernels move rows with 16-byte accesses. Checked on every backend
+    (a bf16 hidden of 100 passes on numpy but cannot run on the GPU).
+
+    Raises:
+        DeepEPInvalid: naming ``name``, the hidden size and the dtype.
+    """
+    if (desc.shape[1] * desc.itemsize) % multiple:
+        raise DeepEPInvalid(f"{name}: a row must be a multiple of {multiple} bytes, got hidden {desc.shape[1]} "
+                            f"of {desc.dtype}")
+
+
+def expect_writable(x, name: str) -> None:
+    """``x`` is an output the call writes in place (``out=``): it must be mutable. JAX arrays are
+    immutable (writing through a view of one would change a value JAX assumes never changes), and
+    a read-only NumPy array refuses the write after the exchange, where the peers have already
+    taken part; both are refused here, before anything is sent.
+
+    Raises:
+        DeepEPInvalid: naming ``name`` and what to do instead.
+    """
+    fw = arrays.framework_of(x, name)
+    if fw is arrays.Framework.JAX:
+        raise DeepEPInvalid(f"{name}: JAX arrays are immutable, so the result cannot be written into one; "
+                            f"leave {name}=None and use the returned array")
+    flags = getattr(x, "flags", None)
+    if fw is arrays.Framework.NUMPY and flags is not None and not flags.writeable:
+        raise DeepEPInvalid(f"{name}: this NumPy array is read-only (flags.writeable is False); pass a "
+                            f"writable array, or leave {name}=None and use the returned array")
 
 
 def check_same_rows(descs: Iterable[tuple], what: str = "token") -> None:

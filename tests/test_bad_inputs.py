@@ -80,6 +80,17 @@ def ll_dispatch(b, num_experts=E):
     return recv_x, handle
 
 
+def topk33():
+    """int64 [T, 33]: TOPK in the first columns, -1 in the rest (33 > the GPU's 32 top-k columns)."""
+    return np.concatenate([TOPK, np.full((T, 33 - K), -1, np.int64)], axis=1)
+
+
+def read_only(shape):
+    a = np.zeros(shape, BF16)
+    a.flags.writeable = False
+    return a
+
+
 def with_nan(a, where=(2, 0), value=np.nan):
     a = a.copy()
     a[where] = value
@@ -284,11 +295,38 @@ CASES = [
          lambda b: b.clean_low_latency_buffer(M, 100, E)),
     Case("ll-combine-buffer-with-high-throughput-handle", "handle", TypeErr, "expected the ReferenceLowLatencyHandle",
          lambda b: b.get_next_low_latency_combine_buffer(ht_handle(b)[2])),
+    # ---- the GPU's limits and argument rules, enforced on the reference backend too (issue #15) ----
+    Case("gpu-topk_idx-33-columns", "topk_idx", Invalid, "at most 32 top-k columns on the GPU, got 33",
+         lambda b: dispatch(b, topk_idx=topk33(), topk_weights=None, **layout_kwargs(b, topk33()))),
+    Case("gpu-combine-topk_weights-33-columns", "topk_weights", Invalid, "at most 32 top-k columns on the GPU, got 33",
+         lambda b: (lambda r: b.combine(r[0], r[2], topk_weights=np.zeros((r[0].shape[0], 33), np.float32)))(
+             ht_handle(b))),
+    Case("gpu-experts-per-rank-above-1022", "num_tokens_per_expert", Invalid, "at most 1022 experts per rank, got 1024",
+         lambda b: dispatch(b, **layout_kwargs(b, num_experts=1024))),
+    Case("gpu-layout-num_experts-above-8192", "num_experts", Invalid, "at most 8192 supported, got 8200",
+         lambda b: b.get_dispatch_layout(TOPK, 8200)),
+    Case("gpu-tokens-per-rank-above-131072", "x", Invalid, "at most 131072 tokens per rank, got 131073",
+         lambda b: b.dispatch(np.zeros((131073, 8), BF16), topk_idx=np.full((131073, 1), -1, np.int64))),
+    Case("gpu-combine-config-wrong-type", "config", TypeErr, "expected a Config",
+         lambda b: b.combine(*ht_handle(b)[::2], config={"num_sms": 20})),
+    Case("ll-combine-out-jax-array-immutable", "out", Invalid, "JAX arrays are immutable",
+         lambda b: b.low_latency_combine(*ll_dispatch(b)[:1], TOPK, W, ll_dispatch(b)[1],
+                                         out=pytest.importorskip("jax.numpy").zeros((T, H), BF16))),
+    Case("ll-combine-out-read-only", "out", Invalid, "read-only",
+         lambda b: b.low_latency_combine(*ll_dispatch(b)[:1], TOPK, W, ll_dispatch(b)[1], out=read_only((T, H)))),
+    Case("ll-combine-zero_copy-not-the-combine-buffer", "x", Invalid, "get_next_low_latency_combine_buffer",
+         lambda b: b.low_latency_combine(*ll_dispatch(b)[:1], TOPK, W, ll_dispatch(b)[1], zero_copy=True)),
 ]
 
 
 def good_round_trips(b):
     """A high-throughput and a low-latency round trip on ``b``, compared with the reference model."""
+    good_high_throughput(b)
+    good_low_latency(b)
+
+
+def good_high_throughput(b):
+    """Layout, dispatch and combine on ``b``, compared with the reference model."""
     topk, x, w = inputs(3)
     want = reference.dispatch([x], [topk], [w], E)[0]
     recv_x, recv_idx, recv_w, counts, handle, _ = b.dispatch(x, topk_idx=topk, topk_weights=w,
@@ -304,6 +342,10 @@ def good_round_trips(b):
     sent = (topk >= 0).any(axis=1)                        # one rank: every routed token comes back once
     np.testing.assert_array_equal(combined[sent], x[sent])
 
+
+def good_low_latency(b):
+    """A low-latency dispatch and combine on ``b``, compared with the reference model."""
+    topk, x, w = inputs(3)
     want_ll = reference.low_latency_dispatch([x], [topk], M, E, use_fp8=False)[0]
     recv, count, ll_handle, _, _ = b.low_latency_dispatch(x, topk, M, E, use_fp8=False)
     np.testing.assert_array_equal(recv, want_ll.recv_x)
@@ -351,4 +393,68 @@ def test_good_inputs_pass_the_new_checks(buf):
     recv_w = recv_w.copy()
     recv_w[-1] = np.nan
     buf.combine(recv_x, handle, topk_weights=recv_w)
+    good_round_trips(buf)
+
+
+# ---- a reference buffer sized for the GPU (num_nvl_bytes / num_rdma_bytes given) is held to the
+# GPU's memory rules too: rows of whole 16-byte units, and the region each mode runs in (issue #15).
+# A buffer given no bytes is the reference backend's own mode (it needs no memory): not checked.
+HT_BYTES = ep.Buffer.get_intranode_size_hint(T, H, 1, K)
+LL_BYTES = ep.Buffer.get_low_latency_rdma_size_hint(M, H, 1, E)
+
+
+class SizedCase(NamedTuple):
+    id: str
+    sizes: dict                  # the buffer's byte arguments
+    arg: str
+    fragment: str
+    call: Callable               # call(buf) must raise DeepEPInvalid
+    good: Callable               # then good(buf) must still work (what the buffer is sized for)
+
+
+SIZED_CASES = [
+    SizedCase("dispatch-x-row-not-16-bytes", dict(num_nvl_bytes=HT_BYTES), "x",
+              "a row must be a multiple of 16 bytes, got hidden 100 of bfloat16",
+              lambda b: dispatch(b, x=np.zeros((T, 100), BF16)), good_high_throughput),
+    SizedCase("combine-x-row-not-16-bytes", dict(num_nvl_bytes=HT_BYTES), "x",
+              "a row must be a multiple of 16 bytes, got hidden 2 of float32",
+              lambda b: (lambda r: b.combine(np.zeros((r[0].shape[0], 2), np.float32), r[2]))(ht_handle(b)),
+              good_high_throughput),
+    SizedCase("dispatch-without-num_nvl_bytes", dict(num_rdma_bytes=LL_BYTES, low_latency_mode=True),
+              "num_nvl_bytes", "the high-throughput kernels need symmetric memory",
+              lambda b: dispatch(b), good_low_latency),
+    SizedCase("ll-dispatch-without-num_rdma_bytes", dict(num_nvl_bytes=HT_BYTES), "num_rdma_bytes",
+              f"the low-latency kernels need {LL_BYTES} bytes for these shapes, the buffer has 0",
+              lambda b: b.low_latency_dispatch(X, TOPK, M, E, use_fp8=False), good_high_throughput),
+    SizedCase("ll-dispatch-num_rdma_bytes-too-small", dict(num_rdma_bytes=LL_BYTES, low_latency_mode=True),
+              "num_rdma_bytes", f"the buffer has {LL_BYTES} (Buffer.get_low_latency_rdma_size_hint)",
+              lambda b: b.low_latency_dispatch(X, TOPK, 2 * M, E), good_low_latency),
+    SizedCase("clean-num_rdma_bytes-too-small", dict(num_rdma_bytes=LL_BYTES, low_latency_mode=True),
+              "num_rdma_bytes", "the low-latency kernels need",
+              lambda b: b.clean_low_latency_buffer(M, 2 * H, E), good_low_latency),
+]
+
+
+@pytest.mark.parametrize("case", SIZED_CASES, ids=[c.id for c in SIZED_CASES])
+def test_buffer_sized_for_the_gpu_is_checked_like_the_gpu(case):
+    from mpi4py import MPI
+    with ep.Buffer(MPI.COMM_SELF, backend="reference", **case.sizes) as b:
+        with pytest.raises(ep.DeepEPInvalid) as info:
+            case.call(b)
+        msg = str(info.value)
+        assert type(info.value) is Invalid, f"{case.id}: {type(info.value).__name__}: {msg}"
+        assert re.match(re.escape(case.arg) + r"(?![\w\[])", msg), f"{case.id}: {msg!r} does not start with {case.arg!r}"
+        assert case.fragment in msg, f"{case.id}: {msg!r} lacks {case.fragment!r}"
+        case.good(b)
+
+
+def test_unsized_buffer_skips_the_gpu_memory_rules(buf):
+    """The module's buffer has no bytes: odd row sizes and both modes run (the reference backend's
+    own mode, e.g. jaxep's [T, K] float32 weight gradients); the argument limits above still apply."""
+    topk, x, w = inputs(4)
+    x100 = x[:, :100].copy()
+    recv_x, _, _, _, handle, _ = dispatch(buf, x=x100, topk_idx=topk, topk_weights=w, **layout_kwargs(buf, topk))
+    combined, _, _ = buf.combine(recv_x, handle)
+    sent = (topk >= 0).any(axis=1)
+    np.testing.assert_array_equal(combined[sent], x100[sent])
     good_round_trips(buf)

@@ -180,3 +180,70 @@ def test_gpu_take_checks_alignment_before_launch(monkeypatch):
     b.backend_name = "reference"
     base = np.zeros(64, np.uint16)
     assert b._take(base[(-base.ctypes.data % 16) // 2 + 1:], "x", VECTOR_ALIGNMENT).dtype == np.uint16
+
+
+def _bool_and_event_calls():
+    """(id, argument, call(buf, bad value)) for every bool and event argument of the public calls."""
+    topk, x, w = good_inputs()
+    M = T
+
+    def ht(b):
+        kw = dispatch_kwargs(b, topk, x, w)
+        recv_x, _, recv_w, _, handle, _ = b.dispatch(**kw)
+        return kw, recv_x, recv_w, handle
+
+    def ll(b):
+        recv, _, handle, _, _ = b.low_latency_dispatch(x, topk, M, E, use_fp8=False)
+        return recv, handle
+
+    calls = []
+    for arg in ("async_finish", "allocate_on_comm_stream"):
+        calls += [
+            (f"get_dispatch_layout-{arg}", arg, lambda b, v, a=arg: b.get_dispatch_layout(topk, E, **{a: v})),
+            (f"dispatch-{arg}", arg, lambda b, v, a=arg: b.dispatch(**ht(b)[0], **{a: v})),
+            (f"cached-dispatch-{arg}", arg, lambda b, v, a=arg: b.dispatch(x, handle=ht(b)[3], **{a: v})),
+            (f"combine-{arg}", arg, lambda b, v, a=arg: (lambda r: b.combine(r[1], r[3], **{a: v}))(ht(b))),
+        ]
+    for arg in ("use_fp8", "round_scale", "use_ue8m0", "async_finish", "return_recv_hook"):
+        calls.append((f"low_latency_dispatch-{arg}", arg,
+                      lambda b, v, a=arg: b.low_latency_dispatch(x, topk, M, E, **{a: v})))
+    for arg in ("zero_copy", "async_finish", "return_recv_hook"):
+        calls.append((f"low_latency_combine-{arg}", arg,
+                      lambda b, v, a=arg: (lambda r: b.low_latency_combine(r[0], topk, w, r[1], **{a: v}))(ll(b))))
+    for name, call in (("get_dispatch_layout", lambda b, v: b.get_dispatch_layout(topk, E, previous_event=v)),
+                       ("dispatch", lambda b, v: b.dispatch(**ht(b)[0], previous_event=v)),
+                       ("cached-dispatch", lambda b, v: b.dispatch(x, handle=ht(b)[3], previous_event=v)),
+                       ("combine", lambda b, v: (lambda r: b.combine(r[1], r[3], previous_event=v))(ht(b)))):
+        calls.append((f"{name}-previous_event", "previous_event", call))
+    return calls
+
+
+BOOL_AND_EVENT_CALLS = _bool_and_event_calls()
+
+
+@pytest.mark.parametrize("case", BOOL_AND_EVENT_CALLS, ids=[c[0] for c in BOOL_AND_EVENT_CALLS])
+@pytest.mark.parametrize("bad", [1, "yes", np.True_], ids=["int", "str", "numpy-bool"])
+def test_bool_and_event_arguments_are_type_checked(buf, case, bad):
+    """The GPU backend's argument types on the reference backend too (issue #15): every flag must be
+    a Python bool and every previous_event an EventOverlap (a truthy 1, "yes" or numpy bool would
+    silently mean True on one backend and fail on the other), through the same checks
+    (validation.expect_bool / expect_stream_args) on both. The buffer stays usable."""
+    _, arg, call = case
+    with pytest.raises(ep.DeepEPTypeError) as info:
+        call(buf, bad)
+    assert str(info.value).startswith(f"{arg}: expected a"), str(info.value)
+    topk, x, w = good_inputs()
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(**dispatch_kwargs(buf, topk, x, w))
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    np.testing.assert_array_equal(combined, x)
+    np.testing.assert_array_equal(combined_w, w)
+
+
+def test_constructor_flags_are_type_checked():
+    from mpi4py import MPI
+    for arg in ("low_latency_mode", "allow_nvlink_for_low_latency_mode"):
+        with pytest.raises(ep.DeepEPTypeError, match=f"^{arg}: expected a bool"):
+            ep.Buffer(MPI.COMM_SELF, backend="reference", **{arg: 1})
+    b = ep.Buffer(MPI.COMM_SELF, backend="reference", low_latency_mode=True)
+    assert b.low_latency_mode is True
+    b.destroy()
