@@ -57,6 +57,7 @@ try:
     import jax
     import jax.numpy as jnp
     from jax.experimental import io_callback
+    from jax._src import core as _jax_core   # the current trace, for _chain_token
 except ImportError as _e:  # pragma: no cover - exercised only without jax
     raise ImportError("deepep_cupy.jaxep needs JAX: pip install jax (CPU) or jax[cuda13] (GPU)") from _e
 
@@ -345,6 +346,7 @@ class _GpuOps:
         self._buf = weakref.ref(buf)   # weak: _OPS is keyed weakly by the buffer
         self.device_id = int(buf._backend.device_id)
         self.callbacks: dict = {}      # see _call
+        self.chain = None              # (weakref to a trace, its last order token): _chain_token
 
     buf = property(lambda self: _alive(self._buf))
 
@@ -520,18 +522,68 @@ def _ops_for(buf):
     return ops
 
 
+def _current_trace():
+    """The JAX trace that operations are being staged into, or None at top level (eager calls, which
+    JAX already runs in program order). Uses JAX's internal trace context; if a JAX version lacks it,
+    None (no chaining: see ``_chain_token``)."""
+    ctx = getattr(_jax_core, "trace_ctx", None)
+    if ctx is None:
+        return None
+    try:
+        return None if ctx.is_top_level() else ctx.trace
+    except Exception:       # pragma: no cover - a JAX whose internals moved
+        return None
+
+
+def _chain_token(ops, trace):
+    """The order token of the last GPU operation staged into ``trace`` on this buffer, or a new one.
+
+    XLA orders custom calls only by data dependence: two collectives with no dependence between them
+    (two micro-batches' dispatches, the backward pass's combine beside a later layer's dispatch) may
+    be scheduled in different orders on ranks whose programs differ (different token counts give
+    different cost estimates), and each rank then waits for a collective its peers have not reached.
+    So every GPU callback takes the previous one's 4-byte token as an extra input and returns a new
+    one: a chain of data dependences in program order, per buffer and per trace. (The reference
+    backend gets the same order from ``io_callback(ordered=True)``.) Operations staged in different
+    traces (a ``lax.scan`` body and the code around it) are ordered only by their data.
+    """
+    if trace is not None and ops.chain is not None:
+        ref, token = ops.chain
+        if ref() is trace:
+            return token
+    ops.chain = None        # the chain's trace ended or is not this one: drop its tracer
+    return jnp.zeros((1,), jnp.int32)
+
+
+def _as_storage(a):
+    """FP8 arrays as uint8 (a free bitcast): XLA's buffer objects cannot export F8E4M3FN through the
+    CUDA array interface, and the kernels take e4m3 data as bytes anyway."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint8) if np.dtype(a.dtype).name.startswith("float8") else a
+
+
+def _storage_spec(s):
+    return jax.ShapeDtypeStruct(s.shape, np.uint8) if np.dtype(s.dtype).name.startswith("float8") else s
+
+
 def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
     """Run ``run(outs, arrays)`` as one JAX operation with outputs ``result_specs``.
 
     Reference backend: an ordered io_callback; ``run`` gets numpy arrays and returns the outputs.
     GPU: a side-effecting buffer_callback; inside it ``run`` gets CuPy views of XLA's input and
-    output buffers, with XLA's stream current, and writes the outputs.
+    output buffers, with XLA's stream current, and writes the outputs. FP8 inputs and outputs cross
+    as uint8 (``_as_storage``), and an order token chains the callbacks (``_chain_token``).
 
     ``key`` (hashable) names everything static that ``run`` depends on: the callback made for a key
     is reused, so that eager calls hit JAX's compilation cache instead of compiling a new callback
     every time (under jit it only saves tracing work).
     """
     result_specs = tuple(result_specs)
+    gpu = ops.backend != "reference"
+    if gpu:
+        want_specs = result_specs
+        result_specs = tuple(_storage_spec(s) for s in result_specs) + (jax.ShapeDtypeStruct((1,), np.int32),)
+        trace = _current_trace()
+        args = tuple(_as_storage(a) for a in args) + (_chain_token(ops, trace),)
     full_key = (key, tuple((s.shape, np.dtype(s.dtype)) for s in result_specs),
                 tuple((tuple(a.shape), np.dtype(a.dtype)) for a in args))
     callback = ops.callbacks.get(full_key)
@@ -540,11 +592,18 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
         if len(ops.callbacks) > 512:      # many shapes: start over rather than grow without end
             ops.callbacks.clear()
         ops.callbacks[full_key] = callback
-    return list(callback(*args))
+    outs = list(callback(*args))
+    if not gpu:
+        return outs
+    if trace is not None:
+        ops.chain = (weakref.ref(trace), outs[-1])
+    return [o if np.dtype(o.dtype) == np.dtype(s.dtype) else jax.lax.bitcast_convert_type(o, s.dtype)
+            for o, s in zip(outs[:-1], want_specs)]
 
 
 def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run):
-    """The JAX-callable for one (operation, shapes) of ``_call``."""
+    """The JAX-callable for one (operation, shapes) of ``_call``. On the GPU the last input and the
+    last output are the order token, which the callback leaves alone."""
     if ops.backend == "reference":
         def host(*arrays):
             outs = run(None, arrays)
@@ -553,7 +612,8 @@ def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run):
         return lambda *args: io_callback(host, result_specs, *args, ordered=True)
 
     from jax.experimental.buffer_callback import ExecutionStage, buffer_callback
-    out_dtypes = tuple(np.dtype(s.dtype) for s in result_specs)
+    out_dtypes = tuple(np.dtype(s.dtype) for s in result_specs[:-1])
+    in_dtypes = in_dtypes[:-1]
     device_id = ops.device_id
 
     def on_stream(ctx, outs, *ins):
@@ -562,8 +622,8 @@ def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run):
         import cupy
         with cupy.cuda.Device(device_id):
             with cupy.cuda.ExternalStream(int(ctx.stream), device_id):
-                run([_cupy_view(b, d, device_id) for b, d in zip(outs, out_dtypes)],
-                    [_cupy_view(b, d, device_id) for b, d in zip(ins, in_dtypes)])
+                run([_cupy_view(b, d, device_id) for b, d in zip(outs[:-1], out_dtypes)],
+                    [_cupy_view(b, d, device_id) for b, d in zip(ins[:-1], in_dtypes)])
 
     return buffer_callback(on_stream, result_specs, has_side_effect=True)
 
