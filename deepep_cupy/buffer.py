@@ -298,8 +298,10 @@ class Buffer:
         """Whether this call agrees across ranks first (``settings.check_agreement``): never on one
         rank or while the current stream captures a CUDA graph (a replay could not re-check);
         ``"auto"`` (the default) agrees on the reference backend only: on the GPU each agreement is a
-        host round trip between the ranks (~25 us on a CPU machine) that has not been measured on
-        the GPU machine yet, so the GPU needs ``True``. Every rank must use the same setting."""
+        host round trip between the ranks, +39 to +58 us of host time per call on the GPU machine
+        (2026-12-06, one H100, 2 ranks under MPS; ``scripts/bench_agreement.py``) against 80 to 375
+        us for the call itself, so the GPU takes it with ``True`` (while debugging). Every rank must
+        use the same setting."""
         if self._agreement is None:
             return False
         mode = getattr(settings, "check_agreement", "auto")

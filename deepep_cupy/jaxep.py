@@ -9,7 +9,7 @@ under ``jax.jit`` and, for the high-throughput ones, under ``jax.grad``), and wo
   At run time XLA hands the callback its CUDA stream and its device buffers; the Buffer's kernels run
   on that stream (the communication stream is ordered after it and joined back, as for any eager
   call), reading XLA's input buffers in place. Nothing waits on the host (dispatch uses
-  ``num_worst_tokens``). UNTESTED ON A GPU so far (docs/jax.md).
+  ``num_worst_tokens``). Run on one H100 (2 ranks, MPS): docs/jax.md says what passed.
 * ``backend="reference"``: the call becomes ``jax.experimental.io_callback(..., ordered=True)`` that
   runs the numpy reference backend across the MPI ranks. ``ordered=True`` threads XLA's effect token
   through every call, so each rank runs its collectives in program order (XLA's CPU runtime may
@@ -46,6 +46,7 @@ results first (JAX dispatches asynchronously, and the eager call would overtake 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import weakref
@@ -57,7 +58,11 @@ try:
     import jax
     import jax.numpy as jnp
     from jax.experimental import io_callback
-    from jax._src import core as _jax_core   # the current trace, for _chain_token
+    from jax._src import core as _jax_core   # older JAX's trace context, for _current_trace
+    try:
+        from jax.extend.core import get_opaque_trace_state as _get_trace_state
+    except ImportError:  # pragma: no cover - older JAX
+        _get_trace_state = None
 except ImportError as _e:  # pragma: no cover - exercised only without jax
     raise ImportError("deepep_cupy.jaxep needs JAX: pip install jax (CPU) or jax[cuda13] (GPU)") from _e
 
@@ -328,7 +333,7 @@ class _ReferenceOps:
 class _GpuOps:
     """The five operations on the GPU backend: CuPy views of XLA's buffers in, results written into
     XLA's output buffers ``outs``, everything queued on XLA's stream (the current CuPy stream inside
-    the callback). UNTESTED ON A GPU so far (docs/jax.md).
+    the callback). Run on one H100 (2 ranks, MPS): docs/jax.md says what passed.
 
     Copies that remain until Buffer takes output arrays (docs/jax.md): dispatch outputs come from the
     buffer's receive arena and are copied into XLA's buffers (the padding rows zeroed in the same
@@ -346,7 +351,8 @@ class _GpuOps:
         self._buf = weakref.ref(buf)   # weak: _OPS is keyed weakly by the buffer
         self.device_id = int(buf._backend.device_id)
         self.callbacks: dict = {}      # see _call
-        self.chain = None              # (weakref to a trace, its last order token): _chain_token
+        self.chain = None              # (the trace's opaque state, its last order token): _chain_token
+        self.executed = collections.deque(maxlen=64)   # (op, first input address) as run: _make_callback
 
     buf = property(lambda self: _alive(self._buf))
 
@@ -523,16 +529,20 @@ def _ops_for(buf):
 
 
 def _current_trace():
-    """The JAX trace that operations are being staged into, or None at top level (eager calls, which
-    JAX already runs in program order). Uses JAX's internal trace context; if a JAX version lacks it,
-    None (no chaining: see ``_chain_token``)."""
+    """An opaque, comparable name of the JAX trace that operations are being staged into
+    (``jax.extend.core.get_opaque_trace_state``; where that is missing or takes other arguments,
+    JAX's internal trace context), or None when neither answers (then no chaining: see
+    ``_chain_token``; tests/test_jaxep_order.py checks that the installed JAX answers)."""
+    if _get_trace_state is not None:
+        for args in ((), (None,)):
+            try:
+                return _get_trace_state(*args)
+            except TypeError:
+                continue
+            except Exception:   # pragma: no cover - no trace (JAX asserts one exists)
+                break
     ctx = getattr(_jax_core, "trace_ctx", None)
-    if ctx is None:
-        return None
-    try:
-        return None if ctx.is_top_level() else ctx.trace
-    except Exception:       # pragma: no cover - a JAX whose internals moved
-        return None
+    return getattr(getattr(ctx, "trace", None), "_weakref", None)
 
 
 def _chain_token(ops, trace):
@@ -541,15 +551,15 @@ def _chain_token(ops, trace):
     XLA orders custom calls only by data dependence: two collectives with no dependence between them
     (two micro-batches' dispatches, the backward pass's combine beside a later layer's dispatch) may
     be scheduled in different orders on ranks whose programs differ (different token counts give
-    different cost estimates), and each rank then waits for a collective its peers have not reached.
-    So every GPU callback takes the previous one's 4-byte token as an extra input and returns a new
+    different cost estimates), and each rank then meets a different collective of its peers. So
+    every GPU callback takes the previous one's 4-byte token as an extra input and returns a new
     one: a chain of data dependences in program order, per buffer and per trace. (The reference
     backend gets the same order from ``io_callback(ordered=True)``.) Operations staged in different
     traces (a ``lax.scan`` body and the code around it) are ordered only by their data.
     """
     if trace is not None and ops.chain is not None:
-        ref, token = ops.chain
-        if ref() is trace:
+        state, token = ops.chain
+        if state == trace:
             return token
     ops.chain = None        # the chain's trace ended or is not this one: drop its tracer
     return jnp.zeros((1,), jnp.int32)
@@ -588,7 +598,7 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
                 tuple((tuple(a.shape), np.dtype(a.dtype)) for a in args))
     callback = ops.callbacks.get(full_key)
     if callback is None:
-        callback = _make_callback(ops, result_specs, tuple(np.dtype(a.dtype) for a in args), run)
+        callback = _make_callback(ops, result_specs, tuple(np.dtype(a.dtype) for a in args), run, str(key[0]))
         if len(ops.callbacks) > 512:      # many shapes: start over rather than grow without end
             ops.callbacks.clear()
         ops.callbacks[full_key] = callback
@@ -596,14 +606,16 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
     if not gpu:
         return outs
     if trace is not None:
-        ops.chain = (weakref.ref(trace), outs[-1])
+        ops.chain = (trace, outs[-1])
     return [o if np.dtype(o.dtype) == np.dtype(s.dtype) else jax.lax.bitcast_convert_type(o, s.dtype)
             for o, s in zip(outs[:-1], want_specs)]
 
 
-def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run):
+def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run, label: str = ""):
     """The JAX-callable for one (operation, shapes) of ``_call``. On the GPU the last input and the
-    last output are the order token, which the callback leaves alone."""
+    last output are the order token, which the callback leaves alone, and each execution appends
+    ``(label, device address of its first input)`` to ``ops.executed`` (the last 64: which
+    collectives a rank ran in which order, for a test or a hang to compare across ranks)."""
     if ops.backend == "reference":
         def host(*arrays):
             outs = run(None, arrays)
@@ -620,6 +632,11 @@ def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run):
         if getattr(ctx, "stage", ExecutionStage.EXECUTE) != ExecutionStage.EXECUTE:
             return
         import cupy
+        try:
+            first = int(ins[0].__cuda_array_interface__["data"][0]) if len(ins) > 1 else 0
+        except Exception:   # an empty buffer may export no address
+            first = 0
+        ops.executed.append((label, first))
         with cupy.cuda.Device(device_id):
             with cupy.cuda.ExternalStream(int(ctx.stream), device_id):
                 run([_cupy_view(b, d, device_id) for b, d in zip(outs[:-1], out_dtypes)],

@@ -11,7 +11,7 @@ def send_and_bring_back(x, topk_idx):                          # fixed shapes: n
     recv_x, recv_idx, _, per_expert, handle = epj.dispatch(buf, x, topk_idx, num_experts=E)
     return epj.combine(buf, recv_x * 2, handle)[0], per_expert  # (an expert FFN would go here)
 
-x = jax.random.normal(jax.random.PRNGKey(comm.Get_rank()), (T, H))
+x = jax.random.normal(jax.random.PRNGKey(comm.Get_rank()), (T, H), jnp.bfloat16)   # the size hint counts bf16 rows
 y, per_expert = send_and_bring_back(x, jax.random.randint(jax.random.PRNGKey(1), (T, 2), 0, E))
 print(f"rank {comm.Get_rank()}: local experts got {per_expert}, output {y.shape} {y.dtype}")
 buf.destroy()
