@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import time
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout, DeepEPTypeError
+from .mpienv import poll_until, private_comm
 
 __all__ = ["Agreement", "SLOT_BYTES", "encode", "decode", "verdict", "signature_verdict",
            "split_argument"]
@@ -229,13 +228,9 @@ class Agreement:
     _CACHE_SIZE = 256
 
     def __init__(self, comm):
-        from mpi4py import MPI
-
         self.rank, self.num_ranks = comm.Get_rank(), comm.Get_size()
         # private: our messages never meet the caller's, nor the reference backend's
-        self._comm = comm.Dup()
-        self._comm.Set_errhandler(MPI.ERRORS_RETURN)
-        self._tag_ub = int(self._comm.Get_attr(MPI.TAG_UB))
+        self._comm, self._tag_ub = private_comm(comm)
         self._seq = 0
         self._peers = [p for p in range(self.num_ranks) if p != self.rank]
         self._slots = self._new_slots()
@@ -329,25 +324,7 @@ class Agreement:
         """Poll ``requests`` until all are done (True) or ``timeout`` seconds pass (False)."""
         from mpi4py import MPI
 
-        testall = MPI.Request.Testall
-        if testall(requests):
-            return True
-        start = time.monotonic()
-        spins = 0
-        while True:
-            for _ in range(16):
-                if testall(requests):
-                    return True
-            spins += 16
-            waited = time.monotonic() - start
-            if waited > timeout:
-                return False
-            if waited < self.SPIN_S:
-                continue
-            if waited < self.YIELD_S:
-                os.sched_yield()
-            else:
-                time.sleep(min(1e-3, waited / 100))
+        return poll_until(lambda: MPI.Request.Testall(requests), timeout, self.SPIN_S, self.YIELD_S)
 
     def _retire(self, recvs: dict, sends: list) -> None:
         """Keep requests that may still be pending alive with their buffers (a late peer's message

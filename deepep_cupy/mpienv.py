@@ -7,6 +7,10 @@ MPI launches the job (Open MPI's ``mpirun``, Cray's ``srun``), mpi4py must load 
 ``MPI4PY_LIBMPI=/path/to/libmpi.so`` (or ``pip uninstall mpich``). Loading the wrong one does not
 fail; every rank silently becomes rank 0 of a world of 1, which ``check_world`` turns into an error.
 docs/install.md, "MPI".
+
+Also the two pieces every host-side exchange with peers shares (the reference backend's and the
+cross-rank agreement's): ``private_comm`` (a duplicate communicator that reports errors) and
+``poll_until`` (the bounded wait: spin, yield, sleep, give up).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 
 from .errors import DeepEPError
 
-__all__ = ["import_mpi", "launcher_world_size", "check_world"]
+__all__ = ["import_mpi", "launcher_world_size", "check_world", "private_comm", "poll_until"]
 
 # what launchers export: MPICH's hydra and Intel MPI (PMI_SIZE), Open MPI (OMPI_COMM_WORLD_SIZE)
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -64,3 +68,42 @@ def check_world(comm) -> None:
         f"different MPI library ({lib}) than the launcher's. Use the mpiexec of that library "
         "(pip's mpich puts one next to the python executable), or set MPI4PY_LIBMPI to the "
         "launcher's libmpi.so (see docs/install.md, MPI)")
+
+
+def private_comm(comm) -> tuple:
+    """``(duplicate of comm, its largest tag)`` for a channel whose point-to-point messages must
+    never meet the caller's (an any-tag receive of theirs would take ours). MPI errors come back as
+    exceptions, so a dead peer becomes a DeepEPTimeout, not an abort. MPI guarantees tags up to
+    32767; Open MPI attaches ``TAG_UB`` to ``COMM_WORLD`` only, so a duplicate may answer None."""
+    from mpi4py import MPI
+
+    dup = comm.Dup()
+    dup.Set_errhandler(MPI.ERRORS_RETURN)
+    tag_ub = dup.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767
+    return dup, int(tag_ub)
+
+
+def poll_until(step, timeout: float, spin_s: float = 200e-6, yield_s: float = 5e-3) -> bool:
+    """Call ``step()`` until it returns True (then True) or ``timeout`` seconds pass (False).
+
+    The host-side wait of every exchange with peers: busy polling for ``spin_s`` (peers are usually
+    just behind), then ``sched_yield`` until ``yield_s`` (ranks may outnumber cores on a CPU
+    machine), then sleeps of at most 1 ms. Exceptions of ``step`` propagate."""
+    import time
+
+    if step():
+        return True
+    start = time.monotonic()
+    while True:
+        for _ in range(16):
+            if step():
+                return True
+        waited = time.monotonic() - start
+        if waited > timeout:
+            return False
+        if waited < spin_s:
+            continue
+        if waited < yield_s:
+            os.sched_yield()
+        else:
+            time.sleep(min(1e-3, waited / 100))

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-import time
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,6 +36,7 @@ from .agreement import signature_verdict
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 from .handles import DeepEPLowLatencyTuple
+from .mpienv import poll_until, private_comm
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -153,8 +152,6 @@ class ReferenceBackend:
 
     def __init__(self, comm, ranks_per_node: Optional[int] = None,
                  timeout_seconds: Optional[float] = None):
-        from mpi4py import MPI
-
         self.comm = comm
         self.rank = comm.Get_rank()
         self.num_ranks = comm.Get_size()
@@ -162,12 +159,7 @@ class ReferenceBackend:
             ranks_per_node = _detect_ranks_per_node(comm)
         self.ranks_per_node = int(ranks_per_node)
         self.timeout_seconds = None if timeout_seconds is None else float(timeout_seconds)
-        # private communicator: our point-to-point messages must never meet the caller's own on
-        # `comm` (an any-tag receive of theirs would take ours); errors come back as exceptions
-        self._comm = comm.Dup()
-        self._comm.Set_errhandler(MPI.ERRORS_RETURN)
-        # MPI guarantees tags up to 32767; Open MPI attaches TAG_UB to COMM_WORLD only (None here)
-        self._tag_ub = int(self._comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767)
+        self._comm, self._tag_ub = private_comm(comm)   # our messages never meet the caller's
         self._op = 0                      # operations so far; identical on every rank in step
         self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
         # tags of recent timed-out exchanges: their late messages are received and dropped
@@ -223,49 +215,44 @@ class ReferenceBackend:
         tag = self._op % self._tag_ub
         self._reap()
         timeout = self.timeout
-        deadline = time.monotonic() + timeout
-        peer = me
+        current = me                # the peer being talked to, for an MPI error's message
+        sends, recvs = {}, {}       # peer -> send of our piece / receive of its matched message
+        unmatched = set()           # peers whose message has not even started to arrive
+
+        def step() -> bool:
+            nonlocal current
+            busy = False
+            for current in sorted(unmatched):
+                msg = comm.improbe(source=current, tag=tag)
+                if msg is not None:
+                    recvs[current] = msg.irecv()
+                    unmatched.discard(current)
+                    busy = True
+            for current, req in list(recvs.items()):
+                done, obj = req.test()
+                if done:
+                    received[current] = obj
+                    del recvs[current]
+                    busy = True
+            for current, req in list(sends.items()):
+                if req.Test():
+                    del sends[current]
+                    busy = True
+            if not (unmatched or recvs or sends):
+                return True
+            if not busy and (self._stale_tags or self._stale_requests):
+                self._reap()   # a late peer may wait on us to take its old message
+            return False
+
         try:
-            sends = {}
-            for peer in range(n):
-                if peer != me:
-                    sends[peer] = comm.isend(pieces[peer], dest=peer, tag=tag)
-            unmatched = set(sends)  # peers whose message has not even started to arrive
-            recvs = {}              # peer -> receive of its matched message
-            idle = 0
-            while True:
-                busy = False
-                for peer in sorted(unmatched):
-                    msg = comm.improbe(source=peer, tag=tag)
-                    if msg is not None:
-                        recvs[peer] = msg.irecv()
-                        unmatched.discard(peer)
-                        busy = True
-                for peer, req in list(recvs.items()):
-                    done, obj = req.test()
-                    if done:
-                        received[peer] = obj
-                        del recvs[peer]
-                        busy = True
-                for peer, req in list(sends.items()):
-                    if req.Test():
-                        del sends[peer]
-                        busy = True
-                if not (unmatched or recvs or sends):
-                    return received
-                if time.monotonic() > deadline:
-                    break
-                idle = 0 if busy else idle + 1
-                if not busy and (self._stale_tags or self._stale_requests):
-                    self._reap()   # a late peer may wait on us to take its old message
-                # spin briefly (the peers are usually just behind), then yield the core: ranks
-                # often outnumber cores on a CPU machine
-                if idle < 50:
-                    os.sched_yield()
-                else:
-                    time.sleep(min(1e-3, 2e-5 * (idle - 49)))
+            for current in range(n):
+                if current != me:
+                    sends[current] = comm.isend(pieces[current], dest=current, tag=tag)
+            unmatched.update(sends)
+            if poll_until(step, timeout):
+                return received
         except MPI.Exception as e:
-            raise DeepEPTimeout(f"rank {me}: {phase}: MPI failed talking to rank {peer} (did it die?): "
+            raise DeepEPTimeout(f"rank {me}: {phase}: MPI failed talking to rank {current} (did it die?): "
                                 f"{e}") from e
         # out of step now: keep what is in flight alive, drain what comes late for this tag
         self._stale_requests.extend(sends.values())
