@@ -20,8 +20,10 @@ The last line says ``<name>: PASSED`` or ``FAILED``.
 This module holds what the five share: the relaunch under mpiexec, the backend-neutral array movers
 (``Ctx``), the inputs and the dispatch/combine check, timing, the table, the verdict, and the pytest
 side (``run_in_process``; ``check_under_mpiexec``, which runs all five under ONE ``mpiexec -n 2``,
-cached for the session, so the CPU tier pays the MPI and import start-up once). Run as a script it
-is that single launch:
+cached for the session, so the CPU tier pays the MPI and import start-up once: under the CPU tier's
+conftest that launch is the run ``seed_scripts`` of the shared 2-rank pytest session,
+testutil.MpiSessions, which also runs tests/multirank and the examples). Run as a script it is that
+single launch:
 
     mpiexec -n 2 python tests/seed_scripts.py [--backend reference] [test_intranode ...]
 
@@ -684,8 +686,23 @@ def run_in_process(module) -> None:
 
 @functools.lru_cache(maxsize=None)
 def launch_all(num_ranks: int = 2):
-    """Run every seed script's small case in ONE ``mpiexec -n num_ranks`` (this file as a script),
-    once per pytest session. Returns (exit status, output, {name: "PASSED"/"FAILED"}, command)."""
+    """Every seed script's small case in ONE ``mpiexec -n num_ranks`` (this file as a script), once
+    per pytest session. Returns (exit status, output, {name: "PASSED"/"FAILED"}, command).
+
+    At 2 ranks under the CPU tier without GPUs, that launch is the run ``seed_scripts`` of the shared
+    ``mpiexec -n 2`` pytest session (testutil.SESSION_RUNS, tests/session_runs.py: every rank runs
+    this file as ``__main__``), which also runs tests/multirank and the examples, so the ranks start
+    once; otherwise (GPUs, another rank count, or run without pytest's conftest) its own launch."""
+    testutil = sys.modules.get("testutil")
+    if (testutil is not None and "seed_scripts" in testutil.SESSION_RUNS.get(num_ranks, {})
+            and testutil.scripts_in_process()):
+        res = testutil.SESSIONS.result(num_ranks)
+        if res.skip:
+            pytest.skip(res.skip)
+        rec = res.record("seed_scripts")
+        assert rec["script"] == "tests/seed_scripts.py" and rec["args"] == ["--backend", pytest_backend()], rec
+        rc = next((c for c in rec["returncodes"] if c), 0)
+        return rc, rec["output"], dict(VERDICT_RE.findall(rec["output"])), f"{res.cmd} (run seed_scripts)"
     mpiexec = find_mpiexec()
     cmd = mpiexec_command(mpiexec, num_ranks, [sys.executable, os.path.abspath(__file__),
                                                "--backend", pytest_backend()])

@@ -130,6 +130,7 @@ def test_inference_in_process():
 
 
 @ss.mark.mpi
+@ss.mark.mpi_session(2)
 def test_inference_under_mpiexec():
     """The script's small sweep on 2 ranks, in the shared mpiexec launch of tests/seed_scripts.py."""
     ss.check_under_mpiexec("test_inference")

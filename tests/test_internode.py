@@ -125,6 +125,7 @@ def test_internode_in_process():
 
 
 @ss.mark.mpi
+@ss.mark.mpi_session(2)
 def test_internode_under_mpiexec():
     """Two ranks as two nodes of one, in the shared mpiexec launch of tests/seed_scripts.py."""
     ss.check_under_mpiexec("test_internode")

@@ -101,6 +101,7 @@ def test_intranode_in_process():
 
 
 @ss.mark.mpi
+@ss.mark.mpi_session(2)
 def test_intranode_under_mpiexec():
     """The script's small case on 2 ranks, in the shared mpiexec launch of tests/seed_scripts.py."""
     ss.check_under_mpiexec("test_intranode")

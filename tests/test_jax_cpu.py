@@ -3,15 +3,14 @@
 The multi-rank checks (forward bit for bit against the reference model, gradients against a dense
 model, at 2 and 3 ranks) are in tests/multirank/test_jax_multirank.py. Here: one rank
 (``MPI.COMM_SELF``), the padding and handle contract, eager against jit, gradients, the errors, and
-the examples exactly as their docstrings run them (``mpiexec -n 1/2/3``), including the acceptance
-check that the JAX training example's loss decreases over 20 steps identically (to float32 rounding)
-at every rank count.
+the examples as their docstrings run them (one rank in this process; 2 and 3 ranks in the shared
+``mpiexec -n N`` sessions, tests/session_runs.py, where every rank runs the script), including the
+acceptance check that the JAX training example's loss decreases over 20 steps identically (to
+float32 rounding) at every rank count.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,10 +24,9 @@ import deepep_cupy as ep  # noqa: E402
 import deepep_cupy.jaxep as epj  # noqa: E402
 from deepep_cupy import reference as ref  # noqa: E402
 from deepep_cupy.errors import DeepEPInvalid, DeepEPTypeError  # noqa: E402
-from testutil import find_mpiexec  # noqa: E402
+from testutil import SESSION_RUNS, launch_script, run_script, scripts_in_process  # noqa: E402
 
 BF16 = ref.BF16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = jax.devices("cpu")[0]
 
 
@@ -228,39 +226,50 @@ def test_destroyed_buffer_is_refused_at_trace_time():
 # the examples, as their docstrings run them
 # ------------------------------------------------------------------------------------------------
 
-def _run_example(script, num_ranks, *args, timeout=600):
-    path = os.path.join(ROOT, "examples", script)
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+def _run(script, num_ranks, args, mpi_sessions, name):
+    """The output of ``script args`` at ``num_ranks`` ranks, after asserting every rank exited 0.
+
+    Without GPUs (the reference backend), one rank runs in this process (``python3
+    examples/<script>`` as its docstring runs it, without a new interpreter), and 2 and 3 ranks are
+    the record of run ``name`` in the shared ``mpiexec -n N`` session (testutil.SESSION_RUNS,
+    tests/session_runs.py), where every rank ran the script. With GPUs, each run is its own launch."""
+    what = f"{'python3' if num_ranks == 1 else f'mpiexec -n {num_ranks} python3'} examples/{script} {' '.join(args)}"
+    if not scripts_in_process():
+        rc, out = launch_script(os.path.join("examples", script), args, num_ranks)
+        assert rc == 0, f"{what} exited {rc}:\n{out[-6000:]}"
+        return out
     if num_ranks == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        mpiexec = find_mpiexec()
-        if mpiexec is None:
-            pytest.skip("no mpiexec (pip install mpich)")
-        cmd = [mpiexec, "-n", str(num_ranks), sys.executable, path, *args]
-        if "Open MPI" in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout:
-            cmd[1:1] = ["--oversubscribe", "--allow-run-as-root"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}"
-    return proc.stdout
+        rc, out = run_script(os.path.join("examples", script), args)
+        assert rc == 0, f"{what} exited {rc}:\n{out[-6000:]}"
+        return out
+    path, session_args = SESSION_RUNS[num_ranks][name]
+    assert (path, tuple(session_args)) == (f"examples/{script}", tuple(args)), (path, session_args)
+    rec = mpi_sessions.result(num_ranks).record(name)
+    assert rec["returncodes"] == [0] * num_ranks, (
+        f"{what}: exit status per rank {rec['returncodes']}:\n{rec['output'][-6000:]}")
+    return rec["output"]
 
 
 @pytest.mark.mpi
-def test_jax_training_example_same_losses_at_1_2_3_ranks():
+@pytest.mark.mpi_session(2, 3)
+def test_jax_training_example_same_losses_at_1_2_3_ranks(mpi_sessions):
     curves = {}
     for n in (1, 2, 3):
-        out = _run_example("jax_moe_train.py", n, "--steps", "20")
+        out = _run("jax_moe_train.py", n, ("--steps", "20"), mpi_sessions, "jax_moe_train")
         assert "dense check ok" in out and "loss decreases every step" in out, out[-3000:]
         curves[n] = np.array(json.loads(next(line for line in out.splitlines() if line.startswith("LOSSES "))[7:]))
     assert len(curves[1]) == 20 and curves[1][-1] < curves[1][0] / 10
     for n in (2, 3):   # the same global problem: the same curve, to float32 rounding
+        assert len(curves[n]) == 20
         np.testing.assert_allclose(curves[n], curves[1], rtol=1e-5)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("num_ranks,args", [(1, ()), (2, ()), (3, ()), (3, ("--fp8",))])
-def test_cupy_inference_example(num_ranks, args):
-    out = _run_example("cupy_moe_inference.py", num_ranks, *args)
+@pytest.mark.parametrize("num_ranks,args,name", [
+    (1, (), None),
+    pytest.param(2, (), "cupy_moe_inference", marks=pytest.mark.mpi_session(2)),
+    pytest.param(3, (), "cupy_moe_inference", marks=pytest.mark.mpi_session(3)),
+    pytest.param(3, ("--fp8",), "cupy_moe_inference_fp8", marks=pytest.mark.mpi_session(3))])
+def test_cupy_inference_example(num_ranks, args, name, mpi_sessions):
+    out = _run("cupy_moe_inference.py", num_ranks, args, mpi_sessions, name)
     assert f"{num_ranks} rank(s): ok" in out, out[-3000:]

@@ -2,33 +2,24 @@
 
 On CPUs the Buffer picks the reference backend, so this exercises the MPI logic; on the GPU machine
 the same files run with mpirun and GPUs (scripts/gpu_machine.sh).
-"""
 
-import os
-import subprocess
-import sys
+The launch is the shared ``mpiexec -n N python -m pytest`` session of that rank count
+(testutil.MpiSessions, started by conftest.py when collection ends): it runs tests/multirank together
+with tests/session_runs.py (the examples and the seed scripts at N ranks), so the CPU tier pays each
+rank's interpreter, MPI and JAX start-up once per rank count. The whole session must pass.
+"""
 
 import pytest
 
-from testutil import find_mpiexec
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("num_ranks", [2, 3])
-def test_multirank_suite(num_ranks, tmp_path):
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    root = os.path.dirname(HERE)
-    env = dict(os.environ, DEEPEP_CUPY_CACHE_DIR=str(tmp_path / "kernels"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    cmd = [mpiexec, "-n", str(num_ranks), sys.executable, "-m", "pytest", "-q", "-x",
-           "-p", "no:cacheprovider", os.path.join(HERE, "multirank")]
-    if "Open MPI" in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout:
-        cmd[1:1] = ["--oversubscribe", "--allow-run-as-root"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-8000:]}"
+@pytest.mark.parametrize("num_ranks", [pytest.param(n, marks=pytest.mark.mpi_session(n, suite=True))
+                                       for n in (2, 3)])
+def test_multirank_suite(num_ranks, mpi_sessions):
+    res = mpi_sessions.result(num_ranks, suite=True)
+    if res.skip:
+        pytest.skip(res.skip)
+    assert res.suite, f"the {num_ranks}-rank session was started without tests/multirank: `{res.cmd}`"
+    out = res.output
+    assert res.returncode == 0, f"{res.cmd} exited {res.returncode}:\n{out[-8000:]}"
     assert " passed" in out, out[-4000:]

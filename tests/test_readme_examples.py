@@ -1,13 +1,15 @@
 """The README's two examples run as written (under mpiexec -n 2 on the CPU reference backend, or on
-GPUs where present), and the README shows exactly the files that run."""
+GPUs where present), and the README shows exactly the files that run.
+
+Without GPUs the 2-rank runs happen in the shared ``mpiexec -n 2`` session (testutil.SESSION_RUNS,
+tests/session_runs.py: every rank runs the file as ``__main__``), and these tests check its records;
+with GPUs each is its own launch."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from testutil import find_mpiexec
+from testutil import launch_script, scripts_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,19 +23,18 @@ def test_readme_shows_the_example_file(name):
 
 
 @pytest.mark.mpi
+@pytest.mark.mpi_session(2)
 @pytest.mark.parametrize("name", ["readme_cupy.py", "readme_jax.py"])
-def test_readme_example_runs(name, tmp_path):
+def test_readme_example_runs(name, mpi_sessions, tmp_path):
     if name == "readme_jax.py":
         pytest.importorskip("jax", reason="the JAX example needs jax (pip install jax)")
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    cmd = [mpiexec, "-n", "2", sys.executable, os.path.join(ROOT, "examples", name)]
-    if "Open MPI" in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout:
-        cmd[1:1] = ["--oversubscribe"]
-    env = dict(os.environ, DEEPEP_CUPY_CACHE_DIR=os.environ.get("DEEPEP_CUPY_CACHE_DIR", str(tmp_path / "k")),
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    if scripts_in_process():
+        rec = mpi_sessions.result(2).record(name[:-3])
+        assert rec["script"] == f"examples/{name}" and rec["args"] == [], rec
+        codes, out = rec["returncodes"], rec["output"]
+    else:   # GPUs: a launch of its own
+        rc, out = launch_script(os.path.join("examples", name), (), 2, timeout=300, env={
+            "DEEPEP_CUPY_CACHE_DIR": os.environ.get("DEEPEP_CUPY_CACHE_DIR", str(tmp_path / "k"))})
+        codes = [rc, rc]
+    assert codes == [0, 0], f"mpiexec -n 2 python3 examples/{name}: exit status {codes}:\n{out[-4000:]}"
     assert "rank 0:" in out and "rank 1:" in out, out[-2000:]
