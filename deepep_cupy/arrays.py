@@ -1008,6 +1008,14 @@ def _numpy_from_capsule(capsule: Any, source: Any, name: str) -> np.ndarray:
 # Outputs: from_cupy
 # --------------------------------------------------------------------------------------------
 
+def _as_framework(framework, name: str) -> "Framework":
+    """``framework`` as a ``Framework`` (a member or its value); DeepEPTypeError naming ``name``."""
+    try:
+        return framework if isinstance(framework, Framework) else Framework(framework)
+    except ValueError:
+        raise DeepEPTypeError(f"{name}: unknown framework {framework!r}") from None
+
+
 def from_cupy(arr: Any, framework: Union[Framework, str], dtype: Any = None,
               name: str = "output") -> Any:
     """Return ``arr`` as an array of ``framework`` over the same memory, with dtype ``dtype``.
@@ -1035,10 +1043,7 @@ def from_cupy(arr: Any, framework: Union[Framework, str], dtype: Any = None,
 
     if not isinstance(arr, cupy.ndarray):
         raise DeepEPTypeError(f"{name}: from_cupy expects a cupy.ndarray, got {_type_name(arr)}")
-    try:
-        fw = framework if isinstance(framework, Framework) else Framework(framework)
-    except ValueError:
-        raise DeepEPTypeError(f"{name}: unknown framework {framework!r}") from None
+    fw = _as_framework(framework, name)
     logical = canonical_dtype(arr.dtype if dtype is None else dtype)
     storage = _cupy_storage_dtype(logical)
     if arr.dtype.itemsize != storage.itemsize:
@@ -1172,10 +1177,7 @@ def from_numpy(arr: Any, framework: Union[Framework, str], dtype: Any = None,
     """
     if not isinstance(arr, np.ndarray):
         raise DeepEPTypeError(f"{name}: from_numpy expects a numpy.ndarray, got {_type_name(arr)}")
-    try:
-        fw = framework if isinstance(framework, Framework) else Framework(framework)
-    except ValueError:
-        raise DeepEPTypeError(f"{name}: unknown framework {framework!r}") from None
+    fw = _as_framework(framework, name)
     logical = canonical_dtype(arr.dtype if dtype is None else dtype)
     want = numpy_dtype(logical)
     if arr.dtype != want:

@@ -392,14 +392,14 @@ def test_many_operations_in_one_program_keep_their_order(comm, env, zero_rank):
         c = epj.dispatch(buf, x2[::-1], i[::-1], num_experts=e, num_worst_tokens=worst)[0]
         return a, b, c
     x_in, x2_in = env.put(xs[r]), env.put(x2s[r])
-    ops = getattr(epj, "_OPS", {}).get(buf)
-    if ops is not None and hasattr(ops, "executed"):
-        ops.executed.clear()
+    executed = getattr(epj._OPS.get(buf), "executed", None)    # GPU only: the order callbacks ran in
+    if executed is not None:
+        executed.clear()
     a, b, _ = f(x_in, x2_in, env.put(idx[r].astype(np.int32)))
     jax.block_until_ready(a)
-    if ops is not None and hasattr(ops, "executed") and xs[r].shape[0]:   # GPU: the order the callbacks ran
+    if executed is not None and xs[r].shape[0]:
         names = {x_in.unsafe_buffer_pointer(): "x", x2_in.unsafe_buffer_pointer(): "x2"}
-        print(f"rank {r} ran: {[(op, names.get(ptr, 'other')) for op, ptr in ops.executed]}")
+        print(f"rank {r} ran: {[(op, names.get(ptr, 'other')) for op, ptr in executed]}")
     collect(comm, [("first", lambda: same(a, want[r].recv_x)), ("second", lambda: same(b, want2[r].recv_x))])
 
 
