@@ -546,23 +546,38 @@ def _current_trace():
 
 
 def _chain_token(ops, trace):
-    """The order token of the last GPU operation staged into ``trace`` on this buffer, or a new one.
+    """The order token of the last operation staged into ``trace`` on this buffer, or a new one.
 
     XLA orders custom calls only by data dependence: two collectives with no dependence between them
     (two micro-batches' dispatches, the backward pass's combine beside a later layer's dispatch) may
     be scheduled in different orders on ranks whose programs differ (different token counts give
-    different cost estimates), and each rank then meets a different collective of its peers. So
-    every GPU callback takes the previous one's 4-byte token as an extra input and returns a new
-    one: a chain of data dependences in program order, per buffer and per trace. (The reference
-    backend gets the same order from ``io_callback(ordered=True)``.) Operations staged in different
-    traces (a ``lax.scan`` body and the code around it) are ordered only by their data.
+    different cost estimates; seen on the GPU: a rank ran its third dispatch first), and each rank
+    then meets a different collective of its peers. So every GPU callback takes the previous one's
+    token as an extra input and returns a new one: a chain of data dependences in program order, per
+    buffer and per trace. The public functions fetch the token here, in the caller's trace, and pass
+    it through their ``custom_vjp`` as an ordinary float32 ``[1]`` input and output (a token looked up
+    inside the custom_vjp would belong to its private trace and chain nothing). Its cotangent chains
+    the backward pass the same way, in reverse: the gradient of an operation's output token is the
+    token the next operation's backward returned; and each backward callback also takes its own
+    forward's output token (a residual), so the backward chain starts after the whole forward chain
+    staged before it (the last operation's output token has no user, so its cotangent is a constant). (The reference backend gets the order from
+    ``io_callback(ordered=True)``; the token passes through it untouched.) Operations staged in
+    different traces (a ``lax.scan`` body and the code around it) are ordered only by their data.
     """
+    if ops.backend == "reference":
+        return jnp.zeros((1,), jnp.float32)
     if trace is not None and ops.chain is not None:
         state, token = ops.chain
         if state == trace:
             return token
     ops.chain = None        # the chain's trace ended or is not this one: drop its tracer
-    return jnp.zeros((1,), jnp.int32)
+    return jnp.zeros((1,), jnp.float32)
+
+
+def _continue_chain(ops, trace, token) -> None:
+    """Make ``token`` (an operation's output token) the next operation's input in ``trace``."""
+    if trace is not None and ops.backend != "reference":
+        ops.chain = (trace, token)
 
 
 def _as_storage(a):
@@ -575,13 +590,17 @@ def _storage_spec(s):
     return jax.ShapeDtypeStruct(s.shape, np.uint8) if np.dtype(s.dtype).name.startswith("float8") else s
 
 
-def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
-    """Run ``run(outs, arrays)`` as one JAX operation with outputs ``result_specs``.
+def _call(ops, result_specs: tuple, args: tuple, run, key: tuple, token):
+    """Run ``run(outs, arrays)`` as one JAX operation with outputs ``result_specs``, ordered after
+    the operation(s) whose order token is ``token`` (or a tuple of tokens: after all of them);
+    returns ``(outputs, this operation's token)``.
 
-    Reference backend: an ordered io_callback; ``run`` gets numpy arrays and returns the outputs.
+    Reference backend: an ordered io_callback; ``run`` gets numpy arrays and returns the outputs
+    (the token comes back unchanged: the io_callback's effect orders the calls).
     GPU: a side-effecting buffer_callback; inside it ``run`` gets CuPy views of XLA's input and
     output buffers, with XLA's stream current, and writes the outputs. FP8 inputs and outputs cross
-    as uint8 (``_as_storage``), and an order token chains the callbacks (``_chain_token``).
+    as uint8 (``_as_storage``); the token is one more input and output (``_chain_token``), whose
+    value nobody reads (the callback leaves the output token unwritten).
 
     ``key`` (hashable) names everything static that ``run`` depends on: the callback made for a key
     is reused, so that eager calls hit JAX's compilation cache instead of compiling a new callback
@@ -591,9 +610,10 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
     gpu = ops.backend != "reference"
     if gpu:
         want_specs = result_specs
-        result_specs = tuple(_storage_spec(s) for s in result_specs) + (jax.ShapeDtypeStruct((1,), np.int32),)
-        trace = _current_trace()
-        args = tuple(_as_storage(a) for a in args) + (_chain_token(ops, trace),)
+        result_specs = tuple(_storage_spec(s) for s in result_specs) + (jax.ShapeDtypeStruct((1,), np.float32),)
+        tokens = token if isinstance(token, tuple) else (token,)
+        args = tuple(_as_storage(a) for a in args) + (
+            jnp.concatenate([jnp.asarray(t, jnp.float32).reshape(-1) for t in tokens]),)
     full_key = (key, tuple((s.shape, np.dtype(s.dtype)) for s in result_specs),
                 tuple((tuple(a.shape), np.dtype(a.dtype)) for a in args))
     callback = ops.callbacks.get(full_key)
@@ -604,11 +624,10 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple):
         ops.callbacks[full_key] = callback
     outs = list(callback(*args))
     if not gpu:
-        return outs
-    if trace is not None:
-        ops.chain = (trace, outs[-1])
+        return outs, (token[0] if isinstance(token, tuple) else token)
+    token = outs.pop()
     return [o if np.dtype(o.dtype) == np.dtype(s.dtype) else jax.lax.bitcast_convert_type(o, s.dtype)
-            for o, s in zip(outs[:-1], want_specs)]
+            for o, s in zip(outs, want_specs)], token
 
 
 def _make_callback(ops, result_specs: tuple, in_dtypes: tuple, run, label: str = ""):
@@ -714,8 +733,8 @@ def _int(value, name: str, minimum: int) -> int:
 # High-throughput operations without autodiff
 # ------------------------------------------------------------------------------------------------
 
-def _raw_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec, x, scales, idx, w):
-    """(recv_x or pair, recv_idx, recv_w or None, handle arrays)."""
+def _raw_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec, x, scales, idx, w, token):
+    """(recv_x or pair, recv_idx, recv_w or None, handle arrays, order token)."""
     rows, k = meta.num_worst_tokens, int(idx.shape[1])
     specs = [_sds((rows, meta.hidden), x.dtype)]
     if spec.fp8:
@@ -735,17 +754,17 @@ def _raw_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec, x, scales, idx, w
         aw = a.pop(0) if spec.with_weights else None
         return ops.dispatch(outs, meta, spec, ax, ascales, aidx, aw)
 
-    outs = _call(ops, specs, args, run, ("dispatch", meta, spec))
+    outs, token = _call(ops, specs, args, run, ("dispatch", meta, spec), token)
     recv_x = outs.pop(0)
     if spec.fp8:
         recv_x = (recv_x, outs.pop(0))
     recv_idx = outs.pop(0)
     recv_w = outs.pop(0) if spec.with_weights else None
-    return recv_x, recv_idx, recv_w, tuple(outs)
+    return recv_x, recv_idx, recv_w, tuple(outs), token
 
 
-def _raw_cached_dispatch(ops, meta: _HandleMeta, x, harrays):
-    """recv_x (a pair for FP8 ``x``) routed like the handle's dispatch."""
+def _raw_cached_dispatch(ops, meta: _HandleMeta, x, harrays, token):
+    """(recv_x (a pair for FP8 ``x``) routed like the handle's dispatch, order token)."""
     data, scales, _, hidden = _check_x(x)
     fp8 = scales is not None
     rows = meta.num_worst_tokens
@@ -758,12 +777,12 @@ def _raw_cached_dispatch(ops, meta: _HandleMeta, x, harrays):
         ascales = a.pop(0) if fp8 else None
         return ops.cached_dispatch(outs, meta, fp8, ax, ascales, a)
 
-    outs = _call(ops, specs, args, run, ("cached_dispatch", meta, fp8))
-    return tuple(outs) if fp8 else outs[0]
+    outs, token = _call(ops, specs, args, run, ("cached_dispatch", meta, fp8), token)
+    return (tuple(outs) if fp8 else outs[0]), token
 
 
-def _raw_combine(ops, meta: _HandleMeta, x, w, harrays):
-    """(combined_x [T, H], combined_w [T, K] or None)."""
+def _raw_combine(ops, meta: _HandleMeta, x, w, harrays, token):
+    """(combined_x [T, H], combined_w [T, K] or None, order token)."""
     specs = [_sds((meta.num_tokens, x.shape[1]), x.dtype)]
     if w is not None:
         specs.append(_sds((meta.num_tokens, w.shape[1]), np.float32))
@@ -776,8 +795,8 @@ def _raw_combine(ops, meta: _HandleMeta, x, w, harrays):
         aw = a.pop(0) if with_w else None
         return ops.combine(outs, meta, ax, aw, a)
 
-    outs = _call(ops, specs, args, run, ("combine", meta, with_w))
-    return outs[0], (outs[1] if with_w else None)
+    outs, token = _call(ops, specs, args, run, ("combine", meta, with_w), token)
+    return outs[0], (outs[1] if with_w else None), token
 
 
 def _pad_columns(a, multiple: int):
@@ -787,14 +806,15 @@ def _pad_columns(a, multiple: int):
     return a if extra == 0 else jnp.pad(a, ((0, 0), (0, extra)))
 
 
-def _cached_dispatch_f32(ops, meta: _HandleMeta, g, harrays):
+def _cached_dispatch_f32(ops, meta: _HandleMeta, g, harrays, token):
     """Cached dispatch of a float32 ``[T, K]`` cotangent (of combine's weights). The GPU moves rows in
     16-byte units, so the columns are padded to a multiple of 4 there, and sliced back."""
     k = int(g.shape[1])
     g = g.astype(jnp.float32)
     if ops.backend == "gpu":
         g = _pad_columns(g, 4)
-    return _raw_cached_dispatch(ops, meta, g, harrays)[:, :k]
+    out, token = _raw_cached_dispatch(ops, meta, g, harrays, token)
+    return out[:, :k], token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -802,21 +822,20 @@ def _cached_dispatch_f32(ops, meta: _HandleMeta, g, harrays):
 # ------------------------------------------------------------------------------------------------
 
 def _make_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec):
-    def primal(x, idx, w):
+    def primal(x, idx, w, token):
         data, scales = x if spec.fp8 else (x, None)
-        return _raw_dispatch(ops, meta, spec, data, scales, idx, w)
+        return _raw_dispatch(ops, meta, spec, data, scales, idx, w, token)
 
-    def fwd(x, idx, w):
-        out = primal(x, idx, w)
-        return out, (out[1], out[3])           # recv_topk_idx, handle arrays
+    def fwd(x, idx, w, token):
+        out = primal(x, idx, w, token)
+        return out, (out[1], out[3], out[4])   # recv_topk_idx, handle arrays, token (see _backward_token)
 
     def bwd(res, cts):
         if spec.fp8:
             raise TypeError("deepep_cupy.jaxep.dispatch: an FP8 input is not differentiable (dispatch the "
                             "bf16/float32 activations, or stop the gradient before quantising)")
-        recv_idx, harrays = res
-        g_x, _, g_w, _ = cts
-        g_w_in = None
+        recv_idx, harrays, token = res
+        g_x, _, g_w, _, g_token = cts
         if spec.with_weights:
             # only local entries of real rows depend on the weights (the rest are constant zeros)
             g_w = jnp.where(recv_idx >= 0, g_w, jnp.zeros_like(g_w)).astype(jnp.float32)
@@ -824,10 +843,10 @@ def _make_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec):
                 g_w = _pad_columns(g_w, 4)
         else:
             g_w = None
-        g_x_in, g_w_in = _raw_combine(ops, meta, g_x, g_w, harrays)
+        g_x_in, g_w_in, g_token = _raw_combine(ops, meta, g_x, g_w, harrays, (g_token, token))
         if g_w_in is not None:
             g_w_in = g_w_in[:, :int(recv_idx.shape[1])]
-        return g_x_in, None, g_w_in
+        return g_x_in, None, g_w_in, g_token
 
     f = jax.custom_vjp(primal)
     f.defvjp(fwd, bwd)
@@ -835,16 +854,20 @@ def _make_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec):
 
 
 def _make_cached_dispatch(ops, meta: _HandleMeta, fp8: bool):
-    def primal(x, harrays):
-        return _raw_cached_dispatch(ops, meta, x, harrays)
+    def primal(x, harrays, token):
+        return _raw_cached_dispatch(ops, meta, x, harrays, token)
 
-    def fwd(x, harrays):
-        return primal(x, harrays), harrays
+    def fwd(x, harrays, token):
+        out = primal(x, harrays, token)
+        return out, (harrays, out[1])
 
-    def bwd(harrays, g):
+    def bwd(res, cts):
         if fp8:
             raise TypeError("deepep_cupy.jaxep.cached_dispatch: an FP8 input is not differentiable")
-        return _raw_combine(ops, meta, g, None, harrays)[0], None
+        harrays, token = res
+        g, g_token = cts
+        g_x, _, g_token = _raw_combine(ops, meta, g, None, harrays, (g_token, token))
+        return g_x, None, g_token
 
     f = jax.custom_vjp(primal)
     f.defvjp(fwd, bwd)
@@ -852,16 +875,20 @@ def _make_cached_dispatch(ops, meta: _HandleMeta, fp8: bool):
 
 
 def _make_combine(ops, meta: _HandleMeta):
-    def primal(x, w, harrays):
-        return _raw_combine(ops, meta, x, w, harrays)
+    def primal(x, w, harrays, token):
+        return _raw_combine(ops, meta, x, w, harrays, token)
 
-    def fwd(x, w, harrays):
-        return primal(x, w, harrays), harrays
+    def fwd(x, w, harrays, token):
+        out = primal(x, w, harrays, token)
+        return out, (harrays, out[2])
 
-    def bwd(harrays, cts):
-        g_out, g_w = cts
-        g_x = _raw_cached_dispatch(ops, meta, g_out, harrays)
-        return g_x, (None if g_w is None else _cached_dispatch_f32(ops, meta, g_w, harrays)), None
+    def bwd(res, cts):
+        harrays, token = res
+        g_out, g_w, g_token = cts
+        g_x, g_token = _raw_cached_dispatch(ops, meta, g_out, harrays, (g_token, token))
+        if g_w is not None:
+            g_w, g_token = _cached_dispatch_f32(ops, meta, g_w, harrays, g_token)
+        return g_x, g_w, None, g_token
 
     f = jax.custom_vjp(primal)
     f.defvjp(fwd, bwd)
@@ -923,7 +950,10 @@ def dispatch(buf, x, topk_idx, topk_weights=None, *, num_experts: int, num_worst
     meta = _HandleMeta(ops.backend, buf.num_ranks, t, rows, num_experts, hidden, names)
     spec = _DispatchSpec(scales is not None, _dtype_name(topk_idx), topk_weights is not None, alignment)
     x_in = (data, scales) if spec.fp8 else data
-    recv_x, recv_idx, recv_w, harrays = _make_dispatch(ops, meta, spec)(x_in, topk_idx, topk_weights)
+    trace = _current_trace()
+    recv_x, recv_idx, recv_w, harrays, token = _make_dispatch(ops, meta, spec)(
+        x_in, topk_idx, topk_weights, _chain_token(ops, trace))
+    _continue_chain(ops, trace, token)
     counts = num_recv_tokens_per_expert(recv_idx, num_experts // buf.num_ranks, alignment)
     return recv_x, recv_idx, recv_w, counts, DispatchHandle(harrays, meta)
 
@@ -946,7 +976,11 @@ def cached_dispatch(buf, x, handle: DispatchHandle):
     if t != handle.meta.num_tokens:
         raise DeepEPInvalid(f"x: the handle was made for {handle.meta.num_tokens} tokens, got {t}")
     fp8 = scales is not None
-    return _make_cached_dispatch(ops, handle.meta, fp8)((data, scales) if fp8 else data, handle.arrays)
+    trace = _current_trace()
+    recv_x, token = _make_cached_dispatch(ops, handle.meta, fp8)((data, scales) if fp8 else data, handle.arrays,
+                                                                 _chain_token(ops, trace))
+    _continue_chain(ops, trace, token)
+    return recv_x
 
 
 def combine(buf, x, handle: DispatchHandle, topk_weights=None):
@@ -975,7 +1009,10 @@ def combine(buf, x, handle: DispatchHandle, topk_weights=None):
         if not hasattr(topk_weights, "shape") or topk_weights.ndim != 2:
             raise DeepEPInvalid("topk_weights: expected a float32 [W, K] array")
         _check_weights(topk_weights, (rows, topk_weights.shape[1]))
-    return _make_combine(ops, handle.meta)(data, topk_weights, handle.arrays)
+    trace = _current_trace()
+    out, out_w, token = _make_combine(ops, handle.meta)(data, topk_weights, handle.arrays, _chain_token(ops, trace))
+    _continue_chain(ops, trace, token)
+    return out, out_w
 
 
 def low_latency_dispatch(buf, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
@@ -1026,8 +1063,10 @@ def low_latency_dispatch(buf, x, topk_idx, num_max_dispatch_tokens_per_rank: int
                      else _sds((num_local, slots, hidden // 128), np.float32))
     specs.append(_sds((num_local,), np.int32))
     specs += [_sds(shape, dt) for _, shape, dt in _ll_handle_specs(ops.backend, r, t, k, num_experts, m)]
-    outs = _call(ops, specs, (x, topk_idx), lambda o, a: ops.ll_dispatch(o, meta, spec, *a),
-                 ("low_latency_dispatch", meta, spec))
+    trace = _current_trace()
+    outs, token = _call(ops, specs, (x, topk_idx), lambda o, a: ops.ll_dispatch(o, meta, spec, *a),
+                        ("low_latency_dispatch", meta, spec), _chain_token(ops, trace))
+    _continue_chain(ops, trace, token)
     recv_x = (outs.pop(0), outs.pop(0)) if use_fp8 else outs.pop(0)
     recv_count = outs.pop(0)
     return recv_x, recv_count, LowLatencyHandle(tuple(outs), meta)
@@ -1058,8 +1097,11 @@ def low_latency_combine(buf, x, topk_idx, topk_weights, handle: LowLatencyHandle
     _check_weights(topk_weights, (m.num_tokens, m.num_topk))
     specs = [_sds((m.num_tokens, m.hidden), "bfloat16")]
     args = (x, topk_idx, topk_weights) + tuple(handle.arrays)
-    return _call(ops, specs, args, lambda o, a: ops.ll_combine(o, m, a[0], a[1], a[2], a[3:]),
-                 ("low_latency_combine", m))[0]
+    trace = _current_trace()
+    outs, token = _call(ops, specs, args, lambda o, a: ops.ll_combine(o, m, a[0], a[1], a[2], a[3:]),
+                        ("low_latency_combine", m), _chain_token(ops, trace))
+    _continue_chain(ops, trace, token)
+    return outs[0]
 
 
 def use_local_gpu(comm=None) -> Optional[int]:

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--profile", metavar="FILE", help="also profile the jitted path's host side (cProfile, "
+                    "rank 0, --iters steps) and write the top functions by own time to FILE")
     args = ap.parse_args()
 
     from mpi4py import MPI
@@ -121,7 +123,33 @@ def main():
     say("SUMMARY bench_jax us/step (sync / pipelined / host): "
         + "; ".join(f"{n} {r[0]:.0f} / {r[1]:.0f} / {r[2]:.0f}" for n, r in summary)
         + f"; bit-equal {bool(all_same)}")
+    if args.profile:
+        profile_host(lambda: jitted(x_j, idx_j), args.iters, args.profile if rank == 0 else None, comm)
     buf.destroy()
+
+
+def profile_host(step, iters: int, path, comm):
+    """cProfile ``iters`` back-to-back calls of ``step`` (every rank runs them: they are collective;
+    the rank with a ``path`` records and writes its 30 most expensive functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+    import jax
+    prof = cProfile.Profile() if path else None
+    comm.Barrier()
+    if prof:
+        prof.enable()
+    out = [step() for _ in range(iters)]
+    jax.block_until_ready(out)
+    if prof:
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+        with open(path, "w") as f:
+            f.write(f"{iters} jitted steps\n" + text.getvalue())
+        print(f"bench_jax: host profile of {iters} jitted steps in {path}", flush=True)
+    comm.Barrier()
 
 
 if __name__ == "__main__":
