@@ -65,8 +65,12 @@ def test_nvlink_probe_compiles_for_sm90(cache):
 def test_cache_hit_and_source_edit_recompiles(cache, tmp_path, monkeypatch):
     src = tmp_path / "cuda_src"
     shutil.copytree(jit.cuda_src_dir(), src)
+    # a small kernel of its own that includes a shared header: the cache logic is the same for every
+    # source, and this test then costs three small compiles instead of three of layout.cu
+    (src / "cache_probe.cu").write_text('#include "common/utils.cuh"\n'
+                                        'extern "C" __global__ void probe(int* p) { p[0] = DEEPEP_NUM_RANKS; }\n')
     monkeypatch.setattr(settings, "cuda_src_dir", str(src))
-    spec = jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 4})
+    spec = jit.KernelSpec.make("cache_probe.cu", ["probe"], {"DEEPEP_NUM_RANKS": 4})
     opts = jit.JitOptions(arch="sm_90")
     first = jit.build(spec, opts)
     second = jit.build(spec, opts)
@@ -78,7 +82,7 @@ def test_cache_hit_and_source_edit_recompiles(cache, tmp_path, monkeypatch):
     third = jit.build(spec, opts)
     assert not third.from_cache and third.key != first.key
     # other defines are another instance
-    other = jit.build(jit.KernelSpec.make("layout.cu", ["get_dispatch_layout"], {"DEEPEP_NUM_RANKS": 8}), opts)
+    other = jit.build(jit.KernelSpec.make("cache_probe.cu", ["probe"], {"DEEPEP_NUM_RANKS": 8}), opts)
     assert other.key != third.key
 
 

@@ -75,6 +75,11 @@ SESSION_RUNS = {
 }
 NEEDS_JAX = {"jax_moe_train", "readme_jax"}
 
+# Files of tests/multirank a session of that size leaves out. The JAX operations' tests run at 2
+# ranks (the acceptance of issue #13); at 3 ranks JAX is covered by the training example's run above,
+# and the file's 40 jitted programs per rank would cost about a minute of the 2-core CI machine's CPU.
+SUITE_LEAVES_OUT = {3: ("test_jax_multirank.py",)}
+
 
 def scripts_in_process() -> bool:
     """Whether the scripts of SESSION_RUNS (and their 1-rank runs) run inside pytest processes: where
@@ -222,8 +227,10 @@ class MpiSessions:
                                                          skip="with GPUs the scripts run in their own processes")
                 return
             # hypothesis is unused in these files; its pytest plugin alone costs ~1 s of CPU per rank
+            ignore = [f"--ignore={os.path.join(TESTS, 'multirank', f)}" for f in SUITE_LEAVES_OUT.get(num_ranks, ())
+                      if suite and scripts_in_process()]     # with GPUs every file runs
             cmd = [mpiexec, "-n", str(num_ranks), sys.executable, "-m", "pytest", "-q", "-rfE",
-                   "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *paths]
+                   "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *ignore, *paths]
             if "Open MPI" in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout:
                 cmd[1:1] = ["--oversubscribe", "--allow-run-as-root"]
             env = dict(os.environ, PYTHONUNBUFFERED="1", DEEPEP_CUPY_CACHE_DIR=os.path.join(work, "kernels"),
