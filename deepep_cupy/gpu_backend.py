@@ -264,10 +264,23 @@ class GpuBackend:
 
     def _collective_clean(self, kernels: LowLatencyKernels) -> None:
         import cupy
-        cupy.cuda.Device(self.device_id).synchronize()
-        self.comm.Barrier()          # no peer still writes into our region
+        cupy.cuda.Device(self.device_id).synchronize()   # our kernels end: every wait is bounded
+        self._clean_barrier(kernels, "before")           # no peer still writes into our region
         kernels.clean()
-        self.comm.Barrier()          # nobody writes before every region is clean
+        self._clean_barrier(kernels, "after")            # nobody writes before every region is clean
+
+    def _clean_barrier(self, kernels: LowLatencyKernels, when: str) -> None:
+        """The re-lay's barrier, bounded like every other wait: a rank that changed the low-latency
+        shapes alone (its peers did not make this call, or died) gets a ``DeepEPTimeout`` naming the
+        phase instead of waiting in ``comm.Barrier()`` forever (seen on the GPU machine, 2026-12-06:
+        a rank stuck there after an agreement test, and the test run hung). The buffer is then out of
+        step with its peers: clean it collectively (``clean_low_latency_buffer``) or destroy it."""
+        if not nvshmem_runtime.timed_barrier(self.comm, settings.timeout_seconds):
+            from .errors import DeepEPTimeout
+            raise DeepEPTimeout(
+                f"rank {self.rank}: low-latency re-lay for (num_max_dispatch_tokens_per_rank, hidden, num_experts) "
+                f"= {kernels.shape_key}: a peer did not arrive at the barrier {when} the clean within "
+                f"{settings.timeout_seconds} s; every rank must change these shapes in the same call")
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: zero the low-latency region and its sequence counters."""

@@ -34,8 +34,10 @@ export PYTHONUNBUFFERED=1
 export DEEPEP_CUPY_CACHE_DIR="${DEEPEP_CUPY_CACHE_DIR:-/tmp/deepep_cupy_cache}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 PY="${PY:-python3}"
-# a test that hangs fails with a traceback instead of eating the call's time (pytest-timeout, in the image)
-PYTEST_TIMEOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout=${TEST_TIMEOUT_S:-240}"
+# a test that hangs fails with a traceback instead of eating the call's time (pytest-timeout, in the image);
+# the thread method dumps every thread's stack even when the rank is stuck inside C (an MPI or CUDA
+# call holding the GIL, where the signal method never fires: seen 2026-12-06), then ends that process
+PYTEST_TIMEOUT=""; $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout=${TEST_TIMEOUT_S:-240} --timeout-method=thread"
 
 # ---- carried wheels ----------------------------------------------------------------------------
 SITE=/tmp/deepep_site

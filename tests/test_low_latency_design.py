@@ -182,3 +182,43 @@ def test_reduce_warps_setting_is_checked_before_launch(value):
             assert int(LowLatencyKernels._reduce_warps()) == ok
     finally:
         settings.ll_combine_reduce_warps = old
+
+
+class _Request:
+    def __init__(self, done):
+        self.done = done
+
+    def Test(self):
+        return self.done
+
+
+class _Comm:
+    """A communicator whose Ibarrier completes (every peer arrived) or never does (one never comes)."""
+
+    def __init__(self, peers_arrive):
+        self.peers_arrive = peers_arrive
+
+    def Ibarrier(self):
+        return _Request(self.peers_arrive)
+
+
+def test_low_latency_relay_barrier_is_bounded(monkeypatch):
+    """A rank that changes the low-latency shapes alone gets a DeepEPTimeout naming its rank and the
+    phase from the re-lay's barrier, instead of waiting in comm.Barrier() forever."""
+    import types
+    import time
+    from deepep_cupy import gpu_backend
+    from deepep_cupy.errors import DeepEPTimeout
+
+    from deepep_cupy.config import settings
+    monkeypatch.setattr(settings, "timeout_seconds", 0.2)
+    backend = gpu_backend.GpuBackend.__new__(gpu_backend.GpuBackend)
+    backend.rank = 3
+    kernels = types.SimpleNamespace(shape_key=(128, 7168, 288))
+    backend.comm = _Comm(peers_arrive=True)
+    backend._clean_barrier(kernels, "before")          # every peer there: returns
+    backend.comm = _Comm(peers_arrive=False)
+    start = time.monotonic()
+    with pytest.raises(DeepEPTimeout, match=r"rank 3: low-latency re-lay .*\(128, 7168, 288\).*before the clean"):
+        backend._clean_barrier(kernels, "before")
+    assert time.monotonic() - start < 5
