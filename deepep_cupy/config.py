@@ -159,25 +159,36 @@ class Config:
             raise DeepEPInvalid(f"Config.num_sms: expected an even number, got {self.num_sms}")
 
 
-_TUNED_CACHE: dict = {}
+_TUNED_CACHE: dict = {}      # path -> (when last checked, the file's mtime, the parsed table)
+_TUNED_RECHECK_S = 1.0       # how often a path's mtime is looked at again
 
 
 def _tuned_table(path: str) -> dict:
-    """The tuned table at ``path``, parsed once per file version (a dispatch without a config
-    asks for it on every call; the cache key includes the file's mtime, so a re-tune is seen)."""
+    """The tuned table at ``path``, parsed once per file version. A dispatch or combine without a
+    config asks for it on every call, so the file's mtime is looked at most once a second (a stat
+    per call cost ~10 % of a jitted step's Python, docs/performance.md); a re-tune written by
+    ``scripts/tune_intranode.py --write`` is seen within that second, another path at once."""
     import json
+    import time
+    now = time.monotonic()
+    hit = _TUNED_CACHE.get(path)
+    if hit is not None and now - hit[0] < _TUNED_RECHECK_S:
+        return hit[2]
     try:
-        key = (path, Path(path).stat().st_mtime_ns)
+        mtime = Path(path).stat().st_mtime_ns
     except OSError:
-        return {}
-    table = _TUNED_CACHE.get(key)
-    if table is None:
-        try:
-            table = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            table = {}
+        mtime, table = None, {}
+    else:
+        if hit is not None and hit[1] == mtime:
+            table = hit[2]
+        else:
+            try:
+                table = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                table = {}
+    if len(_TUNED_CACHE) > 16:
         _TUNED_CACHE.clear()
-        _TUNED_CACHE[key] = table
+    _TUNED_CACHE[path] = (now, mtime, table)
     return table
 
 

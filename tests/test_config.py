@@ -158,3 +158,18 @@ def test_device_input_errors_raise_once_with_the_launched_range(monkeypatch):
     errors.record.record[:] = [2, 24, -3, 0]
     with pytest.raises(DeepEPInvalid, match=r"\[-1, num_experts\), found -3 on rank 0"):
         errors.check("get_dispatch_layout")
+
+
+def test_tuned_table_sees_a_retune_and_stats_at_most_once_a_second(monkeypatch, tmp_path):
+    import os
+    from deepep_cupy import config
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"dispatch": {"2": {"num_sms": 24}}}))
+    monkeypatch.setattr(settings, "tuned_configs_path", str(path))
+    monkeypatch.setattr(settings, "num_sms", None)
+    assert ep.Buffer.get_dispatch_config(2).num_sms == 24
+    path.write_text(json.dumps({"dispatch": {"2": {"num_sms": 32}}}))
+    os.utime(path, ns=(0, 1))      # another version, whatever the file system's clock resolution
+    assert ep.Buffer.get_dispatch_config(2).num_sms == 24     # within the second: not looked at again
+    monkeypatch.setattr(config, "_TUNED_RECHECK_S", 0.0)
+    assert ep.Buffer.get_dispatch_config(2).num_sms == 32     # looked at again: the re-tune is seen
