@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine (run from the repository root, with .whl/ carried):
 #
-#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,deadrank,seed,extra
+#     bash scripts/gpu_machine.sh [steps]      steps: any of env,tests,bench,internode,demo,tune,ll,nvlink,deadrank,reliability,seed,extra
 #                                              (default: env,tests,bench,demo,tune; internode benchmarks the
 #                                              hierarchical path with the ranks split into 2 "nodes";
 #                                              ll runs the low-latency tests and benchmark; nvlink the NVLink
-#                                              write probe; deadrank the dead-rank tests; seed the DeepEP-style tests/test_*.py scripts; extra runs "$EXTRA"
+#                                              write probe; deadrank the dead-rank tests; reliability the #12/#15 tests at 2 and 4
+#                                              ranks, the agreement file 3 more times and compute-sanitizer over the low-latency
+#                                              tests; seed the DeepEP-style tests/test_*.py scripts; extra runs "$EXTRA"
 #                                              in this environment)
 #
 # Installs the carried wheels the image lacks (nvshmem4py-cu13, cuda-core, cuda-pathfinder; MPICH
@@ -171,6 +173,40 @@ if [[ "$STEPS" == *deadrank* ]]; then   # a rank that dies (issue #12): survivor
       tests/test_dead_rank_gpu.py tests/test_dead_rank_reference.py > "$OUTD/dead_rank.log" 2>&1
   row "dead-rank tests" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/dead_rank.log" | tail -1)"
   grep -E "^(FAILED|ERROR)|^E  " "$OUTD/dead_rank.log" | head -20
+fi
+
+if [[ "$STEPS" == *reliability* ]]; then   # issues #12 and #15 on the GPU, in one call
+  # the reliability tests at 2 and 4 ranks (on one GPU each rank gets its share of the SMs)
+  REL_TESTS="tests/gpu/test_check_gpu.py tests/gpu/test_bad_inputs_gpu.py tests/multirank/test_agreement_multirank.py
+    tests/gpu/test_low_latency_gpu.py::test_lagging_peer_that_receives_nothing_keeps_its_dispatch
+    tests/gpu/test_intranode_gpu.py::test_num_experts_changing_between_calls_keeps_notify_seq_apart"
+  for n in 2 4; do
+    say "reliability tests, $n ranks"
+    share=""; [ "$n" -gt "$NUM_GPUS" ] && share="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 * NUM_GPUS / n ))"
+    env $share timeout -k 10 "${REL_LIMIT_S:-240}" $MPIRUN -n "$n" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
+        $PYTEST_TIMEOUT $REL_TESTS > "$OUTD/reliability_n$n.log" 2>&1
+    row "reliability tests ($n ranks)" "rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUTD/reliability_n$n.log" | tail -1)"
+    grep -E "^(FAILED|ERROR)" "$OUTD/reliability_n$n.log" | sort -u | head -10
+  done
+  # the agreement file three more times, one log per rank (a stuck rank's stack comes from the
+  # thread-method timeout); PMI_RANK is MPICH's, OMPI_COMM_WORLD_RANK Open MPI's
+  for i in 1 2 3; do
+    say "agreement tests, 2 ranks, repeat $i"
+    timeout -k 10 120 $MPIRUN -n 2 bash -c "exec $PY -m pytest -v --color=no -p no:cacheprovider --timeout=40 \
+        --timeout-method=thread tests/multirank/test_agreement_multirank.py \
+        > $OUTD/agreement_${i}_rank\${OMPI_COMM_WORLD_RANK:-\$PMI_RANK}.log 2>&1"
+    row "agreement repeat $i" "rc=$? $(grep -hE '[0-9]+ (passed|failed)' "$OUTD"/agreement_${i}_rank*.log | tr '\n' ' ')"
+  done
+  # compute-sanitizer over the low-latency kernels, one rank (no peer to spin on under the tool)
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+      say "compute-sanitizer --tool $tool: low-latency tests, 1 rank"
+      timeout -k 10 "${SAN_LIMIT_S:-150}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 99 \
+          $PY -m pytest -q --color=no -p no:cacheprovider tests/gpu/test_low_latency_gpu.py -k "not lagging" \
+          > "$OUTD/sanitizer_$tool.log" 2>&1
+      row "sanitizer $tool (LL, 1 rank)" "rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$OUTD/sanitizer_$tool.log" | tr '\n' ' ' | cut -c1-120)"
+    done
+  fi
 fi
 
 if [[ "$STEPS" == *seed* ]]; then   # DeepEP-style scripts (issue #14): each checks and prints its table
