@@ -343,19 +343,30 @@ class Buffer:
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
     def get_intranode_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                num_topk: int = 8) -> int:
+                                num_topk: int = 8, dtype="bfloat16") -> int:
         """``num_nvl_bytes`` the GPU high-throughput kernels need for up to ``num_max_tokens_per_rank``
-        tokens of ``hidden`` bf16 (or FP8 + scales) channels with ``num_topk`` experts each, on
-        ``num_ranks`` ranks of one NVLink domain: the control area, one staging area (shared by
-        the staged dispatch and the combine) with one slot of that many rows per other rank, and a
-        receive arena for two dispatches' outputs, which senders then write in place (one copy
-        per row; docs/intranode.md)."""
+        tokens of ``hidden`` channels of ``dtype`` (bf16 by default; an FP8 dispatch fits the bf16
+        size, its combine being bf16) with ``num_topk`` experts each, on ``num_ranks`` ranks of one
+        NVLink domain: the control area, one staging area (shared by the staged dispatch and the
+        combine) with one slot of that many rows per other rank, and a receive arena for two
+        dispatches' outputs, which senders then write in place (one copy per row; docs/intranode.md).
+        ``dtype``: "bfloat16", "float32" or "float8_e4m3fn" (or the numpy/ml_dtypes dtype); float32
+        rows take twice the bytes."""
         from .intranode import size_hint
         expect_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", minimum=1)
         expect_int(hidden, "hidden", minimum=1)
         expect_int(num_ranks, "num_ranks", minimum=1)
         expect_int(num_topk, "num_topk", minimum=0, maximum=32)
-        return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk, arena=True)
+        import ml_dtypes  # noqa: F401 - registers bfloat16 and the FP8 types with numpy
+        import numpy as np
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+        elem_bytes = {"bfloat16": 2, "float8_e4m3fn": 2, "float32": 4}.get(name)
+        if elem_bytes is None:
+            raise DeepEPInvalid(f"dtype: expected bfloat16, float32 or float8_e4m3fn (what dispatch takes), got {name}")
+        return size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk, elem_bytes=elem_bytes, arena=True)
 
     @staticmethod
     def get_internode_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, ranks_per_node: int,

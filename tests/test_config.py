@@ -173,3 +173,16 @@ def test_tuned_table_sees_a_retune_and_stats_at_most_once_a_second(monkeypatch, 
     assert ep.Buffer.get_dispatch_config(2).num_sms == 24     # within the second: not looked at again
     monkeypatch.setattr(config, "_TUNED_RECHECK_S", 0.0)
     assert ep.Buffer.get_dispatch_config(2).num_sms == 32     # looked at again: the re-tune is seen
+
+
+def test_intranode_size_hint_counts_the_row_dtype():
+    import ml_dtypes
+    import numpy as np
+    bf16 = ep.Buffer.get_intranode_size_hint(4096, 7168, 2)
+    assert ep.Buffer.get_intranode_size_hint(4096, 7168, 2, dtype="bfloat16") == bf16
+    assert ep.Buffer.get_intranode_size_hint(4096, 7168, 2, dtype=ml_dtypes.float8_e4m3fn) == bf16   # bf16 combine
+    f32 = ep.Buffer.get_intranode_size_hint(4096, 7168, 2, dtype=np.float32)
+    # float32 rows are twice as wide: the data part of the hint about doubles (metadata does not)
+    assert 1.9 * bf16 < f32 < 2.0 * bf16
+    with pytest.raises(ValueError, match="dtype: .*got int8"):
+        ep.Buffer.get_intranode_size_hint(4096, 7168, 2, dtype=np.int8)
