@@ -293,6 +293,26 @@ class Buffer:
             raise DeepEPInvalid("self: this Buffer was destroyed")
         return self._backend
 
+    @property
+    def alive(self) -> bool:
+        """False once ``destroy()`` ran (every call then raises ``DeepEPInvalid``)."""
+        return not self._destroyed
+
+    @property
+    def device_id(self) -> Optional[int]:
+        """The CUDA device this buffer's kernels run on (its arrays must live there), or None on the
+        reference backend. Framework integrations put their arrays on it (``deepep_cupy.jaxep``)."""
+        return int(self._backend.device_id) if self.backend_name == "gpu" else None
+
+    def adopt_handle(self, handle):
+        """Accept ``handle`` in later calls of this buffer, and return it. For framework integrations
+        that carry a dispatch's handle as arrays and rebuild it (``deepep_cupy.jaxep`` does, across
+        ``jax.jit``): calls refuse handles this buffer's dispatch did not return, because a handle of
+        another buffer describes memory and routing that mean nothing here. Adopt only handles rebuilt
+        from the arrays of this buffer's own dispatch."""
+        self._live()
+        return self._handles.add(handle)
+
     # ------------------------------------------------------------------------ cross-rank agreement
     def _agreeing(self, low_latency: bool) -> bool:
         """Whether this call agrees across ranks first (``settings.check_agreement``): never on one
@@ -357,7 +377,6 @@ class Buffer:
         expect_int(hidden, "hidden", minimum=1)
         expect_int(num_ranks, "num_ranks", minimum=1)
         expect_int(num_topk, "num_topk", minimum=0, maximum=32)
-        import ml_dtypes  # noqa: F401 - registers bfloat16 and the FP8 types with numpy
         import numpy as np
         try:
             name = np.dtype(dtype).name

@@ -230,11 +230,9 @@ def _alive(ref):
 
 
 def _adopt(buf, handle):
-    """Make ``buf`` accept a handle rebuilt from arrays. Buffer refuses handles its own dispatch did
-    not return (they could describe another buffer's memory); these were built from arrays that this
-    buffer's dispatch produced and JAX carried. Uses Buffer's registry directly until Buffer offers a
-    public way to do it (docs/jax.md, "Changes wanted elsewhere")."""
-    return buf._handles.add(handle)
+    """Make ``buf`` accept a handle rebuilt from arrays (``Buffer.adopt_handle``): these were built
+    from arrays that this buffer's dispatch produced and JAX carried."""
+    return buf.adopt_handle(handle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +347,7 @@ class _GpuOps:
                 "deepep_cupy.jaxep: the hierarchical (internode) handle cannot travel as JAX arrays yet; "
                 "on the GPU jaxep supports one NVLink domain (ranks_per_node == num_ranks)")
         self._buf = weakref.ref(buf)   # weak: _OPS is keyed weakly by the buffer
-        self.device_id = int(buf._backend.device_id)
+        self.device_id = buf.device_id
         self.callbacks: dict = {}      # see _call
         self.chain = None              # (the trace's opaque state, its last order token): _chain_token
         self.executed = collections.deque(maxlen=64)   # (op, first input address) as run: _make_callback
@@ -514,7 +512,8 @@ _OPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _ops_for(buf):
     """The operation set of ``buf`` (one per Buffer, dropped with it)."""
-    buf._live()   # a destroyed buffer raises here, at trace time
+    if not buf.alive:   # raised here, at trace time
+        raise DeepEPInvalid("buf: this Buffer was destroyed")
     ops = _OPS.get(buf)
     if ops is None:
         if buf.backend_name == "gpu":

@@ -247,3 +247,25 @@ def test_constructor_flags_are_type_checked():
     b = ep.Buffer(MPI.COMM_SELF, backend="reference", low_latency_mode=True)
     assert b.low_latency_mode is True
     b.destroy()
+
+
+def test_public_alive_device_id_and_adopt_handle():
+    """What framework integrations (deepep_cupy.jaxep) use instead of Buffer's private parts: a
+    handle rebuilt from a dispatch's arrays is refused until adopted, and accepted after."""
+    import copy
+    from mpi4py import MPI
+    b = ep.Buffer(MPI.COMM_SELF, backend="reference")
+    assert b.alive and b.device_id is None
+    topk, x, w = good_inputs()
+    recv_x, _, _, _, handle, _ = b.dispatch(**dispatch_kwargs(b, topk, x, w))
+    want = b.combine(recv_x, handle)[0]
+    rebuilt = copy.copy(handle)           # the same arrays, another object: as a framework rebuilds it
+    with pytest.raises(ep.DeepEPInvalid, match="handle"):
+        b.combine(recv_x, rebuilt)
+    assert b.adopt_handle(rebuilt) is rebuilt
+    np.testing.assert_array_equal(np.asarray(b.combine(recv_x, rebuilt)[0]).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+    b.destroy()
+    assert not b.alive
+    with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
+        b.adopt_handle(rebuilt)

@@ -112,7 +112,7 @@ def env(request, comm):
         nvl = ep.Buffer.get_intranode_size_hint(4 * MAX_TOKENS, 2 * HIDDEN, n, 4)
         rdma = ep.Buffer.get_low_latency_rdma_size_hint(LL_M, HIDDEN, n, n * EXPERTS_PER_RANK)
         buf = ep.Buffer(comm, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, backend="gpu")
-        device = next(d for d in jax.devices("gpu") if d.id == buf._backend.device_id)
+        device = next(d for d in jax.devices("gpu") if d.id == buf.device_id)
     else:
         buf = ep.Buffer(comm, backend="reference")
         device = jax.devices("cpu")[0]
