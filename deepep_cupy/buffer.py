@@ -377,10 +377,9 @@ class Buffer:
         expect_int(hidden, "hidden", minimum=1)
         expect_int(num_ranks, "num_ranks", minimum=1)
         expect_int(num_topk, "num_topk", minimum=0, maximum=32)
-        import numpy as np
         try:
-            name = np.dtype(dtype).name
-        except TypeError:
+            name = arrays.canonical_dtype(dtype)
+        except DeepEPTypeError:
             name = str(dtype)
         elem_bytes = {"bfloat16": 2, "float8_e4m3fn": 2, "float32": 4}.get(name)
         if elem_bytes is None:

@@ -559,9 +559,10 @@ def _chain_token(ops, trace):
     the backward pass the same way, in reverse: the gradient of an operation's output token is the
     token the next operation's backward returned; and each backward callback also takes its own
     forward's output token (a residual), so the backward chain starts after the whole forward chain
-    staged before it (the last operation's output token has no user, so its cotangent is a constant). (The reference backend gets the order from
-    ``io_callback(ordered=True)``; the token passes through it untouched.) Operations staged in
-    different traces (a ``lax.scan`` body and the code around it) are ordered only by their data.
+    staged before it (the last operation's output token has no user, so its cotangent is a
+    constant). (The reference backend gets the order from ``io_callback(ordered=True)``; the token
+    passes through it untouched.) Operations staged in different traces (a ``lax.scan`` body and
+    the code around it) are ordered only by their data.
     """
     if ops.backend == "reference":
         return jnp.zeros((1,), jnp.float32)
@@ -573,10 +574,15 @@ def _chain_token(ops, trace):
     return jnp.zeros((1,), jnp.float32)
 
 
-def _continue_chain(ops, trace, token) -> None:
-    """Make ``token`` (an operation's output token) the next operation's input in ``trace``."""
+def _in_order(ops, op, *args) -> list:
+    """``op(*args, token)`` chained after the last operation staged on this buffer in the current
+    trace (``_chain_token``). ``op`` returns its outputs followed by its own token, which the next
+    operation takes; the outputs come back as a list."""
+    trace = _current_trace()
+    *outs, token = op(*args, _chain_token(ops, trace))
     if trace is not None and ops.backend != "reference":
         ops.chain = (trace, token)
+    return outs
 
 
 def _as_storage(a):
@@ -607,10 +613,10 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple, token):
     """
     result_specs = tuple(result_specs)
     gpu = ops.backend != "reference"
+    tokens = token if isinstance(token, tuple) else (token,)
     if gpu:
         want_specs = result_specs
         result_specs = tuple(_storage_spec(s) for s in result_specs) + (jax.ShapeDtypeStruct((1,), np.float32),)
-        tokens = token if isinstance(token, tuple) else (token,)
         args = tuple(_as_storage(a) for a in args) + (
             jnp.concatenate([jnp.asarray(t, jnp.float32).reshape(-1) for t in tokens]),)
     full_key = (key, tuple((s.shape, np.dtype(s.dtype)) for s in result_specs),
@@ -623,7 +629,7 @@ def _call(ops, result_specs: tuple, args: tuple, run, key: tuple, token):
         ops.callbacks[full_key] = callback
     outs = list(callback(*args))
     if not gpu:
-        return outs, (token[0] if isinstance(token, tuple) else token)
+        return outs, tokens[0]
     token = outs.pop()
     return [o if np.dtype(o.dtype) == np.dtype(s.dtype) else jax.lax.bitcast_convert_type(o, s.dtype)
             for o, s in zip(outs, want_specs)], token
@@ -827,7 +833,7 @@ def _make_dispatch(ops, meta: _HandleMeta, spec: _DispatchSpec):
 
     def fwd(x, idx, w, token):
         out = primal(x, idx, w, token)
-        return out, (out[1], out[3], out[4])   # recv_topk_idx, handle arrays, token (see _backward_token)
+        return out, (out[1], out[3], out[4])   # recv_topk_idx, handle arrays, token (see _chain_token)
 
     def bwd(res, cts):
         if spec.fp8:
@@ -949,10 +955,7 @@ def dispatch(buf, x, topk_idx, topk_weights=None, *, num_experts: int, num_worst
     meta = _HandleMeta(ops.backend, buf.num_ranks, t, rows, num_experts, hidden, names)
     spec = _DispatchSpec(scales is not None, _dtype_name(topk_idx), topk_weights is not None, alignment)
     x_in = (data, scales) if spec.fp8 else data
-    trace = _current_trace()
-    recv_x, recv_idx, recv_w, harrays, token = _make_dispatch(ops, meta, spec)(
-        x_in, topk_idx, topk_weights, _chain_token(ops, trace))
-    _continue_chain(ops, trace, token)
+    recv_x, recv_idx, recv_w, harrays = _in_order(ops, _make_dispatch(ops, meta, spec), x_in, topk_idx, topk_weights)
     counts = num_recv_tokens_per_expert(recv_idx, num_experts // buf.num_ranks, alignment)
     return recv_x, recv_idx, recv_w, counts, DispatchHandle(harrays, meta)
 
@@ -975,11 +978,8 @@ def cached_dispatch(buf, x, handle: DispatchHandle):
     if t != handle.meta.num_tokens:
         raise DeepEPInvalid(f"x: the handle was made for {handle.meta.num_tokens} tokens, got {t}")
     fp8 = scales is not None
-    trace = _current_trace()
-    recv_x, token = _make_cached_dispatch(ops, handle.meta, fp8)((data, scales) if fp8 else data, handle.arrays,
-                                                                 _chain_token(ops, trace))
-    _continue_chain(ops, trace, token)
-    return recv_x
+    return _in_order(ops, _make_cached_dispatch(ops, handle.meta, fp8), (data, scales) if fp8 else data,
+                     handle.arrays)[0]
 
 
 def combine(buf, x, handle: DispatchHandle, topk_weights=None):
@@ -1008,9 +1008,7 @@ def combine(buf, x, handle: DispatchHandle, topk_weights=None):
         if not hasattr(topk_weights, "shape") or topk_weights.ndim != 2:
             raise DeepEPInvalid("topk_weights: expected a float32 [W, K] array")
         _check_weights(topk_weights, (rows, topk_weights.shape[1]))
-    trace = _current_trace()
-    out, out_w, token = _make_combine(ops, handle.meta)(data, topk_weights, handle.arrays, _chain_token(ops, trace))
-    _continue_chain(ops, trace, token)
+    out, out_w = _in_order(ops, _make_combine(ops, handle.meta), data, topk_weights, handle.arrays)
     return out, out_w
 
 
@@ -1062,10 +1060,9 @@ def low_latency_dispatch(buf, x, topk_idx, num_max_dispatch_tokens_per_rank: int
                      else _sds((num_local, slots, hidden // 128), np.float32))
     specs.append(_sds((num_local,), np.int32))
     specs += [_sds(shape, dt) for _, shape, dt in _ll_handle_specs(ops.backend, r, t, k, num_experts, m)]
-    trace = _current_trace()
-    outs, token = _call(ops, specs, (x, topk_idx), lambda o, a: ops.ll_dispatch(o, meta, spec, *a),
-                        ("low_latency_dispatch", meta, spec), _chain_token(ops, trace))
-    _continue_chain(ops, trace, token)
+    outs, = _in_order(ops, lambda token: _call(ops, specs, (x, topk_idx),
+                                               lambda o, a: ops.ll_dispatch(o, meta, spec, *a),
+                                               ("low_latency_dispatch", meta, spec), token))
     recv_x = (outs.pop(0), outs.pop(0)) if use_fp8 else outs.pop(0)
     recv_count = outs.pop(0)
     return recv_x, recv_count, LowLatencyHandle(tuple(outs), meta)
@@ -1096,10 +1093,9 @@ def low_latency_combine(buf, x, topk_idx, topk_weights, handle: LowLatencyHandle
     _check_weights(topk_weights, (m.num_tokens, m.num_topk))
     specs = [_sds((m.num_tokens, m.hidden), "bfloat16")]
     args = (x, topk_idx, topk_weights) + tuple(handle.arrays)
-    trace = _current_trace()
-    outs, token = _call(ops, specs, args, lambda o, a: ops.ll_combine(o, m, a[0], a[1], a[2], a[3:]),
-                        ("low_latency_combine", m), _chain_token(ops, trace))
-    _continue_chain(ops, trace, token)
+    outs, = _in_order(ops, lambda token: _call(ops, specs, args,
+                                               lambda o, a: ops.ll_combine(o, m, a[0], a[1], a[2], a[3:]),
+                                               ("low_latency_combine", m), token))
     return outs[0]
 
 

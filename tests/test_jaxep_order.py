@@ -51,7 +51,6 @@ def fake(monkeypatch):
 
     monkeypatch.setattr(jaxep, "_make_callback", make_callback)
     monkeypatch.setattr(jaxep, "_ops_for", lambda buf: ops)
-    monkeypatch.setattr(jaxep, "_current_trace", jaxep._current_trace)
     return types.SimpleNamespace(num_ranks=2, backend_name="gpu"), labels
 
 

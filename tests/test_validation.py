@@ -81,6 +81,15 @@ def _cases():
 CASES = _cases()
 
 
+def assert_still_usable(buf):
+    """A full good round trip on ``buf`` (one rank): combine gives back x and the weights."""
+    topk, x, w = good_inputs()
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(**dispatch_kwargs(buf, topk, x, w))
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    np.testing.assert_array_equal(combined, x)
+    np.testing.assert_array_equal(combined_w, w)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_raises_and_buffer_stays_usable(buf, case):
     name, call, exc_type, fragment = case
@@ -88,12 +97,7 @@ def test_bad_input_raises_and_buffer_stays_usable(buf, case):
         call(buf)
     assert isinstance(info.value, ep.DeepEPInvalid), type(info.value)
     assert fragment in str(info.value), f"{name}: {info.value}"
-    # the buffer still works: a full good round trip
-    topk, x, w = good_inputs()
-    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(**dispatch_kwargs(buf, topk, x, w))
-    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
-    np.testing.assert_array_equal(combined, x)
-    np.testing.assert_array_equal(combined_w, w)
+    assert_still_usable(buf)
 
 
 def test_at_least_fifteen_distinct_bad_inputs():
@@ -232,11 +236,7 @@ def test_bool_and_event_arguments_are_type_checked(buf, case, bad):
     with pytest.raises(ep.DeepEPTypeError) as info:
         call(buf, bad)
     assert str(info.value).startswith(f"{arg}: expected a"), str(info.value)
-    topk, x, w = good_inputs()
-    recv_x, _, recv_w, _, handle, _ = buf.dispatch(**dispatch_kwargs(buf, topk, x, w))
-    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
-    np.testing.assert_array_equal(combined, x)
-    np.testing.assert_array_equal(combined_w, w)
+    assert_still_usable(buf)
 
 
 def test_constructor_flags_are_type_checked():

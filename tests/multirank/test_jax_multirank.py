@@ -55,6 +55,12 @@ def bits(a):
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
+def close_to_dense(got, want):
+    """Equal to the dense model's value within float32 rounding (relative to the largest entry)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
 def same(got, want):
     got = np.asarray(got)
     assert got.shape == want.shape, (got.shape, want.shape)
@@ -319,12 +325,8 @@ def test_gradients_match_dense(comm, env):
         want_loss = source_loss(*dense_pipeline(jnp.asarray(xs[r]), jnp.asarray(i32[r]), jnp.asarray(ws[r]),
                                                 jnp.asarray(coef), n, e), cs[r], ds[r])
 
-    def close(got, want):
-        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max(initial=0))))
-
-    collect(comm, [("loss", lambda: close(loss, want_loss)), ("grad x", lambda: close(gx, want_gx[r])),
-                   ("grad topk_weights", lambda: close(gw, want_gw[r]))])
+    collect(comm, [("loss", lambda: close_to_dense(loss, want_loss)), ("grad x", lambda: close_to_dense(gx, want_gx[r])),
+                   ("grad topk_weights", lambda: close_to_dense(gw, want_gw[r]))])
 
 
 def test_bf16_gradients_are_combines(comm, env):
@@ -478,11 +480,7 @@ def test_two_micro_batches_gradients_match_dense(comm, env):
         ga_x, ga_w = jax.grad(lambda x, w: dense_mb(x, w, i32a), argnums=(0, 1))(as_j(xa), as_j(wa))
         gb_x, gb_w = jax.grad(lambda x, w: 2.0 * dense_mb(x, w, i32b), argnums=(0, 1))(as_j(xb), as_j(wb))
 
-    def close(got, want):
-        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max(initial=0))))
-
-    collect(comm, [(name, (lambda g=g, w=w: close(g, w))) for name, g, w in
+    collect(comm, [(name, (lambda g=g, w=w: close_to_dense(g, w))) for name, g, w in
                    zip(("a: x", "a: weights", "b: x", "b: weights"), grads, (ga_x[r], ga_w[r], gb_x[r], gb_w[r]))])
 
 
