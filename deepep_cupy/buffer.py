@@ -310,7 +310,15 @@ class Buffer:
         ``jax.jit``): calls refuse handles this buffer's dispatch did not return, because a handle of
         another buffer describes memory and routing that mean nothing here. Adopt only handles rebuilt
         from the arrays of this buffer's own dispatch."""
+        from .internode import InternodeHandle
+        from .intranode import IntranodeHandle
+        from .low_latency import LowLatencyHandle
+        from .reference_backend import ReferenceDispatchHandle, ReferenceLowLatencyHandle
         self._live()
+        kinds = (IntranodeHandle, InternodeHandle, LowLatencyHandle, ReferenceDispatchHandle, ReferenceLowLatencyHandle)
+        if not isinstance(handle, kinds):
+            names = ", ".join(k.__name__ for k in kinds)
+            raise DeepEPTypeError(f"handle: expected a handle of a dispatch (one of {names}), got {type(handle).__name__}")
         return self._handles.add(handle)
 
     # ------------------------------------------------------------------------ cross-rank agreement

@@ -262,6 +262,8 @@ def test_public_alive_device_id_and_adopt_handle():
     rebuilt = copy.copy(handle)           # the same arrays, another object: as a framework rebuilds it
     with pytest.raises(ep.DeepEPInvalid, match="handle"):
         b.combine(recv_x, rebuilt)
+    with pytest.raises(ep.DeepEPTypeError, match="^handle: expected a handle of a dispatch .*got int"):
+        b.adopt_handle(123)
     assert b.adopt_handle(rebuilt) is rebuilt
     np.testing.assert_array_equal(np.asarray(b.combine(recv_x, rebuilt)[0]).view(np.uint16),
                                   np.asarray(want).view(np.uint16))
