@@ -190,7 +190,7 @@ if [[ "$STEPS" == *reliability* ]]; then   # issues #12 and #15 on the GPU, in o
   done
   # the agreement file three more times, one log per rank (a stuck rank's stack comes from the
   # thread-method timeout); PMI_RANK is MPICH's, OMPI_COMM_WORLD_RANK Open MPI's
-  for i in 1 2 3; do
+  for i in $(seq 1 "${AGREE_REPEATS:-3}"); do
     say "agreement tests, 2 ranks, repeat $i"
     timeout -k 10 120 $MPIRUN -n 2 bash -c "exec $PY -m pytest -v --color=no -p no:cacheprovider --timeout=40 \
         --timeout-method=thread tests/multirank/test_agreement_multirank.py \
@@ -199,7 +199,7 @@ if [[ "$STEPS" == *reliability* ]]; then   # issues #12 and #15 on the GPU, in o
   done
   # compute-sanitizer over the low-latency kernels, one rank (no peer to spin on under the tool)
   if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck synccheck; do
+    for tool in ${SAN_TOOLS-memcheck racecheck synccheck}; do   # SAN_TOOLS="" skips them
       say "compute-sanitizer --tool $tool: low-latency tests, 1 rank"
       timeout -k 10 "${SAN_LIMIT_S:-150}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 99 \
           $PY -m pytest -q --color=no -p no:cacheprovider tests/gpu/test_low_latency_gpu.py -k "not lagging" \
