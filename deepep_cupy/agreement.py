@@ -14,8 +14,11 @@ Each collective ``Buffer`` call contributes one small record:
 * its *local error*: the exception the rank's own checks raised (class, argument, message).
 
 The records travel once from every rank to every other (``Agreement.agree``): one fixed-size
-message (``SLOT_BYTES``) per peer, non-blocking, on a private duplicate of the communicator, tagged
-with the call's sequence number, polled until ``settings.timeout_seconds``. Then every rank computes
+message (``HEADER_BYTES + SLOT_BYTES``) per peer, non-blocking, on a private duplicate of the
+communicator, tagged with the call's sequence number, polled until ``settings.timeout_seconds``.
+The header (the channel's id and the sequence number) tells a record of this call from a message
+left behind on a freed communicator whose context MPI gave to ours (``mpienv.channel_id``): such
+a message is dropped and the receive posted again. Then every rank computes
 the same verdict (``verdict``):
 
 * a rank reported an error: that rank raises its own exception at once (it does not wait for its
@@ -42,12 +45,13 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout, DeepEPTypeError
-from .mpienv import poll_until, private_comm
+from .mpienv import CHANNEL_ID_BYTES, channel_id, poll_until, private_comm
 
-__all__ = ["Agreement", "SLOT_BYTES", "encode", "decode", "verdict", "signature_verdict",
+__all__ = ["Agreement", "SLOT_BYTES", "HEADER_BYTES", "encode", "decode", "verdict", "signature_verdict",
            "split_argument"]
 
 SLOT_BYTES = 1024          # one rank's record, zero-padded
+HEADER_BYTES = CHANNEL_ID_BYTES + 8   # before the record: the channel's id, the call's sequence number
 _ERROR_CLASSES = {c.__name__: c for c in (DeepEPInvalid, DeepEPTypeError, DeepEPError, DeepEPTimeout)}
 _ARG = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\])?): (.*)$", re.DOTALL)
 
@@ -231,7 +235,9 @@ class Agreement:
         self.rank, self.num_ranks = comm.Get_rank(), comm.Get_size()
         # private: our messages never meet the caller's, nor the reference backend's
         self._comm, self._tag_ub = private_comm(comm)
+        self._channel = channel_id(self._comm)
         self._seq = 0
+        self.dropped = 0           # messages received that were not this channel's (see _receive)
         self._peers = [p for p in range(self.num_ranks) if p != self.rank]
         self._slots = self._new_slots()
         self._encoded: dict = {}   # (op, signature) -> record bytes
@@ -241,7 +247,8 @@ class Agreement:
 
     def _new_slots(self):
         """(this rank's slot, one receive slot per peer): zeroed bytearrays."""
-        return bytearray(SLOT_BYTES), {p: bytearray(SLOT_BYTES) for p in self._peers}
+        size = HEADER_BYTES + SLOT_BYTES
+        return bytearray(size), {p: bytearray(size) for p in self._peers}
 
     @classmethod
     def create(cls, comm) -> Optional["Agreement"]:
@@ -286,8 +293,9 @@ class Agreement:
         self._seq += 1
         tag = self._seq % self._tag_ub
         raw = self._encode(op, signature, local_error)
+        header = self._channel + self._seq.to_bytes(8, "little")
         mine, bufs = self._slots
-        mine[:] = raw.ljust(SLOT_BYTES, b"\0")
+        mine[:] = header + raw.ljust(SLOT_BYTES, b"\0")
         try:
             recvs = {p: comm.Irecv(bufs[p], source=p, tag=tag) for p in self._peers}
             sends = [comm.Isend(mine, dest=p, tag=tag) for p in self._peers]
@@ -298,12 +306,11 @@ class Agreement:
             self._retire(recvs, sends)
             return
         try:
-            done = self._wait(list(recvs.values()), timeout)
+            missing = self._receive(recvs, bufs, header, tag, timeout)
         except MPI.Exception as e:
             self._retire(recvs, sends)
             raise DeepEPTimeout(f"rank {me}: {op} agreement: MPI failed (did a peer die?): {e}") from e
-        if not done:
-            missing = [p for p, r in recvs.items() if not r.Test()]
+        if missing:
             self._retire(recvs, sends)
             raise _tag(DeepEPTimeout(f"rank {me}: {op} agreement timed out: {_ranks(missing)} sent "
                                      f"nothing within {timeout:g} s (died, or did not make the same "
@@ -315,16 +322,33 @@ class Agreement:
         records = [None] * self.num_ranks
         records[me] = decode(raw)
         for p in self._peers:
-            records[p] = decode(bytes(bufs[p]))
+            records[p] = decode(bytes(bufs[p][HEADER_BYTES:]))
         exc = verdict(records, me)
         if exc is not None:
             raise exc
 
-    def _wait(self, requests, timeout: float) -> bool:
-        """Poll ``requests`` until all are done (True) or ``timeout`` seconds pass (False)."""
-        from mpi4py import MPI
+    def _receive(self, recvs: dict, bufs: dict, header: bytes, tag: int, timeout: float) -> List[int]:
+        """Poll the receives ``recvs`` (peer -> request into ``bufs[peer]``) until each holds a
+        record starting with ``header``; return the peers still missing after ``timeout`` seconds
+        (empty: all arrived). A message with another header (left on a freed communicator whose
+        context MPI reused for ours) is dropped (counted in ``dropped``) and that receive posted
+        again; ``recvs`` is updated in place."""
+        comm = self._comm
+        pending = list(recvs)
 
-        return poll_until(lambda: MPI.Request.Testall(requests), timeout, self.SPIN_S, self.YIELD_S)
+        def step() -> bool:
+            for p in list(pending):
+                if not recvs[p].Test():
+                    continue
+                if bufs[p][:HEADER_BYTES] == header:
+                    pending.remove(p)
+                else:
+                    self.dropped += 1
+                    recvs[p] = comm.Irecv(bufs[p], source=p, tag=tag)
+            return not pending
+
+        poll_until(step, timeout, self.SPIN_S, self.YIELD_S)
+        return pending
 
     def _retire(self, recvs: dict, sends: list) -> None:
         """Keep requests that may still be pending alive with their buffers (a late peer's message

@@ -36,7 +36,7 @@ from .agreement import signature_verdict
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 from .handles import DeepEPLowLatencyTuple
-from .mpienv import poll_until, private_comm
+from .mpienv import channel_id, poll_until, private_comm
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -160,6 +160,8 @@ class ReferenceBackend:
         self.ranks_per_node = int(ranks_per_node)
         self.timeout_seconds = None if timeout_seconds is None else float(timeout_seconds)
         self._comm, self._tag_ub = private_comm(comm)   # our messages never meet the caller's
+        self._channel = channel_id(self._comm)          # nor those left on a freed communicator
+        self.dropped = 0   # messages received that were not this exchange's (see _exchange)
         self._op = 0                      # operations so far; identical on every rank in step
         self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
         # tags of recent timed-out exchanges: their late messages are received and dropped
@@ -213,6 +215,7 @@ class ReferenceBackend:
             return received
         self._op += 1
         tag = self._op % self._tag_ub
+        stamp = (self._channel, self._op)   # every message carries it; others are dropped
         self._reap()
         timeout = self.timeout
         current = me                # the peer being talked to, for an MPI error's message
@@ -229,11 +232,20 @@ class ReferenceBackend:
                     unmatched.discard(current)
                     busy = True
             for current, req in list(recvs.items()):
-                done, obj = req.test()
+                try:
+                    done, obj = req.test()
+                except MPI.Exception:
+                    raise
+                except Exception:   # noqa: BLE001 - not a pickle at all: another channel's bytes
+                    done, obj = True, None
                 if done:
-                    received[current] = obj
                     del recvs[current]
                     busy = True
+                    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == stamp:
+                        received[current] = obj[1]
+                    else:   # left on a freed communicator whose context MPI reused: not ours
+                        self.dropped += 1
+                        unmatched.add(current)
             for current, req in list(sends.items()):
                 if req.Test():
                     del sends[current]
@@ -247,7 +259,7 @@ class ReferenceBackend:
         try:
             for current in range(n):
                 if current != me:
-                    sends[current] = comm.isend(pieces[current], dest=current, tag=tag)
+                    sends[current] = comm.isend((stamp, pieces[current]), dest=current, tag=tag)
             unmatched.update(sends)
             if poll_until(step, timeout):
                 return received
