@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-import weakref
 from typing import Optional
 
 __all__ = ["ReceiveArena", "ArenaBlock"]
@@ -31,19 +30,24 @@ ALIGN = 256
 
 class ArenaBlock:
     """One allocation: ``offset`` bytes from the arena's start, ``nbytes`` long. Freed when the
-    object is garbage collected (arrays viewing it hold it through ``cupy.cuda.UnownedMemory``)."""
+    object is garbage collected (arrays viewing it hold it through ``cupy.cuda.UnownedMemory``).
 
-    __slots__ = ("offset", "nbytes", "ptr", "_arena", "__weakref__")
+    Its ``__del__`` only appends the extent to the arena's return list: no lock, no weak reference.
+    The cyclic collector may run it inside ``ReceiveArena.alloc`` on the same thread (a block in a
+    cycle, e.g. an exception's traceback holding a dispatch's arrays), where waiting for the
+    arena's lock deadlocked (seen on the GPU machine, Python 3.12, 2026-12-06); and the collector
+    clears a weak reference that is itself garbage before ``__del__`` runs (Python 3.11), so a
+    block freed by it was lost to the arena for good."""
+
+    __slots__ = ("offset", "nbytes", "ptr", "_returns", "__weakref__")
 
     def __init__(self, arena: "ReceiveArena", offset: int, nbytes: int):
         self.offset, self.nbytes = offset, nbytes
         self.ptr = arena.base_ptr + offset
-        self._arena = weakref.ref(arena)
+        self._returns = arena._returns
 
     def __del__(self):
-        arena = self._arena()
-        if arena is not None:
-            arena.free(self.offset, self.nbytes)
+        self._returns.append((self.offset, self.nbytes))   # atomic under the GIL; merged by the arena
 
 
 class ReceiveArena:
@@ -60,17 +64,27 @@ class ReceiveArena:
         self.nbytes = int(nbytes) // ALIGN * ALIGN
         self._starts = [0] if self.nbytes else []      # free extents, sorted by start
         self._sizes = [self.nbytes] if self.nbytes else []
-        self._lock = threading.Lock()                   # __del__ may run on any thread
+        self._lock = threading.Lock()                   # alloc/free may run on several threads
+        self._returns: list = []    # (offset, nbytes) of dead blocks (ArenaBlock.__del__), merged under the lock
+
+    def _merge_returns(self) -> None:
+        """Give the extents of dead blocks back (with the lock held)."""
+        while self._returns:
+            self._merge(*self._returns.pop())
 
     @property
     def free_bytes(self) -> int:
         """Bytes not handed out."""
-        return sum(self._sizes)
+        with self._lock:
+            self._merge_returns()
+            return sum(self._sizes)
 
     @property
     def largest_free(self) -> int:
         """Bytes of the largest free extent: the largest block ``alloc`` can give now."""
-        return max(self._sizes, default=0)
+        with self._lock:
+            self._merge_returns()
+            return max(self._sizes, default=0)
 
     def holds(self, array) -> bool:
         """Whether ``array``'s whole data (contiguous, non-empty; anything with ``.data.ptr``,
@@ -83,7 +97,9 @@ class ReceiveArena:
     def alloc(self, nbytes: int) -> Optional[ArenaBlock]:
         """A block of at least ``nbytes`` (256-byte aligned), or None when no free extent fits."""
         need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+        start = None
         with self._lock:
+            self._merge_returns()
             for i, size in enumerate(self._sizes):
                 if size >= need:
                     start = self._starts[i]
@@ -92,22 +108,28 @@ class ReceiveArena:
                     else:
                         self._starts[i] += need
                         self._sizes[i] -= need
-                    return ArenaBlock(self, start, need)
-        return None
+                    break
+        # the block object is made outside the lock (making it may run the collector)
+        return None if start is None else ArenaBlock(self, start, need)
 
     def free(self, offset: int, nbytes: int) -> None:
-        """Return an extent (called by ``ArenaBlock.__del__``), merging it with its neighbours."""
+        """Return an extent, merging it with its neighbours (dead blocks come back by themselves)."""
         with self._lock:
-            i = bisect.bisect_left(self._starts, offset)
-            end = offset + nbytes
-            if i < len(self._starts) and self._starts[i] == end:        # merge with the next extent
-                nbytes += self._sizes[i]
-                del self._starts[i], self._sizes[i]
-            if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset:   # and with the previous
-                self._sizes[i - 1] += nbytes
-            else:
-                self._starts.insert(i, offset)
-                self._sizes.insert(i, nbytes)
+            self._merge_returns()
+            self._merge(offset, nbytes)
+
+    def _merge(self, offset: int, nbytes: int) -> None:
+        """Insert the free extent ``[offset, offset + nbytes)`` (with the lock held)."""
+        i = bisect.bisect_left(self._starts, offset)
+        end = offset + nbytes
+        if i < len(self._starts) and self._starts[i] == end:        # merge with the next extent
+            nbytes += self._sizes[i]
+            del self._starts[i], self._sizes[i]
+        if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset:   # and with the previous
+            self._sizes[i - 1] += nbytes
+        else:
+            self._starts.insert(i, offset)
+            self._sizes.insert(i, nbytes)
 
     def shrink(self, block: ArenaBlock, nbytes: int) -> None:
         """Give the tail of ``block`` past ``nbytes`` (rounded up to 256) back to the arena."""

@@ -42,6 +42,39 @@ def test_freed_blocks_coalesce_in_any_order():
     assert arena.alloc(8 * 256).offset == 0
 
 
+def test_garbage_collection_inside_alloc_does_not_deadlock():
+    """A block in a reference cycle (an exception's traceback holding a dispatch's arrays) is freed
+    by the cyclic garbage collector, which may run inside ``alloc`` on the same thread, where the
+    arena's lock is held. Seen on the GPU machine (2026-12-06): a rank stuck in ``free`` under
+    ``alloc`` for good, its peers timing out. Its ``__del__`` must not wait for the lock."""
+    import threading
+    arena = ReceiveArena(0, 16 * 256, 0)
+    cyclic = [arena.alloc(256)]
+    cyclic.append(cyclic)          # unreachable once dropped: only the collector frees it
+    del cyclic
+    result = {}
+
+    def allocate():
+        old = gc.get_threshold()
+        gc.set_threshold(1)        # the next tracked allocation (inside alloc) runs a collection
+        try:
+            result["blocks"] = [arena.alloc(256) for _ in range(4)]
+        finally:
+            gc.set_threshold(*old)
+
+    worker = threading.Thread(target=allocate, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "alloc deadlocked on the arena's own lock (collector ran __del__ inside it)"
+    gc.collect()
+    offsets = sorted(b.offset for b in result["blocks"])
+    assert len(set(offsets)) == 4                          # distinct blocks
+    assert arena.free_bytes == 16 * 256 - 4 * 256          # the cyclic block came back
+    del result
+    gc.collect()
+    assert arena.free_bytes == 16 * 256 and arena.largest_free == 16 * 256
+
+
 def test_block_outliving_its_arena_is_harmless():
     arena = ReceiveArena(0, 1024, 0)
     block = arena.alloc(10)
