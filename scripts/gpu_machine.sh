@@ -97,7 +97,7 @@ if [[ "$STEPS" == *tests* ]]; then
   say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
   # with the ll step selected too, the low-latency tests run there (once)
   IGNORE_LL=""; [[ "$STEPS" == *ll* ]] && IGNORE_LL="--ignore=tests/gpu/test_low_latency_gpu.py"
-  timeout -k 10 480 $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider $PYTEST_TIMEOUT tests/gpu tests/multirank \
+  timeout -k 10 "${TIER_LIMIT_S:-480}" $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider $PYTEST_TIMEOUT tests/gpu tests/multirank \
       $IGNORE_LL > "$OUTD/gpu_tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12
