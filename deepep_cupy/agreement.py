@@ -17,7 +17,7 @@ The records travel once from every rank to every other (``Agreement.agree``): on
 message (``HEADER_BYTES + SLOT_BYTES``) per peer, non-blocking, on a private duplicate of the
 communicator, tagged with the call's sequence number, polled until ``settings.timeout_seconds``.
 The header (the channel's id and the sequence number) tells a record of this call from a message
-left behind on a freed communicator whose context MPI gave to ours (``mpienv.channel_id``): such
+left behind on a freed communicator whose context MPI gave to ours (``mpienv.private_comm``): such
 a message is dropped and the receive posted again. Then every rank computes
 the same verdict (``verdict``):
 
@@ -45,7 +45,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout, DeepEPTypeError
-from .mpienv import CHANNEL_ID_BYTES, channel_id, poll_until, private_comm
+from .mpienv import CHANNEL_ID_BYTES, poll_until, private_comm
 
 __all__ = ["Agreement", "SLOT_BYTES", "HEADER_BYTES", "encode", "decode", "verdict", "signature_verdict",
            "split_argument"]
@@ -234,8 +234,7 @@ class Agreement:
     def __init__(self, comm):
         self.rank, self.num_ranks = comm.Get_rank(), comm.Get_size()
         # private: our messages never meet the caller's, nor the reference backend's
-        self._comm, self._tag_ub = private_comm(comm)
-        self._channel = channel_id(self._comm)
+        self._comm, self._tag_ub, self._channel = private_comm(comm)
         self._seq = 0
         self.dropped = 0           # messages received that were not this channel's (see _receive)
         self._peers = [p for p in range(self.num_ranks) if p != self.rank]

@@ -9,8 +9,8 @@ fail; every rank silently becomes rank 0 of a world of 1, which ``check_world`` 
 docs/install.md, "MPI".
 
 Also the two pieces every host-side exchange with peers shares (the reference backend's and the
-cross-rank agreement's): ``private_comm`` (a duplicate communicator that reports errors, with an
-id that tells its messages from those of a freed one) and ``poll_until`` (the bounded wait: spin,
+cross-rank agreement's): ``private_comm`` (a duplicate communicator that reports errors, and an
+id that tells its messages from those left on a freed one) and ``poll_until`` (the bounded wait: spin,
 yield, sleep, give up).
 """
 
@@ -20,7 +20,7 @@ import os
 
 from .errors import DeepEPError
 
-__all__ = ["import_mpi", "launcher_world_size", "check_world", "private_comm", "channel_id", "poll_until"]
+__all__ = ["import_mpi", "launcher_world_size", "check_world", "private_comm", "poll_until"]
 
 CHANNEL_ID_BYTES = 8
 
@@ -74,28 +74,25 @@ def check_world(comm) -> None:
 
 
 def private_comm(comm) -> tuple:
-    """``(duplicate of comm, its largest tag)`` for a channel whose point-to-point messages must
-    never meet the caller's (an any-tag receive of theirs would take ours). MPI errors come back as
-    exceptions, so a dead peer becomes a DeepEPTimeout, not an abort. MPI guarantees tags up to
-    32767; Open MPI attaches ``TAG_UB`` to ``COMM_WORLD`` only, so a duplicate may answer None."""
+    """Collective: ``(duplicate of comm, its largest tag, channel id)`` for a channel whose
+    point-to-point messages must never meet the caller's (an any-tag receive of theirs would take
+    ours). MPI errors come back as exceptions, so a dead peer becomes a DeepEPTimeout, not an abort.
+    MPI guarantees tags up to 32767; Open MPI attaches ``TAG_UB`` to ``COMM_WORLD`` only, so a
+    duplicate may answer None.
+
+    The channel id (``CHANNEL_ID_BYTES`` random bytes, the same on every rank) goes with each of the
+    channel's messages, and receivers drop messages whose id is not theirs. Why: a message a peer
+    sent on a communicator that was then freed before anyone received it (the receiver never made
+    that call: a timeout, a dead or lagging rank) is not lost. MPI reuses the freed communicator's
+    context for a later ``Dup`` and delivers the old message to a receive there with the same source
+    and tag (seen with MPICH, 2026-12-06), where it would pass for that channel's own."""
     from mpi4py import MPI
 
     dup = comm.Dup()
     dup.Set_errhandler(MPI.ERRORS_RETURN)
     tag_ub = dup.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767
-    return dup, int(tag_ub)
-
-
-def channel_id(comm) -> bytes:
-    """Collective over ``comm`` (a ``private_comm``): ``CHANNEL_ID_BYTES`` random bytes, the same on
-    every rank, that each message of this channel carries.
-
-    Why: a message a peer sent on a communicator that was then freed before anyone received it (the
-    receiver never made that call: a timeout, a dead or lagging rank) is not lost. MPI reuses the
-    freed communicator's context for a later ``Dup`` and delivers the old message to a receive there
-    with the same source and tag (seen with MPICH, 2026-12-06), where it would pass for that
-    channel's own. Receivers drop messages whose id is not theirs."""
-    return comm.bcast(os.urandom(CHANNEL_ID_BYTES) if comm.Get_rank() == 0 else None, root=0)
+    channel = dup.bcast(os.urandom(CHANNEL_ID_BYTES) if dup.Get_rank() == 0 else None, root=0)
+    return dup, int(tag_ub), channel
 
 
 def poll_until(step, timeout: float, spin_s: float = 200e-6, yield_s: float = 5e-3) -> bool:

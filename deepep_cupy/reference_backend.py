@@ -36,7 +36,7 @@ from .agreement import signature_verdict
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 from .handles import DeepEPLowLatencyTuple
-from .mpienv import channel_id, poll_until, private_comm
+from .mpienv import poll_until, private_comm
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -159,8 +159,8 @@ class ReferenceBackend:
             ranks_per_node = _detect_ranks_per_node(comm)
         self.ranks_per_node = int(ranks_per_node)
         self.timeout_seconds = None if timeout_seconds is None else float(timeout_seconds)
-        self._comm, self._tag_ub = private_comm(comm)   # our messages never meet the caller's
-        self._channel = channel_id(self._comm)          # nor those left on a freed communicator
+        # our messages never meet the caller's, nor those left on a freed communicator
+        self._comm, self._tag_ub, self._channel = private_comm(comm)
         self.dropped = 0   # messages received that were not this exchange's (see _exchange)
         self._op = 0                      # operations so far; identical on every rank in step
         self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
