@@ -180,7 +180,7 @@ if [[ "$STEPS" == *reliability* ]]; then   # issues #12 and #15 on the GPU, in o
   REL_TESTS="tests/gpu/test_check_gpu.py tests/gpu/test_bad_inputs_gpu.py tests/multirank/test_agreement_multirank.py
     tests/gpu/test_low_latency_gpu.py::test_lagging_peer_that_receives_nothing_keeps_its_dispatch
     tests/gpu/test_intranode_gpu.py::test_num_experts_changing_between_calls_keeps_notify_seq_apart"
-  for n in 2 4; do
+  for n in ${REL_RANKS-2 4}; do   # REL_RANKS="" skips them (the whole tier at 2 and 4 ranks covers them)
     say "reliability tests, $n ranks"
     share=""; [ "$n" -gt "$NUM_GPUS" ] && share="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 * NUM_GPUS / n ))"
     env $share timeout -k 10 "${REL_LIMIT_S:-240}" $MPIRUN -n "$n" $PY -m pytest -q -rA --color=no -p no:cacheprovider \
