@@ -49,12 +49,13 @@ from typing import Optional
 
 from . import arrays, discovery, jit, mpienv
 from .agreement import Agreement
+from .backend import Backend
 from .config import Config, settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
-from .validation import (MAX_HT_TOPK, VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_index_range,
-                         check_same_values, expect_aligned, expect_array, expect_bool, expect_int,
-                         expect_optional_array, expect_row_bytes, expect_stream_args, expect_writable)
+from .validation import (MAX_HT_TOPK, VECTOR_ALIGNMENT, HandleRegistry, check_finite, check_same_values,
+                         expect_array, expect_bool, expect_int, expect_optional_array, expect_row_bytes,
+                         expect_stream_args, expect_writable)
 
 __all__ = ["Buffer"]
 
@@ -69,7 +70,8 @@ def _checked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         out = method(self, *args, **kwargs)
-        if not settings.check_each_call or self.backend_name != "gpu" or _capturing():
+        backend = self._backend
+        if not settings.check_each_call or not backend.reports_errors_later or backend.capturing():
             return out
         self.check(method.__name__)
         if isinstance(out, tuple) and out and callable(out[-1]):
@@ -77,16 +79,11 @@ def _checked(method):
 
             def checked_hook():
                 hook()
-                if not _capturing():
+                if not backend.capturing():
                     self.check(f"{method.__name__} (hook)")
             out = out[:-1] + (checked_hook,)
         return out
     return wrapper
-
-
-def _capturing() -> bool:
-    import cupy
-    return cupy.cuda.get_current_stream().is_capturing()
 
 
 class _Call:
@@ -197,7 +194,6 @@ class Buffer:
             values = [e[i] for e in everyone]
             if len(set(values)) != 1:
                 raise DeepEPInvalid(f"{what}: every rank must pass the same value, got {values} by rank")
-        self.backend_name = local_choice
         self._call: Optional[_Call] = None
         self._destroyed = True   # until the backend is up
         # private channel of the cross-rank agreement (collective; None on one rank: nothing to do)
@@ -209,12 +205,16 @@ class Buffer:
                 self._agreement.free()
             raise
         self._handles = HandleRegistry(f"Buffer(rank={self.rank}, backend={local_choice})")
-        self._combine_buffer = None   # reference backend: get_next_low_latency_combine_buffer's array
         self._destroyed = False
         log.info("rank %d/%d: Buffer up (backend %s, %d nodes of %d)", self.rank, self.num_ranks,
                  self.backend_name, self.num_nodes, self.ranks_per_node)
 
-    def _make_backend(self, comm, local_choice: str, jit_options):
+    @property
+    def backend_name(self) -> str:
+        """The backend this buffer runs on: ``"gpu"`` or ``"reference"`` (``"auto"`` resolved)."""
+        return self._backend.name
+
+    def _make_backend(self, comm, local_choice: str, jit_options) -> Backend:
         if local_choice == "gpu":
             import importlib.util
             if importlib.util.find_spec("cupy") is None:
@@ -262,9 +262,7 @@ class Buffer:
         self._handles.close()
         if self._agreement is not None:
             self._agreement.free()
-        destroy = getattr(self._backend, "destroy", None)
-        if destroy is not None:
-            destroy()
+        self._backend.destroy()
 
     def check(self, what: str = "the last operation") -> None:
         """Raise what this buffer's kernels reported, on the call that caused it.
@@ -277,10 +275,7 @@ class Buffer:
         for overflow. The record is cleared. ``settings.check_each_call = True`` does this after
         every call. On the reference backend errors are raised by the call itself, so this only
         checks that the buffer is alive. Not allowed while the stream captures a CUDA graph."""
-        backend = self._live()
-        check = getattr(backend, "check", None)
-        if check is not None:
-            check(what)
+        self._live().check(what)
 
     def __enter__(self) -> "Buffer":
         return self
@@ -302,7 +297,8 @@ class Buffer:
     def device_id(self) -> Optional[int]:
         """The CUDA device this buffer's kernels run on (its arrays must live there), or None on the
         reference backend. Framework integrations put their arrays on it (``deepep_cupy.jaxep``)."""
-        return int(self._backend.device_id) if self.backend_name == "gpu" else None
+        device_id = self._backend.device_id
+        return None if device_id is None else int(device_id)
 
     def adopt_handle(self, handle):
         """Accept ``handle`` in later calls of this buffer, and return it. For framework integrations
@@ -337,11 +333,9 @@ class Buffer:
             return False
         if mode is not True and mode != "auto":
             raise DeepEPInvalid(f"settings.check_agreement: expected True, False or 'auto', got {mode!r}")
-        if self.backend_name != "gpu":
-            return True
-        if mode == "auto":
+        if mode == "auto" and not self._backend.agrees_by_default:
             return False
-        return not _capturing()
+        return not self._backend.capturing()
 
     def _agreed(self, signature) -> None:
         """Agree on ``signature`` (``(argument, field, value)`` entries that must be equal on every
@@ -357,16 +351,13 @@ class Buffer:
         """GPU: raise what earlier kernels reported (bad expert ids, timeouts) now, among the
         call's own checks, so the peers learn of it before anything is launched (the backend
         would raise it on this rank alone at its start). Reads pinned memory; no wait."""
-        if self.backend_name == "gpu":
-            self._backend.raise_reported(what)
+        self._backend.raise_reported(what)
 
     def _check_ids(self, idx, num_experts: int) -> None:
         """The expert-id check before the agreement: on numpy always; on the GPU the blocking check
-        of ``settings.check_values`` (a no-op without it: the kernels check and report)."""
-        if self.backend_name != "gpu":
-            check_index_range(idx, "topk_idx", -1, num_experts, self._xp)
-        elif self._call is not None:   # (without agreement the backend checks on its own)
-            self._backend.check_index_range(idx, "topk_idx", -1, num_experts)
+        of ``settings.check_values`` (a no-op without it: the kernels check and report), only while
+        agreeing (without agreement the backend checks on its own)."""
+        self._backend.check_ids(idx, num_experts, blocking=self._call is not None)
 
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
@@ -454,10 +445,10 @@ class Buffer:
     # ------------------------------------------------------------------------- arrays in and out
     @property
     def _device(self) -> tuple:
-        return self._backend.device if self.backend_name == "gpu" else ("cpu", None)
+        return self._backend.device
 
     def _take(self, x, name: str, align: int = 0):
-        """A validated input as the backend's array type (CuPy view or numpy).
+        """A validated input as the backend's array type (``Backend.take``: a CuPy view or numpy).
 
         On the GPU the view's data pointer must be a multiple of its element size, and of ``align``
         bytes when given (``VECTOR_ALIGNMENT`` for arrays the kernels move with 16-byte accesses:
@@ -465,64 +456,36 @@ class Buffer:
         CUDA context down, so it raises ``DeepEPInvalid`` here, before any launch. Host arrays of
         the reference backend are not checked (their alignment says nothing about a device copy).
         """
-        if self.backend_name != "gpu":
-            return arrays.to_numpy(x, name)
-        arr = arrays.to_cupy(x, name)
-        expect_aligned(arr, name, max(align, arr.itemsize))
-        return arr
+        return self._backend.take(x, name, align)
 
     def _give(self, arr, like_framework, dtype: Optional[str] = None):
         """A backend result in the caller's framework (``like_framework``: that of the call's
-        primary input). GPU: CuPy results as CuPy (no conversion), JAX or PyTorch arrays over the
-        same memory (``arrays.from_cupy``). Reference: numpy stays numpy (no conversion, no cost);
-        JAX and PyTorch CPU arrays through ``arrays.from_numpy``."""
-        if arr is None:
-            return arr
-        if self.backend_name != "gpu":
-            if like_framework is arrays.Framework.NUMPY:
-                return arr
-            return arrays.from_numpy(arr, like_framework, dtype)
-        if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK) and (
-                dtype in (None, arr.dtype.name) or (dtype in arrays.FP8_DTYPES and arr.dtype.name == "uint8")):
-            return arr          # already what the caller gets (the common hot path: no conversion)
-        return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
+        primary input), ``Backend.give``. GPU: CuPy results as CuPy (no conversion), JAX or PyTorch
+        arrays over the same memory (``arrays.from_cupy``). Reference: numpy stays numpy (no
+        conversion, no cost); JAX and PyTorch CPU arrays through ``arrays.from_numpy``."""
+        return self._backend.give(arr, like_framework, dtype)
 
     def _checks_values(self) -> bool:
         """Whether values inside arrays (NaN weights, layout outputs against topk_idx) are read before
         a launch: always on the reference backend (free on numpy); on the GPU only with
         ``settings.check_values`` and outside CUDA-graph capture (a device reduction and a host wait)."""
-        if self.backend_name != "gpu":
-            return True
-        from .config import settings
-        if not settings.check_values:
-            return False
-        import cupy
-        return not cupy.cuda.get_current_stream().is_capturing()
+        return self._backend.checks_values()
 
     @property
     def _xp(self):
-        if self.backend_name != "gpu":
-            import numpy
-            return numpy
-        import cupy
-        return cupy
+        return self._backend.xp
 
     def _check_layout_args(self, idx, num_experts: int, given: dict, previous_event) -> None:
         """The ``get_dispatch_layout`` outputs passed to a dispatch must be those of ``idx`` and
         ``num_experts`` (``given``: name -> backend array or None). Only where ``_checks_values``."""
         if not any(a is not None for a in given.values()):
             return
-        from .layout import MAX_LAYOUT_EXPERTS
-        if self.backend_name == "gpu":
-            if num_experts > MAX_LAYOUT_EXPERTS:
-                return
-            self._backend.check_index_range(idx, "topk_idx", -1, num_experts)   # before the layout kernel
-            per_rank, per_rdma, per_expert, in_rank, _ = self._backend.get_dispatch_layout(
-                idx, num_experts, previous_event, False, False)
-        else:
-            per_rank, per_rdma, per_expert, in_rank = self._backend.get_dispatch_layout(idx, num_experts)
-        want = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
-                    num_tokens_per_expert=per_expert, is_token_in_rank=in_rank)
+        layout = self._backend.expected_layout(idx, num_experts, previous_event)
+        if layout is None:   # (more experts than the GPU's layout kernel counts)
+            return
+        want = dict(num_tokens_per_rank=layout.num_tokens_per_rank,
+                    num_tokens_per_rdma_rank=layout.num_tokens_per_rdma_rank,
+                    num_tokens_per_expert=layout.num_tokens_per_expert, is_token_in_rank=layout.is_token_in_rank)
         for name, arr in given.items():
             if arr is not None and want[name] is not None:
                 check_same_values(arr, want[name], name, self._xp, f"topk_idx and num_experts={num_experts}",
@@ -666,7 +629,7 @@ class Buffer:
         from .intranode import CHUNK_TOKENS, MAX_CHUNKS
         if num_tokens > CHUNK_TOKENS * MAX_CHUNKS:   # the GPU kernels' chunk table
             raise DeepEPInvalid(f"x: at most {CHUNK_TOKENS * MAX_CHUNKS} tokens per rank, got {num_tokens}")
-        if self.backend_name == "gpu":
+        if self._backend.uses_config:
             config = config or self.get_dispatch_config(self.num_ranks)
         if config is not None:
             self._check_num_sms(config)
@@ -679,7 +642,7 @@ class Buffer:
             if num_tokens_per_expert is not None:   # ignored in cached mode, but must not contradict the handle
                 expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32",
                              shape=(handle.num_experts,), device=self._device)
-            self._precheck_gpu_dispatch(data, scales, None, handle.num_experts, handle)
+            self._precheck_dispatch(data, scales, None, handle.num_experts, handle)
             self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=True))
             if self.backend_name == "gpu":
                 out = self._backend.dispatch(
@@ -728,7 +691,7 @@ class Buffer:
                                                ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
                                                ("num_tokens_per_expert", num_tokens_per_expert),
                                                ("is_token_in_rank", is_token_in_rank))}, previous_event)
-            self._precheck_gpu_dispatch(data, scales, idx, num_experts, None)
+            self._precheck_dispatch(data, scales, idx, num_experts, None)
             self._agreed(self._dispatch_signature(
                 xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
                 num_topk=kd.shape[1], weights=weights is not None, expert_alignment=expert_alignment,
@@ -776,7 +739,7 @@ class Buffer:
         if self._checks_values():
             check_same_values(per_rank, in_rank.sum(axis=0, dtype=self._xp.int32), "num_tokens_per_rank",
                               self._xp, "the column sums of is_token_in_rank")
-        self._precheck_gpu_dispatch(data, scales, None, self.num_ranks, None)
+        self._precheck_dispatch(data, scales, None, self.num_ranks, None)
         self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=False, topk=False,
                                               num_worst_tokens=num_worst_tokens))
         if self.backend_name == "gpu":
@@ -811,41 +774,35 @@ class Buffer:
             sig += [("num_tokens_per_expert", "num_experts", int(num_experts)), ("topk_idx", "top-k", int(num_topk)),
                     ("topk_weights", "topk_weights", "an array" if weights else None),
                     ("expert_alignment", "expert_alignment", int(expert_alignment))]
-        if self.backend_name == "gpu":
+        if self._backend.uses_config:
             sig.append(("config", "num_sms", int(config.num_sms)))
         return sig
 
-    def _precheck_gpu_dispatch(self, data, scales, idx, num_experts: int, handle) -> None:
-        """GPU, while agreeing: the backend's own pre-launch checks of a dispatch that depend on
-        this rank's token count (staging capacity), run among the call's checks so that a rank
+    def _precheck_dispatch(self, data, scales, idx, num_experts: int, handle) -> None:
+        """While agreeing: the backend's own pre-launch checks of a dispatch that depend on this
+        rank's token count (the GPU's staging capacity), run among the call's checks so that a rank
         that fails them tells its peers instead of leaving them in the kernel until the timeout."""
-        if self.backend_name != "gpu" or self._call is None:
-            return
-        kernels = self._backend.internode() if self.num_nodes > 1 else self._backend.intranode()
-        check = getattr(kernels, "check_dispatch", None)
-        if check is not None:
-            check(data, scales, idx, num_experts, handle)
+        if self._call is not None:
+            self._backend.precheck_dispatch(data, scales, idx, num_experts, handle)
 
     @property
     def _handle_kind(self) -> str:
-        if self.backend_name != "gpu":
-            return "ReferenceDispatchHandle"
-        return "InternodeHandle" if self.num_nodes > 1 else "IntranodeHandle"
+        return self._backend.dispatch_handle_kind
 
     def _checks_gpu_bytes(self) -> bool:
         """Whether the reference backend checks this buffer's byte counts as the GPU backend would
         (issue #15): when the buffer was given any (``num_nvl_bytes`` or ``num_rdma_bytes``), i.e.
         sized for the GPU, so code that passes here has the memory it needs there. A buffer of no
         bytes is the reference backend's own mode (it needs no memory) and is not checked. (The GPU
-        backend checks its own memory when it lays out its kernels.)"""
-        return self.backend_name != "gpu" and (self.num_nvl_bytes > 0 or self.num_rdma_bytes > 0)
+        backend checks its own memory when it lays out its kernels: ``Backend.checks_own_memory``.)"""
+        return not self._backend.checks_own_memory and (self.num_nvl_bytes > 0 or self.num_rdma_bytes > 0)
 
     def _check_row_bytes(self, desc) -> None:
         """A row of ``desc`` (a 2-D ``x``) must be a multiple of 16 bytes: the GPU moves rows with
         16-byte accesses. On the GPU always; on the reference backend where the buffer is sized for
         the GPU (``_checks_gpu_bytes``). (Not for every reference buffer: ``jaxep`` dispatches
         ``[T, K]`` float32 weight gradients unpadded there.)"""
-        if self.backend_name == "gpu" or self._checks_gpu_bytes():
+        if self._backend.needs_aligned_rows or self._checks_gpu_bytes():
             expect_row_bytes(desc, desc.name)
 
     def _check_high_throughput_bytes(self, what: str) -> None:
@@ -911,7 +868,7 @@ class Buffer:
         self._live()
         self._check_handle(handle, self._handle_kind)
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
-        rows = handle.num_rows if self.backend_name == "gpu" else (handle.num_worst_tokens or handle.num_recv_tokens)
+        rows = self._backend.combine_rows(handle)
         xd = expect_array(x, "x", dtype=("bfloat16", "float32"), shape=(rows, None), device=self._device)
         self._check_row_bytes(xd)
         wd = expect_optional_array(topk_weights, "topk_weights", dtype="float32", shape=(rows, None),
@@ -936,7 +893,7 @@ class Buffer:
         wt = None if topk_weights is None else self._take(topk_weights, "topk_weights")
         if wt is not None and self._checks_values():   # padding rows (source -1) are not read
             check_finite(wt, "topk_weights", self._xp, where=(handle.recv_src_idx >= 0)[:, None])
-        if self.backend_name == "gpu":
+        if self._backend.uses_config:
             config = config or self.get_combine_config(self.num_ranks)
         if config is not None:
             self._check_num_sms(config)
@@ -946,7 +903,7 @@ class Buffer:
                ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
                ("topk_weights", "top-k", None if topk_weights is None else int(arrays.describe(topk_weights).shape[1])),
                ("bias", "bias", f"{num_biases} array{'s' if num_biases != 1 else ''}" if num_biases else None)]
-        if self.backend_name == "gpu":
+        if self._backend.uses_config:
             sig.append(("config", "num_sms", int(config.num_sms)))
         self._agreed(sig)
         if self.backend_name == "gpu":
@@ -1024,13 +981,8 @@ class Buffer:
         idx = self._take_topk_idx(topk_idx)
         xt = self._take(x, "x", VECTOR_ALIGNMENT)
         self._check_ids(idx, num_experts)
-        if self.backend_name != "gpu":
-            import numpy as np
-            # one source fills at most M slots of an expert's region (only duplicates could exceed it)
-            per_expert = np.bincount(idx[idx >= 0].ravel(), minlength=num_experts)
-            if per_expert.size and int(per_expert.max()) > m:
-                raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
-                                    f"times, more than num_max_dispatch_tokens_per_rank={m}")
+        # one source fills at most M slots of an expert's region (only duplicates could exceed it)
+        self._backend.check_low_latency_capacity(idx, num_experts, m)
         self._agreed([("x", "hidden", int(xd.shape[1])),
                       ("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
                       ("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", int(kd.shape[1])),
@@ -1078,7 +1030,7 @@ class Buffer:
             ``return_recv_hook``).
         """
         self._live()
-        self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
+        self._check_handle(handle, self._backend.low_latency_handle_kind)
         self._check_low_latency_bytes(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         num_local = handle.num_experts // self.num_ranks
         slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
@@ -1103,11 +1055,11 @@ class Buffer:
         outt = None if out is None else self._take(out, "out", VECTOR_ALIGNMENT)
         if self._checks_values():   # the weights of -1 slots are never read
             check_finite(wt, "topk_weights", self._xp, where=idx >= 0)
-        if zero_copy and not self._is_low_latency_combine_buffer(xt):
+        if zero_copy and not self._backend.is_low_latency_combine_buffer(xt):
             raise DeepEPInvalid("x: with zero_copy=True, x must be the array get_next_low_latency_combine_buffer"
                                 "(handle) returned")
-        if self.backend_name != "gpu":
-            check_index_range(idx, "topk_idx", -1, handle.num_experts, self._xp)
+        # where it costs no wait (the reference backend); no blocking check on the GPU here
+        self._backend.check_ids(idx, handle.num_experts, blocking=False)
         self._agreed([("x", "hidden", int(handle.hidden)),
                       ("handle", "num_max_dispatch_tokens_per_rank", int(handle.num_max_dispatch_tokens_per_rank)),
                       ("handle", "num_experts", int(handle.num_experts)), ("topk_idx", "top-k", int(kd.shape[1])),
@@ -1136,36 +1088,15 @@ class Buffer:
         self._check_low_latency_bytes(m, hidden, num_experts)
         self._agreed([("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
                       ("hidden", "hidden", hidden), ("num_experts", "num_experts", num_experts)])
-        if self.backend_name == "gpu":
-            self._backend.clean_low_latency_buffer(m, hidden, num_experts)
-        else:
-            self._backend.barrier("clean_low_latency_buffer barrier")   # gives up on a dead rank
+        self._backend.clean_low_latency_buffer(m, hidden, num_experts)   # reference: a barrier that gives up on a dead rank
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[L, R*M, H]`` array to write expert outputs into for a ``zero_copy`` combine
         (owned by the buffer, reused by every call with the same shapes): the backend's own array,
         CuPy on the GPU, numpy on the reference backend (there is no input array to follow)."""
         self._live()
-        self._check_handle(handle, "LowLatencyHandle" if self.backend_name == "gpu" else "ReferenceLowLatencyHandle")
-        if self.backend_name == "gpu":
-            return self._backend.get_next_low_latency_combine_buffer(handle)
-        import ml_dtypes
-        import numpy as np
-        shape = (handle.num_experts // self.num_ranks, self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
-                 handle.hidden)
-        # owned and reused like the GPU's, so that zero_copy=True can check x is this array
-        if self._combine_buffer is None or self._combine_buffer.shape != shape:
-            self._combine_buffer = np.zeros(shape, dtype=ml_dtypes.bfloat16)
-        return self._combine_buffer
-
-    def _is_low_latency_combine_buffer(self, x) -> bool:
-        """Whether the backend array ``x`` is the one ``get_next_low_latency_combine_buffer`` handed
-        out (the same data pointer): the ``zero_copy`` check, on every backend."""
-        if self.backend_name == "gpu":
-            return self._backend.is_low_latency_combine_buffer(x)
-        own = self._combine_buffer
-        return (own is not None and x.shape == own.shape
-                and arrays.data_pointer(x, "x") == arrays.data_pointer(own, "x"))
+        self._check_handle(handle, self._backend.low_latency_handle_kind)
+        return self._backend.get_next_low_latency_combine_buffer(handle)
 
     def _check_handle(self, handle, kind: str) -> None:
         if type(handle).__name__ != kind:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from . import jit
+from . import arrays, jit
+from .backend import Backend, LayoutResult
 from .config import settings
-from .layout import LayoutKernel
+from .layout import MAX_LAYOUT_EXPERTS, LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
 from .checks import DeviceInputErrors, IndexRangeChecker
@@ -22,13 +23,14 @@ from .event import EventOverlap
 from .internode import InternodeHandle, InternodeKernels
 from .intranode import IntranodeKernels
 from .low_latency import LowLatencyHandle, LowLatencyKernels
+from .validation import expect_aligned
 
 __all__ = ["GpuBackend"]
 
 log = logging.getLogger(__name__)
 
 
-class GpuBackend:
+class GpuBackend(Backend):
     """Owns this rank's share of the buffer on its GPU.
 
     Arguments:
@@ -39,6 +41,12 @@ class GpuBackend:
     """
 
     name = "gpu"
+    agrees_by_default = False      # each agreement is a host round trip: see Buffer._agreeing
+    reports_errors_later = True    # the kernels record errors; the next call (or check) raises them
+    uses_config = True
+    needs_aligned_rows = True
+    checks_own_memory = True
+    low_latency_handle_kind = "LowLatencyHandle"
 
     def __init__(self, comm, num_nvl_bytes: int, num_rdma_bytes: int, ranks_per_node: int,
                  jit_options: Optional[jit.JitOptions] = None, allow_nvlink_for_low_latency_mode: bool = True):
@@ -96,6 +104,78 @@ class GpuBackend:
     def device(self) -> tuple:
         """``("cuda", device_id)``: where inputs must live."""
         return ("cuda", self.device_id)
+
+    @property
+    def xp(self):
+        """``cupy``: the backend's arrays are CuPy views."""
+        import cupy
+        return cupy
+
+    @property
+    def dispatch_handle_kind(self) -> str:
+        """``InternodeHandle`` on more than one node, else ``IntranodeHandle``."""
+        return "InternodeHandle" if self.num_nodes > 1 else "IntranodeHandle"
+
+    def take(self, x, name: str, align: int = 0):
+        """``x`` as a CuPy view (``arrays.to_cupy``) whose data pointer is a multiple of its element
+        size, and of ``align`` bytes when given (``VECTOR_ALIGNMENT`` for arrays the kernels move
+        with 16-byte accesses: dispatch/combine ``x``, ``bias``, ``out``): a misaligned access would
+        fault and take the CUDA context down, so it raises ``DeepEPInvalid`` here, before any launch."""
+        arr = arrays.to_cupy(x, name)
+        expect_aligned(arr, name, max(align, arr.itemsize))
+        return arr
+
+    def give(self, arr, like_framework, dtype: Optional[str] = None):
+        """CuPy results as CuPy (no conversion), JAX or PyTorch arrays over the same memory
+        (``arrays.from_cupy``)."""
+        if arr is None:
+            return arr
+        if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK) and (
+                dtype in (None, arr.dtype.name) or (dtype in arrays.FP8_DTYPES and arr.dtype.name == "uint8")):
+            return arr          # already what the caller gets (the common hot path: no conversion)
+        return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
+
+    def capturing(self) -> bool:
+        """Whether CuPy's current stream captures a CUDA graph."""
+        import cupy
+        return cupy.cuda.get_current_stream().is_capturing()
+
+    def checks_values(self) -> bool:
+        """Only with ``settings.check_values`` and outside CUDA-graph capture (a device reduction and
+        a host wait)."""
+        if not settings.check_values:
+            return False
+        return not self.capturing()
+
+    def combine_rows(self, handle) -> int:
+        """The handle's ``num_rows`` (received rows, or the padded count)."""
+        return handle.num_rows
+
+    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> None:
+        """The blocking check of ``settings.check_values`` when ``blocking`` (a no-op without the
+        setting: the kernels that read ``topk_idx`` check the ids and report them; without
+        ``blocking`` the operation runs the blocking check itself, at its start)."""
+        if blocking:
+            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+
+    def precheck_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
+        """The dispatch kernels' ``check_dispatch`` (staging capacity) of the intranode or, on more
+        than one node, the internode kernels."""
+        kernels = self.internode() if self.num_nodes > 1 else self.intranode()
+        check = getattr(kernels, "check_dispatch", None)
+        if check is not None:
+            check(x, x_scales, topk_idx, num_experts, handle)
+
+    def check_low_latency_capacity(self, topk_idx, num_experts: int, num_max_dispatch_tokens_per_rank: int) -> None:
+        """Nothing before the launch (the host would have to read ``topk_idx``)."""
+
+    def expected_layout(self, topk_idx, num_experts: int, previous_event) -> Optional[LayoutResult]:
+        """The layout kernel's answer, after the blocking id check (the kernel counts a bad id as
+        -1); None above ``MAX_LAYOUT_EXPERTS`` experts, which the layout kernel cannot count."""
+        if num_experts > MAX_LAYOUT_EXPERTS:
+            return None
+        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)   # before the layout kernel
+        return LayoutResult(*self.get_dispatch_layout(topk_idx, num_experts, previous_event, False, False))
 
     def destroy(self) -> None:
         """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM. If a peer

@@ -31,12 +31,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import reference as ref
+from . import arrays, reference as ref
 from .agreement import signature_verdict
+from .backend import Backend, LayoutResult
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
+from .event import EventOverlap
 from .handles import DeepEPLowLatencyTuple
 from .mpienv import poll_until, private_comm
+from .validation import check_index_range
 
 __all__ = ["ReferenceBackend", "ReferenceDispatchHandle", "ReferenceLowLatencyHandle"]
 
@@ -133,7 +136,7 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """Runs deepep_cupy's operations on the CPU across the ranks of an MPI communicator.
 
     Arguments:
@@ -148,7 +151,21 @@ class ReferenceBackend:
     The constructor is collective (it duplicates ``comm``); :meth:`destroy` is not. Every
     collective method raises ``DeepEPTimeout`` naming the phase and the ranks it waited for when
     they do not take part within :attr:`timeout`; the ranks are out of step after that.
+
+    As a ``Backend``: numpy arrays in and out, every error raised by the call itself, events that
+    are complete (``EventOverlap(None)``) and receive hooks that do nothing (the receive is done).
     """
+
+    name = "reference"
+    xp = np
+    device = ("cpu", None)
+    agrees_by_default = True       # free next to the exchanges themselves
+    reports_errors_later = False
+    uses_config = False
+    needs_aligned_rows = False
+    checks_own_memory = False
+    dispatch_handle_kind = "ReferenceDispatchHandle"
+    low_latency_handle_kind = "ReferenceLowLatencyHandle"
 
     def __init__(self, comm, ranks_per_node: Optional[int] = None,
                  timeout_seconds: Optional[float] = None):
@@ -166,6 +183,7 @@ class ReferenceBackend:
         self._stale_requests: list = []   # requests of timed-out exchanges, kept alive (and their buffers)
         # tags of recent timed-out exchanges: their late messages are received and dropped
         self._stale_tags: collections.deque = collections.deque(maxlen=64)
+        self._combine_buffer = None   # get_next_low_latency_combine_buffer's array
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -190,6 +208,59 @@ class ReferenceBackend:
         # requests still pending (to a dead peer) refer to the communicator: leave it to them
         if not self._stale_requests:
             comm.Free()
+
+    # ---------------------------------------------------------------- arrays and checks
+
+    def take(self, x, name: str, align: int = 0):
+        """``x`` as a numpy array over the same host memory (``arrays.to_numpy``). Its alignment is
+        not checked: a host array's alignment says nothing about a device copy."""
+        return arrays.to_numpy(x, name)
+
+    def give(self, arr, like_framework, dtype: Optional[str] = None):
+        """numpy stays numpy (no conversion, no cost); JAX and PyTorch CPU arrays through
+        ``arrays.from_numpy``."""
+        if arr is None:
+            return arr
+        if like_framework is arrays.Framework.NUMPY:
+            return arr
+        return arrays.from_numpy(arr, like_framework, dtype)
+
+    def capturing(self) -> bool:
+        """Never: the reference backend launches nothing."""
+        return False
+
+    def checks_values(self) -> bool:
+        """Always (free on numpy)."""
+        return True
+
+    def combine_rows(self, handle: ReferenceDispatchHandle) -> int:
+        """The padded count of the dispatch, else its received rows."""
+        return handle.num_worst_tokens or handle.num_recv_tokens
+
+    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> None:
+        """Always (numpy: reading the ids costs no wait)."""
+        check_index_range(topk_idx, "topk_idx", -1, num_experts, np)
+
+    def precheck_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
+        """Nothing: the reference backend has no staging to overflow."""
+
+    def check_low_latency_capacity(self, topk_idx, num_experts: int, num_max_dispatch_tokens_per_rank: int) -> None:
+        """Count the entries per expert (duplicate ids in a row could exceed ``M``)."""
+        m = num_max_dispatch_tokens_per_rank
+        per_expert = np.bincount(topk_idx[topk_idx >= 0].ravel(), minlength=num_experts)
+        if per_expert.size and int(per_expert.max()) > m:
+            raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
+                                f"times, more than num_max_dispatch_tokens_per_rank={m}")
+
+    def expected_layout(self, topk_idx, num_experts: int, previous_event) -> LayoutResult:
+        """``reference.get_dispatch_layout`` of ``topk_idx`` (any expert count)."""
+        return LayoutResult(*self.get_dispatch_layout(topk_idx, num_experts), EventOverlap(None))
+
+    def raise_reported(self, what: str) -> None:
+        """Nothing: the reference backend raises in the call itself."""
+
+    def check(self, what: str) -> None:
+        """Nothing to wait for: errors were raised by the calls themselves."""
 
     # ---------------------------------------------------------------- exchange
 
@@ -501,3 +572,25 @@ class ReferenceBackend:
             out[...] = combined
             return out
         return combined
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: nothing to reset (no state between calls), but every rank must arrive; gives
+        up on a dead rank (``DeepEPTimeout``)."""
+        self.barrier("clean_low_latency_buffer barrier")
+
+    def get_next_low_latency_combine_buffer(self, handle: ReferenceLowLatencyHandle):
+        """A zeroed bf16 numpy ``[L, R*M, H]`` array, owned and reused like the GPU's (one per shape),
+        so that a ``zero_copy`` combine can check that ``x`` is this array."""
+        import ml_dtypes
+        shape = (handle.num_experts // self.num_ranks, self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        if self._combine_buffer is None or self._combine_buffer.shape != shape:
+            self._combine_buffer = np.zeros(shape, dtype=ml_dtypes.bfloat16)
+        return self._combine_buffer
+
+    def is_low_latency_combine_buffer(self, x) -> bool:
+        """The same shape and data pointer as the array ``get_next_low_latency_combine_buffer``
+        handed out."""
+        own = self._combine_buffer
+        return (own is not None and x.shape == own.shape
+                and arrays.data_pointer(x, "x") == arrays.data_pointer(own, "x"))

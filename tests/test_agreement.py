@@ -298,12 +298,13 @@ def test_bad_setting(recorded, monkeypatch):
 ])
 def test_gpu_policy(recorded, monkeypatch, mode, low_latency, capturing, want):
     """On the GPU: "auto" agrees on nothing (not measured there yet), True on every call outside
-    graph capture."""
-    from deepep_cupy import buffer as buffer_module
+    graph capture. The reference buffer takes the GPU backend's policy (and a stream that is, or is
+    not, capturing)."""
+    from deepep_cupy.gpu_backend import GpuBackend
     buf, rec, idx = recorded
     monkeypatch.setattr(ep.settings, "check_agreement", mode, raising=False)
-    monkeypatch.setattr(buffer_module, "_capturing", lambda: capturing)
-    monkeypatch.setattr(buf, "backend_name", "gpu")
+    monkeypatch.setattr(buf._backend, "agrees_by_default", GpuBackend.agrees_by_default)
+    monkeypatch.setattr(buf._backend, "capturing", lambda: capturing)
     assert buf._agreeing(low_latency) is want
 
 

@@ -169,11 +169,14 @@ def test_gpu_take_checks_alignment_before_launch(monkeypatch):
     """Buffer._take on the GPU backend: element-size alignment always, 16 bytes where asked; the
     reference backend's host arrays pass (their alignment says nothing about a device copy)."""
     from types import SimpleNamespace
-    from deepep_cupy import buffer as buffer_module
+    from deepep_cupy import arrays
+    from deepep_cupy.gpu_backend import GpuBackend
+    from deepep_cupy.reference_backend import ReferenceBackend
     from deepep_cupy.validation import VECTOR_ALIGNMENT
-    monkeypatch.setattr(buffer_module.arrays, "to_cupy", lambda x, name: x)
+    monkeypatch.setattr(arrays, "to_cupy", lambda x, name: x)
     b = object.__new__(ep.Buffer)
-    b.backend_name = "gpu"
+    b._backend = GpuBackend.__new__(GpuBackend)     # take() needs nothing of a live GPU backend
+    assert b.backend_name == "gpu"
     fake = lambda ptr, itemsize: SimpleNamespace(data=SimpleNamespace(ptr=ptr), itemsize=itemsize)
     assert b._take(fake(0x1000, 2), "x", VECTOR_ALIGNMENT).data.ptr == 0x1000
     b._take(fake(0x1002, 2), "x")                         # only element-size alignment asked
@@ -181,7 +184,7 @@ def test_gpu_take_checks_alignment_before_launch(monkeypatch):
         b._take(fake(0x1002, 2), "x", VECTOR_ALIGNMENT)
     with pytest.raises(ep.DeepEPInvalid, match="^topk_idx: data pointer 0x1004 is not 8-byte aligned"):
         b._take(fake(0x1004, 8), "topk_idx")
-    b.backend_name = "reference"
+    b._backend = ReferenceBackend.__new__(ReferenceBackend)
     base = np.zeros(64, np.uint16)
     assert b._take(base[(-base.ctypes.data % 16) // 2 + 1:], "x", VECTOR_ALIGNMENT).dtype == np.uint16
 
