@@ -49,7 +49,8 @@ from typing import Optional
 
 from . import arrays, discovery, jit, mpienv
 from .agreement import Agreement
-from .backend import Backend
+from .backend import (Backend, CombineRequest, DispatchRequest, DispatchResult, LayoutRequest,
+                      LowLatencyCombineRequest, LowLatencyDispatchRequest)
 from .config import Config, settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTypeError
 from .event import EventOverlap
@@ -554,15 +555,11 @@ class Buffer:
         idx = self._take_topk_idx(topk_idx)
         self._check_ids(idx, num_experts)
         self._agreed([("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", desc.shape[1])])
+        out = backend.get_dispatch_layout(LayoutRequest(idx, num_experts, previous_event, async_finish,
+                                                        allocate_on_comm_stream))
         fw = desc.framework
-        if self.backend_name != "gpu":
-            per_rank, per_rdma, per_expert, in_rank = backend.get_dispatch_layout(idx, num_experts)
-            return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
-                    self._give(in_rank, fw), EventOverlap(None))
-        per_rank, per_rdma, per_expert, in_rank, event = backend.get_dispatch_layout(
-            idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
-        return (self._give(per_rank, fw), self._give(per_rdma, fw), self._give(per_expert, fw),
-                self._give(in_rank, fw), event)
+        return (self._give(out.num_tokens_per_rank, fw), self._give(out.num_tokens_per_rdma_rank, fw),
+                self._give(out.num_tokens_per_expert, fw), self._give(out.is_token_in_rank, fw), out.event)
 
     def _check_x(self, x, name: str = "x"):
         """``x`` is ``[T, H]`` bf16/float32, or an FP8 pair ``(x_e4m3 [T, H], scales float32 [T, H/128])``.
@@ -644,13 +641,10 @@ class Buffer:
                              shape=(handle.num_experts,), device=self._device)
             self._precheck_dispatch(data, scales, None, handle.num_experts, handle)
             self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=True))
-            if self.backend_name == "gpu":
-                out = self._backend.dispatch(
-                    data, scales, None, None, None, None, None, handle.num_experts, 1, handle.num_worst_tokens,
-                    handle, config, previous_event, expect_bool(async_finish, "async_finish"),
-                    expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
-                return self._gpu_dispatch_result(out, xd, scales is not None)
-            out = self._backend.dispatch(data, scales, None, None, handle.num_experts, handle=handle)
+            return self._dispatch_result(self._backend.dispatch(DispatchRequest(
+                data, scales, handle.num_experts, num_worst_tokens=handle.num_worst_tokens, handle=handle,
+                config=config, previous_event=previous_event, async_finish=async_finish,
+                allocate_on_comm_stream=allocate_on_comm_stream)), xd, scales is not None)
         else:
             if topk_idx is None:
                 return self._dispatch_by_rank_mask(
@@ -681,7 +675,12 @@ class Buffer:
                                     f"{num_experts // self.num_ranks}")
             idx = self._take_topk_idx(topk_idx)
             weights = None if topk_weights is None else self._take(topk_weights, "topk_weights")
-            take = lambda a, n: None if a is None else self._take(a, n)
+            taken = {}   # the layout arrays as the backend's, each taken once
+
+            def take(a, n):
+                if a is not None and n not in taken:
+                    taken[n] = self._take(a, n)
+                return taken.get(n)
             self._check_ids(idx, num_experts)   # (the GPU checks ids on the device, see get_dispatch_layout)
             if self._checks_values():
                 if weights is not None:     # the weights of -1 slots are never read
@@ -696,28 +695,25 @@ class Buffer:
                 xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
                 num_topk=kd.shape[1], weights=weights is not None, expert_alignment=expert_alignment,
                 num_worst_tokens=num_worst_tokens))
-            if self.backend_name == "gpu":
-                out = self._backend.dispatch(
-                    data, scales, idx, weights, take(num_tokens_per_rank, "num_tokens_per_rank"),
-                    take(is_token_in_rank, "is_token_in_rank"), take(num_tokens_per_expert, "num_tokens_per_expert"),
-                    num_experts, expert_alignment, num_worst_tokens, None, config, previous_event,
-                    expect_bool(async_finish, "async_finish"),
-                    expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
-                return self._gpu_dispatch_result(out, xd, scales is not None)
-            out = self._backend.dispatch(data, scales, idx, weights, num_experts, expert_alignment,
-                                         num_worst_tokens)
-        recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle = out
-        return self._reference_dispatch_result(recv_x, recv_scales, recv_idx, recv_w, per_expert, new_handle, xd)
+            return self._dispatch_result(self._backend.dispatch(DispatchRequest(
+                data, scales, num_experts, topk_idx=idx, topk_weights=weights,
+                num_tokens_per_rank=take(num_tokens_per_rank, "num_tokens_per_rank"),
+                is_token_in_rank=take(is_token_in_rank, "is_token_in_rank"),
+                num_tokens_per_expert=take(num_tokens_per_expert, "num_tokens_per_expert"),
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
+                previous_event=previous_event, async_finish=async_finish,
+                allocate_on_comm_stream=allocate_on_comm_stream)), xd, scales is not None)
 
-    def _reference_dispatch_result(self, recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, xd) -> tuple:
-        """A reference dispatch's outputs in the framework of ``x`` (``xd``), as ``dispatch`` returns
-        them; the handle keeps its numpy arrays (it never leaves the buffer's own calls)."""
+    def _dispatch_result(self, out: DispatchResult, xd, fp8: bool) -> tuple:
+        """A dispatch's outputs in the framework of ``x`` (``xd``; ``fp8``: ``x`` was the FP8 pair), as
+        ``dispatch`` returns them; the handle keeps the backend's arrays (it never leaves the buffer's
+        own calls)."""
         fw = xd.framework
-        recv = self._give(recv_x, fw)
-        if recv_scales is not None:
-            recv = (recv, self._give(recv_scales, fw))
-        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, self._handles.add(handle),
-                EventOverlap(None))
+        recv = self._give(out.recv_x, fw, xd.dtype)
+        if fp8:
+            recv = (recv, self._give(out.recv_x_scales, fw, "float32"))
+        return (recv, self._give(out.recv_topk_idx, fw), self._give(out.recv_topk_weights, fw),
+                out.num_recv_tokens_per_expert_list, self._handles.add(out.handle), out.event)
 
     def _dispatch_by_rank_mask(self, data, scales, xd, num_tokens_per_rank, is_token_in_rank,
                                topk_weights, num_worst_tokens, config, previous_event, async_finish,
@@ -742,22 +738,11 @@ class Buffer:
         self._precheck_dispatch(data, scales, None, self.num_ranks, None)
         self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=False, topk=False,
                                               num_worst_tokens=num_worst_tokens))
-        if self.backend_name == "gpu":
-            import cupy
-            zeros = cupy.zeros(self.num_ranks, dtype=cupy.int32)   # one (empty) expert per rank
-            out = self._backend.dispatch(
-                data, scales, None, None, per_rank, in_rank, zeros, self.num_ranks, 1, num_worst_tokens,
-                None, config, previous_event, expect_bool(async_finish, "async_finish"),
-                expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
-            recv_x, recv_scales, _, _, _, handle, event = out
-            return self._gpu_dispatch_result((recv_x, recv_scales, None, None, [], handle, event),
-                                             xd, scales is not None)
-        import numpy as np
-        # one expert per rank: expert r is "on" rank r exactly when the token goes to rank r
-        synthetic = np.where(in_rank, np.arange(self.num_ranks, dtype=np.int64), -1)
-        recv_x, recv_scales, _, _, _, handle = self._backend.dispatch(
-            data, scales, synthetic, None, self.num_ranks, 1, num_worst_tokens)
-        return self._reference_dispatch_result(recv_x, recv_scales, None, None, [], handle, xd)
+        # one expert per rank (the backend builds what its kernels need for that)
+        return self._dispatch_result(self._backend.dispatch(DispatchRequest(
+            data, scales, self.num_ranks, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_worst_tokens=num_worst_tokens, by_rank_mask=True, config=config, previous_event=previous_event,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)), xd, scales is not None)
 
     def _dispatch_signature(self, xd, fp8: bool, config, handle: bool, topk: bool = False,
                             num_experts=None, num_topk=None, weights: bool = False, expert_alignment: int = 1,
@@ -837,14 +822,6 @@ class Buffer:
         if config.num_sms < 2:
             raise DeepEPInvalid(f"config.num_sms: need at least 2 (a sender and a receiver), got {config.num_sms}")
 
-    def _gpu_dispatch_result(self, out, xd, fp8: bool) -> tuple:
-        recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event = out
-        fw = xd.framework
-        recv = self._give(recv_x, fw, xd.dtype)
-        if fp8:
-            recv = (recv, self._give(recv_scales, fw, "float32"))
-        return (recv, self._give(recv_idx, fw), self._give(recv_w, fw), per_expert, self._handles.add(handle), event)
-
     @_checked
     @_collective("combine")
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
@@ -906,15 +883,11 @@ class Buffer:
         if self._backend.uses_config:
             sig.append(("config", "num_sms", int(config.num_sms)))
         self._agreed(sig)
-        if self.backend_name == "gpu":
-            out, out_w, event = self._backend.combine(
-                xt, handle, wt, taken[0], taken[1] if len(taken) > 1 else None, config, previous_event,
-                expect_bool(async_finish, "async_finish"),
-                expect_bool(allocate_on_comm_stream, "allocate_on_comm_stream"))
-            fw = xd.framework
-            return self._give(out, fw, xd.dtype), self._give(out_w, fw), event
-        combined, combined_w = self._backend.combine(xt, handle, wt, taken if isinstance(bias, tuple) else taken[0])
-        return self._give(combined, xd.framework), self._give(combined_w, xd.framework), EventOverlap(None)
+        pair = (taken + (None, None))[:2]   # (a bias, or None, or a pair of them: either may be None)
+        out = self._backend.combine(CombineRequest(xt, handle, wt, pair, config, previous_event, async_finish,
+                                                   allocate_on_comm_stream))
+        fw = xd.framework
+        return self._give(out.combined_x, fw, xd.dtype), self._give(out.combined_topk_weights, fw), out.event
 
     # ---------------------------------------------------------------------------- low-latency mode
     def _check_low_latency_shapes(self, m: int, hidden: int, num_topk: int, num_experts: int,
@@ -990,20 +963,13 @@ class Buffer:
                       ("round_scale", "round_scale", bool(round_scale) if use_fp8 else None),
                       ("use_ue8m0", "use_ue8m0", bool(use_ue8m0) if use_fp8 else None),
                       ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
-        if self.backend_name == "gpu":
-            recv_x, recv_scales, recv_count, handle, event, hook = self._backend.low_latency_dispatch(
-                xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
-            fw = xd.framework
-            recv = self._give(recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
-            if use_fp8:
-                recv = (recv, self._give(recv_scales, fw))
-            return recv, self._give(recv_count, fw), self._handles.add(handle), event, hook
-        recv_x, recv_count, handle = self._backend.low_latency_dispatch(
-            xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0)
+        out = self._backend.low_latency_dispatch(LowLatencyDispatchRequest(
+            xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook))
         fw = xd.framework
-        recv = (self._give(recv_x[0], fw), self._give(recv_x[1], fw)) if use_fp8 else self._give(recv_x, fw)
-        hook = (lambda: None) if return_recv_hook else None   # the outputs are complete already
-        return recv, self._give(recv_count, fw), self._handles.add(handle), EventOverlap(None), hook
+        recv = self._give(out.recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
+        if use_fp8:
+            recv = (recv, self._give(out.recv_x_scales, fw))
+        return recv, self._give(out.recv_count, fw), self._handles.add(out.handle), out.event, out.hook
 
     @_checked
     @_collective("low_latency_combine", low_latency=True)
@@ -1064,14 +1030,10 @@ class Buffer:
                       ("handle", "num_max_dispatch_tokens_per_rank", int(handle.num_max_dispatch_tokens_per_rank)),
                       ("handle", "num_experts", int(handle.num_experts)), ("topk_idx", "top-k", int(kd.shape[1])),
                       ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
-        if self.backend_name == "gpu":
-            combined, event, hook = self._backend.low_latency_combine(
-                xt, idx, wt, handle, outt, async_finish, return_recv_hook)
-            return (out if out is not None else self._give(combined, xd.framework)), event, hook
-        combined = self._backend.low_latency_combine(xt, idx, wt, handle, out=outt)
-        hook = (lambda: None) if return_recv_hook else None
-        # out= was written in place through its numpy view: hand back the caller's own array
-        return (out if out is not None else self._give(combined, xd.framework)), EventOverlap(None), hook
+        res = self._backend.low_latency_combine(LowLatencyCombineRequest(
+            xt, idx, wt, handle, outt, async_finish, return_recv_hook))
+        # out= was written in place through the backend's view: hand back the caller's own array
+        return (out if out is not None else self._give(res.combined_x, xd.framework)), res.event, res.hook
 
     @_collective("clean_low_latency_buffer")
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:

@@ -11,13 +11,14 @@ import logging
 from typing import Optional
 
 from . import arrays, jit
-from .backend import Backend, LayoutResult
+from .backend import (Backend, CombineRequest, CombineResult, DispatchRequest, DispatchResult, LayoutRequest,
+                      LayoutResult, LowLatencyCombineRequest, LowLatencyCombineResult, LowLatencyDispatchRequest,
+                      LowLatencyDispatchResult)
 from .config import settings
 from .layout import MAX_LAYOUT_EXPERTS, LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
 from .checks import DeviceInputErrors, IndexRangeChecker
-from .config import Config
 from .errors import DeepEPInvalid
 from .event import EventOverlap
 from .internode import InternodeHandle, InternodeKernels
@@ -175,7 +176,7 @@ class GpuBackend(Backend):
         if num_experts > MAX_LAYOUT_EXPERTS:
             return None
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)   # before the layout kernel
-        return LayoutResult(*self.get_dispatch_layout(topk_idx, num_experts, previous_event, False, False))
+        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event))
 
     def destroy(self) -> None:
         """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM. If a peer
@@ -245,27 +246,32 @@ class GpuBackend(Backend):
         self._range_checker(values, name, low, high, stream)
 
     # ------------------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event, async_finish: bool,
-                            allocate_on_comm_stream: bool) -> tuple:
+    def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:
         """See ``Buffer.get_dispatch_layout``; ``topk_idx`` is a CuPy int64 [T, K]."""
+        topk_idx, num_experts = request.topk_idx, request.num_experts
         self.input_errors.check("get_dispatch_layout")
         kernel = self.layout_kernel()
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
-        with CommStreamScope(self.comm_stream, previous_event, async_finish,
-                             allocate_on_comm_stream) as scope:
+        with CommStreamScope(self.comm_stream, request.previous_event, request.async_finish,
+                             request.allocate_on_comm_stream) as scope:
             outputs = kernel(topk_idx, num_experts, self.comm_stream, self.input_errors.ptr, self.rank)
             self.input_errors.launched(num_experts)
         event = scope.finish(keep_alive=(topk_idx,) + tuple(o for o in outputs if o is not None))
-        return outputs + (event,)
+        return LayoutResult(*outputs, event)
 
     # ------------------------------------------------------------------------------------------
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                 num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                 handle, config: Config, previous_event, async_finish: bool,
-                 allocate_on_comm_stream: bool) -> tuple:
-        """See ``Buffer.dispatch``. CuPy arrays in (fp8 as uint8 storage); CuPy arrays out:
-        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per-expert list, handle, event).
-        One node: the intranode kernels; several: the hierarchical ones (same interface)."""
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """See ``Buffer.dispatch``. CuPy arrays in (fp8 as uint8 storage); CuPy arrays out.
+        One node: the intranode kernels; several: the hierarchical ones (same interface).
+        ``by_rank_mask``: the kernels route by ``is_token_in_rank`` with one (empty) expert per rank."""
+        x, x_scales, topk_idx, topk_weights = request.x, request.x_scales, request.topk_idx, request.topk_weights
+        num_tokens_per_rank, is_token_in_rank = request.num_tokens_per_rank, request.is_token_in_rank
+        num_tokens_per_expert, num_experts, handle = request.num_tokens_per_expert, request.num_experts, request.handle
+        expert_alignment, num_worst_tokens = request.expert_alignment, request.num_worst_tokens
+        config, previous_event = request.config, request.previous_event
+        if request.by_rank_mask:
+            import cupy
+            num_tokens_per_expert = cupy.zeros(self.num_ranks, dtype=cupy.int32)   # one (empty) expert per rank
         kernels = self.internode() if self.num_nodes > 1 else self.intranode()
         kernels.check_errors("dispatch")
         self.input_errors.check("dispatch")
@@ -273,11 +279,12 @@ class GpuBackend(Backend):
             self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
                                or num_tokens_per_expert is None):
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = self.get_dispatch_layout(
-                topk_idx, num_experts, previous_event, False, False)
+            layout = self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event))
+            num_tokens_per_rank, num_tokens_per_expert = layout.num_tokens_per_rank, layout.num_tokens_per_expert
+            is_token_in_rank = layout.is_token_in_rank
         kernels.check_dispatch(x, x_scales, topk_idx, num_experts, handle)
-        with CommStreamScope(self.comm_stream, previous_event, async_finish,
-                             allocate_on_comm_stream) as scope:
+        with CommStreamScope(self.comm_stream, previous_event, request.async_finish,
+                             request.allocate_on_comm_stream) as scope:
             inputs = (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                       num_tokens_per_expert)
             queued = []   # the event, when the kernels close the scope before the host waits
@@ -296,25 +303,28 @@ class GpuBackend(Backend):
                 recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
                 recv_idx = recv_w = per_expert = None
         event = queued[0] if queued else self._finish(scope, *inputs, recv_x, recv_scales, recv_idx, recv_w)
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event
+        if request.by_rank_mask:   # no expert information travelled
+            recv_idx, recv_w, per_expert = None, None, []
+        return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event)
 
     @staticmethod
     def _finish(scope, *arrays):
         """The operation's event, keeping its (non-None) arrays alive until the work is done."""
         return scope.finish(keep_alive=tuple(a for a in arrays if a is not None))
 
-    def combine(self, x, handle, topk_weights, bias0, bias1, config: Config,
-                previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> tuple:
-        """See ``Buffer.combine``. Returns (combined_x, combined_topk_weights or None, event)."""
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """See ``Buffer.combine``."""
+        x, handle, topk_weights = request.x, request.handle, request.topk_weights
+        bias0, bias1 = request.bias
         # the handle says which path made it: the stages backwards, or the intranode combine
         kernels = self.internode() if isinstance(handle, InternodeHandle) else self.intranode()
         kernels.check_errors("combine")
         self.input_errors.check("combine")
-        with CommStreamScope(self.comm_stream, previous_event, async_finish,
-                             allocate_on_comm_stream) as scope:
-            out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, config.num_sms,
+        with CommStreamScope(self.comm_stream, request.previous_event, request.async_finish,
+                             request.allocate_on_comm_stream) as scope:
+            out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, request.config.num_sms,
                                          self.comm_stream)
-        return out, out_w, self._finish(scope, x, topk_weights, bias0, bias1, out, out_w)
+        return CombineResult(out, out_w, self._finish(scope, x, topk_weights, bias0, bias1, out, out_w))
 
     # ------------------------------------------------------------------------------ low latency
     def low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyKernels:
@@ -366,17 +376,16 @@ class GpuBackend(Backend):
         """Collective: zero the low-latency region and its sequence counters."""
         self._collective_clean(self.low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts))
 
-    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
-                             use_fp8: bool, round_scale: bool, use_ue8m0: bool, async_finish: bool,
-                             return_recv_hook: bool) -> tuple:
-        """See ``Buffer.low_latency_dispatch``. Returns (recv_x, recv_scales or None, recv_count, handle,
-        event, hook or None); fp8 data as uint8 storage."""
+    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """See ``Buffer.low_latency_dispatch``; fp8 data as uint8 storage."""
         import cupy
-        kernels = self.low_latency(num_max_dispatch_tokens_per_rank, int(x.shape[1]), num_experts)
+        x, topk_idx, num_experts = request.x, request.topk_idx, request.num_experts
+        use_fp8, round_scale, use_ue8m0 = request.use_fp8, request.round_scale, request.use_ue8m0
+        kernels = self.low_latency(request.num_max_dispatch_tokens_per_rank, int(x.shape[1]), num_experts)
         kernels.check_errors("low_latency_dispatch")      # the send reports bad expert ids here too
         self.input_errors.check("low_latency_dispatch")
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
-        if return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
+        if request.return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
             pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                             cupy.cuda.get_current_stream())
 
@@ -385,21 +394,24 @@ class GpuBackend(Backend):
                 kernels.dispatch_recv(pending, cupy.cuda.get_current_stream())
 
             hd = pending.handle
-            return pending.recv_x, pending.recv_scales, hd.recv_count, hd, EventOverlap(None), hook
-        with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
+            return LowLatencyDispatchResult(pending.recv_x, pending.recv_scales, hd.recv_count, hd,
+                                            EventOverlap(None), hook)
+        with CommStreamScope(self.comm_stream, None, request.async_finish, False) as scope:
             recv_x, recv_scales, recv_count, handle = kernels.dispatch(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                                                        self.comm_stream)
         keep = (x, topk_idx) + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
-        return recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None
+        return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, out, async_finish: bool,
-                            return_recv_hook: bool) -> tuple:
-        """See ``Buffer.low_latency_combine``. Returns (combined bf16 [T, H], event, hook or None)."""
+    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """See ``Buffer.low_latency_combine``; the combined array is bf16 [T, H]."""
         import cupy
+        x, topk_idx, topk_weights = request.x, request.topk_idx, request.topk_weights
+        handle: LowLatencyHandle = request.handle
+        out = request.out
         kernels = self.low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         kernels.check_errors("low_latency_combine")
         self.input_errors.check("low_latency_combine")
-        if return_recv_hook:
+        if request.return_recv_hook:
             stream = cupy.cuda.get_current_stream()
             out = kernels.combine_output(handle, out, stream)   # allocated now: the hook allocates nothing
             pending = kernels.combine_send(x, handle, stream)
@@ -408,10 +420,10 @@ class GpuBackend(Backend):
                 """Complete the receive of this low-latency combine (on the current stream)."""
                 kernels.combine_recv(pending, topk_idx, topk_weights, out, cupy.cuda.get_current_stream())
 
-            return out, EventOverlap(None), hook
-        with CommStreamScope(self.comm_stream, None, async_finish, False) as scope:
+            return LowLatencyCombineResult(out, EventOverlap(None), hook)
+        with CommStreamScope(self.comm_stream, None, request.async_finish, False) as scope:
             out = kernels.combine(x, handle, topk_idx, topk_weights, out, self.comm_stream)
-        return out, scope.finish(keep_alive=(x, topk_idx, topk_weights, out)), None
+        return LowLatencyCombineResult(out, scope.finish(keep_alive=(x, topk_idx, topk_weights, out)), None)
 
     def is_low_latency_combine_buffer(self, x) -> bool:
         """Whether ``x`` is the array ``get_next_low_latency_combine_buffer`` handed out (no allocation)."""

@@ -33,7 +33,9 @@ import numpy as np
 
 from . import arrays, reference as ref
 from .agreement import signature_verdict
-from .backend import Backend, LayoutResult
+from .backend import (Backend, CombineRequest, CombineResult, DispatchRequest, DispatchResult, LayoutRequest,
+                      LayoutResult, LowLatencyCombineRequest, LowLatencyCombineResult, LowLatencyDispatchRequest,
+                      LowLatencyDispatchResult)
 from .config import settings
 from .errors import DeepEPInvalid, DeepEPTimeout
 from .event import EventOverlap
@@ -254,7 +256,7 @@ class ReferenceBackend(Backend):
 
     def expected_layout(self, topk_idx, num_experts: int, previous_event) -> LayoutResult:
         """``reference.get_dispatch_layout`` of ``topk_idx`` (any expert count)."""
-        return LayoutResult(*self.get_dispatch_layout(topk_idx, num_experts), EventOverlap(None))
+        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts))
 
     def raise_reported(self, what: str) -> None:
         """Nothing: the reference backend raises in the call itself."""
@@ -392,22 +394,39 @@ class ReferenceBackend(Backend):
 
     # ---------------------------------------------------------------- high throughput
 
-    def get_dispatch_layout(self, topk_idx, num_experts):
-        """Layout of this rank's tokens (local, no communication).
-
-        Arguments:
-            topk_idx: int64 ``[T, K]``.
-            num_experts: ``E``.
+    def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:
+        """Layout of this rank's tokens (local, no communication): ``reference.get_dispatch_layout``
+        of ``request.topk_idx`` (int64 ``[T, K]``) for ``request.num_experts``; the stream options
+        are ignored.
 
         Returns:
-            ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R/ranks_per_node]
-            or None, num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])``.
+            ``num_tokens_per_rank`` int32 ``[R]``, ``num_tokens_per_rdma_rank`` int32
+            ``[R/ranks_per_node]`` or None, ``num_tokens_per_expert`` int32 ``[E]``,
+            ``is_token_in_rank`` bool ``[T, R]``, a complete event.
         """
-        return ref.get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.ranks_per_node)
+        layout = ref.get_dispatch_layout(request.topk_idx, request.num_experts, self.num_ranks, self.ranks_per_node)
+        return LayoutResult(*layout, EventOverlap(None))
 
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment=1,
-                 num_worst_tokens=0, handle: Optional[ReferenceDispatchHandle] = None):
-        """High-throughput dispatch (collective).
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """High-throughput dispatch (collective): cached with ``request.handle``; routed by
+        ``topk_idx`` (the layout arrays are not read: the routing is derived from ``topk_idx``); or
+        ``by_rank_mask``: as a dispatch of the one-column ``topk_idx`` that names expert ``r`` where
+        ``is_token_in_rank[:, r]`` (one expert per rank), whose top-k outputs are dropped. The
+        stream options and ``config`` are ignored; the event is complete."""
+        r = request
+        if r.by_rank_mask:
+            # one expert per rank: expert r is "on" rank r exactly when the token goes to rank r
+            synthetic = np.where(r.is_token_in_rank, np.arange(self.num_ranks, dtype=np.int64), -1)
+            recv_x, recv_scales, _, _, _, handle = self._dispatch(
+                r.x, r.x_scales, synthetic, None, self.num_ranks, 1, r.num_worst_tokens)
+            return DispatchResult(recv_x, recv_scales, None, None, [], handle, EventOverlap(None))
+        out = self._dispatch(r.x, r.x_scales, r.topk_idx, r.topk_weights, r.num_experts, r.expert_alignment,
+                             r.num_worst_tokens, handle=r.handle)
+        return DispatchResult(*out, EventOverlap(None))
+
+    def _dispatch(self, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment=1,
+                  num_worst_tokens=0, handle: Optional[ReferenceDispatchHandle] = None):
+        """High-throughput dispatch (collective), on arrays.
 
         Arguments:
             x: ``[T, H]`` (bf16, float32, float8_e4m3fn, ...).
@@ -479,14 +498,20 @@ class ReferenceBackend(Backend):
         return (res.recv_x, res.recv_x_scales, res.recv_topk_idx, res.recv_topk_weights,
                 res.num_recv_tokens_per_expert_list, new_handle)
 
-    def combine(self, x, handle: ReferenceDispatchHandle, topk_weights=None, bias=None):
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """High-throughput combine (collective): ``_combine`` of the request's arrays (the bias pair
+        as it is); the stream options and ``config`` are ignored, the event is complete."""
+        combined, combined_w = self._combine(request.x, request.handle, request.topk_weights, request.bias)
+        return CombineResult(combined, combined_w, EventOverlap(None))
+
+    def _combine(self, x, handle: ReferenceDispatchHandle, topk_weights=None, bias=None):
         """High-throughput combine (collective): sum every token's copies back at its source.
 
         Arguments:
             x: ``[N, H]`` rows aligned with the dispatch output (padding rows ignored).
             handle: the :class:`ReferenceDispatchHandle` of the dispatch.
             topk_weights: float32 ``[N, K]`` or ``None``.
-            bias: ``None``, a ``[T, H]`` array, or a pair ``(b0, b1)``; added once.
+            bias: ``None``, a ``[T, H]`` array, or a pair ``(b0, b1)`` (either may be ``None``); added once.
 
         Returns:
             ``(combined_x [T, H] dtype of x, combined_topk_weights float32 [T, K] or None)``.
@@ -504,9 +529,21 @@ class ReferenceBackend(Backend):
 
     # ---------------------------------------------------------------- low latency
 
-    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                             use_fp8=True, round_scale=False, use_ue8m0=False):
-        """Low-latency dispatch (collective).
+    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """Low-latency dispatch (collective): ``_low_latency_dispatch`` of the request. The receive
+        is complete at once: the event is complete, and the hook (with ``return_recv_hook``) does
+        nothing."""
+        r = request
+        recv_x, recv_count, handle = self._low_latency_dispatch(
+            r.x, r.topk_idx, r.num_max_dispatch_tokens_per_rank, r.num_experts, r.use_fp8, r.round_scale,
+            r.use_ue8m0)
+        recv_x, recv_scales = recv_x if r.use_fp8 else (recv_x, None)
+        hook = (lambda: None) if r.return_recv_hook else None   # the outputs are complete already
+        return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, EventOverlap(None), hook)
+
+    def _low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                              use_fp8=True, round_scale=False, use_ue8m0=False):
+        """Low-latency dispatch (collective), on arrays.
 
         Arguments:
             x: bf16 ``[T, H]``, ``T <= num_max_dispatch_tokens_per_rank``.
@@ -544,9 +581,18 @@ class ReferenceBackend(Backend):
         recv_x = (res.recv_x, res.recv_x_scales) if use_fp8 else res.recv_x
         return recv_x, res.recv_count, handle
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle: ReferenceLowLatencyHandle,
-                            out=None):
-        """Low-latency combine (collective): weighted sum over the top-k experts.
+    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """Low-latency combine (collective): ``_low_latency_combine`` of the request (``out``, when
+        given, written in place and returned); a complete event, and a hook that does nothing with
+        ``return_recv_hook``."""
+        r = request
+        combined = self._low_latency_combine(r.x, r.topk_idx, r.topk_weights, r.handle, out=r.out)
+        hook = (lambda: None) if r.return_recv_hook else None
+        return LowLatencyCombineResult(combined, EventOverlap(None), hook)
+
+    def _low_latency_combine(self, x, topk_idx, topk_weights, handle: ReferenceLowLatencyHandle,
+                             out=None):
+        """Low-latency combine (collective), on arrays: weighted sum over the top-k experts.
 
         Arguments:
             x: bf16 ``[L, R*M, H]`` expert outputs in the received layout.

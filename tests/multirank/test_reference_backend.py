@@ -13,6 +13,8 @@ import pytest
 MPI = pytest.importorskip("mpi4py.MPI")
 
 from deepep_cupy import reference as ref  # noqa: E402
+from deepep_cupy.backend import (CombineRequest, DispatchRequest, LayoutRequest, LowLatencyCombineRequest,  # noqa: E402
+                                 LowLatencyDispatchRequest)
 from deepep_cupy.errors import DeepEPInvalid  # noqa: E402
 from deepep_cupy.reference_backend import ReferenceBackend  # noqa: E402
 
@@ -46,6 +48,21 @@ def same(a, b):
     np.testing.assert_array_equal(bits(a), bits(b))
 
 
+def dispatch(be, x, x_scales, topk_idx, topk_weights, num_experts, alignment=1, worst=0, handle=None):
+    """``be.dispatch`` of these arrays; the result's fields as a tuple (without the event)."""
+    res = be.dispatch(DispatchRequest(x, x_scales, num_experts, topk_idx=topk_idx, topk_weights=topk_weights,
+                                      expert_alignment=alignment, num_worst_tokens=worst, handle=handle))
+    assert res.event.done
+    return (res.recv_x, res.recv_x_scales, res.recv_topk_idx, res.recv_topk_weights,
+            res.num_recv_tokens_per_expert_list, res.handle)
+
+
+def combine(be, x, handle, topk_weights=None, bias=None):
+    """``be.combine``: (combined_x, combined_topk_weights)."""
+    res = be.combine(CombineRequest(x, handle, topk_weights, bias if isinstance(bias, tuple) else (bias, None)))
+    return res.combined_x, res.combined_topk_weights
+
+
 def make_inputs(num_ranks, seed, hidden=256, experts_per_rank=3, k=3, zero_rank=1, max_tokens=12):
     """All ranks' inputs, identical on every rank. Rank ``zero_rank`` has no tokens."""
     rng = np.random.default_rng(seed)
@@ -69,14 +86,16 @@ def make_inputs(num_ranks, seed, hidden=256, experts_per_rank=3, k=3, zero_rank=
 def test_layout(comm, backend):
     r, n = comm.Get_rank(), comm.Get_size()
     xs, idx, _, e = make_inputs(n, 1)
-    got = backend.get_dispatch_layout(idx[r], e)
+    got = backend.get_dispatch_layout(LayoutRequest(idx[r], e))
     exp = ref.get_dispatch_layout(idx[r], e, n, backend.ranks_per_node)
-    for a, b in zip(got, exp):
+    for a, b in zip((got.num_tokens_per_rank, got.num_tokens_per_rdma_rank, got.num_tokens_per_expert,
+                     got.is_token_in_rank), exp):
         same(a, b)
+    assert got.event.done
     # one rank per node -> the RDMA counts exist and equal the per-rank counts
     b1 = ReferenceBackend(comm, ranks_per_node=1)
-    got = b1.get_dispatch_layout(idx[r], e)
-    same(got[1], got[0])
+    got = b1.get_dispatch_layout(LayoutRequest(idx[r], e))
+    same(got.num_tokens_per_rdma_rank, got.num_tokens_per_rank)
 
 
 def test_ranks_per_node_detection(comm, backend):
@@ -91,15 +110,15 @@ def test_dispatch_combine_bf16(comm, backend, alignment, worst, weights):
     r, n = comm.Get_rank(), comm.Get_size()
     xs, idx, ws, e = make_inputs(n, 2 + alignment + worst)
     ws_arg = ws if weights else None
-    got = backend.dispatch(xs[r], None, idx[r], ws_arg[r] if weights else None, e, alignment, worst)
+    got = dispatch(backend, xs[r], None, idx[r], ws_arg[r] if weights else None, e, alignment, worst)
     rng = np.random.default_rng(99)
     exp_all = ref.dispatch(xs, idx, ws_arg, e, expert_alignment=alignment, num_worst_tokens=worst)
     ys = [rng.standard_normal(d.recv_x.shape).astype(BF16) for d in exp_all]
     biases = [(rng.standard_normal(x.shape).astype(BF16), rng.standard_normal(x.shape).astype(np.float32))
               for x in xs]
     handle = got[5]
-    comb = backend.combine(ys[r], handle, got[3], biases[r])
-    comb_plain = backend.combine(got[0], handle, None, None)
+    comb = combine(backend, ys[r], handle, got[3], biases[r])
+    comb_plain = combine(backend, got[0], handle, None, None)
 
     exp = exp_all[r]
     same(got[0], exp.recv_x)
@@ -130,13 +149,13 @@ def test_dispatch_fp8_and_cached(comm, backend):
     r, n = comm.Get_rank(), comm.Get_size()
     xs, idx, ws, e = make_inputs(n, 7)
     pairs = [ref.per_token_cast_to_fp8(x) for x in xs]
-    got = backend.dispatch(pairs[r][0], pairs[r][1], idx[r], ws[r], e, 1, 0)
+    got = dispatch(backend, pairs[r][0], pairs[r][1], idx[r], ws[r], e, 1, 0)
     handle = got[5]
     # cached: other data, same routing
     xs2 = [(x.astype(np.float32) * 2 + 1).astype(BF16) for x in xs]
-    cached = backend.dispatch(xs2[r], None, None, None, e, 1, 0, handle=handle)
+    cached = dispatch(backend, xs2[r], None, None, None, e, 1, 0, handle=handle)
     pairs_ue = [ref.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True) for x in xs]
-    cached_ue = backend.dispatch(pairs_ue[r][0], pairs_ue[r][1], None, None, e, 1, 0, handle=handle)
+    cached_ue = dispatch(backend, pairs_ue[r][0], pairs_ue[r][1], None, None, e, 1, 0, handle=handle)
 
     exp = ref.dispatch([p[0] for p in pairs], idx, ws, e, x_scales=[p[1] for p in pairs])[r]
     same(got[0], exp.recv_x)
@@ -159,9 +178,9 @@ def test_dispatch_worst_tokens_error_on_every_rank(comm, backend):
     worst = max(d.num_recv_tokens for d in exp)
     assert worst >= 2
     with pytest.raises(DeepEPInvalid, match="num_worst_tokens"):
-        backend.dispatch(xs[r], None, idx[r], ws[r], e, 1, worst - 1)
+        dispatch(backend, xs[r], None, idx[r], ws[r], e, 1, worst - 1)
     # the backend is still usable afterwards
-    got = backend.dispatch(xs[r], None, idx[r], ws[r], e, 1, worst)
+    got = dispatch(backend, xs[r], None, idx[r], ws[r], e, 1, worst)
     same(got[0], ref.dispatch(xs, idx, ws, e, num_worst_tokens=worst)[r].recv_x)
 
 
@@ -171,22 +190,21 @@ def test_low_latency(comm, backend, use_fp8, round_scale, use_ue8m0):
     r, n = comm.Get_rank(), comm.Get_size()
     m = 16
     xs, idx, ws, e = make_inputs(n, 20 + 3 * use_fp8 + round_scale, max_tokens=m - 1)
-    recv_x, recv_count, handle = backend.low_latency_dispatch(
-        xs[r], idx[r], m, e, use_fp8, round_scale, use_ue8m0)
+    res = backend.low_latency_dispatch(LowLatencyDispatchRequest(xs[r], idx[r], m, e, use_fp8, round_scale, use_ue8m0))
+    recv_x, recv_scales, recv_count, handle = res.recv_x, res.recv_x_scales, res.recv_count, res.handle
+    assert res.event.done and res.hook is None
     exp_all = ref.low_latency_dispatch(xs, idx, m, e, use_fp8=use_fp8, round_scale=round_scale,
                                        use_ue8m0=use_ue8m0)
     rng = np.random.default_rng(5)
     ys = [rng.standard_normal(d.recv_x.shape).astype(BF16) for d in exp_all]
-    comb = backend.low_latency_combine(ys[r], idx[r], ws[r], handle)
+    comb = backend.low_latency_combine(LowLatencyCombineRequest(ys[r], idx[r], ws[r], handle)).combined_x
     out = np.empty((xs[r].shape[0], xs[r].shape[1]), BF16)
-    comb_out = backend.low_latency_combine(ys[r], idx[r], ws[r], handle, out=out)
+    comb_out = backend.low_latency_combine(LowLatencyCombineRequest(ys[r], idx[r], ws[r], handle,
+                                                                    out=out)).combined_x
 
     exp = exp_all[r]
-    if use_fp8:
-        same(recv_x[0], exp.recv_x)
-        same(recv_x[1], exp.recv_x_scales)
-    else:
-        same(recv_x, exp.recv_x)
+    same(recv_x, exp.recv_x)
+    same(recv_scales, exp.recv_x_scales if use_fp8 else None)
     same(recv_count, exp.recv_count)
     same(handle.recv_src_info, exp.recv_src_info)
     same(handle.layout_range, exp.layout_range)
@@ -203,10 +221,11 @@ def test_size_one_communicator(comm):
     try:
         be = ReferenceBackend(solo)
         xs, idx, ws, e = make_inputs(1, 30 + r, zero_rank=-1)
-        got = be.dispatch(xs[0], None, idx[0], ws[0], e, 1, 0)
-        comb = be.combine(got[0], got[5], got[3], None)
-        recv_x, cnt, h = be.low_latency_dispatch(xs[0], idx[0], 16, e, False, False, False)
-        ll = be.low_latency_combine(recv_x, idx[0], np.ones_like(ws[0]), h)
+        got = dispatch(be, xs[0], None, idx[0], ws[0], e, 1, 0)
+        comb = combine(be, got[0], got[5], got[3], None)
+        lld = be.low_latency_dispatch(LowLatencyDispatchRequest(xs[0], idx[0], 16, e, False, False, False))
+        recv_x, h = lld.recv_x, lld.handle
+        ll = be.low_latency_combine(LowLatencyCombineRequest(recv_x, idx[0], np.ones_like(ws[0]), h)).combined_x
     finally:
         solo.Free()
     exp = ref.dispatch(xs, idx, ws, e)
