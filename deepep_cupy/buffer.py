@@ -3,10 +3,12 @@
 Methods are ordered as in DeepEP: lifecycle, static helpers, high-throughput mode, low-latency
 mode. Every public method validates its arguments first (``validation.py``): bad input raises
 before anything is launched or sent, and the buffer stays usable. Then it hands CuPy views (GPU
-backend) or numpy arrays (reference backend) to the backend and returns the results in the
-caller's framework, that of the call's primary input (``x``; ``topk_idx`` for the layout): on the
-GPU through ``arrays.from_cupy``, on the reference backend through ``arrays.from_numpy`` (numpy
-stays numpy at no cost; JAX and PyTorch CPU arrays come back as such, bfloat16 and FP8 included).
+backend) or numpy arrays (reference backend) to the backend, in one request per operation through
+the ``Backend`` interface (``backend.py``; ``Buffer`` never asks which backend it holds), and
+returns the results in the caller's framework, that of the call's primary input (``x``;
+``topk_idx`` for the layout): on the GPU through ``arrays.from_cupy``, on the reference backend
+through ``arrays.from_numpy`` (numpy stays numpy at no cost; JAX and PyTorch CPU arrays come back
+as such, bfloat16 and FP8 included).
 
 The reference backend holds code to the GPU backend's rules (issue #15), through the same checks
 here, so that what passes on a CPU does not fail on a GPU: top-k at most 32, at most 1022 experts
@@ -1050,7 +1052,7 @@ class Buffer:
         self._check_low_latency_bytes(m, hidden, num_experts)
         self._agreed([("num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank", m),
                       ("hidden", "hidden", hidden), ("num_experts", "num_experts", num_experts)])
-        self._backend.clean_low_latency_buffer(m, hidden, num_experts)   # reference: a barrier that gives up on a dead rank
+        self._backend.clean_low_latency_buffer(m, hidden, num_experts)   # (reference: a bounded barrier)
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[L, R*M, H]`` array to write expert outputs into for a ``zero_copy`` combine
