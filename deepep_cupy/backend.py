@@ -27,7 +27,7 @@ __all__ = ["Backend", "LayoutRequest", "LayoutResult", "DispatchRequest", "Dispa
 
 
 # ------------------------------------------------------------------------------ requests, results
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LayoutRequest:
     """``get_dispatch_layout`` of ``topk_idx`` (the backend's int64 ``[T, K]``) for ``num_experts``.
     The stream options (``previous_event``, ``async_finish``, ``allocate_on_comm_stream``) are
@@ -40,7 +40,7 @@ class LayoutRequest:
     allocate_on_comm_stream: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LayoutResult:
     """What ``get_dispatch_layout`` counted, as the backend's arrays: int32 ``[R]`` tokens per rank,
     int32 ``[num_nodes]`` per node (None on one node), int32 ``[E]`` entries per expert, bool
@@ -54,7 +54,7 @@ class LayoutResult:
     event: Any
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class DispatchRequest:
     """One high-throughput dispatch, in one of three modes:
 
@@ -91,7 +91,7 @@ class DispatchRequest:
     allocate_on_comm_stream: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class DispatchResult:
     """What a dispatch received, as the backend's arrays: ``recv_x`` ``[N, H]`` (FP8 data as the
     backend stores it), ``recv_x_scales`` (FP8 only, else None), int64 ``recv_topk_idx`` and
@@ -108,7 +108,7 @@ class DispatchResult:
     event: Any
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class CombineRequest:
     """One high-throughput combine: ``x`` ``[N, H]`` rows as the dispatch with ``handle`` returned
     them, optional float32 ``topk_weights`` ``[N, K]``, ``bias`` a pair of ``[T, H]`` arrays, either
@@ -125,7 +125,7 @@ class CombineRequest:
     allocate_on_comm_stream: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class CombineResult:
     """The combined ``[T, H]`` (dtype of the combine's ``x``), the combined float32 ``[T, K]``
     weights (None without weights) and the ``EventOverlap``."""
@@ -135,7 +135,7 @@ class CombineResult:
     event: Any
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LowLatencyDispatchRequest:
     """One low-latency dispatch of bf16 ``x`` ``[T, H]`` to the experts of int64 ``topk_idx``
     ``[T, K]``, in a buffer laid out for ``num_max_dispatch_tokens_per_rank`` tokens per rank and
@@ -152,7 +152,7 @@ class LowLatencyDispatchRequest:
     return_recv_hook: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LowLatencyDispatchResult:
     """What a low-latency dispatch received, as the backend's arrays: ``recv_x`` ``[L, R*M, H]``
     (bf16, or the FP8 data as the backend stores it), ``recv_x_scales`` (FP8 only, else None),
@@ -167,7 +167,7 @@ class LowLatencyDispatchResult:
     hook: Optional[Callable[[], None]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LowLatencyCombineRequest:
     """One low-latency combine of bf16 expert outputs ``x`` ``[L, R*M, H]`` back to the tokens of
     int64 ``topk_idx`` ``[T, K]`` with float32 ``topk_weights``, by the dispatch's ``handle``;
@@ -182,7 +182,7 @@ class LowLatencyCombineRequest:
     return_recv_hook: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LowLatencyCombineResult:
     """The combined bf16 ``[T, H]`` (``out`` itself when given; valid after the hook), the
     ``EventOverlap`` and the receive ``hook`` (as in ``LowLatencyDispatchResult``)."""

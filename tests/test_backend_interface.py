@@ -56,15 +56,17 @@ def test_every_public_name_of_the_interface_has_a_docstring():
 
 
 @pytest.mark.parametrize("cls", REQUESTS + RESULTS, ids=lambda c: c.__name__)
-def test_requests_and_results_are_plain_frozen_records(cls):
-    """No checks of their own: any value goes in as it is (the front end checked it), and they are
-    frozen (a backend does not change a request it was handed)."""
+def test_requests_and_results_are_plain_slotted_records(cls):
+    """No checks of their own: any value goes in as it is (the front end checked it), and slotted,
+    not frozen: one is built per call on the hot path, and a frozen dataclass's ``__init__`` costs
+    3.2 us for a dispatch request against 0.9 us slotted (2026-12-06, this 2-core machine)."""
     fields = dataclasses.fields(cls)
     odd = object()
     record = cls(*[odd for _ in fields])
     assert all(getattr(record, f.name) is odd for f in fields)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        setattr(record, fields[0].name, None)
+    assert not hasattr(record, "__dict__")
+    with pytest.raises(AttributeError):
+        record.not_a_field = None
 
 
 def test_policy_of_each_backend():
