@@ -25,6 +25,21 @@ T0=$(date +%s)
 say() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 declare -a TABLE=()
 row() { TABLE+=("$(printf '%-34s %s' "$1" "$2")"); }
+# per test file and rank: passed, failed, skipped, errors, from `pytest -v` logs (one per rank), so a
+# run cut by its time limit still tells which files had finished and how
+tier_file_summary() {
+  for log in "$@"; do
+    awk -v rank="$(basename "$log" .log | sed 's/.*_rank//')" '
+      /^tests\/[^ ]+::.* (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)/ {
+        split($1, part, "::"); f = part[1]
+        if (!(f in seen)) { seen[f] = 1; order[++n] = f }
+        for (i = 2; i <= NF; i++) if ($i ~ /^(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)$/) { count[f, $i]++; break }
+      }
+      END { for (k = 1; k <= n; k++) { f = order[k]
+              printf "rank %s %-52s %3d passed %3d failed %3d skipped %3d errors\n", rank, f,
+                     count[f, "PASSED"], count[f, "FAILED"], count[f, "SKIPPED"], count[f, "ERROR"] } }' "$log"
+  done
+}
 
 # ---- environment the shared GPU machine requires, in every process -----------------------------
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -51,7 +66,7 @@ fi
 export PYTHONPATH="$ROOT:$SITE/py${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- MPI launcher: the image's Open MPI, else carried MPICH -------------------------------------
-MPIRUN="mpirun --oversubscribe --bind-to none"
+MPIRUN="${MPIRUN:-mpirun --oversubscribe --bind-to none}"   # MPIRUN=mpiexec: another launcher
 mpi_ok() { timeout 60 $MPIRUN -n 2 $PY -c "from mpi4py import MPI; import sys; sys.exit(0 if MPI.COMM_WORLD.Get_size()==2 else 3)" >/dev/null 2>&1; }
 if ! mpi_ok && ls .whl/mpich-*.whl >/dev/null 2>&1; then
   say "image mpirun + mpi4py failed; using carried MPICH"
@@ -94,14 +109,22 @@ EOF
 fi
 
 if [[ "$STEPS" == *tests* ]]; then
-  say "GPU tier: $MPIRUN -n $NUM_RANKS pytest tests/gpu tests/multirank"
+  # TIER_FILES: what runs, in this order (default the whole tier); each rank writes a verbose log of
+  # its own, so a run cut by TIER_LIMIT_S still says which files passed up to the cut (tier_files.txt)
+  TIER_FILES="${TIER_FILES:-tests/gpu tests/multirank}"
+  say "GPU tier: $MPIRUN -n $NUM_RANKS pytest $TIER_FILES"
   # with the ll step selected too, the low-latency tests run there (once)
   IGNORE_LL=""; [[ "$STEPS" == *ll* ]] && IGNORE_LL="--ignore=tests/gpu/test_low_latency_gpu.py"
-  timeout -k 10 "${TIER_LIMIT_S:-480}" $MPIRUN -n "$NUM_RANKS" $PY -m pytest -q -rA --color=no -p no:cacheprovider $PYTEST_TIMEOUT tests/gpu tests/multirank \
-      $IGNORE_LL > "$OUTD/gpu_tests.log" 2>&1
+  rm -f "$OUTD"/gpu_tests_rank*.log
+  timeout -k 10 "${TIER_LIMIT_S:-480}" $MPIRUN -n "$NUM_RANKS" bash -c "exec $PY -m pytest -v -rfE --color=no \
+      -p no:cacheprovider $PYTEST_TIMEOUT $TIER_FILES $IGNORE_LL \
+      > $OUTD/gpu_tests_rank\${OMPI_COMM_WORLD_RANK:-\$PMI_RANK}.log 2>&1"
   rc=$?
-  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUTD/gpu_tests.log" | tail -12
-  row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -E '[0-9]+ (passed|failed)' "$OUTD/gpu_tests.log" | tail -2 | tr '\n' ' ')"
+  tier_file_summary "$OUTD"/gpu_tests_rank*.log > "$OUTD/tier_files.txt"
+  cat "$OUTD/tier_files.txt"
+  grep -hE "^(FAILED|ERROR) " "$OUTD"/gpu_tests_rank*.log | sort -u | head -12
+  [ "$rc" -eq 124 ] && row "gpu tier (mpirun -n $NUM_RANKS)" "CUT at TIER_LIMIT_S=${TIER_LIMIT_S:-480} s: per-file results above"
+  row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -hE '[0-9]+ (passed|failed)' "$OUTD"/gpu_tests_rank*.log | tr '\n' ' ')"
   if [ -z "${SKIP_CPU_TIER:-}" ]; then   # CI runs it too; SKIP_CPU_TIER=1 saves GPU time
   say "CPU tier on the GPU machine's python (single process)"
   timeout -k 10 300 $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_mpi_launch.py \
