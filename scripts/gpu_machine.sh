@@ -116,7 +116,7 @@ if [[ "$STEPS" == *tests* ]]; then
   # with the ll step selected too, the low-latency tests run there (once)
   IGNORE_LL=""; [[ "$STEPS" == *ll* ]] && IGNORE_LL="--ignore=tests/gpu/test_low_latency_gpu.py"
   rm -f "$OUTD"/gpu_tests_rank*.log
-  timeout -k 10 "${TIER_LIMIT_S:-480}" $MPIRUN -n "$NUM_RANKS" bash -c "exec $PY -m pytest -v -rfE --color=no \
+  timeout -k 10 "${TIER_LIMIT_S:-480}" $MPIRUN -n "$NUM_RANKS" bash -c "exec $PY -m pytest -v -rfE --durations=15 --color=no \
       -p no:cacheprovider $PYTEST_TIMEOUT $TIER_FILES $IGNORE_LL \
       > $OUTD/gpu_tests_rank\${OMPI_COMM_WORLD_RANK:-\$PMI_RANK}.log 2>&1"
   rc=$?
