@@ -534,10 +534,9 @@ class ReferenceBackend(Backend):
         is complete at once: the event is complete, and the hook (with ``return_recv_hook``) does
         nothing."""
         r = request
-        recv_x, recv_count, handle = self._low_latency_dispatch(
+        recv_x, recv_scales, recv_count, handle = self._low_latency_dispatch(
             r.x, r.topk_idx, r.num_max_dispatch_tokens_per_rank, r.num_experts, r.use_fp8, r.round_scale,
             r.use_ue8m0)
-        recv_x, recv_scales = recv_x if r.use_fp8 else (recv_x, None)
         hook = (lambda: None) if r.return_recv_hook else None   # the outputs are complete already
         return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, EventOverlap(None), hook)
 
@@ -553,9 +552,9 @@ class ReferenceBackend(Backend):
             use_fp8, round_scale, use_ue8m0: as :func:`deepep_cupy.reference.low_latency_dispatch`.
 
         Returns:
-            ``(recv_x, recv_count int32 [L], handle)``; ``recv_x`` is bf16 ``[L, R*M, H]``, or
-            with ``use_fp8`` the pair ``(float8_e4m3fn [L, R*M, H], scales)`` with scales float32
-            ``[L, R*M, H/128]`` or packed int32 ``[L, R*M, ceil(H/512)]``.
+            ``(recv_x, recv_x_scales, recv_count int32 [L], handle)``; ``recv_x`` is bf16
+            ``[L, R*M, H]``, or with ``use_fp8`` float8_e4m3fn, its scales float32 ``[L, R*M, H/128]``
+            or packed int32 ``[L, R*M, ceil(H/512)]`` (None without ``use_fp8``).
         """
         topk_idx = np.asarray(topk_idx).astype(np.int64, copy=False)
         pieces = ref.low_latency_pack(x, topk_idx, num_experts, self.num_ranks, use_fp8,
@@ -578,8 +577,7 @@ class ReferenceBackend(Backend):
             num_max_dispatch_tokens_per_rank=int(num_max_dispatch_tokens_per_rank),
             hidden=int(x.shape[1]), num_experts=int(num_experts), num_tokens=int(x.shape[0]),
             use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0), num_topk=int(topk_idx.shape[1]))
-        recv_x = (res.recv_x, res.recv_x_scales) if use_fp8 else res.recv_x
-        return recv_x, res.recv_count, handle
+        return res.recv_x, res.recv_x_scales, res.recv_count, handle
 
     def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
         """Low-latency combine (collective): ``_low_latency_combine`` of the request (``out``, when
