@@ -171,11 +171,11 @@ class GpuBackend(Backend):
         """Nothing before the launch (the host would have to read ``topk_idx``)."""
 
     def expected_layout(self, topk_idx, num_experts: int, previous_event) -> Optional[LayoutResult]:
-        """The layout kernel's answer, after the blocking id check (the kernel counts a bad id as
-        -1); None above ``MAX_LAYOUT_EXPERTS`` experts, which the layout kernel cannot count."""
+        """The layout kernel's answer (``get_dispatch_layout`` runs the blocking id check before the
+        kernel, which counts a bad id as -1); None above ``MAX_LAYOUT_EXPERTS`` experts, which the
+        layout kernel cannot count."""
         if num_experts > MAX_LAYOUT_EXPERTS:
             return None
-        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)   # before the layout kernel
         return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event))
 
     def destroy(self) -> None:
