@@ -31,13 +31,15 @@ __all__ = ["Backend", "LayoutRequest", "LayoutResult", "DispatchRequest", "Dispa
 class LayoutRequest:
     """``get_dispatch_layout`` of ``topk_idx`` (the backend's int64 ``[T, K]``) for ``num_experts``.
     The stream options (``previous_event``, ``async_finish``, ``allocate_on_comm_stream``) are
-    DeepEP's; the reference backend has no stream and ignores them."""
+    DeepEP's; the reference backend has no stream and ignores them. ``ids_checked``: the caller
+    already ran the backend's ``check_ids`` on ``topk_idx`` (the backend does not check them again)."""
 
     topk_idx: Any
     num_experts: int
     previous_event: Any = None
     async_finish: bool = False
     allocate_on_comm_stream: bool = False
+    ids_checked: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,7 +73,8 @@ class DispatchRequest:
 
     ``x`` is the backend's ``[T, H]`` array (FP8 as the e4m3 data, with float32 ``x_scales``
     ``[T, H/128]``; else ``x_scales`` None). ``config`` is the GPU's (its ``num_sms``; None where the
-    backend takes none, see ``Backend.uses_config``). The stream options are DeepEP's."""
+    backend takes none, see ``Backend.uses_config``). The stream options are DeepEP's.
+    ``ids_checked``: as for ``LayoutRequest``."""
 
     x: Any
     x_scales: Any
@@ -89,6 +92,7 @@ class DispatchRequest:
     previous_event: Any = None
     async_finish: bool = False
     allocate_on_comm_stream: bool = False
+    ids_checked: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -139,7 +143,8 @@ class CombineResult:
 class LowLatencyDispatchRequest:
     """One low-latency dispatch of bf16 ``x`` ``[T, H]`` to the experts of int64 ``topk_idx``
     ``[T, K]``, in a buffer laid out for ``num_max_dispatch_tokens_per_rank`` tokens per rank and
-    ``num_experts`` experts. The flags are ``Buffer.low_latency_dispatch``'s."""
+    ``num_experts`` experts. The flags are ``Buffer.low_latency_dispatch``'s; ``ids_checked`` as
+    for ``LayoutRequest``."""
 
     x: Any
     topk_idx: Any
@@ -150,6 +155,7 @@ class LowLatencyDispatchRequest:
     use_ue8m0: bool = False
     async_finish: bool = False
     return_recv_hook: bool = False
+    ids_checked: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -291,11 +297,13 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------- pre-launch checks
     @abc.abstractmethod
-    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> None:
+    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> bool:
         """Raise ``DeepEPInvalid`` if an expert id of ``topk_idx`` lies outside [-1, num_experts),
         among a call's own checks. Where that means waiting for the device it is done only when
         ``blocking`` (the call agrees across the ranks: a bad id then reaches every rank) and
-        ``settings.check_values`` asks for it; otherwise the backend's kernels check the ids."""
+        ``settings.check_values`` asks for it; otherwise the backend's kernels check the ids.
+        Returns whether it checked them (the caller then sets the request's ``ids_checked``, so one
+        call checks its ids once)."""
 
     @abc.abstractmethod
     def precheck_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
@@ -310,9 +318,11 @@ class Backend(abc.ABC):
         where the backend checks that before the call."""
 
     @abc.abstractmethod
-    def expected_layout(self, topk_idx, num_experts: int, previous_event) -> Optional[LayoutResult]:
+    def expected_layout(self, topk_idx, num_experts: int, previous_event,
+                        ids_checked: bool = False) -> Optional[LayoutResult]:
         """The layout of ``topk_idx`` (as ``get_dispatch_layout`` computes it, synchronously), to
-        compare with the layout a dispatch was given; None where the backend cannot compute it."""
+        compare with the layout a dispatch was given; None where the backend cannot compute it.
+        ``ids_checked`` as for ``LayoutRequest``."""
 
     @abc.abstractmethod
     def raise_reported(self, what: str) -> None:

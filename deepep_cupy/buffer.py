@@ -356,11 +356,12 @@ class Buffer:
         would raise it on this rank alone at its start). Reads pinned memory; no wait."""
         self._backend.raise_reported(what)
 
-    def _check_ids(self, idx, num_experts: int) -> None:
+    def _check_ids(self, idx, num_experts: int) -> bool:
         """The expert-id check before the agreement: on numpy always; on the GPU the blocking check
         of ``settings.check_values`` (a no-op without it: the kernels check and report), only while
-        agreeing (without agreement the backend checks on its own)."""
-        self._backend.check_ids(idx, num_experts, blocking=self._call is not None)
+        agreeing (without agreement the backend checks on its own). Returns whether it checked: the
+        request then says ``ids_checked`` and the backend does not check again."""
+        return self._backend.check_ids(idx, num_experts, blocking=self._call is not None)
 
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
@@ -478,12 +479,12 @@ class Buffer:
     def _xp(self):
         return self._backend.xp
 
-    def _check_layout_args(self, idx, num_experts: int, given: dict, previous_event) -> None:
+    def _check_layout_args(self, idx, num_experts: int, given: dict, previous_event, ids_checked: bool) -> None:
         """The ``get_dispatch_layout`` outputs passed to a dispatch must be those of ``idx`` and
         ``num_experts`` (``given``: name -> backend array or None). Only where ``_checks_values``."""
         if not any(a is not None for a in given.values()):
             return
-        layout = self._backend.expected_layout(idx, num_experts, previous_event)
+        layout = self._backend.expected_layout(idx, num_experts, previous_event, ids_checked)
         if layout is None:   # (more experts than the GPU's layout kernel counts)
             return
         want = dict(num_tokens_per_rank=layout.num_tokens_per_rank,
@@ -555,10 +556,10 @@ class Buffer:
         desc = self._check_topk_idx(topk_idx, num_experts)
         expect_stream_args(previous_event, async_finish, allocate_on_comm_stream, EventOverlap)
         idx = self._take_topk_idx(topk_idx)
-        self._check_ids(idx, num_experts)
+        ids_checked = self._check_ids(idx, num_experts)
         self._agreed([("num_experts", "num_experts", num_experts), ("topk_idx", "top-k", desc.shape[1])])
         out = backend.get_dispatch_layout(LayoutRequest(idx, num_experts, previous_event, async_finish,
-                                                        allocate_on_comm_stream))
+                                                        allocate_on_comm_stream, ids_checked))
         fw = desc.framework
         return (self._give(out.num_tokens_per_rank, fw), self._give(out.num_tokens_per_rdma_rank, fw),
                 self._give(out.num_tokens_per_expert, fw), self._give(out.is_token_in_rank, fw), out.event)
@@ -683,7 +684,7 @@ class Buffer:
                 if a is not None and n not in taken:
                     taken[n] = self._take(a, n)
                 return taken.get(n)
-            self._check_ids(idx, num_experts)   # (the GPU checks ids on the device, see get_dispatch_layout)
+            ids_checked = self._check_ids(idx, num_experts)   # (else the GPU checks them on the device)
             if self._checks_values():
                 if weights is not None:     # the weights of -1 slots are never read
                     check_finite(weights, "topk_weights", self._xp, where=idx >= 0)
@@ -691,7 +692,8 @@ class Buffer:
                     n: take(a, n) for n, a in (("num_tokens_per_rank", num_tokens_per_rank),
                                                ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank),
                                                ("num_tokens_per_expert", num_tokens_per_expert),
-                                               ("is_token_in_rank", is_token_in_rank))}, previous_event)
+                                               ("is_token_in_rank", is_token_in_rank))}, previous_event,
+                                        ids_checked)
             self._precheck_dispatch(data, scales, idx, num_experts, None)
             self._agreed(self._dispatch_signature(
                 xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
@@ -704,7 +706,7 @@ class Buffer:
                 num_tokens_per_expert=take(num_tokens_per_expert, "num_tokens_per_expert"),
                 expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
                 previous_event=previous_event, async_finish=async_finish,
-                allocate_on_comm_stream=allocate_on_comm_stream)), xd, scales is not None)
+                allocate_on_comm_stream=allocate_on_comm_stream, ids_checked=ids_checked)), xd, scales is not None)
 
     def _dispatch_result(self, out: DispatchResult, xd, fp8: bool) -> tuple:
         """A dispatch's outputs in the framework of ``x`` (``xd``; ``fp8``: ``x`` was the FP8 pair), as
@@ -955,7 +957,7 @@ class Buffer:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
         idx = self._take_topk_idx(topk_idx)
         xt = self._take(x, "x", VECTOR_ALIGNMENT)
-        self._check_ids(idx, num_experts)
+        ids_checked = self._check_ids(idx, num_experts)
         # one source fills at most M slots of an expert's region (only duplicates could exceed it)
         self._backend.check_low_latency_capacity(idx, num_experts, m)
         self._agreed([("x", "hidden", int(xd.shape[1])),
@@ -966,7 +968,8 @@ class Buffer:
                       ("use_ue8m0", "use_ue8m0", bool(use_ue8m0) if use_fp8 else None),
                       ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
         out = self._backend.low_latency_dispatch(LowLatencyDispatchRequest(
-            xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook))
+            xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
+            ids_checked))
         fw = xd.framework
         recv = self._give(out.recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
         if use_fp8:

@@ -152,12 +152,14 @@ class GpuBackend(Backend):
         """The handle's ``num_rows`` (received rows, or the padded count)."""
         return handle.num_rows
 
-    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> None:
+    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> bool:
         """The blocking check of ``settings.check_values`` when ``blocking`` (a no-op without the
         setting: the kernels that read ``topk_idx`` check the ids and report them; without
-        ``blocking`` the operation runs the blocking check itself, at its start)."""
-        if blocking:
-            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        ``blocking`` the operation runs the blocking check itself, at its start). True when it ran."""
+        if not (blocking and self.checks_values()):
+            return False
+        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        return True
 
     def precheck_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
         """The dispatch kernels' ``check_dispatch`` (staging capacity) of the intranode or, on more
@@ -170,13 +172,15 @@ class GpuBackend(Backend):
     def check_low_latency_capacity(self, topk_idx, num_experts: int, num_max_dispatch_tokens_per_rank: int) -> None:
         """Nothing before the launch (the host would have to read ``topk_idx``)."""
 
-    def expected_layout(self, topk_idx, num_experts: int, previous_event) -> Optional[LayoutResult]:
+    def expected_layout(self, topk_idx, num_experts: int, previous_event,
+                        ids_checked: bool = False) -> Optional[LayoutResult]:
         """The layout kernel's answer (``get_dispatch_layout`` runs the blocking id check before the
-        kernel, which counts a bad id as -1); None above ``MAX_LAYOUT_EXPERTS`` experts, which the
-        layout kernel cannot count."""
+        kernel, which counts a bad id as -1, unless ``ids_checked``); None above ``MAX_LAYOUT_EXPERTS``
+        experts, which the layout kernel cannot count."""
         if num_experts > MAX_LAYOUT_EXPERTS:
             return None
-        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event))
+        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event,
+                                                      ids_checked=ids_checked))
 
     def destroy(self) -> None:
         """Collective: free the symmetric memory and drop this buffer's hold on NVSHMEM. If a peer
@@ -251,7 +255,8 @@ class GpuBackend(Backend):
         topk_idx, num_experts = request.topk_idx, request.num_experts
         self.input_errors.check("get_dispatch_layout")
         kernel = self.layout_kernel()
-        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        if not request.ids_checked:
+            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         with CommStreamScope(self.comm_stream, request.previous_event, request.async_finish,
                              request.allocate_on_comm_stream) as scope:
             outputs = kernel(topk_idx, num_experts, self.comm_stream, self.input_errors.ptr, self.rank)
@@ -275,11 +280,12 @@ class GpuBackend(Backend):
         kernels = self.internode() if self.num_nodes > 1 else self.intranode()
         kernels.check_errors("dispatch")
         self.input_errors.check("dispatch")
-        if handle is None and topk_idx is not None:
+        if handle is None and topk_idx is not None and not request.ids_checked:
             self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         if handle is None and (num_tokens_per_rank is None or is_token_in_rank is None
-                               or num_tokens_per_expert is None):
-            layout = self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event))
+                               or num_tokens_per_expert is None):   # (ids checked just above)
+            layout = self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, previous_event,
+                                                            ids_checked=True))
             num_tokens_per_rank, num_tokens_per_expert = layout.num_tokens_per_rank, layout.num_tokens_per_expert
             is_token_in_rank = layout.is_token_in_rank
         kernels.check_dispatch(x, x_scales, topk_idx, num_experts, handle)
@@ -384,7 +390,8 @@ class GpuBackend(Backend):
         kernels = self.low_latency(request.num_max_dispatch_tokens_per_rank, int(x.shape[1]), num_experts)
         kernels.check_errors("low_latency_dispatch")      # the send reports bad expert ids here too
         self.input_errors.check("low_latency_dispatch")
-        self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
+        if not request.ids_checked:
+            self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
         if request.return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
             pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                             cupy.cuda.get_current_stream())

@@ -239,9 +239,10 @@ class ReferenceBackend(Backend):
         """The padded count of the dispatch, else its received rows."""
         return handle.num_worst_tokens or handle.num_recv_tokens
 
-    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> None:
+    def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> bool:
         """Always (numpy: reading the ids costs no wait)."""
         check_index_range(topk_idx, "topk_idx", -1, num_experts, np)
+        return True
 
     def precheck_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
         """Nothing: the reference backend has no staging to overflow."""
@@ -254,9 +255,10 @@ class ReferenceBackend(Backend):
             raise DeepEPInvalid(f"topk_idx: expert {int(per_expert.argmax())} is chosen {int(per_expert.max())} "
                                 f"times, more than num_max_dispatch_tokens_per_rank={m}")
 
-    def expected_layout(self, topk_idx, num_experts: int, previous_event) -> LayoutResult:
+    def expected_layout(self, topk_idx, num_experts: int, previous_event,
+                        ids_checked: bool = False) -> LayoutResult:
         """``reference.get_dispatch_layout`` of ``topk_idx`` (any expert count)."""
-        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts))
+        return self.get_dispatch_layout(LayoutRequest(topk_idx, num_experts, ids_checked=ids_checked))
 
     def raise_reported(self, what: str) -> None:
         """Nothing: the reference backend raises in the call itself."""

@@ -167,6 +167,28 @@ def test_max_tokens_per_rank(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
 
 
+def test_check_values_reads_topk_idx_once(buf):
+    """With ``settings.check_values`` a low-latency dispatch checks its ids once (a device
+    reduction and a host wait each), and the case stays exact."""
+    from deepep_cupy import settings
+    backend = buf._backend
+    original, calls = backend.check_index_range, []
+
+    def counting(*args):
+        calls.append(args[1])
+        return original(*args)
+    old = settings.check_values
+    settings.check_values, backend.check_index_range = True, counting
+    try:
+        problems = run_case(buf, 502, 64, 2048, 16, 8, 64, "random", "bf16")
+    finally:
+        settings.check_values = old
+        del backend.check_index_range   # the class's method again
+    if calls != ["topk_idx"]:   # run_case makes one dispatch (the combine checks no ids on the GPU)
+        problems.append(f"id checks {calls}, want one of topk_idx")
+    assert_all_ranks(world(), not problems, "\n".join(problems))
+
+
 @pytest.mark.parametrize("reduce_warps,tma", [(0, False), (1, False), (8, False), (15, False), (4, True),
                                                (0, True)])
 def test_fused_combine_role_splits_and_tma(buf, reduce_warps, tma):

@@ -83,3 +83,63 @@ def test_bad_inputs_then_good_call(buf):
         if not all(np.array_equal(a, b) for a, b in zip(got, (want[0], want[2], want[3]))):
             problems.append(f"{name}: the good call after it was wrong")
     assert_all_ranks(comm, not problems, "\n".join(problems))
+
+
+class _CountingRangeCheck:
+    """Counts the buffer's blocking id checks (``GpuBackend.check_index_range``) while installed."""
+
+    def __init__(self, buf):
+        self.backend, self.calls = buf._backend, 0
+        self.original = self.backend.check_index_range
+
+    def __call__(self, values, name, low, high):
+        self.calls += 1
+        return self.original(values, name, low, high)
+
+    def __enter__(self):
+        self.backend.check_index_range = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.backend.check_index_range   # the class's method again
+
+
+def test_check_values_reads_topk_idx_once_per_call(buf):
+    """With ``settings.check_values`` a call checks its ids once (each check is a device reduction
+    and a host wait): the layout, a dispatch that computes its layout, and one given the layout
+    (whose arrays are compared with the layout of ``topk_idx``). The results stay right."""
+    import cupy as cp
+    from deepep_cupy import reference, settings
+    comm = world()
+    tokens, hidden = 64, 128
+    idx = _good(buf.rank)[:tokens]
+    g = cp.asarray(idx)
+    x = cp.asarray(np.random.default_rng(buf.rank).standard_normal((tokens, hidden), dtype=np.float32))
+    counts, problems = {}, []
+    want = reference.get_dispatch_layout(idx, E, buf.num_ranks)
+    every = comm.allgather(idx)
+    want_rows = sum(int(np.any((i >= buf.rank * (E // buf.num_ranks)) & (i < (buf.rank + 1) * (E // buf.num_ranks)),
+                               axis=1).sum()) for i in every)
+    old = settings.check_values
+    settings.check_values = True
+    try:
+        with _CountingRangeCheck(buf) as c:
+            layout = buf.get_dispatch_layout(g, E)
+        counts["get_dispatch_layout"] = c.calls
+        if not np.array_equal(cp.asnumpy(layout[0]), want[0]):
+            problems.append("get_dispatch_layout: num_tokens_per_rank differs from the reference")
+        with _CountingRangeCheck(buf) as c:
+            recv = buf.dispatch(x, topk_idx=g, num_experts=E)
+        counts["dispatch without the layout"] = c.calls
+        if recv[0].shape[0] != want_rows:
+            problems.append(f"dispatch without the layout: {recv[0].shape[0]} rows, want {want_rows}")
+        with _CountingRangeCheck(buf) as c:
+            recv = buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                                num_tokens_per_expert=layout[2], topk_idx=g, num_experts=E)
+        counts["dispatch with the layout"] = c.calls
+        if recv[0].shape[0] != want_rows:
+            problems.append(f"dispatch with the layout: {recv[0].shape[0]} rows, want {want_rows}")
+    finally:
+        settings.check_values = old
+    problems += [f"{what}: {n} id checks, want 1" for what, n in counts.items() if n != 1]
+    assert_all_ranks(comm, not problems, "\n".join(problems))
