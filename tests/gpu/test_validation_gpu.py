@@ -106,8 +106,9 @@ class _CountingRangeCheck:
 
 def test_check_values_reads_topk_idx_once_per_call(buf):
     """With ``settings.check_values`` a call checks its ids once (each check is a device reduction
-    and a host wait): the layout, a dispatch that computes its layout, and one given the layout
-    (whose arrays are compared with the layout of ``topk_idx``). The results stay right."""
+    and a host wait): the layout, a dispatch given only ``num_tokens_per_expert`` (it computes the
+    rest, and compares what it was given with the layout of ``topk_idx``), and one given the whole
+    layout. The results stay right."""
     import cupy as cp
     from deepep_cupy import reference, settings
     comm = world()
@@ -128,14 +129,14 @@ def test_check_values_reads_topk_idx_once_per_call(buf):
         counts["get_dispatch_layout"] = c.calls
         if not np.array_equal(cp.asnumpy(layout[0]), want[0]):
             problems.append("get_dispatch_layout: num_tokens_per_rank differs from the reference")
-        with _CountingRangeCheck(buf) as c:
-            recv = buf.dispatch(x, topk_idx=g, num_experts=E)
-        counts["dispatch without the layout"] = c.calls
+        with _CountingRangeCheck(buf) as c:   # the rank counts and the token-in-rank map computed
+            recv = buf.dispatch(x, num_tokens_per_expert=layout[2], topk_idx=g)
+        counts["dispatch computing the rest of the layout"] = c.calls
         if recv[0].shape[0] != want_rows:
-            problems.append(f"dispatch without the layout: {recv[0].shape[0]} rows, want {want_rows}")
+            problems.append(f"dispatch computing the layout: {recv[0].shape[0]} rows, want {want_rows}")
         with _CountingRangeCheck(buf) as c:
             recv = buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
-                                num_tokens_per_expert=layout[2], topk_idx=g, num_experts=E)
+                                num_tokens_per_expert=layout[2], topk_idx=g)
         counts["dispatch with the layout"] = c.calls
         if recv[0].shape[0] != want_rows:
             problems.append(f"dispatch with the layout: {recv[0].shape[0]} rows, want {want_rows}")
