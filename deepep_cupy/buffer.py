@@ -686,6 +686,8 @@ class Buffer:
                 return taken.get(n)
             ids_checked = self._check_ids(idx, num_experts)   # (else the GPU checks them on the device)
             if self._checks_values():
+                if not ids_checked:   # not agreeing: the backend's own start-of-call check, once, here
+                    ids_checked = self._backend.check_ids(idx, num_experts, blocking=True)
                 if weights is not None:     # the weights of -1 slots are never read
                     check_finite(weights, "topk_weights", self._xp, where=idx >= 0)
                 self._check_layout_args(idx, num_experts, {
