@@ -300,7 +300,7 @@ class Backend(abc.ABC):
     def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> bool:
         """Raise ``DeepEPInvalid`` if an expert id of ``topk_idx`` lies outside [-1, num_experts),
         among a call's own checks. Where that means waiting for the device it is done only when
-        ``blocking`` (the call agrees across the ranks: a bad id then reaches every rank) and
+        ``blocking`` (the caller may wait: every ``Buffer`` call but the low-latency combine) and
         ``settings.check_values`` asks for it; otherwise the backend's kernels check the ids.
         Returns whether it checked them (the caller then sets the request's ``ids_checked``, so one
         call checks its ids once)."""

@@ -357,11 +357,11 @@ class Buffer:
         self._backend.raise_reported(what)
 
     def _check_ids(self, idx, num_experts: int) -> bool:
-        """The expert-id check before the agreement: on numpy always; on the GPU the blocking check
-        of ``settings.check_values`` (a no-op without it: the kernels check and report), only while
-        agreeing (without agreement the backend checks on its own). Returns whether it checked: the
-        request then says ``ids_checked`` and the backend does not check again."""
-        return self._backend.check_ids(idx, num_experts, blocking=self._call is not None)
+        """The expert-id check among the call's own checks (before the agreement, so that a bad id
+        reaches every rank where the call agrees): on numpy always; on the GPU the blocking check of
+        ``settings.check_values`` (a no-op without it: the kernels check and report). Returns whether
+        it checked: the request then says ``ids_checked`` and the backend does not check again."""
+        return self._backend.check_ids(idx, num_experts, blocking=True)
 
     # ---------------------------------------------------------------------------- static helpers
     @staticmethod
@@ -686,8 +686,6 @@ class Buffer:
                 return taken.get(n)
             ids_checked = self._check_ids(idx, num_experts)   # (else the GPU checks them on the device)
             if self._checks_values():
-                if not ids_checked:   # not agreeing: the backend's own start-of-call check, once, here
-                    ids_checked = self._backend.check_ids(idx, num_experts, blocking=True)
                 if weights is not None:     # the weights of -1 slots are never read
                     check_finite(weights, "topk_weights", self._xp, where=idx >= 0)
                 self._check_layout_args(idx, num_experts, {

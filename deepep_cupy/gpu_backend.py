@@ -154,8 +154,8 @@ class GpuBackend(Backend):
 
     def check_ids(self, topk_idx, num_experts: int, blocking: bool) -> bool:
         """The blocking check of ``settings.check_values`` when ``blocking`` (a no-op without the
-        setting: the kernels that read ``topk_idx`` check the ids and report them; without
-        ``blocking`` the operation runs the blocking check itself, at its start). True when it ran."""
+        setting: the kernels that read ``topk_idx`` check the ids and report them; a request that
+        does not say ``ids_checked`` gets the blocking check at the operation's start). True when it ran."""
         if not (blocking and self.checks_values()):
             return False
         self.check_index_range(topk_idx, "topk_idx", -1, num_experts)
