@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The acceptance runs of issues #11 and #12 on a one-GPU machine, in as few device calls as the
+# 600 s limit allows (run from the repository root with .whl/ carried):
+#
+#     bash scripts/gpu_acceptance.sh                       # bench24 tier2 tier4: about 560 s
+#     PIECES="deadrank sanitizers" bash scripts/gpu_acceptance.sh      # the second call
+#
+# Pieces, in the order given:
+#   bench24     bench_intranode.py --sms 24 --iters 40 at 2 ranks (issue #11's four targets)
+#   tier2       the whole GPU tier (tests/gpu tests/multirank) at 2 ranks
+#   tier4       the same at 4 ranks
+#   deadrank    the dead-rank tests (each launches its own 2- and 4-rank groups)
+#   sanitizers  compute-sanitizer memcheck, racecheck, synccheck over the low-latency tests, 1 rank
+# Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
+# count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
+# below), so a slow piece cannot eat the next one's time. The summary lines come last.
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_ROOT="${OUT:-$ROOT/out}"
+PIECES="${PIECES:-bench24 tier2 tier4}"
+export SKIP_CPU_TIER=1
+declare -a SUMMARY=()
+
+piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run into $OUT_ROOT/NAME
+  local name=$1 ranks=$2 steps=$3; shift 3
+  mkdir -p "$OUT_ROOT/$name"
+  echo "=== $(date +%T) piece $name ($ranks ranks, steps $steps)"
+  env "$@" OUT="$OUT_ROOT/$name" NUM_RANKS="$ranks" bash scripts/gpu_machine.sh "$steps" \
+      > "$OUT_ROOT/$name/gpu_machine.log" 2>&1
+  # gpu_machine.sh ends with its table; keep the lines after the separator
+  SUMMARY+=("--- $name")
+  while IFS= read -r line; do SUMMARY+=("$line"); done \
+      < <(grep -E "^(FAILED|ERROR) |^bench_intranode rc=" "$OUT_ROOT/$name/gpu_machine.log" | sort -u | head -12)
+  while IFS= read -r line; do SUMMARY+=("$line"); done \
+      < <(sed -n '/^-----/,$p' "$OUT_ROOT/$name/gpu_machine.log" | sed 1d | grep -v "^mpi launcher\|^CUDA MPS")
+}
+
+for p in $PIECES; do
+  case "$p" in
+    bench24)
+      piece bench24 2 extra \
+          EXTRA='timeout -k 10 '"${BENCH_S:-150}"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 > $OUTD/bench_intranode.log 2>&1; echo "bench_intranode rc=$?"' ;;
+    tier2) piece tier2 2 tests TIER_LIMIT_S="${TIER2_S:-220}" ;;
+    tier4) piece tier4 4 tests TIER_LIMIT_S="${TIER4_S:-330}" ;;
+    deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="${DEADRANK_S:-260}" ;;
+    sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="${SAN_S:-100}" ;;
+    *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;;
+  esac
+done
+
+echo "==============================================================================="
+for line in "${SUMMARY[@]}"; do echo "$line"; done
+for name in $PIECES; do
+  [ -f "$OUT_ROOT/$name/tier_files.txt" ] && awk '$1 == "rank" && $2 == "0"' "$OUT_ROOT/$name/tier_files.txt" \
+      | sed "s/^/$name /"
+done
