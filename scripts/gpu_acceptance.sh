@@ -13,7 +13,8 @@
 #   sanitizers  compute-sanitizer memcheck, racecheck, synccheck over the low-latency tests, 1 rank
 # Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
 # count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
-# below), so a slow piece cannot eat the next one's time. The summary lines come last.
+# below), so a slow piece cannot eat the next one's time, and every limit is cut to what is left of
+# TOTAL_S (default 580, under the device call's 600), so the summary still prints. It comes last.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,6 +22,10 @@ OUT_ROOT="${OUT:-$ROOT/out}"
 PIECES="${PIECES:-bench24 tier2 tier4}"
 export SKIP_CPU_TIER=1
 declare -a SUMMARY=()
+T_START=$(date +%s)
+TOTAL_S="${TOTAL_S:-580}"
+left() { echo $(( TOTAL_S - ($(date +%s) - T_START) - 30 )); }   # 30 s: a piece's setup, MPS stop, the summary
+within() { local l; l=$(( $(left) / ${2:-1} )); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(limit, time left / n)
 
 piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run into $OUT_ROOT/NAME
   local name=$1 ranks=$2 steps=$3; shift 3
@@ -37,14 +42,15 @@ piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run
 }
 
 for p in $PIECES; do
+  if [ "$(left)" -lt 45 ]; then SUMMARY+=("--- $p: not run, TOTAL_S=$TOTAL_S spent"); continue; fi
   case "$p" in
     bench24)
       piece bench24 2 extra \
-          EXTRA='timeout -k 10 '"${BENCH_S:-150}"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 > $OUTD/bench_intranode.log 2>&1; echo "bench_intranode rc=$?"' ;;
-    tier2) piece tier2 2 tests TIER_LIMIT_S="${TIER2_S:-220}" ;;
-    tier4) piece tier4 4 tests TIER_LIMIT_S="${TIER4_S:-330}" ;;
-    deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="${DEADRANK_S:-260}" ;;
-    sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="${SAN_S:-100}" ;;
+          EXTRA='timeout -k 10 '"$(within "${BENCH_S:-120}")"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 > $OUTD/bench_intranode.log 2>&1; echo "bench_intranode rc=$?"' ;;
+    tier2) piece tier2 2 tests TIER_LIMIT_S="$(within "${TIER2_S:-220}")" ;;
+    tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-330}")" ;;
+    deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
+    sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" ;;
     *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;;
   esac
 done
