@@ -10,7 +10,7 @@
 #   tier2       the whole GPU tier (tests/gpu tests/multirank) at 2 ranks
 #   tier4       the same at 4 ranks
 #   deadrank    the dead-rank tests (each launches its own 2- and 4-rank groups)
-#   sanitizers  compute-sanitizer memcheck, racecheck, synccheck over the low-latency tests, 1 rank
+#   sanitizers  compute-sanitizer memcheck, racecheck, synccheck over six low-latency tests, 1 rank
 # Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
 # count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
 # below), so a slow piece cannot eat the next one's time, and every limit is cut to what is left of
@@ -50,7 +50,10 @@ for p in $PIECES; do
     tier2) piece tier2 2 tests TIER_LIMIT_S="$(within "${TIER2_S:-220}")" ;;
     tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-330}")" ;;
     deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
-    sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" ;;
+    # six tests a tool (reference routings, the receive hook, graph replay; both transports): under
+    # racecheck the low-latency tests took ~7 s each (2026-12-06), so the whole file never finished
+    sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" \
+        SAN_K="${SAN_K:-routings_against_reference or recv_hook or cuda_graph_replay}" ;;
     *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;;
   esac
 done
