@@ -61,6 +61,7 @@ done
 echo "==============================================================================="
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 for name in $PIECES; do
-  [ -f "$OUT_ROOT/$name/tier_files.txt" ] && awk '$1 == "rank" && $2 == "0"' "$OUT_ROOT/$name/tier_files.txt" \
-      | sed "s/^/$name /"
+  if [ -f "$OUT_ROOT/$name/tier_files.txt" ]; then
+    awk '$1 == "rank" && $2 == "0"' "$OUT_ROOT/$name/tier_files.txt" | sed "s/^/$name /"
+  fi
 done
