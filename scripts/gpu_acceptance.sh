@@ -41,6 +41,10 @@ piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run
       < <(sed -n '/^-----/,$p' "$OUT_ROOT/$name/gpu_machine.log" | sed 1d | grep -v "^mpi launcher\|^CUDA MPS")
 }
 
+for p in $PIECES; do   # every name first: a typo must not cost a device call's earlier pieces
+  case "$p" in bench24|tier2|tier4|deadrank|sanitizers) ;;
+    *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;; esac
+done
 for p in $PIECES; do
   if [ "$(left)" -lt 45 ]; then SUMMARY+=("--- $p: not run, TOTAL_S=$TOTAL_S spent"); continue; fi
   case "$p" in
@@ -54,7 +58,6 @@ for p in $PIECES; do
     # racecheck the low-latency tests took ~7 s each (2026-12-06), so the whole file never finished
     sanitizers) piece sanitizers 2 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" \
         SAN_K="${SAN_K:-routings_against_reference or recv_hook or cuda_graph_replay}" ;;
-    *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;;
   esac
 done
 
