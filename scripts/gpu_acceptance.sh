@@ -41,9 +41,9 @@ piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run
       < <(sed -n '/^-----/,$p' "$OUT_ROOT/$name/gpu_machine.log" | sed 1d | grep -v "^mpi launcher\|^CUDA MPS")
 }
 
+KNOWN_PIECES="bench24 tier2 tier4 deadrank sanitizers"
 for p in $PIECES; do   # every name first: a typo must not cost a device call's earlier pieces
-  case "$p" in bench24|tier2|tier4|deadrank|sanitizers) ;;
-    *) echo "unknown piece $p (bench24 tier2 tier4 deadrank sanitizers)"; exit 2 ;; esac
+  [[ " $KNOWN_PIECES " == *" $p "* ]] || { echo "unknown piece $p ($KNOWN_PIECES)"; exit 2; }
 done
 for p in $PIECES; do
   if [ "$(left)" -lt 45 ]; then SUMMARY+=("--- $p: not run, TOTAL_S=$TOTAL_S spent"); continue; fi
