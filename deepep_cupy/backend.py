@@ -144,7 +144,8 @@ class LowLatencyDispatchRequest:
     """One low-latency dispatch of bf16 ``x`` ``[T, H]`` to the experts of int64 ``topk_idx``
     ``[T, K]``, in a buffer laid out for ``num_max_dispatch_tokens_per_rank`` tokens per rank and
     ``num_experts`` experts. The flags are ``Buffer.low_latency_dispatch``'s; ``ids_checked`` as
-    for ``LayoutRequest``."""
+    for ``LayoutRequest``; ``recv_stats``: None, or the backend's view of the caller's int32 ``[L]``
+    array that the receive adds ``recv_count`` into (``cumulative_local_expert_recv_stats``)."""
 
     x: Any
     topk_idx: Any
@@ -156,6 +157,7 @@ class LowLatencyDispatchRequest:
     async_finish: bool = False
     return_recv_hook: bool = False
     ids_checked: bool = False
+    recv_stats: Any = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -284,6 +286,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def capturing(self) -> bool:
         """Whether the current stream captures a CUDA graph (always False on a host backend)."""
+
+    def current_stream_event(self):
+        """An ``EventOverlap`` of the work queued so far on the caller's current stream
+        (``Buffer.capture``). A host backend has queued nothing: an event with nothing to wait for."""
+        from .event import EventOverlap
+        return EventOverlap(None)
 
     @abc.abstractmethod
     def checks_values(self) -> bool:

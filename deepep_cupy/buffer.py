@@ -446,6 +446,13 @@ class Buffer:
         from .config import tuned_config
         return tuned_config("combine", expect_int(num_ranks, "num_ranks", minimum=1))
 
+    def capture(self) -> EventOverlap:
+        """DeepEP's ``Buffer.capture()``: an ``EventOverlap`` of the work queued so far on the
+        current stream, to pass as ``previous_event`` (the call's communication stream then starts
+        after that work). On the reference backend nothing is queued: an event that is done."""
+        self._live()
+        return self._backend.current_stream_event()
+
     # ------------------------------------------------------------------------- arrays in and out
     @property
     def _device(self) -> tuple:
@@ -911,7 +918,8 @@ class Buffer:
     @_collective("low_latency_dispatch", low_latency=True)
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
-                             async_finish: bool = False, return_recv_hook: bool = False) -> tuple:
+                             async_finish: bool = False, return_recv_hook: bool = False,
+                             cumulative_local_expert_recv_stats=None) -> tuple:
         """Send each token to each of its top-k experts for decoding (collective).
 
         Arguments:
@@ -931,6 +939,11 @@ class Buffer:
                 receives later, on the stream current then. Outputs are valid after the hook. At
                 most two operations may wait for their hooks; hooks run in call order. Not with
                 ``async_finish``.
+            cumulative_local_expert_recv_stats: optional int32 ``[L]`` (writable: not a JAX array)
+                that the receive adds ``recv_count`` into, in stream order with it (after the hook
+                with ``return_recv_hook``; inside a captured graph at each replay): DeepEP's running
+                per-expert load count for monitoring and expert load balancing. Keyword only here
+                (DeepEP has it before ``use_fp8``).
 
         Returns (arrays of ``x``'s framework; with the hook on the reference backend, complete at once):
             recv_x: bf16 ``[L, R*M, H]`` or the pair ``(e4m3 [L, R*M, H], scales)`` (scales float32
@@ -955,8 +968,14 @@ class Buffer:
             raise DeepEPInvalid("use_ue8m0: needs round_scale=True (UE8M0 scales are powers of two)")
         if async_finish and return_recv_hook:
             raise DeepEPInvalid("async_finish: not with return_recv_hook (the hook decides when the receive runs)")
+        stats = cumulative_local_expert_recv_stats
+        expect_optional_array(stats, "cumulative_local_expert_recv_stats", dtype="int32",
+                              shape=(num_experts // self.num_ranks,), device=self._device)
+        if stats is not None:
+            expect_writable(stats, "cumulative_local_expert_recv_stats")
         idx = self._take_topk_idx(topk_idx)
         xt = self._take(x, "x", VECTOR_ALIGNMENT)
+        statst = None if stats is None else self._take(stats, "cumulative_local_expert_recv_stats")
         ids_checked = self._check_ids(idx, num_experts)
         # one source fills at most M slots of an expert's region (only duplicates could exceed it)
         self._backend.check_low_latency_capacity(idx, num_experts, m)
@@ -969,7 +988,7 @@ class Buffer:
                       ("return_recv_hook", "return_recv_hook", bool(return_recv_hook))])
         out = self._backend.low_latency_dispatch(LowLatencyDispatchRequest(
             xt, idx, m, num_experts, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
-            ids_checked))
+            ids_checked, statst))
         fw = xd.framework
         recv = self._give(out.recv_x, fw, "float8_e4m3fn" if use_fp8 else "bfloat16")
         if use_fp8:

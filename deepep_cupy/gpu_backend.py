@@ -31,6 +31,15 @@ __all__ = ["GpuBackend"]
 log = logging.getLogger(__name__)
 
 
+def _add_recv_stats(stats, recv_count, stream) -> None:
+    """``stats += recv_count`` (int32 ``[L]``) on ``stream``, right after the receive that wrote
+    ``recv_count``: no host wait, and captured with it in a CUDA graph. Nothing for ``stats=None``."""
+    if stats is not None:
+        import cupy
+        with stream:
+            cupy.add(stats, recv_count, out=stats)
+
+
 class GpuBackend(Backend):
     """Owns this rank's share of the buffer on its GPU.
 
@@ -140,6 +149,11 @@ class GpuBackend(Backend):
         """Whether CuPy's current stream captures a CUDA graph."""
         import cupy
         return cupy.cuda.get_current_stream().is_capturing()
+
+    def current_stream_event(self) -> EventOverlap:
+        """An event recorded on CuPy's current stream now."""
+        import cupy
+        return EventOverlap(cupy.cuda.get_current_stream().record())
 
     def checks_values(self) -> bool:
         """Only with ``settings.check_values`` and outside CUDA-graph capture (a device reduction and
@@ -398,7 +412,9 @@ class GpuBackend(Backend):
 
             def hook():
                 """Complete the receive of this low-latency dispatch (on the current stream)."""
-                kernels.dispatch_recv(pending, cupy.cuda.get_current_stream())
+                stream = cupy.cuda.get_current_stream()
+                kernels.dispatch_recv(pending, stream)
+                _add_recv_stats(request.recv_stats, pending.handle.recv_count, stream)
 
             hd = pending.handle
             return LowLatencyDispatchResult(pending.recv_x, pending.recv_scales, hd.recv_count, hd,
@@ -406,7 +422,8 @@ class GpuBackend(Backend):
         with CommStreamScope(self.comm_stream, None, request.async_finish, False) as scope:
             recv_x, recv_scales, recv_count, handle = kernels.dispatch(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                                                        self.comm_stream)
-        keep = (x, topk_idx) + tuple(a for a in (recv_x, recv_scales, recv_count) if a is not None)
+            _add_recv_stats(request.recv_stats, recv_count, self.comm_stream)
+        keep = (x, topk_idx) + tuple(a for a in (recv_x, recv_scales, recv_count, request.recv_stats) if a is not None)
         return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, scope.finish(keep_alive=keep), None)
 
     def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:

@@ -533,12 +533,14 @@ class ReferenceBackend(Backend):
 
     def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
         """Low-latency dispatch (collective): ``_low_latency_dispatch`` of the request. The receive
-        is complete at once: the event is complete, and the hook (with ``return_recv_hook``) does
-        nothing."""
+        is complete at once: the event is complete, ``recv_stats`` already counts it, and the hook
+        (with ``return_recv_hook``) does nothing."""
         r = request
         recv_x, recv_scales, recv_count, handle = self._low_latency_dispatch(
             r.x, r.topk_idx, r.num_max_dispatch_tokens_per_rank, r.num_experts, r.use_fp8, r.round_scale,
             r.use_ue8m0)
+        if r.recv_stats is not None:   # the caller's array (a numpy view of it), in place
+            r.recv_stats += recv_count
         hook = (lambda: None) if r.return_recv_hook else None   # the outputs are complete already
         return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, EventOverlap(None), hook)
 

@@ -91,6 +91,12 @@ def read_only(shape):
     return a
 
 
+def read_only_int32(n):
+    a = np.zeros(n, np.int32)
+    a.flags.writeable = False
+    return a
+
+
 def with_nan(a, where=(2, 0), value=np.nan):
     a = a.copy()
     a[where] = value
@@ -316,6 +322,16 @@ CASES = [
          lambda b: b.low_latency_combine(*ll_dispatch(b)[:1], TOPK, W, ll_dispatch(b)[1], out=read_only((T, H)))),
     Case("ll-combine-zero_copy-not-the-combine-buffer", "x", Invalid, "get_next_low_latency_combine_buffer",
          lambda b: b.low_latency_combine(*ll_dispatch(b)[:1], TOPK, W, ll_dispatch(b)[1], zero_copy=True)),
+    # ---- cumulative_local_expert_recv_stats: int32 [L], written in place ----
+    Case("ll-recv-stats-int64", "cumulative_local_expert_recv_stats", TypeErr, "expected dtype int32",
+         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=np.zeros(E, np.int64))),
+    Case("ll-recv-stats-wrong-length", "cumulative_local_expert_recv_stats", Invalid, "expected shape",
+         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=np.zeros(E + 1, np.int32))),
+    Case("ll-recv-stats-jax-array-immutable", "cumulative_local_expert_recv_stats", Invalid, "JAX arrays are immutable",
+         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=pytest.importorskip(
+             "jax.numpy").zeros(E, np.int32))),
+    Case("ll-recv-stats-read-only", "cumulative_local_expert_recv_stats", Invalid, "read-only",
+         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=read_only_int32(E))),
 ]
 
 

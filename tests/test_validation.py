@@ -125,6 +125,8 @@ def test_destroyed_buffer_raises():
     topk, _, _ = good_inputs()
     with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
         b.get_dispatch_layout(topk, E)
+    with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
+        b.capture()
 
 
 def test_dispatch_without_topk_routes_by_rank_mask(buf):
@@ -274,3 +276,13 @@ def test_public_alive_device_id_and_adopt_handle():
     assert not b.alive
     with pytest.raises(ep.DeepEPInvalid, match="destroyed"):
         b.adopt_handle(rebuilt)
+
+
+def test_capture_gives_a_previous_event(buf):
+    """``Buffer.capture()`` (DeepEP's): an ``EventOverlap`` to pass as ``previous_event``; on the
+    reference backend nothing is queued, so it is done and the call after it is exact."""
+    topk, x, w = good_inputs()
+    event = buf.capture()
+    assert isinstance(event, ep.EventOverlap) and event.event is None and event.done
+    recv_x = buf.dispatch(**dispatch_kwargs(buf, topk, x, w), previous_event=event)[0]
+    np.testing.assert_array_equal(recv_x, ep.reference.dispatch([x], [topk], [w], E)[0].recv_x)

@@ -121,7 +121,8 @@ def test_layout_async_event_and_previous_event(buf):
     event.current_stream_wait()
     ref = reference_layout(topk, 256, buf.num_ranks, buf.ranks_per_node)
     assert not check_equal([None if o is None else cp.asnumpy(o) for o in outs[:4]], ref)
-    prev = EventOverlap(cp.cuda.get_current_stream().record())
+    prev = buf.capture()            # DeepEP's name for an event recorded on the current stream
+    assert isinstance(prev, EventOverlap) and isinstance(prev.event, cp.cuda.Event)
     outs = buf.get_dispatch_layout(x, 256, previous_event=prev, async_finish=True,
                                    allocate_on_comm_stream=True)
     with outs[-1]:

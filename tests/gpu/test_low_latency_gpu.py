@@ -414,6 +414,50 @@ def test_cuda_graph_replay(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
 
 
+def test_cumulative_local_expert_recv_stats(buf):
+    """``cumulative_local_expert_recv_stats`` gains each receive's ``recv_count``, in stream order:
+    eager (plain and async_finish), with the hook (nothing before ``hook()``), and in a captured
+    graph (once per replay). It starts from non-zero values: an add, not an overwrite."""
+    import cupy as cp
+    from deepep_cupy import reference
+    R, me, M, H, E, K = buf.num_ranks, buf.rank, 64, 2048, 32, 8
+    xs, idxs, ws = make_inputs(900, R, M, H, K, E, "hot")
+    want_count = reference.low_latency_dispatch(xs, idxs, M, E, use_fp8=False)[me].recv_count.astype(np.int64)
+    start = np.arange(E // R, dtype=np.int32) * 1000 + 7
+    stats = cp.asarray(start)
+    x_g, idx_g = cp.asarray(xs[me]), cp.asarray(idxs[me])
+    problems = []
+
+    def expect(n, label):
+        got = host(stats).astype(np.int64)
+        if not np.array_equal(got, start + n * want_count):
+            problems.append(f"{label}: stats {got[:6]} != start + {n} x {want_count[:6]}")
+
+    buf.low_latency_dispatch(x_g, idx_g, M, E, use_fp8=False, cumulative_local_expert_recv_stats=stats)
+    _, _, _, event, _ = buf.low_latency_dispatch(x_g, idx_g, M, E, async_finish=True,
+                                                 cumulative_local_expert_recv_stats=stats)
+    event.current_stream_wait()
+    cp.cuda.get_current_stream().synchronize()
+    expect(2, "eager, then async_finish")
+    _, _, _, _, hook = buf.low_latency_dispatch(x_g, idx_g, M, E, return_recv_hook=True,
+                                                cumulative_local_expert_recv_stats=stats)
+    cp.cuda.get_current_stream().synchronize()
+    expect(2, "sends issued, hook not called")
+    hook()
+    cp.cuda.get_current_stream().synchronize()
+    expect(3, "after the hook")
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        buf.low_latency_dispatch(x_g, idx_g, M, E, cumulative_local_expert_recv_stats=stats)
+        graph = stream.end_capture()
+        for _ in range(5):
+            graph.launch(stream)
+        stream.synchronize()
+    expect(8, "5 graph replays")
+    assert_all_ranks(world(), not problems, "; ".join(problems))
+
+
 def test_stress_1000_iterations_bit_identical(buf):
     """1000 dispatch (FP8) + combine rounds on the same inputs give the same bits every time."""
     import cupy as cp

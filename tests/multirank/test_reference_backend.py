@@ -235,3 +235,30 @@ def test_size_one_communicator(comm):
     same(comb[1], exp_c[1])
     nvalid = (idx[0] >= 0).sum(axis=1).astype(np.float32)
     same(ll, (xs[0].astype(np.float32) * nvalid[:, None] + np.float32(0)).astype(BF16))
+
+
+def test_cumulative_local_expert_recv_stats(comm):
+    """Through ``Buffer``: ``cumulative_local_expert_recv_stats`` gains this rank's reference
+    ``recv_count`` at each low-latency dispatch (plain, then with the hook), from non-zero values;
+    a call refused for bad input leaves it as it was."""
+    import deepep_cupy as ep
+    r, n = comm.Get_rank(), comm.Get_size()
+    m = 16
+    xs, idx, _, e = make_inputs(n, 31, max_tokens=m - 1)
+    want = ref.low_latency_dispatch(xs, idx, m, e, use_fp8=False)[r].recv_count.astype(np.int64)
+    start = np.arange(e // n, dtype=np.int32) * 100 + 3
+    stats = start.copy()
+    with ep.Buffer(comm, backend="reference") as buf:
+        buf.low_latency_dispatch(xs[r], idx[r], m, e, use_fp8=False, cumulative_local_expert_recv_stats=stats)
+        after_one = stats.astype(np.int64)
+        _, _, _, _, hook = buf.low_latency_dispatch(xs[r], idx[r], m, e, return_recv_hook=True,
+                                                    cumulative_local_expert_recv_stats=stats)
+        hook()
+        after_two = stats.astype(np.int64)
+        assert want.sum() > 0, "the routing must send this rank something"
+        with pytest.raises(DeepEPInvalid, match="^num_max_dispatch_tokens_per_rank"):
+            buf.low_latency_dispatch(xs[r], idx[r], 0, e, cumulative_local_expert_recv_stats=stats)
+    np.testing.assert_array_equal(after_one, start + want)
+    np.testing.assert_array_equal(after_two, start + 2 * want)
+    np.testing.assert_array_equal(stats, after_two)
+    assert stats.dtype == np.int32
