@@ -92,6 +92,8 @@ def run(args, ctx) -> list:
         all_topk_idx = np.stack(idxs)
         problems = []
         tuple_checked = False
+        stats = ctx.dev(np.zeros(E // R, np.int32))   # DeepEP's cumulative_local_expert_recv_stats
+        num_dispatches, want_count = 0, None
         for label, use_fp8, round_scale, ue8m0 in MODES:
             mine, want = ss.ll_reference(xs, idxs, ws, me, M, E, use_fp8, round_scale, ue8m0)
             y_mine = ss.simulated_gemm(mine)
@@ -100,8 +102,10 @@ def run(args, ctx) -> list:
                 found = []
                 recv, count, handle, event, hook = buf.low_latency_dispatch(
                     x, idx, M, E, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=ue8m0,
-                    async_finish=not hook_mode, return_recv_hook=hook_mode)
+                    async_finish=not hook_mode, return_recv_hook=hook_mode,
+                    cumulative_local_expert_recv_stats=stats)
                 hook() if hook_mode else event.current_stream_wait()
+                num_dispatches, want_count = num_dispatches + 1, mine.recv_count.astype(np.int64)
                 found += ss.ll_dispatch_problems(ctx, tag, (recv, count, handle), mine, use_fp8)
                 if has_tuple_view(handle):
                     tuple_checked = True
@@ -126,6 +130,13 @@ def run(args, ctx) -> list:
                 checks = "dispatch (and DeepEP's handle[0] / handle[1] checks)" if has_tuple_view(handle) else "dispatch"
                 ctx.say(f"[testing] {tag}: {checks}, combine (zero_copy False/True) ... "
                         f"{'passed' if not found else 'FAILED'}")
+        got_stats = ctx.host(stats).astype(np.int64)
+        stats_ok = np.array_equal(got_stats, num_dispatches * want_count)
+        if not stats_ok:
+            problems.append(f"cumulative_local_expert_recv_stats {got_stats[:6]} != {num_dispatches} x recv_count "
+                            f"{want_count[:6]}")
+        ctx.say(f"[testing] cumulative_local_expert_recv_stats after {num_dispatches} dispatches ... "
+                f"{'passed' if stats_ok else 'FAILED'}")
         if not tuple_checked:
             ctx.say("[testing] DeepEP's handle[0] / handle[1] checks skipped: this backend's handle has no "
                     "tuple view yet")
