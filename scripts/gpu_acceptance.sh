@@ -42,6 +42,9 @@ piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run
 }
 
 KNOWN_PIECES="bench24 tier2 tier4 deadrank sanitizers"
+for v in TOTAL_S BENCH_S TIER2_S TIER4_S DEADRANK_S SAN_S; do   # `timeout 0` would mean no limit at all
+  [[ -z "${!v:-}" || "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "$v=${!v}: a limit must be a whole number of seconds >= 1 (drop a piece from PIECES to skip it)"; exit 2; }
+done
 for p in $PIECES; do   # every name first: a typo must not cost a device call's earlier pieces
   [[ " $KNOWN_PIECES " == *" $p "* ]] || { echo "unknown piece $p ($KNOWN_PIECES)"; exit 2; }
 done

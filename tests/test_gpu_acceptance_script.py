@@ -1,6 +1,7 @@
 """scripts/gpu_acceptance.sh's time budget and piece names, without a GPU: a piece that no longer
 fits in TOTAL_S is listed as not run (instead of starting and being killed by the device call's
-limit), and an unknown piece name stops the script before anything runs."""
+limit), and an unknown piece name or a limit that is not a positive number of seconds (``timeout
+0`` would run without a limit) stops the script before anything runs."""
 
 import os
 import pathlib
@@ -33,4 +34,13 @@ def test_unknown_piece_stops_before_anything_runs(tmp_path):
     done = _run(tmp_path, PIECES="tier2 bench", TOTAL_S="580")
     assert done.returncode == 2
     assert "unknown piece bench" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [dict(TIER4_S="0"), dict(TOTAL_S="abc"), dict(SAN_S="-5")])
+def test_a_limit_that_is_not_positive_stops_before_anything_runs(tmp_path, bad):
+    done = _run(tmp_path, PIECES="tier2 tier4", **bad)
+    name, value = next(iter(bad.items()))
+    assert done.returncode == 2
+    assert f"{name}={value}: a limit must be a whole number of seconds >= 1" in done.stdout
     assert list(tmp_path.iterdir()) == []
