@@ -21,6 +21,8 @@ import abc
 import dataclasses
 from typing import Any, Callable, List, Optional, Tuple
 
+from .event import EventOverlap
+
 __all__ = ["Backend", "LayoutRequest", "LayoutResult", "DispatchRequest", "DispatchResult",
            "CombineRequest", "CombineResult", "LowLatencyDispatchRequest", "LowLatencyDispatchResult",
            "LowLatencyCombineRequest", "LowLatencyCombineResult"]
@@ -287,10 +289,9 @@ class Backend(abc.ABC):
     def capturing(self) -> bool:
         """Whether the current stream captures a CUDA graph (always False on a host backend)."""
 
-    def current_stream_event(self):
+    def current_stream_event(self) -> EventOverlap:
         """An ``EventOverlap`` of the work queued so far on the caller's current stream
         (``Buffer.capture``). A host backend has queued nothing: an event with nothing to wait for."""
-        from .event import EventOverlap
         return EventOverlap(None)
 
     @abc.abstractmethod

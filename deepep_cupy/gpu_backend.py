@@ -409,12 +409,13 @@ class GpuBackend(Backend):
         if request.return_recv_hook:   # sends on the current stream; hook() receives on the stream current then
             pending = kernels.dispatch_send(x, topk_idx, use_fp8, round_scale, use_ue8m0,
                                             cupy.cuda.get_current_stream())
+            recv_stats = request.recv_stats   # the hook keeps this, not the whole request
 
             def hook():
                 """Complete the receive of this low-latency dispatch (on the current stream)."""
                 stream = cupy.cuda.get_current_stream()
                 kernels.dispatch_recv(pending, stream)
-                _add_recv_stats(request.recv_stats, pending.handle.recv_count, stream)
+                _add_recv_stats(recv_stats, pending.handle.recv_count, stream)
 
             hd = pending.handle
             return LowLatencyDispatchResult(pending.recv_x, pending.recv_scales, hd.recv_count, hd,
