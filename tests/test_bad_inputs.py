@@ -85,14 +85,8 @@ def topk33():
     return np.concatenate([TOPK, np.full((T, 33 - K), -1, np.int64)], axis=1)
 
 
-def read_only(shape):
-    a = np.zeros(shape, BF16)
-    a.flags.writeable = False
-    return a
-
-
-def read_only_int32(n):
-    a = np.zeros(n, np.int32)
+def read_only(shape, dtype=BF16):
+    a = np.zeros(shape, dtype)
     a.flags.writeable = False
     return a
 
@@ -331,7 +325,7 @@ CASES = [
          lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=pytest.importorskip(
              "jax.numpy").zeros(E, np.int32))),
     Case("ll-recv-stats-read-only", "cumulative_local_expert_recv_stats", Invalid, "read-only",
-         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=read_only_int32(E))),
+         lambda b: b.low_latency_dispatch(X, TOPK, M, E, cumulative_local_expert_recv_stats=read_only(E, np.int32))),
 ]
 
 
