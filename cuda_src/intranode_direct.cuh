@@ -28,7 +28,10 @@
 
 namespace {
 
-constexpr int kCopyUnroll = 8;            // 16-byte loads in flight per lane in a row copy
+// 16-byte loads in flight per lane in a row copy. 16 holds a whole FP8 row of hidden 7168 (14 a lane)
+// and half a BF16 one; it fits the 128 registers a thread may have only at 2 ranks (126; at 4 ranks
+// ptxas spilled, and at 8 the per-destination pointers alone take ~48 registers).
+constexpr int kCopyUnroll = DEEPEP_NUM_RANKS <= 2 ? 16 : 8;
 constexpr long long kNoLimit = 0x7fffffffLL;
 
 enum DirectMode : int { kModeDirect = 1, kModeStaged = 2 };
@@ -97,16 +100,38 @@ DEEPEP_DEVICE void copy_row_to_all(const int4* __restrict__ src, int4* const (&d
     }
 }
 
-// FP8 scales (hidden/128 floats, not always a multiple of 16 bytes): 4 bytes per lane.
-DEEPEP_DEVICE void copy_words_to_all(const int* __restrict__ src, int* const (&dst)[kNumRanks], int words,
+// FP8 scales (hidden/128 floats, not always a multiple of 16 bytes): 4 bytes per lane. The first
+// 64 words of a row are loaded by the caller ahead of the row's data (ScaleWords), so their latency
+// overlaps the row's loads instead of following them; this loop takes the rest (hidden > 8192).
+DEEPEP_DEVICE void copy_words_to_all(const int* __restrict__ src, int* const (&dst)[kNumRanks], int first, int words,
                                      int lane) {
-    for (int i = lane; i < words; i += kWarpSize) {
+    for (int i = first + lane; i < words; i += kWarpSize) {
         const int v = __ldg(src + i);
 #pragma unroll
         for (int j = 0; j < kNumRanks; ++j)
             if (dst[j] != nullptr) dst[j][i] = v;
     }
 }
+
+// A row's first 2 x 32 scale words, one pair per lane, loaded before the row's data.
+struct ScaleWords {
+    int v0, v1;
+    static constexpr int kWords = 2 * kWarpSize;
+    DEEPEP_DEVICE static ScaleWords load(const int* __restrict__ src, int words, int lane) {
+        ScaleWords s{0, 0};
+        if (lane < words) s.v0 = __ldg(src + lane);
+        if (lane + kWarpSize < words) s.v1 = __ldg(src + lane + kWarpSize);
+        return s;
+    }
+    DEEPEP_DEVICE void store(int* const (&dst)[kNumRanks], int words, int lane) const {
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j) {
+            if (dst[j] == nullptr) continue;
+            if (lane < words) dst[j][lane] = v0;
+            if (lane + kWarpSize < words) dst[j][lane + kWarpSize] = v1;
+        }
+    }
+};
 
 // Where one peer wants this rank's rows (read from direct_info into shared memory).
 struct DestInfo {
@@ -215,14 +240,20 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
                     if (scale_bytes) dscale[j] = reinterpret_cast<int*>(row + hidden_bytes);
                 }
             }
+            // The token's small loads (scales, top-k ids and weights: one lane per top-k slot) go first,
+            // so they wait together with the row's data instead of one round trip after another (FP8
+            // rows are half as long, so these rounds were a third of a token's latency).
+            const int scale_words = scale_bytes >> 2;
+            const int* scales = reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes);
+            const ScaleWords head = scale_bytes ? ScaleWords::load(scales, scale_words, lane) : ScaleWords{0, 0};
+            const int64_t e = (with_topk && lane < num_topk) ? __ldg(p.topk_idx + static_cast<long long>(t) * num_topk + lane) : -1;
+            const float w = (with_weights && lane < num_topk) ? __ldg(p.topk_weights + static_cast<long long>(t) * num_topk + lane) : 0.0f;
             copy_row_to_all(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
                             hidden_bytes >> 4, lane);
-            if (scale_bytes)
-                copy_words_to_all(reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes),
-                                  dscale, scale_bytes >> 2, lane);
-            // top-k ids / weights and the source index: one lane per top-k slot
-            const int64_t e = (with_topk && lane < num_topk) ? p.topk_idx[static_cast<long long>(t) * num_topk + lane] : -1;
-            const float w = (with_weights && lane < num_topk) ? p.topk_weights[static_cast<long long>(t) * num_topk + lane] : 0.0f;
+            if (scale_bytes) {
+                head.store(dscale, scale_words, lane);
+                copy_words_to_all(scales, dscale, ScaleWords::kWords, scale_words, lane);
+            }
 #pragma unroll
             for (int j = 0; j < kNumRanks; ++j) {
                 if (drow[j] < 0) continue;
