@@ -37,7 +37,7 @@ def test_unknown_piece_stops_before_anything_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", [dict(TIER4_S="0"), dict(TOTAL_S="abc"), dict(SAN_S="-5")])
+@pytest.mark.parametrize("bad", [dict(TIER4_S="0"), dict(TOTAL_S="abc"), dict(SAN_S="-5"), dict(RACE_S="0")])
 def test_a_limit_that_is_not_positive_stops_before_anything_runs(tmp_path, bad):
     done = _run(tmp_path, PIECES="tier2 tier4", **bad)
     name, value = next(iter(bad.items()))
