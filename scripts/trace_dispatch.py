@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Where the host time of a non-cached dispatch goes (a diagnostic, not a benchmark).
+"""Where the time of a non-cached dispatch goes, host and GPU side (a diagnostic, not a benchmark).
 
-    mpirun -n 2 python scripts/trace_dispatch.py [--tokens 4096 --hidden 7168 --iters 30]
+    mpirun -n 2 python scripts/trace_dispatch.py [--tokens 4096 --hidden 7168 --iters 30] [--inputs bf16,fp8]
 
-Wraps IntranodeKernels.notify and the data-kernel launch with host timers and prints, per
-dispatch kernel (direct, staged), the median host microseconds of: the front end before notify
-is launched, the notify launch, from there to the data kernel's launch (staged: the poll for the
-receive count and the allocation; direct: the data kernel is queued before the poll), and the
-rest (direct: the poll); beside the GPU time of the whole call (events) with and without an
-L2 flush before it.
+Wraps IntranodeKernels.notify and the data-kernel launch with host timers and prints, per input
+(BF16, FP8), dispatch kernel (direct, staged) and L2 flush (off, on), the median host microseconds
+of: the front end before notify is launched, the notify launch, from there to the data kernel's
+launch (staged: the poll for the receive count and the allocation; direct: the data kernel is
+queued before the poll), the rest (direct: the poll), and after the poll's return; beside the GPU
+time of the whole call (events) and where the GPU reached notify and the data kernel (events
+recorded on the communication stream at each launch, timed from the call's start event). When
+"gpu@data" exceeds the flush and notify, the GPU sat waiting for the host's launch: the benchmark's
+figure for that call is host time, not kernel time (2026-12-07: FP8 non-cached on the H200).
 """
 
 import argparse
@@ -26,14 +29,18 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--sms", type=int, default=24)
+    ap.add_argument("--inputs", default="bf16,fp8", help="bf16, fp8 or both (comma-separated)")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of rank 0's direct dispatches")
     args = ap.parse_args()
+    for name in args.inputs.split(","):
+        if name not in ("bf16", "fp8"):
+            ap.error(f"--inputs: expected bf16 and/or fp8, got {name!r}")
     from mpi4py import MPI
     import cupy as cp
     import ml_dtypes
     import numpy as np
     import deepep_cupy as ep
-    from deepep_cupy import intranode
+    from deepep_cupy import intranode, reference
 
     comm = MPI.COMM_WORLD
     rank, R = comm.Get_rank(), comm.Get_size()
@@ -43,25 +50,38 @@ def main():
     idx = cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64))
     w = cp.asarray(rng.random((T, K), dtype=np.float32))
     x = cp.asarray(rng.standard_normal((T, H), dtype=np.float32).astype(ml_dtypes.bfloat16))
+    q, scales = reference.per_token_cast_to_fp8(cp.asnumpy(x))
+    inputs = {"bf16": x, "fp8": (cp.asarray(q.view(np.uint8)), cp.asarray(scales))}
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     cfg = ep.Config(num_sms=args.sms)
     ep.settings.check_values = False
 
     marks = {}
 
-    def wrap(name, enter=None, leave=None):
+    def stream_of(a, k):
+        """The stream argument of a launcher (positional or keyword)."""
+        for v in list(a) + list(k.values()):
+            if isinstance(v, (cp.cuda.Stream, cp.cuda.ExternalStream)):
+                return v
+        return None
+
+    def wrap(name, enter=None, leave=None, gpu_mark=None):
         orig = getattr(intranode.IntranodeKernels, name)
 
         def timed(self, *a, **k):
             if enter:
                 marks[enter] = time.perf_counter()
+            if gpu_mark:   # where the GPU gets to this launch on its stream
+                ev = cp.cuda.Event()
+                ev.record(stream_of(a, k))
+                marks[gpu_mark] = ev
             out = orig(self, *a, **k)
             if leave:
                 marks[leave] = time.perf_counter()
             return out
         setattr(intranode.IntranodeKernels, name, timed)
 
-    wrap("_launch_notify", enter="notify_in", leave="notify_out")
+    wrap("_launch_notify", enter="notify_in", leave="notify_out", gpu_mark="gpu_notify")
     launch_notify = intranode.IntranodeKernels._launch_notify
 
     def launch_notify_marking_poll(self, *a, **k):   # the poll's return, marked
@@ -73,38 +93,43 @@ def main():
             return out
         return send_pos, recv_info, timed_poll
     intranode.IntranodeKernels._launch_notify = launch_notify_marking_poll
-    wrap("_launch_direct", leave="data_out")     # direct kernel (queued before or after the poll)
-    wrap("dispatch", leave="data_out")           # the staged kernel's launcher
+    wrap("_launch_direct", leave="data_out", gpu_mark="gpu_data")   # direct kernel (queued before or after the poll)
+    wrap("dispatch", leave="data_out", gpu_mark="gpu_data")         # the staged kernel's launcher
     flush = cp.empty(256_000_000 // 4, dtype=cp.int32)   # DeepEP's flush: a 256 MB memset
-    for kind in ("direct", "staged"):
-        ep.settings.intranode_dispatch = kind
-        for flushed in (False, True):
-            rows = {"front": [], "notify launch": [], "data launch": [], "poll+rest": [], "after poll": [],
-                    "host total": [], "gpu": []}
-            for i in range(args.iters + 5):
-                if flushed:
-                    flush.fill(0)
-                start, end = cp.cuda.Event(), cp.cuda.Event()
-                start.record()
-                t0 = time.perf_counter()
-                buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
-                             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
-                t1 = time.perf_counter()
-                end.record()
-                end.synchronize()
-                if i < 5:
-                    continue
-                rows["front"].append(marks["notify_in"] - t0)
-                rows["notify launch"].append(marks["notify_out"] - marks["notify_in"])
-                rows["data launch"].append(marks["data_out"] - marks["notify_out"])   # staged: includes the poll
-                rows["poll+rest"].append(t1 - marks["data_out"])
-                rows["after poll"].append(t1 - marks["poll_done"])
-                rows["host total"].append(t1 - t0)
-                rows["gpu"].append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-            if rank == 0:
-                cells = "  ".join(f"{k} {statistics.median(v) * 1e6:7.1f}" for k, v in rows.items())
-                print(f"{kind:7s} flush={int(flushed)}  {cells}  (us, medians of {args.iters})", flush=True)
-            comm.Barrier()
+    for input_name in args.inputs.split(","):
+        for kind in ("direct", "staged"):
+            ep.settings.intranode_dispatch = kind
+            for flushed in (False, True):
+                rows = {"front": [], "notify launch": [], "data launch": [], "poll+rest": [], "after poll": [],
+                        "host total": [], "gpu": [], "gpu@notify": [], "gpu@data": []}
+                for i in range(args.iters + 5):
+                    if flushed:
+                        flush.fill(0)
+                    start, end = cp.cuda.Event(), cp.cuda.Event()
+                    marks.clear()
+                    start.record()
+                    t0 = time.perf_counter()
+                    buf.dispatch(inputs[input_name], topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                                 is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
+                    t1 = time.perf_counter()
+                    end.record()
+                    end.synchronize()
+                    if i < 5:
+                        continue
+                    rows["front"].append(marks["notify_in"] - t0)
+                    rows["notify launch"].append(marks["notify_out"] - marks["notify_in"])
+                    rows["data launch"].append(marks["data_out"] - marks["notify_out"])   # staged: includes the poll
+                    rows["poll+rest"].append(t1 - marks["data_out"])
+                    rows["after poll"].append(t1 - marks["poll_done"])
+                    rows["host total"].append(t1 - t0)
+                    rows["gpu"].append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+                    rows["gpu@notify"].append(cp.cuda.get_elapsed_time(start, marks["gpu_notify"]) / 1e3)
+                    rows["gpu@data"].append(cp.cuda.get_elapsed_time(start, marks["gpu_data"]) / 1e3)
+                if rank == 0:
+                    cells = "  ".join(f"{k} {statistics.median(v) * 1e6:7.1f}" for k, v in rows.items())
+                    print(f"{input_name:4s} {kind:7s} flush={int(flushed)}  {cells}  (us, medians of {args.iters})",
+                          flush=True)
+                comm.Barrier()
     if args.profile:   # where the host time goes: cProfile of rank 0's direct dispatches (no flush)
         import cProfile
         import io
