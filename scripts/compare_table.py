@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The table of scripts/compare_trees.sh: medians per operation, a column per tree, one value per round.
+"""The tables of scripts/compare_trees.sh: per operation, a column per tree, one value per round: the
+GPU medians, then (bench_intranode only) the host time of each call.
 
     python3 scripts/compare_table.py LOG_DIR TREE [TREE ...]
 
@@ -12,19 +13,22 @@ import pathlib
 import re
 import sys
 
-# "  24 dispatch_bf16        212.94 us (p10 ...": bench_intranode's rows (SMs, op, median)
-HT_ROW = re.compile(r"^\s+\d+ (\S+)\s+([\d.]+) us \(p10")
+# "  24 dispatch_bf16        212.94 us (p10 196.26, p90 222.05)   549.6   274.8   0.60x   353.7 ...":
+# bench_intranode's rows (SMs, op, median, then DeepEP GB/s, NVLink GB/s, vs DeepEP, host us, ...)
+HT_ROW = re.compile(r"^\s+\d+ (\S+)\s+([\d.]+) us \(p10 [^)]*\)\s+\S+\s+\S+\s+\S+\s+([\d.]+)")
 # "dispatch_fp8 (graph)       24.64 us (p10 ...": bench_low_latency's rows (op, median)
 LL_ROW = re.compile(r"^(\S.*?)\s{2,}([\d.]+) us \(p10")
 
 
 def read_rows(path: pathlib.Path, prefix: str, pattern) -> dict:
-    """op -> median (us) of one benchmark log."""
+    """op -> median (us) of one benchmark log, and "<op> host" -> its host us where the row has it."""
     rows = {}
     for line in path.read_text(errors="replace").splitlines():
         m = pattern.match(line)
         if m:
             rows[f"{prefix} {m.group(1).strip()}"] = float(m.group(2))
+            if pattern.groups >= 3:
+                rows[f"{prefix} {m.group(1).strip()} host"] = float(m.group(3))
     return rows
 
 
@@ -60,14 +64,19 @@ def main(argv) -> int:
         print(f"no benchmark rows under {log_dir}")
         return 1
     width = max(12, 8 * len(rounds) + 2)
-    print(f"medians (us), rounds {', '.join(map(str, rounds))} per tree")
-    print("op".ljust(36) + "".join(t.rjust(width) for t in trees))
-    for op in ops:
-        cells = []
-        for tree in trees:
-            by_round = dict(table[op][tree])
-            cells.append(" / ".join(f"{by_round[r]:.1f}" if r in by_round else "-" for r in rounds))
-        print(op.ljust(36) + "".join(c.rjust(width) for c in cells))
+    for title, chosen in (("GPU medians (us)", [op for op in ops if not op.endswith(" host")]),
+                          ("host us per call (median)", [op[:-5] for op in ops if op.endswith(" host")])):
+        if not chosen:
+            continue
+        print(f"{title}, rounds {', '.join(map(str, rounds))} per tree")
+        print("op".ljust(36) + "".join(t.rjust(width) for t in trees))
+        for op in chosen:
+            key = op if title.startswith("GPU") else op + " host"
+            cells = []
+            for tree in trees:
+                by_round = dict(table[key][tree])
+                cells.append(" / ".join(f"{by_round[r]:.1f}" if r in by_round else "-" for r in rounds))
+            print(op.ljust(36) + "".join(c.rjust(width) for c in cells))
     return 0
 
 

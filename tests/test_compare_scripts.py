@@ -16,8 +16,8 @@ import compare_table  # noqa: E402
 
 HT_LOG = """buffer: 284 MiB symmetric per rank
  SMs op                           median (p10-p90)                    DeepEP NVL GB/s
-  24 dispatch_bf16                  {bf16:.2f} us (p10 155.74, p90 182.53)            691.5        345.8
-  24 dispatch_fp8_cached            {fp8:.2f} us (p10 105.89, p90 125.57)            554.5        277.3
+  24 dispatch_bf16                  {bf16:.2f} us (p10 155.74, p90 182.53)            691.5        345.8      0.48x    269.7   175.7     43.3
+  24 dispatch_fp8_cached            {fp8:.2f} us (p10 105.89, p90 125.57)            554.5        277.3      0.42x    121.9    90.6     34.7
 SUMMARY bench_intranode (DeepEP v1.2.1: dispatch FP8 258 us, BF16 353 us, combine 403 us)
   dispatch_bf16             169.2 us at 24 SMs  NVLink  345.8 GB/s
 """
@@ -35,14 +35,19 @@ def test_table_has_a_value_per_tree_and_round_and_a_dash_where_a_log_is_missing(
     (tmp_path / "bi_other_1.log").write_text(HT_LOG.format(bf16=1.0, fp8=1.0))   # not asked for
     ops, table, rounds = compare_table.collect(tmp_path, ["old", "new"])
     assert rounds == [1, 2]
-    assert ops == ["ht dispatch_bf16", "ht dispatch_fp8_cached", "ll dispatch_fp8 (graph)"]
+    assert ops == ["ht dispatch_bf16", "ht dispatch_bf16 host", "ht dispatch_fp8_cached", "ht dispatch_fp8_cached host",
+                   "ll dispatch_fp8 (graph)"]
     assert table["ht dispatch_bf16"]["old"] == [(1, 181.04), (2, 174.42)]
+    assert table["ht dispatch_fp8_cached host"]["new"] == [(1, 121.9)]
     assert table["ht dispatch_fp8_cached"]["new"] == [(1, 108.82)]
     assert table["ll dispatch_fp8 (graph)"]["new"] == [(2, 24.64)]
     assert compare_table.main(["compare_table.py", str(tmp_path), "old", "new"]) == 0
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("ht dispatch_bf16"))
     assert row.split()[2:] == ["181.0", "/", "174.4", "170.8", "/", "-"]
+    host_table = lines[lines.index(next(line for line in lines if line.startswith("host us"))):]
+    host_row = next(line for line in host_table if line.startswith("ht dispatch_bf16"))
+    assert host_row.split()[2:] == ["269.7", "/", "269.7", "269.7", "/", "-"]
 
 
 def test_no_rows_is_an_error(tmp_path):
