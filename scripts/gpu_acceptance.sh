@@ -10,7 +10,7 @@
 #   tier2       the whole GPU tier (tests/gpu tests/multirank) at 2 ranks
 #   tier4       the same at 4 ranks
 #   deadrank    the dead-rank tests (each launches its own 2- and 4-rank groups)
-#   sanitizers  compute-sanitizer memcheck and synccheck over six low-latency tests, racecheck over one, 1 rank
+#   sanitizers  compute-sanitizer memcheck and synccheck over 12 small low-latency tests, racecheck over 4, 1 rank
 # Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
 # count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
 # below), so a slow piece cannot eat the next one's time, and every limit is cut to what is left of
@@ -57,13 +57,13 @@ for p in $PIECES; do
     tier2) piece tier2 2 tests TIER_LIMIT_S="$(within "${TIER2_S:-220}")" ;;
     tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-330}")" ;;
     deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
-    # memcheck and synccheck: six tests each (reference routings, the receive hook, graph replay; both
-    # transports). racecheck, far slower (2026-12-07: one test in 100 s, cut there), gets the reference
-    # routings on the NVLink transport and RACE_S. One rank, no MPS: nothing shares the GPU.
+    # memcheck and synccheck: one small routing per mode, the receive hook and graph replay, on both
+    # transports (12 tests). racecheck, far slower (2026-12-07: the 56-case routings test alone took
+    # it past 100 s), gets the small routings on the NVLink transport and RACE_S. One rank, no MPS.
     sanitizers) piece sanitizers 1 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" \
         SAN_RACE_LIMIT_S="$(within "${RACE_S:-160}")" \
-        SAN_K="${SAN_K:-routings_against_reference or recv_hook or cuda_graph_replay}" \
-        SAN_K_RACECHECK="${SAN_K_RACECHECK:-routings_against_reference and nvlink}" ;;
+        SAN_K="${SAN_K:-small_case_per_mode or recv_hook or cuda_graph_replay}" \
+        SAN_K_RACECHECK="${SAN_K_RACECHECK:-small_case_per_mode and nvlink}" ;;
   esac
 done
 

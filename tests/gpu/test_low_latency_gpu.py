@@ -160,6 +160,15 @@ def test_routings_against_reference(buf):
     assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_small_case_per_mode(buf, mode):
+    """One small routing per mode (M = 32, 24 tokens, hidden 2048, top-4 of 16), dispatch and combine
+    bit-exact: every low-latency kernel variant in a few launches, which is what the sanitizers run
+    (test_routings_against_reference's 56 cases took racecheck past 100 s after one test)."""
+    problems = run_case(buf, 700 + MODES.index(mode), 32, 2048, 16, 4, 24, "random", mode)
+    assert_all_ranks(world(), not problems, "\n".join(problems[:10]))
+
+
 def test_max_tokens_per_rank(buf):
     """M = 1024 tokens per rank, top-8."""
     problems = run_case(buf, 500, 1024, 2048, 16, 8, 1024, "random", "fp8")
