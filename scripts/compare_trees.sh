@@ -9,7 +9,8 @@
 #
 # run: ROUNDS rounds (default 3) of, for each tree in turn, bench_intranode.py --sms 24 --iters 40
 # --no-nccl --dispatch-kernels direct (INTRA=0 skips it) and, with LL=1, bench_low_latency.py --iters
-# 100; all within CMP_S seconds (default 240), 2 ranks under MPS (scripts/gpu_machine.sh extra).
+# 100 (on the trees in LL_TREES, default all); all within CMP_S seconds (default 240), 2 ranks under
+# MPS (scripts/gpu_machine.sh extra).
 # Then a table: one row per operation, one column per tree, the median of each round.
 # TESTS_TREE=NAME TESTS_S=N: that tree's GPU test files TEST_FILES (default the intranode and
 # internode files) at 2 ranks afterwards, N seconds at most.
@@ -39,7 +40,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 O="${OUT:-$ROOT/out}"; mkdir -p "$O"
 export TREES="${TREES:?TREES: the tree names, siblings of this one}" ROUNDS="${ROUNDS:-3}"
-export INTRA="${INTRA:-1}" LL="${LL:-0}" SKIP_CPU_TIER=1
+export INTRA="${INTRA:-1}" LL="${LL:-0}" LL_TREES=" ${LL_TREES:-$TREES} " SKIP_CPU_TIER=1
 for t in $TREES; do [ -d "$ROOT/../$t/deepep_cupy" ] || { echo "no tree $ROOT/../$t"; exit 2; }; done
 # evaluated inside gpu_machine.sh, where ROOT, SITE, MPIRUN, PY and OUTD are set
 export EXTRA='
@@ -49,7 +50,7 @@ for round in $(seq 1 $ROUNDS); do
       (cd $D && PYTHONPATH="$D:$SITE/py" timeout -k 5 60 $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 \
           --iters 40 --no-nccl --dispatch-kernels direct > $OUTD/bi_${t}_$round.log 2>&1; echo "bench_intranode $t round $round rc=$?")
     fi
-    if [ "$LL" = 1 ]; then
+    if [ "$LL" = 1 ] && [[ "$LL_TREES" == *" $t "* ]]; then
       (cd $D && PYTHONPATH="$D:$SITE/py" timeout -k 5 70 $MPIRUN -n 2 $PY scripts/bench_low_latency.py \
           --iters 100 > $OUTD/bl_${t}_$round.log 2>&1; echo "bench_low_latency $t round $round rc=$?")
     fi
