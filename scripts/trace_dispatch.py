@@ -4,7 +4,7 @@
     mpirun -n 2 python scripts/trace_dispatch.py [--tokens 4096 --hidden 7168 --iters 30] [--inputs bf16,fp8]
 
 Wraps IntranodeKernels.notify and the data-kernel launch with host timers and prints, per input
-(BF16, FP8), dispatch kernel (direct, staged) and L2 flush (off, on), the median host microseconds
+(BF16, FP8), dispatch kernel (direct, staged), L2 flush (off, on) and rank, the median host microseconds
 of: the front end before notify is launched, the notify launch, from there to the data kernel's
 launch (staged: the poll for the receive count and the allocation; direct: the data kernel is
 queued before the poll), the rest (direct: the poll), and after the poll's return; beside the GPU
@@ -102,6 +102,7 @@ def main():
             for flushed in (False, True):
                 rows = {"front": [], "notify launch": [], "data launch": [], "poll+rest": [], "after poll": [],
                         "host total": [], "gpu": [], "gpu@notify": [], "gpu@data": []}
+                ahead = []
                 for i in range(args.iters + 5):
                     if flushed:
                         flush.fill(0)
@@ -125,10 +126,18 @@ def main():
                     rows["gpu"].append(cp.cuda.get_elapsed_time(start, end) / 1e3)
                     rows["gpu@notify"].append(cp.cuda.get_elapsed_time(start, marks["gpu_notify"]) / 1e3)
                     rows["gpu@data"].append(cp.cuda.get_elapsed_time(start, marks["gpu_data"]) / 1e3)
-                if rank == 0:
-                    cells = "  ".join(f"{k} {statistics.median(v) * 1e6:7.1f}" for k, v in rows.items())
-                    print(f"{input_name:4s} {kind:7s} flush={int(flushed)}  {cells}  (us, medians of {args.iters})",
-                          flush=True)
+                    # the direct path queues its data kernel before the poll; after it, the arena was full
+                    # (or the staged kernel ran) and the GPU waited for the host's poll and allocation
+                    ahead.append(marks["data_out"] < marks["poll_done"])
+                # every rank's medians: a rank whose host is late holds its peers' direct kernels
+                # (they wait for its direct_info entries), so the ranks are shown side by side
+                medians = {k: statistics.median(v) * 1e6 for k, v in rows.items()}
+                medians["gpu p90"] = sorted(rows["gpu"])[int(0.9 * (len(rows["gpu"]) - 1))] * 1e6   # a bimodal row shows here
+                medians["queued before poll %"] = 100.0 * sum(ahead) / max(1, len(ahead))
+                for r, med in enumerate(comm.gather(medians, root=0) or []):
+                    cells = "  ".join(f"{k} {v:7.1f}" for k, v in med.items())
+                    print(f"{input_name:4s} {kind:7s} flush={int(flushed)} rank {r}  {cells}  "
+                          f"(us, medians of {args.iters})", flush=True)
                 comm.Barrier()
     if args.profile:   # where the host time goes: cProfile of rank 0's direct dispatches (no flush)
         import cProfile
