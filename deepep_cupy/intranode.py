@@ -325,6 +325,9 @@ class IntranodeKernels:
         self.arena = None
         self.last_dispatch_direct = False    # whether the last dispatch wrote its outputs in place (tests)
         self.last_combine_pull = False       # whether peers read the last combine's x in place (tests)
+        # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
+        # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
+        self.last_dispatch_ahead = False
         if self.layout.arena_bytes > 0:
             own = int(backend.symmetric.data.ptr) + offset
             self.arena = ReceiveArena(own + self.layout.arena, self.layout.arena_bytes, backend.device_id)
@@ -559,11 +562,13 @@ class IntranodeKernels:
         recv_topk_weights, per-expert list, IntranodeHandle); ``src_tags`` as in ``dispatch``.
         A direct dispatch queues its data kernel before the host waits (``_notify_and_dispatch_ahead``,
         which calls ``on_queued`` then); the other paths never call ``on_queued``."""
+        self.last_dispatch_ahead = False
         if num_worst_tokens == 0 and self._direct_enabled(src_tags):
             done = self._notify_and_dispatch_ahead(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
                                                    num_tokens_per_rank, num_tokens_per_expert, num_experts,
                                                    expert_alignment, num_sms, stream, on_queued)
             if done is not None:
+                self.last_dispatch_ahead = True
                 return done
         send_pos, recv_info, info = self.notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
                                                 num_experts, expert_alignment, wait=num_worst_tokens == 0,

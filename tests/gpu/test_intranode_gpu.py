@@ -199,6 +199,10 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
         if kernels.last_dispatch_direct != want_direct:
             problems.append(f"rank {buf.rank}: last dispatch direct={kernels.last_dispatch_direct}, "
                             f"expected {want_direct}")
+        # the fresh dispatch queued its data kernel before the host's poll exactly when direct
+        if kernels.last_dispatch_ahead != want_direct:
+            problems.append(f"rank {buf.rank}: last fresh dispatch queued ahead of the poll="
+                            f"{kernels.last_dispatch_ahead}, expected {want_direct}")
     finally:
         del hold
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
@@ -218,18 +222,19 @@ def test_receive_arena_blocks_return_when_arrays_die(buf):
               num_tokens_per_expert=layout[2])
     kept = buf.dispatch(to_gpu(xs[me]), **kw)[0]
     kept_host = host(kept).copy()
-    directs = []
+    directs, aheads = [], []
     for _ in range(5):
         out = buf.dispatch(to_gpu(xs[me]), **kw)
         directs.append(kernels.last_dispatch_direct)
+        aheads.append(kernels.last_dispatch_ahead)   # the data kernel queued before the host's poll
         del out
     gc.collect()
-    ok = all(directs) and np.array_equal(host(kept).view(np.uint16), kept_host.view(np.uint16))
+    ok = all(directs) and all(aheads) and np.array_equal(host(kept).view(np.uint16), kept_host.view(np.uint16))
     del kept
     gc.collect()
     ok = ok and kernels.arena.free_bytes == free0
-    assert_all_ranks(world(), ok, f"direct each time: {directs}; arena free {kernels.arena.free_bytes} "
-                                  f"vs {free0} at the start")
+    assert_all_ranks(world(), ok, f"direct each time: {directs}; queued ahead of the poll: {aheads}; arena free "
+                                  f"{kernels.arena.free_bytes} vs {free0} at the start")
 
 
 @pytest.mark.parametrize("with_weights", [True, False], ids=["weights", "no-weights"])
