@@ -13,22 +13,34 @@ import pathlib
 import re
 import sys
 
-# "  24 dispatch_bf16        212.94 us (p10 196.26, p90 222.05)   549.6   274.8   0.60x   353.7 ...":
-# bench_intranode's rows (SMs, op, median, then DeepEP GB/s, NVLink GB/s, vs DeepEP, host us, ...)
-HT_ROW = re.compile(r"^\s+\d+ (\S+)\s+([\d.]+) us \(p10 [^)]*\)\s+\S+\s+\S+\s+\S+\s+([\d.]+)")
+# "  24 dispatch_bf16        212.94 us (p10 196.26, p90 222.05)   549.6   274.8   0.60x   353.7   175.7   34.4":
+# bench_intranode's rows: SMs, op, median, then DeepEP GB/s, NVLink GB/s, vs DeepEP (blank for an op
+# without a DeepEP figure), host us, SM MB, GB/s/SM: the host us is the third column from the end
+HT_ROW = re.compile(r"^\s+(\d+) (\S+)\s+([\d.]+) us \(p10 [^)]*\)(.*)$")
 # "dispatch_fp8 (graph)       24.64 us (p10 ...": bench_low_latency's rows (op, median)
 LL_ROW = re.compile(r"^(\S.*?)\s{2,}([\d.]+) us \(p10")
 
 
 def read_rows(path: pathlib.Path, prefix: str, pattern) -> dict:
-    """op -> median (us) of one benchmark log, and "<op> host" -> its host us where the row has it."""
+    """op -> median (us) of one benchmark log, and "<op> host" -> its host us where the row has it
+    (bench_intranode: the op is suffixed with @<SMs> unless it ran at 24 SMs)."""
     rows = {}
     for line in path.read_text(errors="replace").splitlines():
         m = pattern.match(line)
-        if m:
+        if not m:
+            continue
+        if pattern is HT_ROW:
+            sms, op, median, rest = m.groups()
+            key = f"{prefix} {op}" + ("" if sms == "24" else f"@{sms}")
+            rows[key] = float(median)
+            tail = rest.split()
+            if len(tail) >= 3:
+                try:
+                    rows[f"{key} host"] = float(tail[-3])
+                except ValueError:
+                    pass
+        else:
             rows[f"{prefix} {m.group(1).strip()}"] = float(m.group(2))
-            if pattern.groups >= 3:
-                rows[f"{prefix} {m.group(1).strip()} host"] = float(m.group(3))
     return rows
 
 

@@ -60,10 +60,18 @@ for p in $PIECES; do
     # memcheck and synccheck: one small routing per mode, the receive hook and graph replay, on both
     # transports (12 tests). racecheck, far slower (2026-12-07: the 56-case routings test alone took
     # it past 100 s), gets the small routings on the NVLink transport and RACE_S. One rank, no MPS.
-    sanitizers) piece sanitizers 1 reliability REL_RANKS= AGREE_REPEATS=0 SAN_LIMIT_S="$(within "${SAN_S:-100}" 3)" \
-        SAN_RACE_LIMIT_S="$(within "${RACE_S:-160}")" \
-        SAN_K="${SAN_K:-small_case_per_mode or recv_hook or cuda_graph_replay}" \
-        SAN_K_RACECHECK="${SAN_K_RACECHECK:-small_case_per_mode and nvlink}" ;;
+    # Budget: memcheck and synccheck a third of what is left each (at most SAN_S), racecheck what the
+    # two leave (at most RACE_S), less their kill grace (10 s) and pause (2 s); under 30 s it is dropped.
+    sanitizers)
+      san=$(within "${SAN_S:-100}" 3)
+      race=$(( $(left) - 2 * (san + 12) - 12 ))
+      [ "$race" -gt "${RACE_S:-160}" ] && race=${RACE_S:-160}
+      tools="memcheck synccheck racecheck"
+      if [ "$race" -lt 30 ]; then tools="memcheck synccheck"; race=30; SUMMARY+=("--- racecheck: not run, too little of TOTAL_S left"); fi
+      piece sanitizers 1 reliability REL_RANKS= AGREE_REPEATS=0 SAN_TOOLS="$tools" SAN_LIMIT_S="$san" \
+          SAN_RACE_LIMIT_S="$race" \
+          SAN_K="${SAN_K:-small_case_per_mode or recv_hook or cuda_graph_replay}" \
+          SAN_K_RACECHECK="${SAN_K_RACECHECK:-small_case_per_mode and nvlink}" ;;
   esac
 done
 

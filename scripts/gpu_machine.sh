@@ -89,6 +89,10 @@ if [ "$NUM_RANKS" -gt "$NUM_GPUS" ] && command -v nvidia-cuda-mps-control >/dev/
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d 2>/dev/null && row "CUDA MPS" "started ($NUM_RANKS ranks on $NUM_GPUS GPU(s))" \
     || row "CUDA MPS" "failed to start"
+  # stop the daemon however this script ends: a caller's `timeout` (compare_trees.sh's CMP_S) must not
+  # leave it running beside the next command on the same machine
+  trap 'echo quit | nvidia-cuda-mps-control 2>/dev/null' EXIT
+  trap 'exit 143' TERM INT
 fi
 
 if [[ "$STEPS" == *env* ]]; then
@@ -231,11 +235,13 @@ if [[ "$STEPS" == *reliability* ]]; then   # issues #12 and #15 on the GPU, in o
       k="$SAN_K"; limit="${SAN_LIMIT_S:-150}"
       if [ "$tool" = racecheck ]; then k="${SAN_K_RACECHECK:-$SAN_K}"; limit="${SAN_RACE_LIMIT_S:-$limit}"; fi
       say "compute-sanitizer --tool $tool: low-latency tests ($k), 1 rank, ${limit} s"
+      # the target's --basetemp names it uniquely, so a target the cut left behind can be killed alone
+      mark="/tmp/deepep_sanitizer_target_$$_$tool"
       timeout -k 10 "$limit" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 99 \
-          $PY -m pytest -q -rfE --color=no -p no:cacheprovider tests/gpu/test_low_latency_gpu.py -k "$k" \
-          > "$OUTD/sanitizer_$tool.log" 2>&1
+          $PY -m pytest -q -rfE --color=no -p no:cacheprovider --basetemp="$mark" \
+          tests/gpu/test_low_latency_gpu.py -k "$k" > "$OUTD/sanitizer_$tool.log" 2>&1
       row "sanitizer $tool (LL, 1 rank)" "rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$OUTD/sanitizer_$tool.log" | tr '\n' ' ' | cut -c1-120)"
-      pkill -9 -f "pytest.*test_low_latency_gpu" 2>/dev/null && sleep 2   # a target the cut left behind
+      pkill -9 -f -- "--basetemp=$mark" 2>/dev/null && sleep 2   # a target the cut left behind
     done
   fi
 fi
@@ -253,8 +259,7 @@ if [[ "$STEPS" == *extra* ]]; then   # ad-hoc commands with this environment: EX
   eval "$EXTRA" 2>&1 | tee "$OUTD/extra.log" | tail -40
 fi
 
-[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
-say "done; logs in $OUTD"
+say "done; logs in $OUTD"   # (CUDA MPS, if started, stops on exit: the trap above)
 echo "-------------------------------------------------------------------------------"
 for l in "${TABLE[@]}"; do echo "$l"; done
 grep -h -A10 "SUMMARY" "$OUTD"/bench_*.log 2>/dev/null

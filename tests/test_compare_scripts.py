@@ -50,6 +50,19 @@ def test_table_has_a_value_per_tree_and_round_and_a_dash_where_a_log_is_missing(
     assert host_row.split()[2:] == ["269.7", "/", "269.7", "269.7", "/", "-"]
 
 
+def test_rows_at_other_sm_counts_and_without_a_deepep_figure(tmp_path):
+    # an op with no DeepEP baseline prints a blank "vs DeepEP" column: the host us is still found
+    (tmp_path / "bi_new_1.log").write_text(
+        "  16 dispatch_bf16                  300.00 us (p10 290.00, p90 310.00)            400.0        200.0"
+        "                111.1   175.7     10.0\n"
+        "  24 combine_newop                  50.00 us (p10 49.00, p90 51.00)            1.0        2.0"
+        "                22.2   3.0     4.0\n")
+    _, table, _ = compare_table.collect(tmp_path, ["new"])
+    assert table["ht dispatch_bf16@16"]["new"] == [(1, 300.0)]
+    assert table["ht dispatch_bf16@16 host"]["new"] == [(1, 111.1)]
+    assert table["ht combine_newop host"]["new"] == [(1, 22.2)]
+
+
 def test_no_rows_is_an_error(tmp_path):
     (tmp_path / "bi_old_1.log").write_text("Traceback: no GPU\n")
     assert compare_table.main(["compare_table.py", str(tmp_path), "old"]) == 1

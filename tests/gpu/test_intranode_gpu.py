@@ -180,7 +180,8 @@ def dispatch_kernel(request):
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
                                                             "direct-all-arenas-full"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
-                                                    (1000, 4096, "rank0_only", True), (0, 2048, "random", False)])
+                                                    (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
+                                                    (129, 9216, "random", True)])   # 72 scale words a row
 def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on, tokens, hidden, kind, fp8):
     """The staged kernel, and the direct kernel with every receiver direct, with rank 0 staged
     (its arena held full, the others direct: the modes mix within one operation) and with every
