@@ -67,7 +67,7 @@ for p in $PIECES; do
       race=$(( $(left) - 2 * (san + 12) - 12 ))
       [ "$race" -gt "${RACE_S:-160}" ] && race=${RACE_S:-160}
       tools="memcheck synccheck racecheck"
-      if [ "$race" -lt 30 ]; then tools="memcheck synccheck"; race=30; SUMMARY+=("--- racecheck: not run, too little of TOTAL_S left"); fi
+      if [ "$race" -lt 30 ]; then tools="memcheck synccheck"; SUMMARY+=("--- racecheck: not run, too little of TOTAL_S left"); fi
       piece sanitizers 1 reliability REL_RANKS= AGREE_REPEATS=0 SAN_TOOLS="$tools" SAN_LIMIT_S="$san" \
           SAN_RACE_LIMIT_S="$race" \
           SAN_K="${SAN_K:-small_case_per_mode or recv_hook or cuda_graph_replay}" \
