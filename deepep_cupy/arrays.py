@@ -327,6 +327,10 @@ _MODULE_ROOTS = {
 }
 
 
+# type -> Framework, filled by framework_of (each call validates several arrays of a few types)
+_FRAMEWORK_BY_TYPE: dict = {}
+
+
 def _type_name(x: Any) -> str:
     t = type(x)
     return f"{t.__module__}.{t.__qualname__}"
@@ -349,10 +353,16 @@ def framework_of(x: Any, name: str = "array") -> Framework:
     Raises:
         DeepEPTypeError: ``x`` is not an array and has no ``__dlpack__``.
     """
-    for cls in type(x).__mro__:
+    t = type(x)
+    fw = _FRAMEWORK_BY_TYPE.get(t)
+    if fw is not None:
+        return fw
+    for cls in t.__mro__:
         root = (getattr(cls, "__module__", None) or "").split(".")[0]
         fw = _MODULE_ROOTS.get(root)
         if fw is not None:
+            if len(_FRAMEWORK_BY_TYPE) < 256:   # a type's module never changes: remember it
+                _FRAMEWORK_BY_TYPE[t] = fw
             return fw
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         return Framework.DLPACK
@@ -425,11 +435,15 @@ class ArrayDesc:
 
 
 def _make_desc(x_shape, dtype_name, device_type, device_id, contiguous, fw, itemsize, name):
-    shape = tuple(int(s) for s in x_shape)
+    shape = tuple(map(int, x_shape))
     itemsize = int(itemsize)
-    return ArrayDesc(shape=shape, dtype=dtype_name, device_type=device_type,
-                     device_id=int(device_id), contiguous=bool(contiguous), framework=fw,
-                     itemsize=itemsize, nbytes=math.prod(shape) * itemsize, name=name)
+    # the frozen dataclass's __init__ sets its 9 fields one object.__setattr__ at a time (about
+    # half of describe's cost, paid for every array of every call): fill its __dict__ at once
+    desc = object.__new__(ArrayDesc)
+    desc.__dict__.update(shape=shape, dtype=dtype_name, device_type=device_type, device_id=int(device_id),
+                         contiguous=bool(contiguous), framework=fw, itemsize=itemsize,
+                         nbytes=math.prod(shape) * itemsize, name=name)
+    return desc
 
 
 def describe(x: Any, name: str = "array") -> ArrayDesc:
