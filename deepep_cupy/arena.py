@@ -96,21 +96,27 @@ class ReceiveArena:
 
     def alloc(self, nbytes: int) -> Optional[ArenaBlock]:
         """A block of at least ``nbytes`` (256-byte aligned), or None when no free extent fits."""
-        need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
-        start = None
         with self._lock:
             self._merge_returns()
-            for i, size in enumerate(self._sizes):
-                if size >= need:
-                    start = self._starts[i]
-                    if size == need:
-                        del self._starts[i], self._sizes[i]
-                    else:
-                        self._starts[i] += need
-                        self._sizes[i] -= need
-                    break
+            start, need = self._carve(nbytes)
         # the block object is made outside the lock (making it may run the collector)
         return None if start is None else ArenaBlock(self, start, need)
+
+    def _carve(self, nbytes: int) -> tuple:
+        """First fit (with the lock held): (offset, aligned size) taken from the free extents, or
+        (None, size) when none fits."""
+        need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+        sizes = self._sizes
+        for i, size in enumerate(sizes):
+            if size >= need:
+                start = self._starts[i]
+                if size == need:
+                    del self._starts[i], sizes[i]
+                else:
+                    self._starts[i] += need
+                    sizes[i] -= need
+                return start, need
+        return None, need
 
     def free(self, offset: int, nbytes: int) -> None:
         """Return an extent, merging it with its neighbours (dead blocks come back by themselves)."""
@@ -133,29 +139,51 @@ class ReceiveArena:
 
     def shrink(self, block: ArenaBlock, nbytes: int) -> None:
         """Give the tail of ``block`` past ``nbytes`` (rounded up to 256) back to the arena."""
-        keep = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
-        if keep < block.nbytes:
-            tail = block.nbytes - keep
-            block.nbytes = keep
-            self.free(block.offset + keep, tail)
+        self.shrink_all([(block, nbytes)])
+
+    def shrink_all(self, pairs) -> None:
+        """``shrink`` for each ``(block, nbytes)`` of ``pairs`` (None blocks skipped), under one lock."""
+        with self._lock:
+            self._merge_returns()
+            for block, nbytes in pairs:
+                if block is None:
+                    continue
+                keep = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+                if keep < block.nbytes:
+                    tail = block.nbytes - keep
+                    block.nbytes = keep
+                    self._merge(block.offset + keep, tail)
 
     def take(self, specs) -> Optional[list]:
         """One block per entry of ``specs`` (``(shape, dtype)`` or None), each its own allocation so
-        that each lives as long as its own array; None (nothing kept) when one does not fit."""
+        that each lives as long as its own array; None (nothing kept) when one does not fit. One
+        lock for all (a dispatch takes five blocks on its hot path)."""
         import cupy
-        blocks = []
+        needs = []
         for spec in specs:
             if spec is None:
-                blocks.append(None)
+                needs.append(None)
                 continue
             nbytes = int(cupy.dtype(spec[1]).itemsize)
             for d in spec[0]:
                 nbytes *= int(d)
-            block = self.alloc(nbytes)
-            if block is None:
-                return None          # the blocks taken so far are freed with the list
-            blocks.append(block)
-        return blocks
+            needs.append(nbytes)
+        carved = []
+        with self._lock:
+            self._merge_returns()
+            for nbytes in needs:
+                if nbytes is None:
+                    carved.append(None)
+                    continue
+                start, size = self._carve(nbytes)
+                if start is None:     # give back what this call took: nothing is kept
+                    for got in carved:
+                        if got is not None:
+                            self._merge(*got)
+                    return None
+                carved.append((start, size))
+        # the block objects are made outside the lock (making them may run the collector)
+        return [None if got is None else ArenaBlock(self, *got) for got in carved]
 
     def view(self, block: Optional[ArenaBlock], shape, dtype):
         """A CuPy array of ``shape`` over ``block`` (None for None); it keeps the block alive."""

@@ -140,9 +140,11 @@ class GpuBackend(Backend):
         (``arrays.from_cupy``)."""
         if arr is None:
             return arr
-        if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK) and (
-                dtype in (None, arr.dtype.name) or (dtype in arrays.FP8_DTYPES and arr.dtype.name == "uint8")):
-            return arr          # already what the caller gets (the common hot path: no conversion)
+        if like_framework in (arrays.Framework.CUPY, arrays.Framework.DLPACK):
+            # (canonical_dtype is a dict lookup; numpy's dtype.name is Python code, ~2 us a call)
+            name = None if dtype is None else arrays.canonical_dtype(arr.dtype)
+            if dtype is None or dtype == name or (dtype in arrays.FP8_DTYPES and name == "uint8"):
+                return arr      # already what the caller gets (the common hot path: no conversion)
         return arrays.from_cupy(arr, like_framework, dtype or arrays.describe(arr).dtype)
 
     def capturing(self) -> bool:

@@ -21,6 +21,7 @@ the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 import time
 from typing import Optional
@@ -256,29 +257,15 @@ DIRECT_PARAM_FIELDS = (
 _DIRECT_PARAM_DTYPE = np.dtype({"names": ["words"], "formats": [(np.int64, (len(DIRECT_PARAM_FIELDS),))]})
 
 
-_DIRECT_PARAM_SET = frozenset(DIRECT_PARAM_FIELDS)
 _DIRECT_PARAM_PACKER = struct.Struct(f"<{len(DIRECT_PARAM_FIELDS)}Q")
 _U64 = (1 << 64) - 1
 
 
-def pack_direct_params(**fields) -> np.ndarray:
-    """The kernel's by-value parameter struct: one structured numpy scalar of int64 words. Arrays
-    (anything with ``.data.ptr``) become their device address, None becomes 0. Packed with one
-    ``struct.pack`` (about 1 us; a numpy item loop cost 7 us of each dispatch's host time)."""
-    if fields.keys() != _DIRECT_PARAM_SET:
-        missing = _DIRECT_PARAM_SET - set(fields)
-        raise ValueError(f"direct dispatch parameters: missing {sorted(missing)}, "
-                         f"unknown {sorted(set(fields) - _DIRECT_PARAM_SET)}")
-    words = []
-    for name in DIRECT_PARAM_FIELDS:
-        v = fields[name]
-        if v is None:
-            words.append(0)
-        elif hasattr(v, "data") and hasattr(v.data, "ptr"):
-            words.append(v.data.ptr)
-        else:
-            words.append(int(v) & _U64)     # two's complement for the signed fields
-    return np.frombuffer(_DIRECT_PARAM_PACKER.pack(*words), dtype=_DIRECT_PARAM_DTYPE)
+def _addr(a) -> int:
+    """Device address of a CuPy array, or of a raw address (an int), 0 for None."""
+    if a is None:
+        return 0
+    return a if isinstance(a, int) else a.data.ptr
 
 
 class IntranodeKernels:
@@ -486,17 +473,16 @@ class IntranodeKernels:
         index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
         (senders write them in place)."""
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
-        params = pack_direct_params(
-            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
-            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
-            recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
-            seq=self.seq, err=self.errors.ptr, timeout_ns=int(settings.timeout_seconds * 1e9),
-            num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
-            scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
-            num_topk=0 if topk_idx is None else topk_idx.shape[1],
-            with_topk=topk_idx is not None, with_weights=topk_weights is not None,
-            num_local_experts=num_experts // self.num_ranks, num_worst_tokens=num_worst_tokens, rank=self.rank,
-            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct)
+        # the words in DIRECT_PARAM_FIELDS order, packed at once (a dict of fields checked by name
+        # cost ~10 us of host time per call; tests/test_arena.py decodes this struct by field name)
+        params = np.frombuffer(_DIRECT_PARAM_PACKER.pack(
+            _addr(x), _addr(x_scales), _addr(topk_idx), _addr(topk_weights), _addr(send_pos), _addr(recv_info),
+            _addr(recv_x), _addr(recv_scales), _addr(recv_idx), _addr(recv_w), _addr(recv_src),
+            self.peer_bases.data.ptr, self.layout_struct.data.ptr, self.seq.data.ptr, self.errors.ptr,
+            int(settings.timeout_seconds * 1e9) & _U64, x.shape[0], x.shape[1] * x.itemsize,
+            0 if x_scales is None else x_scales.shape[1] * 4, 0 if topk_idx is None else topk_idx.shape[1],
+            int(topk_idx is not None), int(topk_weights is not None), num_experts // self.num_ranks,
+            num_worst_tokens & _U64, self.rank, slot_rows, row_bytes, int(direct)), dtype=_DIRECT_PARAM_DTYPE)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
@@ -531,7 +517,7 @@ class IntranodeKernels:
         gives the count, the arrays take their real shape and the unused tails go back to the
         arena (no later kernel can run before this one ends: one stream). ``on_queued()`` runs once
         both kernels are queued, before the host waits (the caller closes its stream bookkeeping
-        there, so that nothing but the poll and a few slices follows the wait). Returns None,
+        there, so that nothing but the poll and the arrays' views follows the wait). Returns None,
         having launched nothing, when the arena cannot hold that many rows."""
         row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
         capacity = max(1, int(x.shape[0]) + (self.num_ranks - 1) * slot_rows)
@@ -541,23 +527,22 @@ class IntranodeKernels:
             return None
         send_pos, recv_info, poll = self._launch_notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
                                                         num_experts, expert_alignment, True, stream)
-        full = [self.arena.view(b, *spec) if b is not None else None for b, spec in zip(blocks, specs)]
-        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, full, True, num_experts, 0,
+        # the kernel needs only the blocks' addresses: the arrays are made once the count is known
+        addrs = [None if b is None else b.ptr for b in blocks]
+        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, addrs, True, num_experts, 0,
                             num_sms, stream, row_bytes, slot_rows, bump_seq=False)
         if on_queued is not None:
             on_queued()
         info = poll()
-        # the host waited: from here on every microsecond may delay the GPU, so only slices
+        # the host waited: from here on every microsecond may delay the GPU, so only views
         r = self.num_ranks
         num_rows = int(info[r])
-        outputs = []
-        for block, arr in zip(blocks, full):
-            if block is None:
-                outputs.append(None)
-                continue
-            self.arena.shrink(block, arr.nbytes // capacity * num_rows)
-            outputs.append(arr[:num_rows])
-        recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
+        # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
+        shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
+        self.arena.shrink_all([(b, math.prod(sd[0]) * np.dtype(sd[1]).itemsize)
+                               for b, sd in zip(blocks, shapes) if b is not None])
+        recv_x, recv_scales, recv_idx, recv_w, recv_src = [
+            None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
         handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
                                  num_rows, 0, num_experts, int(x.shape[1]))
         return recv_x, recv_scales, recv_idx, recv_w, info[2 * r + 1:].tolist(), handle

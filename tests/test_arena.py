@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from deepep_cupy.arena import ReceiveArena
-from deepep_cupy.intranode import (DIRECT_PARAM_FIELDS, SymmetricLayout, arena_row_bytes, dispatch_row_bytes,
-                                   pack_direct_params, size_hint)
+from deepep_cupy.intranode import (DIRECT_PARAM_FIELDS, IntranodeKernels, SymmetricLayout, arena_row_bytes,
+                                   dispatch_row_bytes, size_hint)
 
 
 def test_alloc_is_aligned_first_fit_and_fails_when_full():
@@ -117,20 +117,58 @@ def test_direct_params_match_the_kernel_struct():
         assert kind.endswith("*") or kind in ("long long", "unsigned long long"), kind
 
 
-def test_pack_direct_params():
-    class Fake:   # anything with .data.ptr packs as its address
-        class data:
-            ptr = 0xDEAD00
-    fields = {name: 0 for name in DIRECT_PARAM_FIELDS}
-    fields.update(x=Fake(), rank=3, num_worst_tokens=-1, timeout_ns=(1 << 64) - 1, recv_x=None)
-    packed = pack_direct_params(**fields)
-    words = packed.view(np.int64)
+class _Addr:
+    """Anything with ``.data.ptr`` packs as that address (a CuPy array's device pointer)."""
+
+    def __init__(self, ptr, shape=(0, 0), itemsize=1):
+        self.data = type("Ptr", (), {"ptr": ptr})()
+        self.shape, self.itemsize = shape, itemsize
+
+
+class _Recorder:
+    """A stand-in for ``module[name]`` and the stream: records each launch's arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, name):
+        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_launch_direct_packs_every_field_by_name(monkeypatch):
+    """_launch_direct packs DirectDispatchParams positionally (for speed): decoded by field name,
+    each word is the value it must be; bump_seq adds the seq launch first."""
+    from deepep_cupy import intranode
+    monkeypatch.setattr(intranode.settings, "timeout_seconds", 2.5)
+    self = type("K", (), {})()
+    self.module, self.num_ranks, self.rank = _Recorder(), 4, 3
+    self.peer_bases, self.layout_struct, self.seq = _Addr(0x1000), _Addr(0x2000), _Addr(0x3000)
+    self.errors = type("E", (), {"ptr": 0x4000})()
+    x, scales = _Addr(0x10, shape=(96, 7168), itemsize=2), _Addr(0x20, shape=(96, 56))
+    idx, w = _Addr(0x30, shape=(96, 8)), _Addr(0x40, shape=(96, 8))
+    outputs = (_Addr(0x70), 0x80, None, _Addr(0xA0), _Addr(0xB0))   # arrays, a raw address, None
+    stream = _Recorder()
+    IntranodeKernels._launch_direct(self, x, scales, idx, w, _Addr(0x50), _Addr(0x60), outputs, True, 256, -1,
+                                    24, stream, row_bytes=14592, slot_rows=4096, bump_seq=True)
+    (bump, _, _, bump_args), (name, grid, block, args) = self.module.launches
+    assert bump == "intranode_bump_seq" and bump_args == (self.seq,)
+    assert name == "intranode_dispatch_direct" and grid == (24,) and len(args) == 1
+    packed = args[0]
     assert packed.itemsize == 8 * len(DIRECT_PARAM_FIELDS) and packed.shape == (1,)
-    at = {name: i for i, name in enumerate(DIRECT_PARAM_FIELDS)}
-    assert words[at["x"]] == 0xDEAD00 and words[at["rank"]] == 3 and words[at["recv_x"]] == 0
-    assert words[at["num_worst_tokens"]] == -1 and words[at["timeout_ns"]] == -1
-    with pytest.raises(ValueError, match="missing"):
-        pack_direct_params(x=0)
+    got = dict(zip(DIRECT_PARAM_FIELDS, packed.view(np.int64).tolist()))
+    want = dict(x=0x10, x_scales=0x20, topk_idx=0x30, topk_weights=0x40, send_pos=0x50, recv_info=0x60,
+                recv_x=0x70, recv_x_scales=0x80, recv_topk_idx=0, recv_topk_weights=0xA0, recv_src_idx=0xB0,
+                peer_bases=0x1000, layout=0x2000, seq=0x3000, err=0x4000, timeout_ns=2_500_000_000,
+                num_tokens=96, hidden_bytes=7168 * 2, scale_bytes=56 * 4, num_topk=8, with_topk=1, with_weights=1,
+                num_local_experts=64, num_worst_tokens=-1, rank=3, slot_rows=4096, row_bytes=14592, direct=1)
+    assert got == want
+    assert self.last_dispatch_direct is True
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 8])
