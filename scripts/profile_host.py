@@ -20,6 +20,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+OPS = ("dispatch_bf16", "dispatch_fp8", "cached_bf16", "cached_fp8", "combine")
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,10 +30,13 @@ def main():
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--ops", default="dispatch_bf16,dispatch_fp8,cached_bf16,cached_fp8,combine")
+    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated, of: " + ", ".join(OPS))
     args = ap.parse_args()
     if args.iters < 1:
         ap.error("--iters: at least 1")
+    for name in args.ops.split(","):   # before any GPU work: a typo costs no device time
+        if name not in OPS:
+            ap.error(f"--ops: unknown {name!r} (known: {', '.join(OPS)})")
     from mpi4py import MPI
     import cupy as cp
     import ml_dtypes
@@ -65,9 +70,6 @@ def main():
         "cached_fp8": lambda: buf.dispatch(fp8, handle=handle, config=cfg),
         "combine": lambda: buf.combine(recv, handle, topk_weights=recv_w, config=cfg),
     }
-    for name in args.ops.split(","):
-        if name not in ops:
-            ap.error(f"--ops: unknown {name!r} (known: {', '.join(ops)})")
     for name in args.ops.split(","):
         op = ops[name]
         times = []
