@@ -340,6 +340,13 @@ class Buffer:
             return False
         return not self._backend.capturing()
 
+    @property
+    def _agreeing_now(self) -> bool:
+        """Whether this call still has to agree: its signature is only built then (building one
+        costs a few us of host time on calls that do not agree, the GPU default)."""
+        call = self._call
+        return call is not None and not call.agreed
+
     def _agreed(self, signature) -> None:
         """Agree on ``signature`` (``(argument, field, value)`` entries that must be equal on every
         rank) with the peers, inside a ``_collective`` method, after its checks and before its
@@ -650,7 +657,8 @@ class Buffer:
                 expect_array(num_tokens_per_expert, "num_tokens_per_expert", dtype="int32",
                              shape=(handle.num_experts,), device=self._device)
             self._precheck_dispatch(data, scales, None, handle.num_experts, handle)
-            self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=True))
+            if self._agreeing_now:
+                self._agreed(self._dispatch_signature(xd, scales is not None, config, handle=True))
             return self._dispatch_result(self._backend.dispatch(DispatchRequest(
                 data, scales, handle.num_experts, num_worst_tokens=handle.num_worst_tokens, handle=handle,
                 config=config, previous_event=previous_event, async_finish=async_finish,
@@ -702,10 +710,11 @@ class Buffer:
                                                ("is_token_in_rank", is_token_in_rank))}, previous_event,
                                         ids_checked)
             self._precheck_dispatch(data, scales, idx, num_experts, None)
-            self._agreed(self._dispatch_signature(
-                xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
-                num_topk=kd.shape[1], weights=weights is not None, expert_alignment=expert_alignment,
-                num_worst_tokens=num_worst_tokens))
+            if self._agreeing_now:
+                self._agreed(self._dispatch_signature(
+                    xd, scales is not None, config, handle=False, topk=True, num_experts=num_experts,
+                    num_topk=kd.shape[1], weights=weights is not None, expert_alignment=expert_alignment,
+                    num_worst_tokens=num_worst_tokens))
             return self._dispatch_result(self._backend.dispatch(DispatchRequest(
                 data, scales, num_experts, topk_idx=idx, topk_weights=weights,
                 num_tokens_per_rank=take(num_tokens_per_rank, "num_tokens_per_rank"),
@@ -886,14 +895,15 @@ class Buffer:
         if config is not None:
             self._check_num_sms(config)
         self._check_high_throughput_bytes("combine")
-        num_biases = sum(b is not None for b in biases)
-        sig = [("x", "hidden", int(xd.shape[1])), ("x", "dtype", xd.dtype),
-               ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
-               ("topk_weights", "top-k", None if topk_weights is None else int(arrays.describe(topk_weights).shape[1])),
-               ("bias", "bias", f"{num_biases} array{'s' if num_biases != 1 else ''}" if num_biases else None)]
-        if self._backend.uses_config:
-            sig.append(("config", "num_sms", int(config.num_sms)))
-        self._agreed(sig)
+        if self._agreeing_now:
+            num_biases = sum(b is not None for b in biases)
+            sig = [("x", "hidden", int(xd.shape[1])), ("x", "dtype", xd.dtype),
+                   ("topk_weights", "topk_weights", None if topk_weights is None else "an array"),
+                   ("topk_weights", "top-k", None if topk_weights is None else int(wt.shape[1])),
+                   ("bias", "bias", f"{num_biases} array{'s' if num_biases != 1 else ''}" if num_biases else None)]
+            if self._backend.uses_config:
+                sig.append(("config", "num_sms", int(config.num_sms)))
+            self._agreed(sig)
         pair = (taken + (None, None))[:2]   # (a bias, or None, or a pair of them: either may be None)
         out = self._backend.combine(CombineRequest(xt, handle, wt, pair, config, previous_event, async_finish,
                                                    allocate_on_comm_stream))
