@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import struct
 import time
 from typing import Optional
@@ -262,10 +263,10 @@ _U64 = (1 << 64) - 1
 
 
 def _addr(a) -> int:
-    """Device address of a CuPy array, or of a raw address (an int), 0 for None."""
+    """Device address of a CuPy array, or of a raw address (any integer), 0 for None."""
     if a is None:
         return 0
-    return a if isinstance(a, int) else a.data.ptr
+    return int(a) if isinstance(a, numbers.Integral) else a.data.ptr
 
 
 class IntranodeKernels:
@@ -323,6 +324,8 @@ class IntranodeKernels:
         # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
         # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
         self.last_dispatch_ahead = False
+        # arena blocks a fresh dispatch's kernel may still write when its host side failed (never reused)
+        self._parked_blocks: list = []
         if self.layout.arena_bytes > 0:
             own = int(backend.symmetric.data.ptr) + offset
             self.arena = ReceiveArena(own + self.layout.arena, self.layout.arena_bytes, backend.device_id)
@@ -479,10 +482,10 @@ class IntranodeKernels:
             _addr(x), _addr(x_scales), _addr(topk_idx), _addr(topk_weights), _addr(send_pos), _addr(recv_info),
             _addr(recv_x), _addr(recv_scales), _addr(recv_idx), _addr(recv_w), _addr(recv_src),
             self.peer_bases.data.ptr, self.layout_struct.data.ptr, self.seq.data.ptr, self.errors.ptr,
-            int(settings.timeout_seconds * 1e9) & _U64, x.shape[0], x.shape[1] * x.itemsize,
+            min(int(settings.timeout_seconds * 1e9), _U64), x.shape[0], x.shape[1] * x.itemsize,
             0 if x_scales is None else x_scales.shape[1] * 4, 0 if topk_idx is None else topk_idx.shape[1],
             int(topk_idx is not None), int(topk_weights is not None), num_experts // self.num_ranks,
-            num_worst_tokens & _U64, self.rank, slot_rows, row_bytes, int(direct)), dtype=_DIRECT_PARAM_DTYPE)
+            int(num_worst_tokens) & _U64, self.rank, slot_rows, row_bytes, int(direct)), dtype=_DIRECT_PARAM_DTYPE)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
@@ -531,18 +534,27 @@ class IntranodeKernels:
         addrs = [None if b is None else b.ptr for b in blocks]
         self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, addrs, True, num_experts, 0,
                             num_sms, stream, row_bytes, slot_rows, bump_seq=False)
-        if on_queued is not None:
-            on_queued()
-        info = poll()
-        # the host waited: from here on every microsecond may delay the GPU, so only views
-        r = self.num_ranks
-        num_rows = int(info[r])
-        # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
-        shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
-        self.arena.shrink_all([(b, math.prod(sd[0]) * np.dtype(sd[1]).itemsize)
-                               for b, sd in zip(blocks, shapes) if b is not None])
-        recv_x, recv_scales, recv_idx, recv_w, recv_src = [
-            None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
+        try:
+            if on_queued is not None:
+                on_queued()
+            info = poll()
+            # the host waited: from here on every microsecond may delay the GPU, so only views
+            r = self.num_ranks
+            num_rows = int(info[r])
+            if num_rows > capacity:   # the kernel would have overrun its blocks: never view past them
+                raise DeepEPError(f"rank {self.backend.rank}: dispatch received {num_rows} rows, more than the "
+                                  f"{capacity} its arena blocks hold (a deepep_cupy bug)")
+            # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
+            shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
+            self.arena.shrink_all([(b, math.prod(sd[0]) * np.dtype(sd[1]).itemsize)
+                                   for b, sd in zip(blocks, shapes) if b is not None])
+            recv_x, recv_scales, recv_idx, recv_w, recv_src = [
+                None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
+        except BaseException:
+            # the queued kernel may still write these blocks (a timeout, an interrupt): never hand
+            # them out again; the buffer is out of step after this anyway
+            self._parked_blocks.extend(b for b in blocks if b is not None)
+            raise
         handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
                                  num_rows, 0, num_experts, int(x.shape[1]))
         return recv_x, recv_scales, recv_idx, recv_w, info[2 * r + 1:].tolist(), handle

@@ -223,3 +223,44 @@ def test_holds_only_arrays_wholly_inside():
     assert not arena.holds(Arr((1 << 20) - 16, 64))          # starts before it
     assert not arena.holds(Arr(1 << 20, 0))                  # empty
     assert not arena.holds(Arr(1 << 20, 64, contiguous=False))
+
+
+@pytest.mark.parametrize("fail_in", ["poll", "on_queued", "overrun"])
+def test_failed_fresh_dispatch_parks_its_blocks(fail_in):
+    """A fresh direct dispatch whose host side fails after its kernel is queued (a notify timeout,
+    an interrupt, a count past its blocks) never returns the kernel's arena blocks: the kernel may
+    still write them."""
+    from deepep_cupy.errors import DeepEPError, DeepEPTimeout
+    arena = ReceiveArena(base_ptr=1 << 20, nbytes=1 << 20, device_id=0)
+    launched = []
+
+    def launch_notify(*args):
+        def poll():
+            if fail_in == "poll":
+                raise DeepEPTimeout("rank 0: dispatch notify did not finish")
+            # [offsets (R+1), counts (R), per-expert]: row count at index R
+            return np.array([0, 0, 10 ** 6 if fail_in == "overrun" else 5, 0, 0, 0], np.int32)
+        return "send_pos", "recv_info", poll
+
+    def on_queued():
+        if fail_in == "on_queued":
+            raise KeyboardInterrupt
+    self = type("K", (), {})()
+    self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
+    self.backend = type("B", (), {"rank": 0})()
+    self.check_dispatch_capacity = lambda *a: (64, 32)
+    self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
+    self._launch_notify = launch_notify
+    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    x, idx = np.zeros((16, 32), np.uint16), np.zeros((16, 4), np.int64)
+    expected = {"poll": DeepEPTimeout, "on_queued": KeyboardInterrupt, "overrun": DeepEPError}[fail_in]
+    with pytest.raises(expected, match="more than the" if fail_in == "overrun" else None):
+        IntranodeKernels._notify_and_dispatch_ahead(self, x, None, idx, None, None, None, None, 8, 1, 24, None,
+                                                    on_queued=on_queued)
+    gc.collect()
+    taken = sum(b.nbytes for b in self._parked_blocks)
+    assert len(self._parked_blocks) == 3 and taken > 0          # recv_x, ids, source index
+    # the kernel was given exactly these blocks (None where the output is absent)
+    assert launched == [[self._parked_blocks[0].ptr, None, self._parked_blocks[1].ptr, None,
+                         self._parked_blocks[2].ptr]]
+    assert arena.free_bytes == arena.nbytes - taken              # still out of the arena after gc
