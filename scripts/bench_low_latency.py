@@ -9,7 +9,10 @@ CUDA events, L2 flushed before each sample, median of many: this is the GPU time
 comparable with DeepEP's kernel times (its test times the kernels with the profiler). Rows:
   * dispatch (FP8 and BF16) and combine (BF16) as whole operations;
   * the send and the receive halves (``return_recv_hook``), each in its own graph; the receive is
-    timed after 256 MiB of memset has let the data arrive, as after a GEMM (DeepEP's way);
+    timed once every rank's send has finished (a stream sync and a barrier before each sample), as
+    after a GEMM long enough for the data to arrive (DeepEP's way). Until 2026-12-07 a 256 MiB
+    byte fill stood in for the GEMM; under MPS the ranks then drifted apart by a fill (~1.3 ms)
+    and some runs' receive medians were that fill, not the kernel;
   * the same operations called eagerly from Python (launch overhead included);
   * ``_x10``: ten operations back to back in one graph, time per operation (steady decode, L2
     flushed once per ten);
@@ -89,7 +92,13 @@ def main():
     remote_entries = sum(int((dest == r).sum()) for r in range(R) if r != rank)
     bytes_out = {"dispatch_fp8": remote_tokens * (H + H // 32), "dispatch_bf16": remote_tokens * 2 * H,
                  "combine_bf16": remote_entries * 2 * H}
-    flush = cp.empty(256 << 20, dtype=cp.int8)
+
+    def send_and_settle(g_send):
+        """The send half, then wait until every rank's send is done: the timed receive then finds
+        its data arrived and its peers in step."""
+        g_send.launch(stream)
+        stream.synchronize()
+        comm.Barrier()
     rows = []
 
     def timed(name, fn, before=None, after=None, iters=args.iters):
@@ -111,7 +120,7 @@ def main():
         timed(name, lambda: g_whole.launch(stream))
         timed(f"{name}_send", lambda: g_send.launch(stream), after=lambda: g_recv.launch(stream))
         timed(f"{name}_recv", lambda: g_recv.launch(stream),
-              before=lambda: (g_send.launch(stream), flush.fill(1)))
+              before=lambda: send_and_settle(g_send))
         with stream:
             timed(f"{name}_eager", lambda: buf.low_latency_dispatch(x, idx, T, E, use_fp8=fp8))
         g_ten = capture(stream, lambda: [buf.low_latency_dispatch(x, idx, T, E, use_fp8=fp8) for _ in range(10)])
@@ -128,7 +137,7 @@ def main():
     g_recv = capture(stream, lambda: hooks[-1]())
     timed("combine_bf16", lambda: g_whole.launch(stream))
     timed("combine_bf16_send", lambda: g_send.launch(stream), after=lambda: g_recv.launch(stream))
-    timed("combine_bf16_recv", lambda: g_recv.launch(stream), before=lambda: (g_send.launch(stream), flush.fill(1)))
+    timed("combine_bf16_recv", lambda: g_recv.launch(stream), before=lambda: send_and_settle(g_send))
     with stream:
         timed("combine_bf16_eager", lambda: buf.low_latency_combine(recv, idx, w, handle))
     g_ten = capture(stream, lambda: [buf.low_latency_combine(recv, idx, w, handle) for _ in range(10)])
