@@ -264,3 +264,45 @@ def test_failed_fresh_dispatch_parks_its_blocks(fail_in):
     assert launched == [[self._parked_blocks[0].ptr, None, self._parked_blocks[1].ptr, None,
                          self._parked_blocks[2].ptr]]
     assert arena.free_bytes == arena.nbytes - taken              # still out of the arena after gc
+
+
+def test_fresh_dispatch_makes_its_arrays_after_the_poll():
+    """The success path of a fresh direct dispatch, host side: the kernel gets the addresses of
+    blocks sized for capacity rows; after the poll each output is made with the polled row count
+    over its block, and each block keeps only what those rows need (256-aligned)."""
+    arena = _ViewlessArena(base_ptr=1 << 20, nbytes=1 << 20, device_id=0)
+    launched = []
+    num_rows = 21
+
+    def launch_notify(*args):
+        # [offsets (R+1), counts (R), per-expert (2)]: the row count at index R
+        return "send_pos", "recv_info", lambda: np.array([0, 9, num_rows, 9, 12, 7, 14], np.int32)
+    self = type("K", (), {})()
+    self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
+    self.backend = type("B", (), {"rank": 0})()
+    self.check_dispatch_capacity = lambda *a: (64, 32)
+    self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
+    self._launch_notify = launch_notify
+    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    x, scales = np.zeros((16, 256), np.uint8), np.zeros((16, 2), np.float32)
+    idx, w = np.zeros((16, 4), np.int64), np.zeros((16, 4), np.float32)
+    recv_x, recv_s, recv_i, recv_w, per_expert, handle = IntranodeKernels._notify_and_dispatch_ahead(
+        self, x, scales, idx, w, "in_rank", None, None, 4, 1, 24, None)
+    capacity = 16 + 32                     # own tokens + one staging slot from the peer
+    assert [v[0] for v in (recv_x, recv_s, recv_i, recv_w)] == [(num_rows, 256), (num_rows, 2), (num_rows, 4),
+                                                                (num_rows, 4)]
+    assert per_expert == [7, 14] and handle.num_rows == handle.num_recv_tokens == num_rows
+    assert handle.recv_src_idx[0] == (num_rows,) and handle.num_tokens == 16 and handle.hidden == 256
+    blocks = [v[2] for v in (recv_x, recv_s, recv_i, recv_w, handle.recv_src_idx)]
+    assert launched == [[b.ptr for b in blocks]]
+    need = [num_rows * 256, num_rows * 8, num_rows * 32, num_rows * 16, num_rows * 4]
+    assert [b.nbytes for b in blocks] == [(n + 255) // 256 * 256 for n in need]
+    assert capacity * 256 > blocks[0].nbytes     # the tail went back
+    assert arena.free_bytes == arena.nbytes - sum(b.nbytes for b in blocks) and not self._parked_blocks
+
+
+class _ViewlessArena(ReceiveArena):
+    """A ReceiveArena whose views are (shape, dtype, block) tuples: no GPU needed."""
+
+    def view(self, block, shape, dtype):
+        return None if block is None else (tuple(shape), np.dtype(dtype), block)
