@@ -79,3 +79,29 @@ def nccl_all_to_all(comm, in_rank_host, hidden, iters):
     remote = sum(c for s, c in enumerate(recv_counts) if s != rank) * hidden * 2
     dist.destroy_process_group()
     return [("nccl_all_to_all_bf16", samples, remote / med / 1e3)]
+
+
+def intranode_case(comm, tokens, hidden, num_topk=8, num_experts=256):
+    """The diagnostics' common case (trace_dispatch.py, profile_host.py): a GPU ``Buffer`` sized for
+    ``tokens`` x ``hidden``, a random top-k routing seeded by the rank, BF16 ``x`` and its FP8 pair,
+    and ``get_dispatch_layout``'s outputs. Returns a ``types.SimpleNamespace`` with ``buf``, ``idx``,
+    ``w``, ``x``, ``fp8``, ``per_rank``, ``per_expert``, ``in_rank`` and ``num_experts``."""
+    import types
+    import cupy as cp
+    import ml_dtypes
+    import numpy as np
+    import deepep_cupy as ep
+    from deepep_cupy import reference
+
+    rank, num_ranks = comm.Get_rank(), comm.Get_size()
+    buf = ep.Buffer(comm, num_nvl_bytes=ep.Buffer.get_intranode_size_hint(tokens, hidden, num_ranks, num_topk),
+                    backend="gpu")
+    rng = np.random.default_rng(rank)
+    idx = cp.asarray(np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :num_topk].astype(np.int64))
+    w = cp.asarray(rng.random((tokens, num_topk), dtype=np.float32))
+    x = cp.asarray(rng.standard_normal((tokens, hidden), dtype=np.float32).astype(ml_dtypes.bfloat16))
+    q, scales = reference.per_token_cast_to_fp8(cp.asnumpy(x))
+    fp8 = (cp.asarray(q.view(np.uint8)), cp.asarray(scales))
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
+    return types.SimpleNamespace(buf=buf, idx=idx, w=w, x=x, fp8=fp8, per_rank=per_rank, per_expert=per_expert,
+                                 in_rank=in_rank, num_experts=num_experts)

@@ -39,22 +39,15 @@ def main():
             ap.error(f"--ops: unknown {name!r} (known: {', '.join(OPS)})")
     from mpi4py import MPI
     import cupy as cp
-    import ml_dtypes
     import numpy as np
     import deepep_cupy as ep
-    from deepep_cupy import reference
+    from benchutil import intranode_case
 
     comm = MPI.COMM_WORLD
-    rank, R = comm.Get_rank(), comm.Get_size()
-    T, H, K, E = args.tokens, args.hidden, 8, 256
-    buf = ep.Buffer(comm, num_nvl_bytes=ep.Buffer.get_intranode_size_hint(T, H, R, K), backend="gpu")
-    rng = np.random.default_rng(rank)
-    idx = cp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int64))
-    w = cp.asarray(rng.random((T, K), dtype=np.float32))
-    x = cp.asarray(rng.standard_normal((T, H), dtype=np.float32).astype(ml_dtypes.bfloat16))
-    q, scales = reference.per_token_cast_to_fp8(cp.asnumpy(x))
-    fp8 = (cp.asarray(q.view(np.uint8)), cp.asarray(scales))
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    rank = comm.Get_rank()
+    case = intranode_case(comm, args.tokens, args.hidden)
+    buf, idx, w, x, fp8 = case.buf, case.idx, case.w, case.x, case.fp8
+    per_rank, per_expert, in_rank = case.per_rank, case.per_expert, case.in_rank
     cfg = ep.Config(num_sms=args.sms)
     recv, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
                                                  is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,

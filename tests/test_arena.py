@@ -245,13 +245,7 @@ def test_failed_fresh_dispatch_parks_its_blocks(fail_in):
     def on_queued():
         if fail_in == "on_queued":
             raise KeyboardInterrupt
-    self = type("K", (), {})()
-    self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
-    self.backend = type("B", (), {"rank": 0})()
-    self.check_dispatch_capacity = lambda *a: (64, 32)
-    self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
-    self._launch_notify = launch_notify
-    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    self = _fake_intranode(arena, launch_notify, launched)
     x, idx = np.zeros((16, 32), np.uint16), np.zeros((16, 4), np.int64)
     expected = {"poll": DeepEPTimeout, "on_queued": KeyboardInterrupt, "overrun": DeepEPError}[fail_in]
     with pytest.raises(expected, match="more than the" if fail_in == "overrun" else None):
@@ -277,13 +271,7 @@ def test_fresh_dispatch_makes_its_arrays_after_the_poll():
     def launch_notify(*args):
         # [offsets (R+1), counts (R), per-expert (2)]: the row count at index R
         return "send_pos", "recv_info", lambda: np.array([0, 9, num_rows, 9, 12, 7, 14], np.int32)
-    self = type("K", (), {})()
-    self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
-    self.backend = type("B", (), {"rank": 0})()
-    self.check_dispatch_capacity = lambda *a: (64, 32)
-    self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
-    self._launch_notify = launch_notify
-    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    self = _fake_intranode(arena, launch_notify, launched)
     x, scales = np.zeros((16, 256), np.uint8), np.zeros((16, 2), np.float32)
     idx, w = np.zeros((16, 4), np.int64), np.zeros((16, 4), np.float32)
     recv_x, recv_s, recv_i, recv_w, per_expert, handle = IntranodeKernels._notify_and_dispatch_ahead(
@@ -306,3 +294,17 @@ class _ViewlessArena(ReceiveArena):
 
     def view(self, block, shape, dtype):
         return None if block is None else (tuple(shape), np.dtype(dtype), block)
+
+
+def _fake_intranode(arena, launch_notify, launched):
+    """What ``IntranodeKernels._notify_and_dispatch_ahead`` reads of its ``self``, at 2 ranks with
+    32-row staging slots: ``launch_notify`` stands in for notify; each data-kernel launch appends
+    its output addresses to ``launched``."""
+    self = type("K", (), {})()
+    self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
+    self.backend = type("B", (), {"rank": 0})()
+    self.check_dispatch_capacity = lambda *a: (64, 32)
+    self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
+    self._launch_notify = launch_notify
+    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    return self
