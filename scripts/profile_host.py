@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -39,9 +38,8 @@ def main():
             ap.error(f"--ops: unknown {name!r} (known: {', '.join(OPS)})")
     from mpi4py import MPI
     import cupy as cp
-    import numpy as np
     import deepep_cupy as ep
-    from benchutil import intranode_case
+    from benchutil import intranode_case, summarize
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -49,20 +47,18 @@ def main():
     buf, idx, w, x, fp8 = case.buf, case.idx, case.w, case.x, case.fp8
     per_rank, per_expert, in_rank = case.per_rank, case.per_expert, case.in_rank
     cfg = ep.Config(num_sms=args.sms)
-    recv, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
-                                                 is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                                 config=cfg)
+
+    def fresh(inp):
+        return lambda: buf.dispatch(inp, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                                    is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
     ops = {
-        "dispatch_bf16": lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
-                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                              config=cfg),
-        "dispatch_fp8": lambda: buf.dispatch(fp8, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
-                                             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                             config=cfg),
+        "dispatch_bf16": fresh(x),
+        "dispatch_fp8": fresh(fp8),
         "cached_bf16": lambda: buf.dispatch(x, handle=handle, config=cfg),
         "cached_fp8": lambda: buf.dispatch(fp8, handle=handle, config=cfg),
         "combine": lambda: buf.combine(recv, handle, topk_weights=recv_w, config=cfg),
     }
+    recv, _, recv_w, _, handle, _ = fresh(x)()   # what the cached dispatches and the combine reuse
     for name in args.ops.split(","):
         op = ops[name]
         times = []
@@ -85,8 +81,9 @@ def main():
         cp.cuda.Device().synchronize()
         if rank != 0:
             continue
-        print(f"\n=== {name}: host {statistics.median(times):.1f} us per call (median of {len(times)}, "
-              f"p10 {np.percentile(times, 10):.1f}, p90 {np.percentile(times, 90):.1f}), rank 0")
+        med, p10, p90 = summarize(times)
+        print(f"\n=== {name}: host {med:.1f} us per call (median of {len(times)}, p10 {p10:.1f}, p90 {p90:.1f}), "
+              f"rank 0")
         stats = pstats.Stats(prof).stats
         rows = []
         for (path, line, fn), (cc, nc, tt, ct, _) in stats.items():

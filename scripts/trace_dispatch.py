@@ -13,7 +13,8 @@ recorded on the communication stream at each launch, timed from the call's start
 GPU passes once the flush is done). "gpu@notify" above zero: the GPU, done with the flush, waited for
 the host to launch notify; "gpu@data" above gpu@notify plus notify's own time: it waited for the data
 kernel's launch. Either way the benchmark's figure for that call is partly host time, not kernel
-time (2026-12-07: FP8 non-cached on the H200).
+time (2026-12-07: FP8 non-cached on the H200). Where the host time goes by Python function:
+scripts/profile_host.py.
 """
 
 import argparse
@@ -32,7 +33,6 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--sms", type=int, default=24)
     ap.add_argument("--inputs", default="bf16,fp8", help="bf16, fp8 or both (comma-separated)")
-    ap.add_argument("--profile", action="store_true", help="also print a cProfile of rank 0's direct dispatches")
     args = ap.parse_args()
     if args.iters < 1:
         ap.error("--iters: at least 1")
@@ -43,10 +43,9 @@ def main():
     import cupy as cp
     import deepep_cupy as ep
     from deepep_cupy import intranode
-    from benchutil import intranode_case
+    from benchutil import intranode_case, summarize
 
     comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
     case = intranode_case(comm, args.tokens, args.hidden)
     buf, idx, w = case.buf, case.idx, case.w
     per_rank, per_expert, in_rank = case.per_rank, case.per_expert, case.in_rank
@@ -62,9 +61,6 @@ def main():
             if isinstance(v, (cp.cuda.Stream, cp.cuda.ExternalStream)):
                 return v
         return None
-
-    originals = {name: getattr(intranode.IntranodeKernels, name) for name in ("_launch_notify", "_launch_direct",
-                                                                            "dispatch")}
 
     def wrap(name, enter=None, leave=None, gpu_mark=None):
         orig = getattr(intranode.IntranodeKernels, name)
@@ -133,34 +129,13 @@ def main():
                 # every rank's medians: a rank whose host is late holds its peers' direct kernels
                 # (they wait for its direct_info entries), so the ranks are shown side by side
                 medians = {k: statistics.median(v) * 1e6 for k, v in rows.items()}
-                medians["gpu p90"] = sorted(rows["gpu"])[int(0.9 * (len(rows["gpu"]) - 1))] * 1e6   # a bimodal row shows here
+                medians["gpu p90"] = summarize(rows["gpu"])[2] * 1e6   # a bimodal row shows here
                 medians["queued before poll %"] = 100.0 * sum(ahead) / max(1, len(ahead))
                 for r, med in enumerate(comm.gather(medians, root=0) or []):
                     cells = "  ".join(f"{k} {v:7.1f}" for k, v in med.items())
                     print(f"{input_name:4s} {kind:7s} flush={int(flushed)} rank {r}  {cells}  "
                           f"(us, medians of {args.iters})", flush=True)
                 comm.Barrier()
-    for name, method in originals.items():   # unwrapped again: the profile sees the library's own path
-        setattr(intranode.IntranodeKernels, name, method)
-    if args.profile:   # where the host time goes: cProfile of rank 0's direct dispatches (no flush)
-        import cProfile
-        import io
-        import pstats
-        ep.settings.intranode_dispatch = "direct"
-        prof = cProfile.Profile()
-        for i in range(args.iters):
-            if rank == 0:
-                prof.enable()
-            buf.dispatch(case.x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
-                         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=cfg)
-            if rank == 0:
-                prof.disable()
-            cp.cuda.Device().synchronize()
-        if rank == 0:
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-            print(out.getvalue(), flush=True)
-        comm.Barrier()
     buf.destroy()
 
 
