@@ -20,12 +20,25 @@ result, two copies per row.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from typing import Optional
 
-__all__ = ["ReceiveArena", "ArenaBlock"]
+import numpy as np
+
+__all__ = ["ReceiveArena", "ArenaBlock", "aligned", "spec_nbytes"]
 
 ALIGN = 256
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the arena's 256-byte granule (at least one granule)."""
+    return max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+
+
+def spec_nbytes(shape, dtype) -> int:
+    """Bytes of an array of ``shape`` and ``dtype`` (an output spec of ``ReceiveArena.take``)."""
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
 
 
 class ArenaBlock:
@@ -105,7 +118,7 @@ class ReceiveArena:
     def _carve(self, nbytes: int) -> tuple:
         """First fit (with the lock held): (offset, aligned size) taken from the free extents, or
         (None, size) when none fits."""
-        need = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+        need = aligned(nbytes)
         sizes = self._sizes
         for i, size in enumerate(sizes):
             if size >= need:
@@ -148,7 +161,7 @@ class ReceiveArena:
             for block, nbytes in pairs:
                 if block is None:
                     continue
-                keep = max(ALIGN, (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN)
+                keep = aligned(nbytes)
                 if keep < block.nbytes:
                     tail = block.nbytes - keep
                     block.nbytes = keep
@@ -158,16 +171,7 @@ class ReceiveArena:
         """One block per entry of ``specs`` (``(shape, dtype)`` or None), each its own allocation so
         that each lives as long as its own array; None (nothing kept) when one does not fit. One
         lock for all (a dispatch takes five blocks on its hot path)."""
-        import cupy
-        needs = []
-        for spec in specs:
-            if spec is None:
-                needs.append(None)
-                continue
-            nbytes = int(cupy.dtype(spec[1]).itemsize)
-            for d in spec[0]:
-                nbytes *= int(d)
-            needs.append(nbytes)
+        needs = [None if spec is None else spec_nbytes(*spec) for spec in specs]
         carved = []
         with self._lock:
             self._merge_returns()

@@ -21,7 +21,6 @@ the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import struct
 import time
@@ -32,7 +31,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
-from .arena import ReceiveArena
+from .arena import ReceiveArena, spec_nbytes
 from .kernel_errors import PinnedErrorRecord
 
 __all__ = ["intranode_spec", "SymmetricLayout", "IntranodeHandle", "IntranodeKernels", "dispatch_row_bytes",
@@ -546,8 +545,7 @@ class IntranodeKernels:
                                   f"{capacity} its arena blocks hold (a deepep_cupy bug)")
             # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
             shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
-            self.arena.shrink_all([(b, math.prod(sd[0]) * np.dtype(sd[1]).itemsize)
-                                   for b, sd in zip(blocks, shapes) if b is not None])
+            self.arena.shrink_all([(b, spec_nbytes(*shape)) for b, shape in zip(blocks, shapes) if b is not None])
             recv_x, recv_scales, recv_idx, recv_w, recv_src = [
                 None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
         except BaseException:
