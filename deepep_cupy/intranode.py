@@ -21,8 +21,6 @@ the notify poll) turns into ``DeepEPTimeout`` naming the rank, the phase and the
 from __future__ import annotations
 
 import dataclasses
-import numbers
-import struct
 import time
 from typing import Optional
 
@@ -33,6 +31,7 @@ from .config import settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
 from .arena import ReceiveArena, spec_nbytes
 from .kernel_errors import PinnedErrorRecord
+from .kernel_params import ParamStruct
 
 __all__ = ["intranode_spec", "SymmetricLayout", "IntranodeHandle", "IntranodeKernels", "dispatch_row_bytes",
            "combine_row_bytes", "size_hint", "MAX_LOCAL_EXPERTS", "CHUNK_TOKENS"]
@@ -249,23 +248,12 @@ def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
 
 
 # DirectDispatchParams (cuda_src/intranode_direct.cuh): every field 8 bytes, in this order
-DIRECT_PARAM_FIELDS = (
+DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "recv_info", "recv_x", "recv_x_scales",
     "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
     "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
-    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct")
-_DIRECT_PARAM_DTYPE = np.dtype({"names": ["words"], "formats": [(np.int64, (len(DIRECT_PARAM_FIELDS),))]})
-
-
-_DIRECT_PARAM_PACKER = struct.Struct(f"<{len(DIRECT_PARAM_FIELDS)}Q")
-_U64 = (1 << 64) - 1
-
-
-def _addr(a) -> int:
-    """Device address of a CuPy array, or of a raw address (any integer), 0 for None."""
-    if a is None:
-        return 0
-    return int(a) if isinstance(a, numbers.Integral) else a.data.ptr
+    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct"))
+DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
 
 class IntranodeKernels:
@@ -475,16 +463,18 @@ class IntranodeKernels:
         index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
         (senders write them in place)."""
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
-        # the words in DIRECT_PARAM_FIELDS order, packed at once (a dict of fields checked by name
-        # cost ~10 us of host time per call; tests/test_arena.py decodes this struct by field name)
-        params = np.frombuffer(_DIRECT_PARAM_PACKER.pack(
-            _addr(x), _addr(x_scales), _addr(topk_idx), _addr(topk_weights), _addr(send_pos), _addr(recv_info),
-            _addr(recv_x), _addr(recv_scales), _addr(recv_idx), _addr(recv_w), _addr(recv_src),
-            self.peer_bases.data.ptr, self.layout_struct.data.ptr, self.seq.data.ptr, self.errors.ptr,
-            min(int(settings.timeout_seconds * 1e9), _U64), x.shape[0], x.shape[1] * x.itemsize,
-            0 if x_scales is None else x_scales.shape[1] * 4, 0 if topk_idx is None else topk_idx.shape[1],
-            int(topk_idx is not None), int(topk_weights is not None), num_experts // self.num_ranks,
-            int(num_worst_tokens) & _U64, self.rank, slot_rows, row_bytes, int(direct)), dtype=_DIRECT_PARAM_DTYPE)
+        # outputs may be raw addresses (ints) or None: the packer takes both
+        params = DIRECT_PARAMS.pack(
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
+            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
+            seq=self.seq, err=self.errors.ptr, timeout_ns=min(int(settings.timeout_seconds * 1e9), (1 << 64) - 1),
+            num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
+            scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
+            num_topk=0 if topk_idx is None else topk_idx.shape[1],
+            with_topk=topk_idx is not None, with_weights=topk_weights is not None,
+            num_local_experts=num_experts // self.num_ranks, num_worst_tokens=num_worst_tokens, rank=self.rank,
+            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:

@@ -142,8 +142,9 @@ class _Recorder:
 
 
 def test_launch_direct_packs_every_field_by_name(monkeypatch):
-    """_launch_direct packs DirectDispatchParams positionally (for speed): decoded by field name,
-    each word is the value it must be; bump_seq adds the seq launch first."""
+    """_launch_direct packs DirectDispatchParams (DIRECT_PARAMS; outputs as arrays, raw addresses
+    or None): decoded by field name, each word is the value it must be; bump_seq adds the seq launch
+    first."""
     from deepep_cupy import intranode
     monkeypatch.setattr(intranode.settings, "timeout_seconds", 2.5)
     self = type("K", (), {})()
