@@ -114,12 +114,28 @@ DEEPEP_DEVICE void st_release_sys_u64(uint64_t* p, uint64_t v) {
 // slot of source `src` in the staging area of rank `dst` (no slot for a rank's own rows)
 DEEPEP_DEVICE int slot_of(int src, int dst) { return src < dst ? src : src - 1; }
 
+// A kernel input that nothing writes while the kernel runs, read with ld.global.nc (__ldg). As a
+// `const T* __restrict__` kernel parameter the compiler proved that itself; a pointer from a
+// parameter struct it cannot (not even as a __restrict__ local: the kernels' asm memory clobbers
+// defeat it), so the kernels wrap such fields in this. Indexing loads; it converts to the plain
+// pointer for pointer arithmetic (copies from it go through load16 / warp_copy_words<false>).
+template <typename T>
+struct ReadOnly {
+    const T* ptr;
+    DEEPEP_DEVICE operator const T*() const { return ptr; }
+    DEEPEP_DEVICE T operator[](long long i) const {
+        if constexpr (sizeof(T) == 1) return static_cast<T>(__ldg(reinterpret_cast<const unsigned char*>(ptr + i)));
+        else return __ldg(ptr + i);
+    }
+};
+
 // 16-byte load; kPeerWritten reads memory another GPU wrote during this kernel, so it bypasses L1
-// (ld.global.cg), which is not coherent with remote writes.
+// (ld.global.cg), which is not coherent with remote writes; otherwise the source is a kernel
+// input nothing writes during the kernel (ld.global.nc, see ReadOnly).
 template <bool kPeerWritten>
 DEEPEP_DEVICE int4 load16(const int4* p) {
     if constexpr (kPeerWritten) return __ldcg(p);
-    else return *p;
+    else return __ldg(p);
 }
 
 // Copy `bytes` (a multiple of 16) from src to dst with the lanes of one warp, 16 bytes per lane
@@ -156,12 +172,12 @@ DEEPEP_DEVICE void warp_copy(void* __restrict__ dst, const void* __restrict__ sr
     }
 }
 
-// FP8 scales: H/128 floats, not always a multiple of 16 bytes: 4 bytes per lane.
+// FP8 scales: H/128 floats, not always a multiple of 16 bytes: 4 bytes per lane. Sources as load16.
 template <bool kPeerWritten = false>
 DEEPEP_DEVICE void warp_copy_words(void* dst, const void* src, int bytes, int lane) {
     const int* s = reinterpret_cast<const int*>(src);
     int* d = reinterpret_cast<int*>(dst);
-    for (int i = lane; i < (bytes >> 2); i += kWarpSize) d[i] = kPeerWritten ? __ldcg(s + i) : s[i];
+    for (int i = lane; i < (bytes >> 2); i += kWarpSize) d[i] = kPeerWritten ? __ldcg(s + i) : __ldg(s + i);
 }
 
 DEEPEP_DEVICE bool wait_flag(const uint64_t* flag, uint64_t seq, uint64_t timeout_ns,
@@ -239,6 +255,8 @@ DEEPEP_DEVICE void send_rows(const Team& team, const PeerBases& peers, const Lay
 
 }  // namespace
 
+#include "intranode_params.cuh"   // NotifyParams, StagedDispatchParams, CombineParams
+
 // ------------------------------------------------------------------------------------------------
 // Every operation starts with this one-thread launch: the operation's sequence number lives in
 // device memory, so a captured CUDA graph advances it on every replay.
@@ -257,17 +275,25 @@ extern "C" __global__ void intranode_bump_seq(uint64_t* seq) { *seq += 1; }
 // the largest layout (L = notify_ints - 2), so a call with fewer experts than the last one cannot
 // find the last call's counts where it polls for its seq.
 extern "C" __global__ void __launch_bounds__(1024, 1)
-intranode_notify(const bool* __restrict__ is_token_in_rank, int num_tokens,
-                 const int* __restrict__ num_tokens_per_rank,
-                 const int* __restrict__ num_tokens_per_expert, int num_local_experts,
-                 int expert_alignment, int* __restrict__ send_pos, int* __restrict__ recv_info,
-                 int* __restrict__ host_info, const uint64_t* peer_bases, const int* team_pes,
-                 const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,
-                 deepep::ErrorRecord* err) {
-    const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
-    const Team team{team_pes};
-    const Layout layout = *layout_ptr;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
+intranode_notify(const NotifyParams p) {
+    // the fields under the names the body uses: inputs as ReadOnly (the const __restrict__
+    // parameters' ld.global.nc), outputs as __restrict__ locals
+    const ReadOnly<bool> is_token_in_rank{p.is_token_in_rank};
+    const ReadOnly<int> num_tokens_per_rank{p.num_tokens_per_rank};
+    const ReadOnly<int> num_tokens_per_expert{p.num_tokens_per_expert};
+    int* __restrict__ send_pos = p.send_pos;
+    int* __restrict__ recv_info = p.recv_info;
+    int* __restrict__ host_info = p.host_info;
+    const int num_tokens = static_cast<int>(p.num_tokens);
+    const int num_local_experts = static_cast<int>(p.num_local_experts);
+    const int expert_alignment = static_cast<int>(p.expert_alignment);
+    const int rank = static_cast<int>(p.rank);
+    const uint64_t timeout_ns = p.timeout_ns;
+    deepep::ErrorRecord* const err = p.err;
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
+    const Team team{p.team_pes};
+    const Layout layout = *p.layout;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
     const int j = blockIdx.x;
     __shared__ int warp_sums[32];
     __shared__ int carry;
@@ -398,33 +424,44 @@ DEEPEP_DEVICE bool domain_barrier(const PeerBases& peers, const Team& team, cons
 // Row bytes: hidden_bytes (data) + scale_bytes + 4K (int32 ids) + 4K (weights) + 4 (source token
 // index), padded to 16.
 extern "C" __global__ void __launch_bounds__(512, 1)
-intranode_dispatch(const uint8_t* __restrict__ x, const uint8_t* __restrict__ x_scales,
-                   const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-                   const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
-                   const int* __restrict__ recv_info, uint8_t* __restrict__ recv_x,
-                   uint8_t* __restrict__ recv_x_scales, int64_t* __restrict__ recv_topk_idx,
-                   float* __restrict__ recv_topk_weights, int* __restrict__ recv_src_idx,
-                   int num_tokens, int hidden_bytes, int scale_bytes, int num_topk, int with_topk_flag,
-                   int with_weights_flag,
-                   int num_local_experts, int row_bytes, int slot_rows, int num_worst_tokens,
-                   int barrier_first, const int* __restrict__ src_tags, const uint64_t* peer_bases,
-                   const int* team_pes, const Layout* layout_ptr, int rank, const uint64_t* seq_ptr,
-                   uint64_t timeout_ns, deepep::ErrorRecord* err) {
-    const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};
-    const Team team{team_pes};
-    const Layout layout = *layout_ptr;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);
+intranode_dispatch(const StagedDispatchParams p) {
+    // the fields under the names the body uses: inputs as ReadOnly (the const __restrict__
+    // parameters' ld.global.nc), outputs as __restrict__ locals
+    const ReadOnly<uint8_t> x{p.x};
+    const ReadOnly<uint8_t> x_scales{p.x_scales};
+    const ReadOnly<int64_t> topk_idx{p.topk_idx};
+    const ReadOnly<float> topk_weights{p.topk_weights};
+    const ReadOnly<int> send_pos{p.send_pos};
+    uint8_t* __restrict__ recv_x = p.recv_x;
+    uint8_t* __restrict__ recv_x_scales = p.recv_x_scales;
+    int64_t* __restrict__ recv_topk_idx = p.recv_topk_idx;
+    float* __restrict__ recv_topk_weights = p.recv_topk_weights;
+    int* __restrict__ recv_src_idx = p.recv_src_idx;
+    const ReadOnly<int> src_tags{p.src_tags};
+    const int num_tokens = static_cast<int>(p.num_tokens);
+    const int hidden_bytes = static_cast<int>(p.hidden_bytes), scale_bytes = static_cast<int>(p.scale_bytes);
+    const int num_topk = static_cast<int>(p.num_topk);
+    const int num_local_experts = static_cast<int>(p.num_local_experts);
+    const int row_bytes = static_cast<int>(p.row_bytes), slot_rows = static_cast<int>(p.slot_rows);
+    const int num_worst_tokens = static_cast<int>(p.num_worst_tokens);
+    const int rank = static_cast<int>(p.rank);
+    const uint64_t timeout_ns = p.timeout_ns;
+    deepep::ErrorRecord* const err = p.err;
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
+    const Team team{p.team_pes};
+    const Layout layout = *p.layout;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     // explicit flags: an empty array's pointer is NULL on a rank with no tokens, yet that rank
     // still receives top-k data from its peers
-    const bool with_topk = with_topk_flag != 0;
-    const bool with_weights = with_weights_flag != 0;
-    const int* recv_offsets = recv_info;
-    const int* src_tokens = recv_info + kNumRanks + 1;
+    const bool with_topk = p.with_topk != 0;
+    const bool with_weights = p.with_weights != 0;
+    const ReadOnly<int> recv_offsets{p.recv_info};
+    const ReadOnly<int> src_tokens{p.recv_info + kNumRanks + 1};
     const int expert_lo = rank * num_local_experts;
 
-    if (barrier_first && !domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
+    if (p.barrier_first && !domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseDispatchBarrier))
         return;
 
     // 1. send: every block takes token chunks c = blockIdx.x, + gridDim.x, ...; remote rows first,
@@ -881,7 +918,7 @@ DEEPEP_DEVICE void reduce_row_n(int n, uint8_t* out, const uint8_t* my_src, int 
 template <bool kBf16>
 DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __restrict__ topk_weights,
                                 const uint8_t* __restrict__ bias0, const uint8_t* __restrict__ bias1,
-                                const bool* __restrict__ is_token_in_rank, const int* __restrict__ send_pos,
+                                const int* __restrict__ send_pos,
                                 const int* __restrict__ recv_offsets, uint8_t* __restrict__ combined_x,
                                 float* __restrict__ combined_weights, int num_tokens, int hidden,
                                 int num_topk, int with_weights_flag, int row_bytes, int slot_rows, int pull,
@@ -1006,40 +1043,52 @@ DEEPEP_DEVICE void combine_impl(const uint8_t* __restrict__ x, const float* __re
     }
 }
 
-#define DEEPEP_COMBINE_ENTRY(NAME, BF16)                                                                        \
-    extern "C" __global__ void __launch_bounds__(512, 1)                                                         \
-    NAME(const uint8_t* x, const float* topk_weights, const uint8_t* bias0, const uint8_t* bias1,             \
-         const bool* is_token_in_rank, const int* send_pos, const int* recv_offsets, uint8_t* combined_x,     \
-         float* combined_weights, int num_tokens, int hidden, int num_topk, int with_weights_flag,          \
-         int row_bytes, int slot_rows, int pull, const uint64_t* peer_bases, const int* team_pes,              \
-         const Layout* layout_ptr, int rank, const uint64_t* seq_ptr, uint64_t timeout_ns,                     \
-         deepep::ErrorRecord* err) {                                                                          \
-        const PeerBases peers{reinterpret_cast<uint8_t* const*>(peer_bases)};                                 \
-        const Team team{team_pes};                                                                            \
-        const Layout layout = *layout_ptr;                                                                    \
-        const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(seq_ptr);                            \
-        __shared__ CombinePeer s_peer[kNumRanks];                                                             \
-        const int hidden_bytes = hidden * (BF16 ? 2 : 4);                                                     \
-        combine_own_entry(s_peer, x, topk_weights, recv_offsets, hidden_bytes, num_topk, with_weights_flag,   \
-                          rank);                                                                              \
-        if constexpr (kPuts) {                                                                                \
-            if (!domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return; \
-            combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,        \
-                               combined_x, combined_weights, num_tokens, hidden, num_topk, with_weights_flag, \
-                               row_bytes, slot_rows, 0, s_peer, peers, team, layout, rank, seq, timeout_ns,   \
-                               err);                                                                          \
-        } else {                                                                                              \
-            const bool ok = combine_exchange_info(x, topk_weights, recv_offsets, hidden_bytes, num_topk,       \
-                                                  with_weights_flag, pull, s_peer, peers, layout, rank, seq,   \
-                                                  timeout_ns, err);                                           \
-            if (ok)                                                                                           \
-                combine_impl<BF16>(x, topk_weights, bias0, bias1, is_token_in_rank, send_pos, recv_offsets,    \
-                                   combined_x, combined_weights, num_tokens, hidden, num_topk,               \
-                                   with_weights_flag, row_bytes, slot_rows, pull, s_peer, peers, team, layout,\
-                                   rank, seq, timeout_ns, err);                                               \
-            combine_finish(pull, peers, layout, rank, seq, timeout_ns, err);                                  \
-        }                                                                                                     \
+// The combine kernels' body: the fields under the names the entry points' parameters had (plain
+// pointers, as those were: combine_impl's own __restrict__ parameters carry the aliasing facts, and
+// its loads were never ld.global.nc), then the route's exchange and combine_impl.
+template <bool kBf16>
+DEEPEP_DEVICE void combine_entry(const CombineParams& p) {
+    const uint8_t* x = p.x;
+    const float* topk_weights = p.topk_weights;
+    const uint8_t* bias0 = p.bias0;
+    const uint8_t* bias1 = p.bias1;
+    const int* send_pos = p.send_pos;
+    const int* recv_offsets = p.recv_offsets;
+    uint8_t* combined_x = p.combined_x;
+    float* combined_weights = p.combined_weights;
+    const int num_tokens = static_cast<int>(p.num_tokens), hidden = static_cast<int>(p.hidden);
+    const int num_topk = static_cast<int>(p.num_topk), with_weights_flag = static_cast<int>(p.with_weights);
+    const int row_bytes = static_cast<int>(p.row_bytes), slot_rows = static_cast<int>(p.slot_rows);
+    const int pull = static_cast<int>(p.pull);
+    const int rank = static_cast<int>(p.rank);
+    const uint64_t timeout_ns = p.timeout_ns;
+    deepep::ErrorRecord* const err = p.err;
+    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
+    const Team team{p.team_pes};
+    const Layout layout = *p.layout;
+    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
+    __shared__ CombinePeer s_peer[kNumRanks];
+    const int hidden_bytes = hidden * (kBf16 ? 2 : 4);
+    combine_own_entry(s_peer, x, topk_weights, recv_offsets, hidden_bytes, num_topk, with_weights_flag, rank);
+    if constexpr (kPuts) {
+        if (!domain_barrier(peers, team, layout, rank, seq, timeout_ns, err, kPhaseCombineBarrier)) return;
+        combine_impl<kBf16>(x, topk_weights, bias0, bias1, send_pos, recv_offsets, combined_x, combined_weights,
+                            num_tokens, hidden, num_topk, with_weights_flag, row_bytes, slot_rows, 0, s_peer, peers,
+                            team, layout, rank, seq, timeout_ns, err);
+    } else {
+        const bool ok = combine_exchange_info(x, topk_weights, recv_offsets, hidden_bytes, num_topk, with_weights_flag,
+                                              pull, s_peer, peers, layout, rank, seq, timeout_ns, err);
+        if (ok)
+            combine_impl<kBf16>(x, topk_weights, bias0, bias1, send_pos, recv_offsets, combined_x, combined_weights,
+                                num_tokens, hidden, num_topk, with_weights_flag, row_bytes, slot_rows, pull, s_peer,
+                                peers, team, layout, rank, seq, timeout_ns, err);
+        combine_finish(pull, peers, layout, rank, seq, timeout_ns, err);
     }
+}
+
+// extern "C" entry points cannot be templates: one per element type
+#define DEEPEP_COMBINE_ENTRY(NAME, BF16) \
+    extern "C" __global__ void __launch_bounds__(512, 1) NAME(const CombineParams p) { combine_entry<BF16>(p); }
 
 DEEPEP_COMBINE_ENTRY(intranode_combine_bf16, true)
 DEEPEP_COMBINE_ENTRY(intranode_combine_f32, false)

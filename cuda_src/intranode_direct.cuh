@@ -37,7 +37,7 @@ constexpr long long kNoLimit = 0x7fffffffLL;
 enum DirectMode : int { kModeDirect = 1, kModeStaged = 2 };
 
 // Every field is 8 bytes wide, so the host packs the struct as int64 words (intranode.py,
-// DIRECT_PARAM_FIELDS, same order).
+// DIRECT_PARAMS, same order; see intranode_params.cuh).
 struct DirectDispatchParams {
     const uint8_t* x;                 // [T][hidden_bytes]
     const uint8_t* x_scales;          // [T][scale_bytes] (FP8) or null
@@ -68,6 +68,7 @@ struct DirectDispatchParams {
     long long row_bytes;              // staged row bytes (data, scales, K ids, K weights, source)
     long long direct;                 // 1: outputs in this rank's arena (mode 1), 0: mode 2
 };
+DEEPEP_PARAMS_CHECK(DirectDispatchParams, 28);
 
 // 16-byte load of input data the kernel never writes (no L1 allocation: each byte is read once)
 DEEPEP_DEVICE int4 ld_nc_16(const int4* p) {

@@ -255,6 +255,21 @@ DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct"))
 DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
+# The team fields every struct below ends with (IntranodeKernels._team_fields fills them)
+_TEAM_FIELDS = ("peer_bases", "team_pes", "layout", "seq", "err", "timeout_ns")
+# cuda_src/intranode_params.cuh, same orders
+NOTIFY_PARAMS = ParamStruct("NotifyParams", (
+    "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_expert", "send_pos", "recv_info", "host_info")
+    + _TEAM_FIELDS + ("num_tokens", "num_local_experts", "expert_alignment", "rank"))
+STAGED_DISPATCH_PARAMS = ParamStruct("StagedDispatchParams", (
+    "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "recv_info", "recv_x", "recv_x_scales",
+    "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "src_tags") + _TEAM_FIELDS + (
+    "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
+    "row_bytes", "slot_rows", "num_worst_tokens", "barrier_first", "rank"))
+COMBINE_PARAMS = ParamStruct("CombineParams", (
+    "x", "topk_weights", "bias0", "bias1", "send_pos", "recv_offsets", "combined_x", "combined_weights")
+    + _TEAM_FIELDS + ("num_tokens", "hidden", "num_topk", "with_weights", "row_bytes", "slot_rows", "pull", "rank"))
+
 
 class IntranodeKernels:
     """The dispatch/combine module for one team of ranks, bound to one region of a buffer's
@@ -343,10 +358,11 @@ class IntranodeKernels:
         num_info = 2 * self.num_ranks + 1 + MAX_LOCAL_EXPERTS
         return ((num_info + 1) & ~1) // 2
 
-    def _common_tail(self):
-        import cupy
-        return (self.peer_bases, self.team_pes, self.layout_struct, cupy.int32(self.rank), self.seq,
-                cupy.uint64(int(settings.timeout_seconds * 1e9)), cupy.uint64(self.errors.ptr))
+    def _team_fields(self) -> dict:
+        """The fields every parameter struct of this module takes: the team, its layout, the
+        operation's seq, the error record, the timeout and this rank."""
+        return dict(peer_bases=self.peer_bases, team_pes=self.team_pes, layout=self.layout_struct, seq=self.seq,
+                    err=self.errors.ptr, timeout_ns=int(settings.timeout_seconds * 1e9), rank=self.rank)
 
     # ------------------------------------------------------------------------------------------
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
@@ -368,15 +384,17 @@ class IntranodeKernels:
         seq_view = self.host_info.view(np.int64)
         seq_index = self._seq_word_index()
         before = int(seq_view[seq_index])
+        params = NOTIFY_PARAMS.pack(
+            is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_expert=num_tokens_per_expert, send_pos=send_pos, recv_info=recv_info,
+            # no host record unless the host waits for it: a late write from an unwaited notify
+            # must never wake the poll of a later one
+            host_info=self._info_pinned.ptr if host_record else 0,
+            num_tokens=num_tokens, num_local_experts=num_local, expert_alignment=expert_alignment,
+            **self._team_fields())
         with stream:
             self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            self.module["intranode_notify"](
-                (self.num_ranks,), (NOTIFY_THREADS,),
-                (is_token_in_rank, cupy.int32(num_tokens), num_tokens_per_rank, num_tokens_per_expert,
-                 cupy.int32(num_local), cupy.int32(expert_alignment), send_pos, recv_info,
-                 # no host record unless the host waits for it: a late write from an unwaited notify
-                 # must never wake the poll of a later one
-                 cupy.uint64(self._info_pinned.ptr if host_record else 0)) + self._common_tail())
+            self.module["intranode_notify"]((self.num_ranks,), (NOTIFY_THREADS,), (params,))
 
         def poll():
             deadline = time.monotonic() + settings.timeout_seconds + 5.0
@@ -420,22 +438,18 @@ class IntranodeKernels:
         recv_idx = None if topk_idx is None else cupy.empty((num_rows, num_topk), cupy.int64)
         recv_w = None if topk_weights is None else cupy.empty((num_rows, num_topk), cupy.float32)
         recv_src = cached_src_idx if cached_src_idx is not None else cupy.empty(num_rows, cupy.int32)
-        null = cupy.uint64(0)
+        params = STAGED_DISPATCH_PARAMS.pack(
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
+            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_w, recv_src_idx=recv_src, src_tags=src_tags, num_tokens=num_tokens,
+            hidden_bytes=hidden_bytes, scale_bytes=scale_bytes, num_topk=num_topk, with_topk=topk_idx is not None,
+            with_weights=topk_weights is not None, num_local_experts=num_experts // self.num_ranks,
+            row_bytes=row_bytes, slot_rows=slot_rows, num_worst_tokens=num_worst_tokens,
+            barrier_first=cached_src_idx is not None, **self._team_fields())
         with stream:
             if cached_src_idx is not None:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            self.module["intranode_dispatch"](
-                (num_sms,), (DATA_THREADS,),
-                (x, null if x_scales is None else x_scales, null if topk_idx is None else topk_idx,
-                 null if topk_weights is None else topk_weights, is_token_in_rank, send_pos, recv_info,
-                 recv_x, null if recv_scales is None else recv_scales, null if recv_idx is None else recv_idx,
-                 null if recv_w is None else recv_w, recv_src, cupy.int32(num_tokens), cupy.int32(hidden_bytes),
-                 cupy.int32(scale_bytes), cupy.int32(num_topk), cupy.int32(topk_idx is not None),
-                 cupy.int32(topk_weights is not None), cupy.int32(num_experts // self.num_ranks),
-                 cupy.int32(row_bytes), cupy.int32(slot_rows),
-                 cupy.int32(num_worst_tokens), cupy.int32(1 if cached_src_idx is not None else 0),
-                 null if src_tags is None else src_tags)
-                + self._common_tail())
+            self.module["intranode_dispatch"]((num_sms,), (DATA_THREADS,), (params,))
         return recv_x, recv_scales, recv_idx, recv_w, recv_src
 
     def _direct_enabled(self, src_tags) -> bool:
@@ -620,17 +634,15 @@ class IntranodeKernels:
         self.last_combine_pull = pull
         out = cupy.empty((handle.num_tokens, hidden), dtype=x.dtype)
         out_w = None if topk_weights is None else cupy.empty((handle.num_tokens, num_topk), cupy.float32)
-        null = cupy.uint64(0)
         kernel = "intranode_combine_bf16" if x.itemsize == 2 else "intranode_combine_f32"
+        params = COMBINE_PARAMS.pack(
+            x=x, topk_weights=topk_weights, bias0=bias0, bias1=bias1, send_pos=handle.send_pos,
+            recv_offsets=handle.recv_offsets, combined_x=out, combined_weights=out_w, num_tokens=handle.num_tokens,
+            hidden=hidden, num_topk=num_topk, with_weights=topk_weights is not None, row_bytes=row_bytes,
+            slot_rows=slot_rows, pull=pull, **self._team_fields())
         with stream:
             self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            self.module[kernel](
-                (num_sms,), (DATA_THREADS,),
-                (x, null if topk_weights is None else topk_weights, null if bias0 is None else bias0,
-                 null if bias1 is None else bias1, handle.is_token_in_rank, handle.send_pos,
-                 handle.recv_offsets, out, null if out_w is None else out_w, cupy.int32(handle.num_tokens),
-                 cupy.int32(hidden), cupy.int32(num_topk), cupy.int32(topk_weights is not None),
-                 cupy.int32(row_bytes), cupy.int32(slot_rows), cupy.int32(1 if pull else 0)) + self._common_tail())
+            self.module[kernel]((num_sms,), (DATA_THREADS,), (params,))
         return out, out_w
 
     def check_rows(self, num_rows: int, row_bytes: int, what: str) -> None:
