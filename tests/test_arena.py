@@ -1,5 +1,6 @@
-"""The receive arena's allocator, the arena layout of the symmetric buffer and the direct dispatch's
-packed parameter struct (pure Python: no GPU needed)."""
+"""The receive arena's allocator and the arena layout of the symmetric buffer (pure Python: no GPU
+needed; tests/test_kernel_params.py compares every parameter struct, the direct dispatch's too,
+with its C declaration and decodes what each launch site packs)."""
 
 import gc
 import re
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 
 from deepep_cupy.arena import ReceiveArena
-from deepep_cupy.intranode import (DIRECT_PARAM_FIELDS, IntranodeKernels, SymmetricLayout, arena_row_bytes,
-                                   dispatch_row_bytes, size_hint)
+from deepep_cupy.intranode import SymmetricLayout, arena_row_bytes, dispatch_row_bytes, size_hint
 
 
 def test_alloc_is_aligned_first_fit_and_fails_when_full():
@@ -99,77 +99,6 @@ def test_arena_layout_from_the_size_hint_fits_its_promise(num_ranks):
     plain = SymmetricLayout.build(num_ranks, size_hint(num_ranks, T, H, K), arena=False)
     assert plain.arena_bytes == 0 and plain.combine_staging == plain.dispatch_staging + plain.staging_bytes
     assert plain.direct_info == layout.direct_info and plain.direct_flags == layout.direct_flags
-
-
-def test_direct_params_match_the_kernel_struct():
-    """DIRECT_PARAM_FIELDS names the fields of DirectDispatchParams in order, and every field is
-    8 bytes (pointers, long long), so the host can pack int64 words."""
-    src = (Path(__file__).resolve().parents[1] / "cuda_src" / "intranode_direct.cuh").read_text()
-    body = re.search(r"struct DirectDispatchParams \{(.*?)\n\};", src, re.S).group(1)
-    names, kinds = [], []
-    for line in body.splitlines():
-        m = re.match(r"\s*(.+?)\s*\b(\w+);", line.split("//")[0])
-        if m:
-            kinds.append(m.group(1))
-            names.append(m.group(2))
-    assert tuple(names) == DIRECT_PARAM_FIELDS
-    for kind in kinds:
-        assert kind.endswith("*") or kind in ("long long", "unsigned long long"), kind
-
-
-class _Addr:
-    """Anything with ``.data.ptr`` packs as that address (a CuPy array's device pointer)."""
-
-    def __init__(self, ptr, shape=(0, 0), itemsize=1):
-        self.data = type("Ptr", (), {"ptr": ptr})()
-        self.shape, self.itemsize = shape, itemsize
-
-
-class _Recorder:
-    """A stand-in for ``module[name]`` and the stream: records each launch's arguments."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, name):
-        return lambda grid, block, args: self.launches.append((name, grid, block, args))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_launch_direct_packs_every_field_by_name(monkeypatch):
-    """_launch_direct packs DirectDispatchParams (DIRECT_PARAMS; outputs as arrays, raw addresses
-    or None): decoded by field name, each word is the value it must be; bump_seq adds the seq launch
-    first."""
-    from deepep_cupy import intranode
-    monkeypatch.setattr(intranode.settings, "timeout_seconds", 2.5)
-    self = type("K", (), {})()
-    self.module, self.num_ranks, self.rank = _Recorder(), 4, 3
-    self.peer_bases, self.layout_struct, self.seq = _Addr(0x1000), _Addr(0x2000), _Addr(0x3000)
-    self.errors = type("E", (), {"ptr": 0x4000})()
-    x, scales = _Addr(0x10, shape=(96, 7168), itemsize=2), _Addr(0x20, shape=(96, 56))
-    idx, w = _Addr(0x30, shape=(96, 8)), _Addr(0x40, shape=(96, 8))
-    outputs = (_Addr(0x70), 0x80, None, _Addr(0xA0), _Addr(0xB0))   # arrays, a raw address, None
-    stream = _Recorder()
-    IntranodeKernels._launch_direct(self, x, scales, idx, w, _Addr(0x50), _Addr(0x60), outputs, True, 256, -1,
-                                    24, stream, row_bytes=14592, slot_rows=4096, bump_seq=True)
-    (bump, _, _, bump_args), (name, grid, block, args) = self.module.launches
-    assert bump == "intranode_bump_seq" and bump_args == (self.seq,)
-    assert name == "intranode_dispatch_direct" and grid == (24,) and len(args) == 1
-    packed = args[0]
-    assert packed.itemsize == 8 * len(DIRECT_PARAM_FIELDS) and packed.shape == (1,)
-    got = dict(zip(DIRECT_PARAM_FIELDS, packed.view(np.int64).tolist()))
-    want = dict(x=0x10, x_scales=0x20, topk_idx=0x30, topk_weights=0x40, send_pos=0x50, recv_info=0x60,
-                recv_x=0x70, recv_x_scales=0x80, recv_topk_idx=0, recv_topk_weights=0xA0, recv_src_idx=0xB0,
-                peer_bases=0x1000, layout=0x2000, seq=0x3000, err=0x4000, timeout_ns=2_500_000_000,
-                num_tokens=96, hidden_bytes=7168 * 2, scale_bytes=56 * 4, num_topk=8, with_topk=1, with_weights=1,
-                num_local_experts=64, num_worst_tokens=-1, rank=3, slot_rows=4096, row_bytes=14592, direct=1)
-    assert got == want
-    assert self.last_dispatch_direct is True
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 8])

@@ -1,0 +1,271 @@
+"""Kernel parameter structs (deepep_cupy/kernel_params.py) on the CPU: every ``*Params`` struct in
+cuda_src/ matches its host ``ParamStruct`` field for field, the packer's rules, and the intranode
+launch sites pack what their kernels read (through a recording stand-in for the module)."""
+
+import contextlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepep_cupy import intranode
+from deepep_cupy.config import settings
+from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
+                                   IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
+from deepep_cupy.kernel_params import ParamStruct
+
+CUDA_SRC = Path(__file__).resolve().parents[1] / "cuda_src"
+# every host struct, by its C name
+HOST_STRUCTS = {s.name: s for s in (DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS, COMBINE_PARAMS)}
+# the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
+KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_notify": "NotifyParams",
+           "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
+           "intranode_combine_f32": "CombineParams"}
+EIGHT_BYTE_TYPES = ("long long", "unsigned long long", "int64_t", "uint64_t")
+
+
+def _sources() -> str:
+    return "\n".join(p.read_text() for p in sorted(CUDA_SRC.rglob("*")) if p.suffix in (".cu", ".cuh"))
+
+
+def c_structs() -> dict:
+    """{name: [(type, field), ...]} of every ``struct XxxParams { ... };`` in cuda_src/; one
+    declaration per line (anything else fails the parse)."""
+    out = {}
+    for name, body in re.findall(r"struct (\w+Params) \{(.*?)\n\};", _sources(), re.S):
+        fields = []
+        for line in body.splitlines():
+            code = line.split("//")[0].strip()
+            if not code:
+                continue
+            m = re.fullmatch(r"(.+?)\s*\b(\w+);", code)
+            assert m and "," not in code, f"{name}: cannot parse {code!r} (one plain field per line)"
+            fields.append((m.group(1), m.group(2)))
+        out[name] = fields
+    return out
+
+
+def test_every_params_struct_has_a_host_twin():
+    """A struct added on either side without the other fails here."""
+    assert set(c_structs()) == set(HOST_STRUCTS)
+
+
+@pytest.mark.parametrize("name", sorted(HOST_STRUCTS))
+def test_params_struct_matches_the_c_declaration(name):
+    """Field names in order, every field 8 bytes (so word i is field i), and the struct's
+    DEEPEP_PARAMS_CHECK (a compile-time sizeof check) counts the same fields."""
+    fields = c_structs()[name]
+    assert tuple(f for _, f in fields) == HOST_STRUCTS[name].fields
+    for kind, field in fields:
+        assert kind.endswith("*") or kind in EIGHT_BYTE_TYPES, f"{name}.{field}: {kind} is not 8 bytes"
+    checks = re.findall(rf"DEEPEP_PARAMS_CHECK\({name}, (\d+)\);", _sources())
+    assert checks == [str(len(fields))]
+    assert HOST_STRUCTS[name].nbytes < 4096 // 4      # CUDA's parameter limit is 4 KB; stay well under
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernels_take_their_struct(kernel):
+    """Each kernel takes exactly one by-value struct, the one its launch site packs."""
+    src = _sources()
+    struct = KERNELS[kernel]
+    if kernel.startswith("intranode_combine"):
+        assert f"DEEPEP_COMBINE_ENTRY({kernel}," in src
+        assert re.search(rf"NAME\(const {struct} p\)", src)
+    else:
+        assert re.search(rf"\b{kernel}\(const {struct} p\) \{{", src), kernel
+
+
+# ---- the packer -------------------------------------------------------------------------------
+class _Ptr:
+    """Anything with ``.data.ptr`` packs as that address (CuPy arrays, their views)."""
+
+    def __init__(self, ptr):
+        self.data = type("Mem", (), {"ptr": ptr})()
+
+
+def test_pack_words_in_field_order():
+    s = ParamStruct("P", ("a", "b", "c", "d", "e", "f"))
+    packed = s.pack(a=_Ptr(0xDEAD00), b=None, c=-1, d=True, e=np.int32(-7), f=(1 << 64) - 1)
+    assert packed.shape == (1,) and packed.itemsize == s.nbytes == 48 and packed.dtype == s.dtype
+    words = packed.view(np.int64)
+    assert words.tolist() == [0xDEAD00, 0, -1, 1, -7, -1]
+    assert packed.view(np.uint64)[2] == (1 << 64) - 1          # two's complement
+    assert s.pack(a=0, b=False, c=1 << 63, d=0, e=0, f=0).view(np.uint64)[2] == 1 << 63
+
+
+def test_pack_names_missing_and_unknown_fields():
+    s = ParamStruct("SomeParams", ("x", "y", "z"))
+    with pytest.raises(ValueError, match=r"SomeParams: missing fields \['y', 'z'\], unknown fields \[\]"):
+        s.pack(x=0)
+    with pytest.raises(ValueError, match=r"missing fields \[\], unknown fields \['w'\]"):
+        s.pack(x=0, y=0, z=0, w=0)
+    with pytest.raises(ValueError, match=r"missing fields \['z'\], unknown fields \['q'\]"):
+        s.pack(x=0, y=0, q=0)
+
+
+def test_pack_rejects_values_that_are_not_64_bit_integers():
+    s = ParamStruct("P", ("n",))
+    with pytest.raises(TypeError, match=r"P\.n: expected an integer"):
+        s.pack(n=1.5)                          # a float would truncate silently
+    with pytest.raises(ValueError, match="does not fit 64 bits"):
+        s.pack(n=1 << 64)
+    with pytest.raises(ValueError, match="does not fit 64 bits"):
+        s.pack(n=-(1 << 63) - 1)
+
+
+def test_struct_fields_must_be_unique():
+    with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
+        ParamStruct("P", ("a", "b", "a"))
+    with pytest.raises(ValueError):
+        ParamStruct("P", ())
+
+
+# ---- the launch sites -------------------------------------------------------------------------
+class FakeArray:
+    """A device array stand-in: shape, dtype, an address; slicing the first axis offsets it."""
+
+    _next = 0x10000
+
+    def __init__(self, shape, dtype, ptr=None):
+        self.shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        self.dtype = np.dtype(dtype)
+        self.itemsize = self.dtype.itemsize
+        self.nbytes = int(np.prod(self.shape)) * self.itemsize
+        if ptr is None:
+            ptr, FakeArray._next = FakeArray._next, FakeArray._next + 0x10000
+        self.data = type("Mem", (), {"ptr": ptr})()
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.step is None and len(self.shape) == 1
+        start, stop, _ = key.indices(self.shape[0])
+        return FakeArray((stop - start,), self.dtype, self.data.ptr + start * self.itemsize)
+
+
+class Recorder(dict):
+    """``module[name](grid, block, args)`` records the launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+
+    def __getitem__(self, name):
+        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+
+
+def unpack(struct, launch):
+    """{field: int64 word} of a recorded launch whose one argument is ``struct``'s packing."""
+    (args,) = [launch[3]]
+    assert len(args) == 1 and args[0].dtype == struct.dtype
+    return dict(zip(struct.fields, args[0].view(np.int64).tolist()))
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """An IntranodeKernels of rank 1 of 4 without a GPU: fake arrays, a recording module."""
+    import cupy
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=np.float32: FakeArray(shape, dtype))
+    monkeypatch.setattr(settings, "intranode_dispatch", "staged")
+    k = object.__new__(IntranodeKernels)
+    k.num_ranks, k.rank, k.puts, k.arena = 4, 1, False, None
+    k.layout = SymmetricLayout.build(4, size_hint(4, 64, 512, 4), arena=False)   # room for F32 rows
+    k.peer_bases, k.team_pes = FakeArray(4, np.uint64), FakeArray(4, np.int32)
+    k.layout_struct, k.seq = FakeArray(120, np.uint8), FakeArray(1, np.uint64)
+    k.errors = type("Err", (), {"ptr": 0xE0000})()
+    k._info_pinned = type("Pinned", (), {"ptr": 0xF0000})()
+    k.host_info = np.zeros(4096, dtype=np.int32)
+    k.module = Recorder()
+    return k
+
+
+def _team_words(k):
+    return dict(peer_bases=k.peer_bases.data.ptr, team_pes=k.team_pes.data.ptr, layout=k.layout_struct.data.ptr,
+                seq=k.seq.data.ptr, err=0xE0000, timeout_ns=int(settings.timeout_seconds * 1e9), rank=1)
+
+
+def test_notify_launch_packs_notify_params(kernels):
+    T, E = 64, 16
+    in_rank, per_rank, per_expert = FakeArray((T, 4), np.bool_), FakeArray(4, np.int32), FakeArray(E, np.int32)
+    for host_record in (True, False):
+        kernels.module.launches.clear()
+        send_pos, recv_info, _ = kernels._launch_notify(in_rank, per_rank, per_expert, E, 8, host_record,
+                                                        contextlib.nullcontext())
+        (bump, notify) = kernels.module.launches
+        assert bump[0] == "intranode_bump_seq" and notify[:3] == ("intranode_notify", (4,), (1024,))
+        words = unpack(NOTIFY_PARAMS, notify)
+        assert words == dict(is_token_in_rank=in_rank.data.ptr, num_tokens_per_rank=per_rank.data.ptr,
+                             num_tokens_per_expert=per_expert.data.ptr, send_pos=send_pos.data.ptr,
+                             recv_info=recv_info.data.ptr, host_info=0xF0000 if host_record else 0,
+                             num_tokens=T, num_local_experts=E // 4, expert_alignment=8, **_team_words(kernels))
+
+
+def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
+    """_launch_direct packs DirectDispatchParams: its outputs come as arrays, raw addresses (a fresh
+    direct dispatch passes its arena blocks' addresses) or None; bump_seq adds the seq launch first."""
+    monkeypatch.setattr(settings, "timeout_seconds", 2.5)
+    T, H, K = 96, 7168, 8
+    x, scales = FakeArray((T, H), np.uint16), FakeArray((T, 56), np.float32)
+    idx, w = FakeArray((T, K), np.int64), FakeArray((T, K), np.float32)
+    send_pos, recv_info = FakeArray((T, 4), np.int32), FakeArray(2 * 4 + 1 + 64, np.int32)
+    recv_x, recv_w, recv_src = FakeArray((T, H), np.uint16), FakeArray((T, K), np.float32), FakeArray(T, np.int32)
+    outputs = (recv_x, 0x80, None, recv_w, recv_src)          # arrays, a raw address, None
+    kernels._launch_direct(x, scales, idx, w, send_pos, recv_info, outputs, True, 256, -1, 24,
+                           contextlib.nullcontext(), row_bytes=14592, slot_rows=4096, bump_seq=True)
+    bump, launch = kernels.module.launches
+    assert bump[:4] == ("intranode_bump_seq", (1,), (1,), (kernels.seq,))
+    assert launch[:3] == ("intranode_dispatch_direct", (24,), (512,))
+    assert intranode.DIRECT_PARAM_FIELDS == DIRECT_PARAMS.fields
+    assert unpack(DIRECT_PARAMS, launch) == dict(
+        x=x.data.ptr, x_scales=scales.data.ptr, topk_idx=idx.data.ptr, topk_weights=w.data.ptr,
+        send_pos=send_pos.data.ptr, recv_info=recv_info.data.ptr, recv_x=recv_x.data.ptr, recv_x_scales=0x80,
+        recv_topk_idx=0, recv_topk_weights=recv_w.data.ptr, recv_src_idx=recv_src.data.ptr,
+        peer_bases=kernels.peer_bases.data.ptr, layout=kernels.layout_struct.data.ptr, seq=kernels.seq.data.ptr,
+        err=0xE0000, timeout_ns=2_500_000_000, num_tokens=T, hidden_bytes=H * 2, scale_bytes=56 * 4, num_topk=K,
+        with_topk=1, with_weights=1, num_local_experts=64, num_worst_tokens=-1, rank=1, slot_rows=4096,
+        row_bytes=14592, direct=1)
+    assert kernels.last_dispatch_direct is True
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_staged_dispatch_launch_packs_staged_dispatch_params(kernels, cached):
+    T, H, K, E, rows = 64, 256, 4, 16, 40
+    x, scales = FakeArray((T, H), np.uint8), FakeArray((T, H // 128), np.float32)
+    idx = None if cached else FakeArray((T, K), np.int64)
+    w = None if cached else FakeArray((T, K), np.float32)
+    send_pos, recv_info = FakeArray((T, 4), np.int32), FakeArray(2 * 4 + 1 + E // 4, np.int32)
+    src_idx = FakeArray(rows, np.int32) if cached else None
+    tags = FakeArray(T, np.int32)
+    out = kernels.dispatch(x, scales, idx, w, FakeArray((T, 4), np.bool_), send_pos, recv_info, rows, E, 0,
+                           src_idx, 24, contextlib.nullcontext(), src_tags=tags)
+    recv_x, recv_scales, recv_idx, recv_w, recv_src = out
+    launches = kernels.module.launches
+    assert [name for name, *_ in launches] == (["intranode_bump_seq"] if cached else []) + ["intranode_dispatch"]
+    assert launches[-1][1:3] == ((24,), (512,))
+    row_bytes, slot_rows = kernels.check_dispatch_capacity(x, scales, idx)
+    ptr = lambda a: 0 if a is None else a.data.ptr     # noqa: E731
+    assert unpack(STAGED_DISPATCH_PARAMS, launches[-1]) == dict(
+        x=x.data.ptr, x_scales=scales.data.ptr, topk_idx=ptr(idx), topk_weights=ptr(w), send_pos=send_pos.data.ptr,
+        recv_info=recv_info.data.ptr, recv_x=recv_x.data.ptr, recv_x_scales=recv_scales.data.ptr,
+        recv_topk_idx=ptr(recv_idx), recv_topk_weights=ptr(recv_w), recv_src_idx=recv_src.data.ptr,
+        src_tags=tags.data.ptr, num_tokens=T, hidden_bytes=H, scale_bytes=(H // 128) * 4, num_topk=0 if cached else K,
+        with_topk=int(not cached), with_weights=int(not cached), num_local_experts=E // 4, row_bytes=row_bytes,
+        slot_rows=slot_rows, num_worst_tokens=0, barrier_first=int(cached), **_team_words(kernels))
+    assert (recv_src is src_idx) if cached else recv_src.shape == (rows,)
+
+
+@pytest.mark.parametrize("dtype, kernel", [(np.uint16, "intranode_combine_bf16"), (np.float32, "intranode_combine_f32")])
+def test_combine_launch_packs_combine_params(kernels, dtype, kernel):
+    T, H, K, rows = 64, 256, 4, 40
+    recv_info = FakeArray(2 * 4 + 1 + 4, np.int32)
+    handle = IntranodeHandle(FakeArray((T, 4), np.bool_), FakeArray((T, 4), np.int32), recv_info,
+                             FakeArray(rows, np.int32), T, rows, rows, 0, 16, H)
+    x, w, bias = FakeArray((rows, H), dtype), FakeArray((rows, K), np.float32), FakeArray((T, H), dtype)
+    out, out_w = kernels.combine(x, handle, w, None, bias, 24, contextlib.nullcontext())
+    bump, launch = kernels.module.launches
+    assert bump[0] == "intranode_bump_seq" and launch[:3] == (kernel, (24,), (512,))
+    row_bytes = intranode.combine_row_bytes(H * np.dtype(dtype).itemsize, K)
+    assert unpack(COMBINE_PARAMS, launch) == dict(
+        x=x.data.ptr, topk_weights=w.data.ptr, bias0=0, bias1=bias.data.ptr, send_pos=handle.send_pos.data.ptr,
+        recv_offsets=recv_info.data.ptr, combined_x=out.data.ptr, combined_weights=out_w.data.ptr, num_tokens=T,
+        hidden=H, num_topk=K, with_weights=1, row_bytes=row_bytes, slot_rows=kernels.layout.slot_rows(row_bytes),
+        pull=0, **_team_words(kernels))
