@@ -44,6 +44,7 @@
 //
 // Compile-time constants: DEEPEP_NUM_RANKS (team size), DEEPEP_INTRANODE_PUTS (0 or 1).
 #include "common/exception.cuh"
+#include "common/params.cuh"
 #include "common/utils.cuh"
 #ifndef DEEPEP_INTRANODE_PUTS
 #define DEEPEP_INTRANODE_PUTS 0
@@ -114,20 +115,7 @@ DEEPEP_DEVICE void st_release_sys_u64(uint64_t* p, uint64_t v) {
 // slot of source `src` in the staging area of rank `dst` (no slot for a rank's own rows)
 DEEPEP_DEVICE int slot_of(int src, int dst) { return src < dst ? src : src - 1; }
 
-// A kernel input that nothing writes while the kernel runs, read with ld.global.nc (__ldg). As a
-// `const T* __restrict__` kernel parameter the compiler proved that itself; a pointer from a
-// parameter struct it cannot (not even as a __restrict__ local: the kernels' asm memory clobbers
-// defeat it), so the kernels wrap such fields in this. Indexing loads; it converts to the plain
-// pointer for pointer arithmetic (copies from it go through load16 / warp_copy_words<false>).
-template <typename T>
-struct ReadOnly {
-    const T* ptr;
-    DEEPEP_DEVICE operator const T*() const { return ptr; }
-    DEEPEP_DEVICE T operator[](long long i) const {
-        if constexpr (sizeof(T) == 1) return static_cast<T>(__ldg(reinterpret_cast<const unsigned char*>(ptr + i)));
-        else return __ldg(ptr + i);
-    }
-};
+using deepep::ReadOnly;   // common/params.cuh
 
 // 16-byte load; kPeerWritten reads memory another GPU wrote during this kernel, so it bypasses L1
 // (ld.global.cg), which is not coherent with remote writes; otherwise the source is a kernel

@@ -37,7 +37,7 @@ constexpr long long kNoLimit = 0x7fffffffLL;
 enum DirectMode : int { kModeDirect = 1, kModeStaged = 2 };
 
 // Every field is 8 bytes wide, so the host packs the struct as int64 words (intranode.py,
-// DIRECT_PARAMS, same order; see intranode_params.cuh).
+// DIRECT_PARAMS, same order; see common/params.cuh).
 struct DirectDispatchParams {
     const uint8_t* x;                 // [T][hidden_bytes]
     const uint8_t* x_scales;          // [T][scale_bytes] (FP8) or null

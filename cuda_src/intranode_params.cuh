@@ -1,21 +1,14 @@
 // By-value parameter structs of intranode.cu's notify, staged dispatch and combine kernels.
-// Included by intranode.cu after Layout (DirectDispatchParams lives in intranode_direct.cuh and
-// uses DEEPEP_PARAMS_CHECK from here).
+// Included by intranode.cu after Layout (DirectDispatchParams lives in intranode_direct.cuh).
 //
-// Every field is 8 bytes wide (pointers, long long, unsigned long long): no padding, so the host
-// packs each struct as int64 words in declaration order (deepep_cupy/intranode.py, the
-// ParamStruct of the same name; tests/test_kernel_params.py compares the two). The static_asserts
-// keep a narrower field from slipping in. Kernels copy the fields into locals under the names
-// their bodies use; inputs that were `const T* __restrict__` parameters become ReadOnly<T>
-// (intranode.cu), which keeps their ld.global.nc loads.
+// Every field is 8 bytes wide and the host packs each struct as int64 words in declaration order
+// (deepep_cupy/intranode.py, the ParamStruct of the same name); DEEPEP_PARAMS_CHECK and ReadOnly<T>
+// come from common/params.cuh, which says why.
 
 namespace {
 
-// T has N fields, all 8 bytes (the test reads N too). The fields every kernel of the team takes
-// (peer_bases .. timeout_ns, rank) are listed in each struct: flat, so the host packs plain words.
-#define DEEPEP_PARAMS_CHECK(T, N) \
-    static_assert(sizeof(T) == 8 * (N) && alignof(T) == 8, #T ": every field must be 8 bytes")
-
+// The fields every kernel of the team takes (peer_bases .. timeout_ns, rank) are listed in each
+// struct: flat, so the host packs plain words.
 struct NotifyParams {
     const bool* is_token_in_rank;        // [T][R]
     const int* num_tokens_per_rank;      // [R]
