@@ -24,6 +24,7 @@
 // receive B) and CUDA-graph replays stay in step without the host.
 #include "common/exception.cuh"
 #include "common/nvshmem.cuh"
+#include "common/params.cuh"
 #include "common/utils.cuh"
 
 #ifndef DEEPEP_NUM_RANKS
@@ -31,6 +32,8 @@
 #endif
 
 namespace {
+
+using deepep::ReadOnly;   // common/params.cuh
 
 constexpr int kNumRanks = DEEPEP_NUM_RANKS;
 // destination sets are 32-bit masks; more ranks need the internode low-latency design
@@ -71,10 +74,13 @@ struct LLShape {
     int use_fp8, round_scale, use_ue8m0;
 };
 
-// kernels take the shape as scalars (a launch argument cannot be a struct from CuPy)
-#define LL_SHAPE_PARAMS int num_tokens_, int hidden_, int num_topk_, int num_experts_, int use_fp8_, \
-                        int round_scale_, int use_ue8m0_
-#define LL_SHAPE const LLShape shape{num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, use_ue8m0_}
+// The call's shape from a kernel's params struct (every struct has these fields, by these names).
+template <class P>
+DEEPEP_DEVICE LLShape shape_of(const P& p) {
+    return LLShape{static_cast<int>(p.num_tokens), static_cast<int>(p.hidden), static_cast<int>(p.num_topk),
+                   static_cast<int>(p.num_experts), static_cast<int>(p.use_fp8), static_cast<int>(p.round_scale),
+                   static_cast<int>(p.use_ue8m0)};
+}
 
 // header + ids + slots, padded to 16 bytes: where the payload starts
 DEEPEP_DEVICE int ids_bytes(int num_topk) { return (kHeaderBytes + 8 * num_topk + 15) / 16 * 16; }
@@ -180,7 +186,7 @@ DEEPEP_DEVICE bool block_wait_all(const uint64_t* flags, uint64_t seq, uint64_t 
 }
 
 // Bitmask of the ranks whose region base is zero (reached through NVSHMEM puts).
-DEEPEP_DEVICE unsigned int put_ranks(const uint64_t* peer_regions) {
+DEEPEP_DEVICE unsigned int put_ranks(ReadOnly<uint64_t> peer_regions) {
     unsigned int m = 0;
     for (int r = 0; r < kNumRanks; ++r) m |= peer_regions[r] == 0 ? (1u << r) : 0u;
     return m;
@@ -231,6 +237,8 @@ DEEPEP_DEVICE void finish_receive(uint8_t* region, const LLLayout& lay, uint64_t
 
 }  // namespace
 
+#include "low_latency_params.cuh"   // one by-value params struct per kernel
+
 // ------------------------------------------------------------------------------------------------
 // dispatch send: a block per token (grid-stride). The block first ranks its token's K entries among
 // this rank's entries for the same expert in (t, k) order (a ballot scan over the entries before
@@ -242,12 +250,22 @@ DEEPEP_DEVICE void finish_receive(uint8_t* region, const LLLayout& lay, uint64_t
 // destination's meta (and zeroes the counts) and raises its flag. An expert chosen more than M
 // times by this rank (only duplicates in a row can do that) keeps M entries and reports. An id
 // outside [-1, num_experts) travels as -1 (sent nowhere) and is reported once per block (phase 24).
-DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx,
-                 int* __restrict__ counts, int* __restrict__ topk_slots, LL_SHAPE_PARAMS, uint8_t* region,
-                 const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard,
-                 uint64_t timeout_ns, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
+// P: LLDispatchSendParams or LLDispatchParams (the fused kernel passes its send counters).
+template <class P>
+DEEPEP_DEVICE void dispatch_send_body(const P& p, uint64_t* seq_ptr, unsigned int* done_counter) {
+    // the fields under the names the body uses: inputs as ReadOnly (the const __restrict__
+    // parameters' ld.global.nc), outputs as __restrict__ locals
+    const ReadOnly<unsigned short> x{p.x};
+    const ReadOnly<int64_t> topk_idx{p.topk_idx};
+    int* __restrict__ counts = p.counts;
+    int* __restrict__ topk_slots = p.topk_slots;
+    const ReadOnly<uint64_t> peer_regions{p.peer_regions};
+    uint8_t* const region = p.region;
+    const int rank = static_cast<int>(p.rank), guard = static_cast<int>(p.guard);
+    const uint64_t timeout_ns = p.timeout_ns;
+    deepep::ErrorRecord* const err = p.err;
+    const LLLayout lay = *p.layout;
+    const LLShape shape = shape_of(p);
     const uint64_t seq = next_seq(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int H = shape.hidden, K = shape.num_topk;
@@ -454,14 +472,24 @@ DEEPEP_DEVICE void dispatch_send_body(const unsigned short* __restrict__ x, cons
 // warp per (source, token, k) entry copies the payload to recv_x[l][begin(l, s) + slot] when
 // expert l is local. For the combine it records the inverse map combine_slot[s][t][k] (that row of
 // recv_x, or -1) and src_tokens[s]. The last block advances the receive counter.
-DEEPEP_DEVICE void dispatch_recv_body(uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales,
-                 int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k,
-                 int* __restrict__ layout_begin, int* __restrict__ layout_count, int* __restrict__ combine_slot,
-                 int* __restrict__ src_tokens, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr,
-                 int rank, uint64_t* seq_ptr,
-                 unsigned int* done_counter, uint64_t timeout_ns, deepep::ErrorRecord* err) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
+// P: LLDispatchRecvParams or LLDispatchParams (the fused kernel passes its receive counters).
+template <class P>
+DEEPEP_DEVICE void dispatch_recv_body(const P& p, uint64_t* seq_ptr, unsigned int* done_counter) {
+    uint8_t* __restrict__ recv_x = p.recv_x;   // outputs only: nothing to read through ReadOnly
+    uint8_t* __restrict__ recv_scales = p.recv_scales;
+    int* __restrict__ recv_count = p.recv_count;
+    int* __restrict__ recv_src_info = p.recv_src_info;
+    int* __restrict__ recv_src_k = p.recv_src_k;
+    int* __restrict__ layout_begin = p.layout_begin;
+    int* __restrict__ layout_count = p.layout_count;
+    int* __restrict__ combine_slot = p.combine_slot;
+    int* __restrict__ src_tokens = p.src_tokens;
+    uint8_t* const region = p.region;
+    const int rank = static_cast<int>(p.rank);
+    const uint64_t timeout_ns = p.timeout_ns;
+    deepep::ErrorRecord* const err = p.err;
+    const LLLayout lay = *p.layout;
+    const LLShape shape = shape_of(p);
     const uint64_t seq = next_seq(seq_ptr);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
@@ -631,7 +659,7 @@ struct CombineShared {
 
 // Whole block, before the roles split: peers and source token counts into shared memory, and the
 // reuse guard.
-DEEPEP_DEVICE void combine_send_prologue(CombineShared& sh, const uint64_t* peer_regions, const int* src_tokens,
+DEEPEP_DEVICE void combine_send_prologue(CombineShared& sh, ReadOnly<uint64_t> peer_regions, ReadOnly<int> src_tokens,
                                          uint8_t* region, const LLLayout& lay, uint64_t seq, int rank, int guard,
                                          uint64_t timeout_ns, deepep::ErrorRecord* err) {
     if (threadIdx.x < kNumRanks) {
@@ -732,9 +760,9 @@ DEEPEP_DEVICE bool wait_token(const uint64_t* arrived, uint64_t expected, const 
 // A warp per (token, 32 x 8 channels), tokens in order: wait for the token's rows, then each lane
 // sums w[t,k] * row[t][k] over the valid k in ascending order (float32, rounded once to bf16), up
 // to 8 rows' loads in flight. Valid: combine's topk_idx >= 0 and placed by the dispatch (slot >= 0).
-DEEPEP_DEVICE void combine_recv_role(const Role& role, bool* s_last, const int64_t* __restrict__ topk_idx,
-                                     const float* __restrict__ topk_weights, unsigned short* __restrict__ out,
-                                     const int* __restrict__ topk_slots, const LLShape& shape, const LLLayout& lay,
+DEEPEP_DEVICE void combine_recv_role(const Role& role, bool* s_last, ReadOnly<int64_t> topk_idx,
+                                     ReadOnly<float> topk_weights, unsigned short* __restrict__ out,
+                                     ReadOnly<int> topk_slots, const LLShape& shape, const LLLayout& lay,
                                      uint8_t* region, int rank, uint64_t seq, uint64_t* seq_ptr,
                                      unsigned int* done_counter, uint64_t timeout_ns, deepep::ErrorRecord* err) {
     constexpr int kLoads = 8;
@@ -812,91 +840,77 @@ DEEPEP_DEVICE void combine_recv_role(const Role& role, bool* s_last, const int64
 // warp sends, then reduces). A waiting block never holds up a peer: what a peer waits for depends
 // only on its own sends and ours, and our sender warps never wait.
 // `guard` (set by the host after two operations were in flight): wait until every peer has
-// received the operation that last used this half before writing into it.
-#define LL_DISPATCH_SEND_PARAMS const unsigned short* __restrict__ x, const int64_t* __restrict__ topk_idx, \
-    int* __restrict__ counts, int* __restrict__ topk_slots, LL_SHAPE_PARAMS, uint8_t* region, \
-    const uint64_t* __restrict__ peer_regions, const LLLayout* lay_ptr, int rank, int guard, uint64_t timeout_ns, \
-    uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err
-#define LL_DISPATCH_SEND_ARGS x, topk_idx, counts, topk_slots, num_tokens_, hidden_, num_topk_, num_experts_, \
-    use_fp8_, round_scale_, use_ue8m0_, region, peer_regions, lay_ptr, rank, guard, timeout_ns
-#define LL_DISPATCH_RECV_PARAMS uint8_t* __restrict__ recv_x, uint8_t* __restrict__ recv_scales, \
-    int* __restrict__ recv_count, int* __restrict__ recv_src_info, int* __restrict__ recv_src_k, \
-    int* __restrict__ layout_begin, int* __restrict__ layout_count, int* __restrict__ combine_slot, \
-    int* __restrict__ src_tokens
-#define LL_DISPATCH_RECV_ARGS recv_x, recv_scales, recv_count, recv_src_info, recv_src_k, layout_begin, \
-    layout_count, combine_slot, src_tokens, num_tokens_, hidden_, num_topk_, num_experts_, use_fp8_, round_scale_, \
-    use_ue8m0_, region, lay_ptr, rank
-
-extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_send(LL_DISPATCH_SEND_PARAMS) {
-    dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
+// received the operation that last used this half before writing into it. Each kernel takes one
+// by-value struct (low_latency_params.cuh).
+extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_send(const LLDispatchSendParams p) {
+    dispatch_send_body(p, p.seq, p.done);
 }
 
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_dispatch_recv(LL_DISPATCH_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
-                 uint64_t timeout_ns, uint64_t* seq_ptr, unsigned int* done_counter, deepep::ErrorRecord* err) {
-    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr, done_counter, timeout_ns, err);
+extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch_recv(const LLDispatchRecvParams p) {
+    dispatch_recv_body(p, p.seq, p.done);
 }
 
-// seq_ptr: both counters {sent, received}; done_counter: {send phase, receive phase}
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_dispatch(LL_DISPATCH_SEND_PARAMS, LL_DISPATCH_RECV_PARAMS) {
-    dispatch_send_body(LL_DISPATCH_SEND_ARGS, seq_ptr, done_counter, err);
-    dispatch_recv_body(LL_DISPATCH_RECV_ARGS, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+// p.seq: both counters {sent, received}; p.done: {send phase, receive phase}
+extern "C" __global__ void __launch_bounds__(512, 1) ll_dispatch(const LLDispatchParams p) {
+    dispatch_send_body(p, p.seq, p.done);
+    dispatch_recv_body(p, p.seq + 1, p.done + 1);
 }
 
-#define LL_COMBINE_SEND_PARAMS const unsigned short* __restrict__ x, const int* __restrict__ combine_slot, \
-    const int* __restrict__ src_tokens, LL_SHAPE_PARAMS, uint8_t* region, const uint64_t* __restrict__ peer_regions, \
-    const LLLayout* lay_ptr, int rank, int guard, uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, \
-    unsigned int* done_counter, int use_tma
-#define LL_COMBINE_RECV_PARAMS const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights, \
-    unsigned short* __restrict__ out, const int* __restrict__ topk_slots
-
-extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(LL_COMBINE_SEND_PARAMS) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
-    const uint64_t seq = next_seq(seq_ptr);
+// The combine kernels pass their fields to the roles (inputs the roles index as ReadOnly).
+extern "C" __global__ void __launch_bounds__(512, 1) ll_combine_send(const LLCombineSendParams p) {
+    const LLLayout lay = *p.layout;
+    const LLShape shape = shape_of(p);
+    const int rank = static_cast<int>(p.rank);
+    const ReadOnly<uint64_t> peer_regions{p.peer_regions};
+    const uint64_t seq = next_seq(p.seq);
     __shared__ CombineShared sh;
-    combine_send_prologue(sh, peer_regions, src_tokens, region, lay, seq, rank, guard, timeout_ns, err);
+    combine_send_prologue(sh, peer_regions, ReadOnly<int>{p.src_tokens}, p.region, lay, seq, rank,
+                          static_cast<int>(p.guard), p.timeout_ns, p.err);
     const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
-    combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_ranks(peer_regions), rank, seq, seq_ptr,
-                      done_counter, use_tma, err);
+    combine_send_role(all, sh, p.x, p.combine_slot, shape, lay, p.region, put_ranks(peer_regions), rank, seq, p.seq,
+                      p.done, static_cast<int>(p.use_tma), p.err);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-ll_combine_recv(LL_COMBINE_RECV_PARAMS, LL_SHAPE_PARAMS, uint8_t* region, const LLLayout* lay_ptr, int rank,
-                uint64_t timeout_ns, deepep::ErrorRecord* err, uint64_t* seq_ptr, unsigned int* done_counter) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
-    const uint64_t seq = next_seq(seq_ptr);
+extern "C" __global__ void __launch_bounds__(256) ll_combine_recv(const LLCombineRecvParams p) {
+    const LLLayout lay = *p.layout;
+    const LLShape shape = shape_of(p);
+    const uint64_t seq = next_seq(p.seq);
     __shared__ bool s_last;
     const Role all{0, static_cast<int>(blockDim.x) / kWarpSize, 1};
-    combine_recv_role(all, &s_last, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank, seq, seq_ptr,
-                      done_counter, timeout_ns, err);
+    combine_recv_role(all, &s_last, ReadOnly<int64_t>{p.topk_idx}, ReadOnly<float>{p.topk_weights}, p.out,
+                      ReadOnly<int>{p.topk_slots}, shape, lay, p.region, static_cast<int>(p.rank), seq, p.seq, p.done,
+                      p.timeout_ns, p.err);
 }
 
-// seq_ptr: both counters {sent, received}; done_counter: {send phase, receive phase}
-extern "C" __global__ void __launch_bounds__(512, 1)
-ll_combine(LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, int reduce_warps) {
-    const LLLayout lay = *lay_ptr;
-    LL_SHAPE;
-    const uint64_t send_seq = next_seq(seq_ptr), recv_seq = next_seq(seq_ptr + 1);
+// p.seq: both counters {sent, received}; p.done: {send phase, receive phase}
+extern "C" __global__ void __launch_bounds__(512, 1) ll_combine(const LLCombineParams p) {
+    const LLLayout lay = *p.layout;
+    const LLShape shape = shape_of(p);
+    const int rank = static_cast<int>(p.rank), reduce_warps = static_cast<int>(p.reduce_warps);
+    const int use_tma = static_cast<int>(p.use_tma);
+    const ReadOnly<uint64_t> peer_regions{p.peer_regions};
+    const ReadOnly<int64_t> topk_idx{p.topk_idx};
+    const ReadOnly<float> topk_weights{p.topk_weights};
+    const ReadOnly<int> topk_slots{p.topk_slots};
+    const uint64_t send_seq = next_seq(p.seq), recv_seq = next_seq(p.seq + 1);
     __shared__ CombineShared sh;
-    combine_send_prologue(sh, peer_regions, src_tokens, region, lay, send_seq, rank, guard, timeout_ns, err);
+    combine_send_prologue(sh, peer_regions, ReadOnly<int>{p.src_tokens}, p.region, lay, send_seq, rank,
+                          static_cast<int>(p.guard), p.timeout_ns, p.err);
     const unsigned int put_mask = put_ranks(peer_regions);
     const int warps = static_cast<int>(blockDim.x) / kWarpSize, warp = static_cast<int>(threadIdx.x) / kWarpSize;
     if (reduce_warps <= 0 || reduce_warps >= warps) {
         const Role all{0, warps, 1};
-        combine_send_role(all, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter, use_tma, err);
-        combine_recv_role(all, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
-                          recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+        combine_send_role(all, sh, p.x, p.combine_slot, shape, lay, p.region, put_mask, rank, send_seq, p.seq, p.done,
+                          use_tma, p.err);
+        combine_recv_role(all, &sh.last_recv, topk_idx, topk_weights, p.out, topk_slots, shape, lay, p.region, rank,
+                          recv_seq, p.seq + 1, p.done + 1, p.timeout_ns, p.err);
     } else if (warp < warps - reduce_warps) {
         const Role senders{0, warps - reduce_warps, 1};
-        combine_send_role(senders, sh, x, combine_slot, shape, lay, region, put_mask, rank, send_seq, seq_ptr,
-                          done_counter, use_tma, err);
+        combine_send_role(senders, sh, p.x, p.combine_slot, shape, lay, p.region, put_mask, rank, send_seq, p.seq,
+                          p.done, use_tma, p.err);
     } else {
         const Role reducers{warps - reduce_warps, reduce_warps, 2};
-        combine_recv_role(reducers, &sh.last_recv, topk_idx, topk_weights, out, topk_slots, shape, lay, region, rank,
-                          recv_seq, seq_ptr + 1, done_counter + 1, timeout_ns, err);
+        combine_recv_role(reducers, &sh.last_recv, topk_idx, topk_weights, p.out, topk_slots, shape, lay, p.region,
+                          rank, recv_seq, p.seq + 1, p.done + 1, p.timeout_ns, p.err);
     }
 }

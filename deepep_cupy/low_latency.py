@@ -25,6 +25,7 @@ from .config import settings
 from .errors import DeepEPInvalid
 from .handles import DeepEPLowLatencyTuple
 from .kernel_errors import PinnedErrorRecord
+from .kernel_params import ParamStruct
 
 __all__ = ["LowLatencyLayout", "LowLatencyHandle", "LowLatencyKernels", "PendingDispatch", "PendingCombine",
            "low_latency_spec", "size_hint", "MAX_TOPK", "MAX_TOKENS", "MAX_HIDDEN", "MAX_EXPERTS"]
@@ -42,6 +43,27 @@ _ALIGN = 256
 
 def _align(x: int, a: int = _ALIGN) -> int:
     return (x + a - 1) // a * a
+
+
+# cuda_src/low_latency_params.cuh, same orders: one by-value struct per kernel. Every value that
+# changes from call to call without the host (the sequence and last-block counters, the error
+# record) stays behind a pointer, so a captured graph replays correctly.
+_LL_TEAM = ("region", "layout", "seq", "done", "err", "timeout_ns", "num_tokens", "hidden", "num_topk", "num_experts",
+            "use_fp8", "round_scale", "use_ue8m0", "rank")
+_RECV_OUTPUTS = ("recv_x", "recv_scales", "recv_count", "recv_src_info", "recv_src_k", "layout_begin",
+                 "layout_count", "combine_slot", "src_tokens")
+LL_DISPATCH_SEND_PARAMS = ParamStruct("LLDispatchSendParams", (
+    "x", "topk_idx", "counts", "topk_slots", "peer_regions") + _LL_TEAM + ("guard",))
+LL_DISPATCH_RECV_PARAMS = ParamStruct("LLDispatchRecvParams", _RECV_OUTPUTS + _LL_TEAM)
+LL_DISPATCH_PARAMS = ParamStruct("LLDispatchParams", (
+    "x", "topk_idx", "counts", "topk_slots") + _RECV_OUTPUTS + ("peer_regions",) + _LL_TEAM + ("guard",))
+LL_COMBINE_SEND_PARAMS = ParamStruct("LLCombineSendParams", (
+    "x", "combine_slot", "src_tokens", "peer_regions") + _LL_TEAM + ("guard", "use_tma"))
+LL_COMBINE_RECV_PARAMS = ParamStruct("LLCombineRecvParams", (
+    "topk_idx", "topk_weights", "out", "topk_slots") + _LL_TEAM)
+LL_COMBINE_PARAMS = ParamStruct("LLCombineParams", (
+    "x", "combine_slot", "src_tokens", "topk_idx", "topk_weights", "out", "topk_slots", "peer_regions") + _LL_TEAM
+    + ("guard", "use_tma", "reduce_warps"))
 
 
 def low_latency_spec(num_ranks: int) -> jit.KernelSpec:
@@ -248,15 +270,16 @@ class LowLatencyKernels:
         self._guarded_sends = 0
         cupy.cuda.Device().synchronize()
 
-    def _timeout_ns(self):
-        import cupy
-        return cupy.uint64(int(settings.timeout_seconds * 1e9))
-
-    def _shape(self, num_tokens: int, num_topk: int, use_fp8=False, round_scale=False, use_ue8m0=False):
-        import cupy
+    def _team_fields(self, seq, done, num_tokens: int, num_topk: int, use_fp8=False, round_scale=False,
+                     use_ue8m0=False) -> dict:
+        """The fields every kernel's struct takes (``_LL_TEAM``): the region, its layout, the
+        kernel's counters (``seq``, ``done``: slices of the device arrays), the error record, the
+        timeout, the call's shape and this rank."""
         lay = self.layout
-        return (cupy.int32(num_tokens), cupy.int32(lay.hidden), cupy.int32(num_topk), cupy.int32(lay.num_experts),
-                cupy.int32(use_fp8), cupy.int32(round_scale), cupy.int32(use_ue8m0))
+        return dict(region=self.region, layout=self.layout_struct, seq=seq, done=done, err=self.errors.ptr,
+                    timeout_ns=int(settings.timeout_seconds * 1e9), num_tokens=num_tokens, hidden=lay.hidden,
+                    num_topk=num_topk, num_experts=lay.num_experts, use_fp8=use_fp8, round_scale=round_scale,
+                    use_ue8m0=use_ue8m0, rank=self.rank)
 
     def _no_pending(self, what: str) -> None:
         """A call without a hook completes its receive at once, so no earlier receive may be due."""
@@ -269,15 +292,14 @@ class LowLatencyKernels:
             raise DeepEPInvalid(f"{what}: two low-latency operations already wait for their hook; call the "
                                 "older hook first (at most two operations may be in flight)")
 
-    def _guard(self):
-        """The send's ``guard`` argument. Once two operations were in flight, a peer may still be
+    def _guard(self) -> bool:
+        """The send's ``guard`` field. Once two operations were in flight, a peer may still be
         reading the half the next sends write into, so the next two sends wait for it first."""
-        import cupy
         guard = self._guarded_sends > 0
         self._guarded_sends = max(0, self._guarded_sends - 1)
         if self.pending:            # this send joins one still in flight
             self._guarded_sends = 2
-        return cupy.int32(guard)
+        return guard
 
     def _dispatch_outputs(self, num_tokens: int, num_topk: int, use_fp8: bool, use_ue8m0: bool, stream):
         """Allocate a dispatch's outputs on ``stream``: (recv_x, recv_scales or None, handle)."""
@@ -305,46 +327,44 @@ class LowLatencyKernels:
                 num_max_dispatch_tokens_per_rank=lay.max_tokens)
         return recv_x, recv_scales, handle
 
-    def _send_args(self, x, topk_idx, hd, use_fp8, round_scale, use_ue8m0) -> tuple:
-        import cupy
-        return ((x, topk_idx, self.counts, hd.topk_slots)
-                + self._shape(hd.num_tokens, hd.num_topk, use_fp8, round_scale, use_ue8m0)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
-                   self._timeout_ns()))
+    def _send_fields(self, x, topk_idx, hd, seq, done, use_fp8, round_scale, use_ue8m0) -> dict:
+        """A dispatch send's fields (the fused kernel adds the receive's outputs)."""
+        return dict(x=x, topk_idx=topk_idx, counts=self.counts, topk_slots=hd.topk_slots,
+                    peer_regions=self.peer_regions, guard=self._guard(),
+                    **self._team_fields(seq, done, hd.num_tokens, hd.num_topk, use_fp8, round_scale, use_ue8m0))
 
-    def _recv_outputs(self, recv_x, recv_scales, hd) -> tuple:
-        import cupy
-        return (recv_x, cupy.uint64(0) if recv_scales is None else recv_scales, hd.recv_count, hd.recv_src_info,
-                hd.recv_src_k, hd.layout_begin, hd.layout_count, hd.combine_slot, hd.src_tokens)
+    @staticmethod
+    def _recv_outputs(recv_x, recv_scales, hd) -> dict:
+        """A dispatch receive's output fields (``_RECV_OUTPUTS``); recv_scales None packs as 0."""
+        return dict(recv_x=recv_x, recv_scales=recv_scales, recv_count=hd.recv_count, recv_src_info=hd.recv_src_info,
+                    recv_src_k=hd.recv_src_k, layout_begin=hd.layout_begin, layout_count=hd.layout_count,
+                    combine_slot=hd.combine_slot, src_tokens=hd.src_tokens)
 
     def dispatch(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool, stream) -> tuple:
         """Send and receive in one fused kernel on ``stream`` (no hook). Returns (recv_x, recv_scales
         or None, recv_count, handle); fp8 data as uint8 storage."""
-        import cupy
         self._no_pending("low_latency_dispatch")
         num_tokens, num_topk = (int(v) for v in topk_idx.shape)
         recv_x, recv_scales, hd = self._dispatch_outputs(num_tokens, num_topk, use_fp8, use_ue8m0, stream)
+        # seq: both counters {sent, received}; done: the send and receive phases' counters
+        params = LL_DISPATCH_PARAMS.pack(
+            **self._send_fields(x, topk_idx, hd, self.seq, self.done[0:2], use_fp8, round_scale, use_ue8m0),
+            **self._recv_outputs(recv_x, recv_scales, hd))
         with stream:
-            self.module["ll_dispatch"](
-                (self._sms,), (THREADS,),
-                self._send_args(x, topk_idx, hd, use_fp8, round_scale, use_ue8m0)
-                + (self.seq, self.done[0:2], cupy.uint64(self.errors.ptr))
-                + self._recv_outputs(recv_x, recv_scales, hd))
+            self.module["ll_dispatch"]((self._sms,), (THREADS,), (params,))
         return recv_x, recv_scales, hd.recv_count, hd
 
     def dispatch_send(self, x, topk_idx, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
                       stream) -> PendingDispatch:
         """Send every token (issued on ``stream``; returns at once). Outputs are allocated here so
         the receive allocates nothing."""
-        import cupy
         self._admit("low_latency_dispatch")
         num_tokens, num_topk = (int(v) for v in topk_idx.shape)
         recv_x, recv_scales, handle = self._dispatch_outputs(num_tokens, num_topk, use_fp8, use_ue8m0, stream)
+        params = LL_DISPATCH_SEND_PARAMS.pack(**self._send_fields(x, topk_idx, handle, self.seq[0:1], self.done[0:1],
+                                                                  use_fp8, round_scale, use_ue8m0))
         with stream:
-            self.module["ll_dispatch_send"](
-                (max(1, min(num_tokens, self._sms)),), (THREADS,),
-                self._send_args(x, topk_idx, handle, use_fp8, round_scale, use_ue8m0)
-                + (self.seq[0:1], self.done[0:1], cupy.uint64(self.errors.ptr)))
+            self.module["ll_dispatch_send"]((max(1, min(num_tokens, self._sms)),), (THREADS,), (params,))
         pending = PendingDispatch(recv_x, recv_scales, handle, (x, topk_idx))
         self.pending.append(pending)
         return pending
@@ -359,24 +379,21 @@ class LowLatencyKernels:
     def dispatch_recv(self, pending: PendingDispatch, stream) -> tuple:
         """Unpack into per-expert outputs (the receive hook). Returns (recv_x, recv_scales or None,
         recv_count, handle); fp8 data as uint8 storage."""
-        import cupy
         self._take_turn(pending, "low_latency_dispatch receive")
         hd = pending.handle
+        params = LL_DISPATCH_RECV_PARAMS.pack(
+            **self._recv_outputs(pending.recv_x, pending.recv_scales, hd),
+            **self._team_fields(self.seq[1:2], self.done[1:2], hd.num_tokens, hd.num_topk, hd.use_fp8, False,
+                                hd.use_ue8m0))
         with stream:
-            self.module["ll_dispatch_recv"](
-                (self._sms,), (THREADS,),
-                self._recv_outputs(pending.recv_x, pending.recv_scales, hd)
-                + self._shape(hd.num_tokens, hd.num_topk, hd.use_fp8, False, hd.use_ue8m0)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(), self.seq[1:2],
-                   self.done[1:2], cupy.uint64(self.errors.ptr)))
+            self.module["ll_dispatch_recv"]((self._sms,), (THREADS,), (params,))
         return pending.recv_x, pending.recv_scales, hd.recv_count, hd
 
-    def _combine_send_args(self, x, handle: LowLatencyHandle, seq, done) -> tuple:
-        import cupy
-        return ((x, handle.combine_slot, handle.src_tokens) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.peer_regions, self.layout_struct, cupy.int32(self.rank), self._guard(),
-                   self._timeout_ns(), cupy.uint64(self.errors.ptr), seq, done,
-                   cupy.int32(settings.ll_combine_tma)))
+    def _combine_send_fields(self, x, handle: LowLatencyHandle, seq, done) -> dict:
+        """A combine send's fields (the fused kernel adds the receive's)."""
+        return dict(x=x, combine_slot=handle.combine_slot, src_tokens=handle.src_tokens, peer_regions=self.peer_regions,
+                    guard=self._guard(), use_tma=settings.ll_combine_tma,
+                    **self._team_fields(seq, done, handle.num_tokens, handle.num_topk))
 
     @staticmethod
     def _combine_smem() -> int:
@@ -384,14 +401,13 @@ class LowLatencyKernels:
         return TMA_SMEM_BYTES if settings.ll_combine_tma else 0
 
     @staticmethod
-    def _reduce_warps():
-        """``settings.ll_combine_reduce_warps`` as the fused combine's argument, checked."""
-        import cupy
+    def _reduce_warps() -> int:
+        """``settings.ll_combine_reduce_warps`` as the fused combine's field, checked."""
         n = settings.ll_combine_reduce_warps
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < THREADS // 32:
             raise DeepEPInvalid(f"settings.ll_combine_reduce_warps: expected an int in [0, {THREADS // 32}), "
                                 f"got {n!r}")
-        return cupy.int32(n)
+        return n
 
     def combine_output(self, handle: LowLatencyHandle, out, stream):
         """``out``, or a new bf16 [T, H] allocated on ``stream`` when it is None."""
@@ -408,37 +424,34 @@ class LowLatencyKernels:
         self._no_pending("low_latency_combine")
         reduce_warps = self._reduce_warps()
         out = self.combine_output(handle, out, stream)
+        params = LL_COMBINE_PARAMS.pack(
+            **self._combine_send_fields(x, handle, self.seq, self.done[2:4]), topk_idx=topk_idx,
+            topk_weights=topk_weights, out=out, topk_slots=handle.topk_slots, reduce_warps=reduce_warps)
         with stream:
-            self.module["ll_combine"](
-                (self._sms,), (THREADS,),
-                self._combine_send_args(x, handle, self.seq, self.done[2:4])
-                + (topk_idx, topk_weights, out, handle.topk_slots, reduce_warps),
-                shared_mem=self._combine_smem())
+            self.module["ll_combine"]((self._sms,), (THREADS,), (params,), shared_mem=self._combine_smem())
         return out
 
     def combine_send(self, x, handle: LowLatencyHandle, stream) -> PendingCombine:
         """Send every received slot's expert output back to its token's rank, in token order
         (returns at once)."""
         self._admit("low_latency_combine")
+        params = LL_COMBINE_SEND_PARAMS.pack(**self._combine_send_fields(x, handle, self.seq[0:1], self.done[2:3]))
         with stream:
-            self.module["ll_combine_send"]((self._sms,), (THREADS,),
-                                           self._combine_send_args(x, handle, self.seq[0:1], self.done[2:3]),
-                                           shared_mem=self._combine_smem())
+            self.module["ll_combine_send"]((self._sms,), (THREADS,), (params,), shared_mem=self._combine_smem())
         pending = PendingCombine(handle, x)
         self.pending.append(pending)
         return pending
 
     def combine_recv(self, pending: PendingCombine, topk_idx, topk_weights, out, stream):
         """Weighted sum per token (the receive hook); returns ``out`` (bf16 [T, H])."""
-        import cupy
         self._take_turn(pending, "low_latency_combine receive")
         handle = pending.handle
         out = self.combine_output(handle, out, stream)
         warp_items = handle.num_tokens * -(-handle.hidden // 256)    # a warp per (token, 256 channels)
+        params = LL_COMBINE_RECV_PARAMS.pack(
+            topk_idx=topk_idx, topk_weights=topk_weights, out=out, topk_slots=handle.topk_slots,
+            **self._team_fields(self.seq[1:2], self.done[3:4], handle.num_tokens, handle.num_topk))
         with stream:
             self.module["ll_combine_recv"](
-                (max(1, min(4 * self._sms, -(-warp_items // (RECV_THREADS // 32)))),), (RECV_THREADS,),
-                (topk_idx, topk_weights, out, handle.topk_slots) + self._shape(handle.num_tokens, handle.num_topk)
-                + (self.region, self.layout_struct, cupy.int32(self.rank), self._timeout_ns(),
-                   cupy.uint64(self.errors.ptr), self.seq[1:2], self.done[3:4]))
+                (max(1, min(4 * self._sms, -(-warp_items // (RECV_THREADS // 32)))),), (RECV_THREADS,), (params,))
         return out

@@ -1,6 +1,7 @@
 """Kernel parameter structs (deepep_cupy/kernel_params.py) on the CPU: every ``*Params`` struct in
 cuda_src/ matches its host ``ParamStruct`` field for field, the packer's rules, and the intranode
-launch sites pack what their kernels read (through a recording stand-in for the module)."""
+and low-latency launch sites pack what their kernels read (through a recording stand-in for the
+module)."""
 
 import contextlib
 import re
@@ -9,19 +10,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepep_cupy import intranode
+from deepep_cupy import intranode, low_latency
 from deepep_cupy.config import settings
 from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
                                    IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
 from deepep_cupy.kernel_params import ParamStruct
+from deepep_cupy.low_latency import (LL_COMBINE_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_SEND_PARAMS,
+                                     LL_DISPATCH_PARAMS, LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_SEND_PARAMS,
+                                     LowLatencyKernels, LowLatencyLayout)
 
 CUDA_SRC = Path(__file__).resolve().parents[1] / "cuda_src"
 # every host struct, by its C name
-HOST_STRUCTS = {s.name: s for s in (DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS, COMBINE_PARAMS)}
+HOST_STRUCTS = {s.name: s for s in (
+    DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS, COMBINE_PARAMS, LL_DISPATCH_SEND_PARAMS,
+    LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_PARAMS, LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_PARAMS)}
 # the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
 KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_notify": "NotifyParams",
            "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
-           "intranode_combine_f32": "CombineParams"}
+           "intranode_combine_f32": "CombineParams", "ll_dispatch_send": "LLDispatchSendParams",
+           "ll_dispatch_recv": "LLDispatchRecvParams", "ll_dispatch": "LLDispatchParams",
+           "ll_combine_send": "LLCombineSendParams", "ll_combine_recv": "LLCombineRecvParams",
+           "ll_combine": "LLCombineParams"}
+# kernels left with positional parameters: short lists (see docs/intranode.md, Kernel parameters)
+POSITIONAL = {"intranode_bump_seq", "internode_final_order", "check_index_range", "ring_put_signal", "peer_store",
+              "get_dispatch_layout"}
 EIGHT_BYTE_TYPES = ("long long", "unsigned long long", "int64_t", "uint64_t")
 
 
@@ -62,6 +74,13 @@ def test_params_struct_matches_the_c_declaration(name):
     checks = re.findall(rf"DEEPEP_PARAMS_CHECK\({name}, (\d+)\);", _sources())
     assert checks == [str(len(fields))]
     assert HOST_STRUCTS[name].nbytes < 4096 // 4      # CUDA's parameter limit is 4 KB; stay well under
+
+
+def test_every_kernel_of_the_package_is_listed():
+    """A kernel added to a spec must take a params struct (KERNELS) or be a known short one."""
+    from deepep_cupy import kernels
+    names = {name for spec in kernels.all_specs() for name in spec.kernels}
+    assert names == set(KERNELS) | POSITIONAL
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -131,7 +150,8 @@ class FakeArray:
         self.shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
         self.dtype = np.dtype(dtype)
         self.itemsize = self.dtype.itemsize
-        self.nbytes = int(np.prod(self.shape)) * self.itemsize
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.itemsize
         if ptr is None:
             ptr, FakeArray._next = FakeArray._next, FakeArray._next + 0x10000
         self.data = type("Mem", (), {"ptr": ptr})()
@@ -143,14 +163,15 @@ class FakeArray:
 
 
 class Recorder(dict):
-    """``module[name](grid, block, args)`` records the launch."""
+    """``module[name](grid, block, args, **options)`` records the launch as (name, grid, block, args,
+    options)."""
 
     def __init__(self):
         super().__init__()
         self.launches = []
 
     def __getitem__(self, name):
-        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+        return lambda grid, block, args, **options: self.launches.append((name, grid, block, args, options))
 
 
 def unpack(struct, launch):
@@ -269,3 +290,133 @@ def test_combine_launch_packs_combine_params(kernels, dtype, kernel):
         recv_offsets=recv_info.data.ptr, combined_x=out.data.ptr, combined_weights=out_w.data.ptr, num_tokens=T,
         hidden=H, num_topk=K, with_weights=1, row_bytes=row_bytes, slot_rows=kernels.layout.slot_rows(row_bytes),
         pull=0, **_team_words(kernels))
+
+
+# ---- low-latency launch sites -------------------------------------------------------------------
+@pytest.fixture
+def ll(monkeypatch):
+    """A LowLatencyKernels of rank 2 of 4 (M = 64, H = 512, E = 16) without a GPU: fake arrays, a
+    recording module."""
+    import cupy
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=np.float32: FakeArray(shape, dtype))
+    k = object.__new__(LowLatencyKernels)
+    k.num_ranks, k.rank = 4, 2
+    k.layout = LowLatencyLayout.build(64, 512, 4, 16)
+    k.region = cupy.uint64(0xA0000000)
+    k.peer_regions, k.layout_struct = FakeArray(4, np.uint64), FakeArray(104, np.uint8)
+    k.seq, k.done, k.counts = FakeArray(2, np.uint64), FakeArray(4, np.uint32), FakeArray(16, np.int32)
+    k.errors = type("Err", (), {"ptr": 0xE0000})()
+    k._sms, k.pending, k._guarded_sends = 24, [], 0
+    k.module = Recorder()
+    return k
+
+
+def _ll_team(k, seq, done, num_tokens, num_topk, use_fp8=0, round_scale=0, use_ue8m0=0):
+    """The words of the fields every low-latency struct has; seq / done: byte offsets into the
+    counters (they stay device pointers: a graph replay reads and advances them)."""
+    return dict(region=0xA0000000, layout=k.layout_struct.data.ptr, seq=k.seq.data.ptr + seq,
+                done=k.done.data.ptr + done, err=0xE0000, timeout_ns=int(settings.timeout_seconds * 1e9),
+                num_tokens=num_tokens, hidden=512, num_topk=num_topk, num_experts=16, use_fp8=use_fp8,
+                round_scale=round_scale, use_ue8m0=use_ue8m0, rank=2)
+
+
+def _recv_words(recv_x, recv_scales, hd):
+    return dict(recv_x=recv_x.data.ptr, recv_scales=0 if recv_scales is None else recv_scales.data.ptr,
+                recv_count=hd.recv_count.data.ptr, recv_src_info=hd.recv_src_info.data.ptr,
+                recv_src_k=hd.recv_src_k.data.ptr, layout_begin=hd.layout_begin.data.ptr,
+                layout_count=hd.layout_count.data.ptr, combine_slot=hd.combine_slot.data.ptr,
+                src_tokens=hd.src_tokens.data.ptr)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_ll_fused_dispatch_packs_ll_dispatch_params(ll, fp8):
+    T, K = 10, 4
+    x, idx = FakeArray((T, 512), np.uint16), FakeArray((T, K), np.int64)
+    ll._guarded_sends = 1                     # after two in flight: this send is guarded
+    recv_x, recv_scales, _, hd = ll.dispatch(x, idx, fp8, fp8, fp8, contextlib.nullcontext())
+    (launch,) = ll.module.launches
+    assert launch[:3] == ("ll_dispatch", (24,), (512,)) and launch[4] == {}
+    assert (recv_scales is not None) == fp8
+    assert unpack(LL_DISPATCH_PARAMS, launch) == dict(
+        x=x.data.ptr, topk_idx=idx.data.ptr, counts=ll.counts.data.ptr, topk_slots=hd.topk_slots.data.ptr,
+        peer_regions=ll.peer_regions.data.ptr, guard=1, **_recv_words(recv_x, recv_scales, hd),
+        **_ll_team(ll, 0, 0, T, K, fp8, fp8, fp8))   # both counters from the first one
+    assert ll._guarded_sends == 0
+
+
+def test_ll_dispatch_send_and_recv_pack_their_params(ll):
+    T, K = 10, 4
+    x, idx = FakeArray((T, 512), np.uint16), FakeArray((T, K), np.int64)
+    pending = ll.dispatch_send(x, idx, True, True, False, contextlib.nullcontext())
+    ll.dispatch_recv(pending, contextlib.nullcontext())
+    send, recv = ll.module.launches
+    hd = pending.handle
+    assert send[:3] == ("ll_dispatch_send", (T,), (512,))     # a block per token, at most one per SM
+    assert unpack(LL_DISPATCH_SEND_PARAMS, send) == dict(
+        x=x.data.ptr, topk_idx=idx.data.ptr, counts=ll.counts.data.ptr, topk_slots=hd.topk_slots.data.ptr,
+        peer_regions=ll.peer_regions.data.ptr, guard=0, **_ll_team(ll, 0, 0, T, K, 1, 1, 0))
+    assert recv[:3] == ("ll_dispatch_recv", (24,), (512,))
+    # the receive: operations received (seq[1]), its own last-block counter (done[1]), no round_scale
+    assert unpack(LL_DISPATCH_RECV_PARAMS, recv) == dict(
+        **_recv_words(pending.recv_x, pending.recv_scales, hd), **_ll_team(ll, 8, 4, T, K, 1, 0, 0))
+
+
+def _ll_handle(ll):
+    """A dispatch's handle (sent and received) and the launches cleared."""
+    pending = ll.dispatch_send(FakeArray((10, 512), np.uint16), FakeArray((10, 4), np.int64), False, False, False,
+                               contextlib.nullcontext())
+    ll.dispatch_recv(pending, contextlib.nullcontext())
+    ll.module.launches.clear()
+    return pending.handle
+
+
+@pytest.mark.parametrize("tma, reduce_warps", [(False, 0), (True, 4)])
+def test_ll_fused_combine_packs_ll_combine_params(ll, monkeypatch, tma, reduce_warps):
+    hd = _ll_handle(ll)
+    monkeypatch.setattr(settings, "ll_combine_tma", tma)
+    monkeypatch.setattr(settings, "ll_combine_reduce_warps", reduce_warps)
+    x = FakeArray((4, 256, 512), np.uint16)
+    idx, w = FakeArray((10, 4), np.int64), FakeArray((10, 4), np.float32)
+    out = ll.combine(x, hd, idx, w, None, contextlib.nullcontext())
+    (launch,) = ll.module.launches
+    assert launch[:3] == ("ll_combine", (24,), (512,))
+    assert launch[4] == {"shared_mem": low_latency.TMA_SMEM_BYTES if tma else 0}
+    assert unpack(LL_COMBINE_PARAMS, launch) == dict(
+        x=x.data.ptr, combine_slot=hd.combine_slot.data.ptr, src_tokens=hd.src_tokens.data.ptr, topk_idx=idx.data.ptr,
+        topk_weights=w.data.ptr, out=out.data.ptr, topk_slots=hd.topk_slots.data.ptr,
+        peer_regions=ll.peer_regions.data.ptr, guard=0, use_tma=int(tma), reduce_warps=reduce_warps,
+        **_ll_team(ll, 0, 8, 10, 4))   # both counters, the combine's pair of last-block counters
+
+
+def test_ll_combine_send_and_recv_pack_their_params(ll, monkeypatch):
+    hd = _ll_handle(ll)
+    monkeypatch.setattr(settings, "ll_combine_tma", True)
+    x = FakeArray((4, 256, 512), np.uint16)
+    idx, w, out = FakeArray((10, 4), np.int64), FakeArray((10, 4), np.float32), FakeArray((10, 512), np.uint16)
+    pending = ll.combine_send(x, hd, contextlib.nullcontext())
+    assert ll.combine_recv(pending, idx, w, out, contextlib.nullcontext()) is out
+    send, recv = ll.module.launches
+    assert send[:3] == ("ll_combine_send", (24,), (512,)) and send[4] == {"shared_mem": low_latency.TMA_SMEM_BYTES}
+    assert unpack(LL_COMBINE_SEND_PARAMS, send) == dict(
+        x=x.data.ptr, combine_slot=hd.combine_slot.data.ptr, src_tokens=hd.src_tokens.data.ptr,
+        peer_regions=ll.peer_regions.data.ptr, guard=0, use_tma=1, **_ll_team(ll, 0, 8, 10, 4))
+    # a warp per (token, 256 channels): 10 x 2 warp items in blocks of 8 warps
+    assert recv[:3] == ("ll_combine_recv", (3,), (low_latency.RECV_THREADS,)) and recv[4] == {}
+    assert unpack(LL_COMBINE_RECV_PARAMS, recv) == dict(
+        topk_idx=idx.data.ptr, topk_weights=w.data.ptr, out=out.data.ptr, topk_slots=hd.topk_slots.data.ptr,
+        **_ll_team(ll, 8, 12, 10, 4))
+
+
+def test_ll_send_guard_word_follows_the_operations_in_flight(ll):
+    """Two sends in flight, both hooks, then the next two sends carry guard = 1 (as the positional
+    int32 did); the packing reads the guard once per launch."""
+    for _ in range(4):
+        ll.dispatch_send(FakeArray((10, 512), np.uint16), FakeArray((10, 4), np.int64), False, False, False,
+                         contextlib.nullcontext())
+        if len(ll.pending) == 2:
+            for p in list(ll.pending):
+                ll.dispatch_recv(p, contextlib.nullcontext())
+    guards = [unpack(LL_DISPATCH_SEND_PARAMS, launch)["guard"] for launch in ll.module.launches
+              if launch[0] == "ll_dispatch_send"]
+    assert guards == [0, 0, 1, 1]
+
