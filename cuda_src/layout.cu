@@ -18,6 +18,7 @@
 //
 // Compile-time constants (-D): DEEPEP_NUM_RANKS (R), DEEPEP_RANKS_PER_NODE (R for one node).
 #include "common/exception.cuh"
+#include "common/params.cuh"
 #include "common/utils.cuh"
 
 #ifndef DEEPEP_NUM_RANKS
@@ -41,6 +42,8 @@ constexpr bool kMaskFits = kNumRanks <= 64;
 
 constexpr int kPhaseBadExpertId = 24;   // names in deepep_cupy/kernel_errors.py
 
+using deepep::ReadOnly;   // common/params.cuh
+
 // A reported value fits the record's int32 field: clamp (the host says "or beyond" at the bounds).
 DEEPEP_DEVICE int clamp_to_int32(long long v) {
     return static_cast<int>(v < -2147483648LL ? -2147483648LL : (v > 2147483647LL ? 2147483647LL : v));
@@ -48,12 +51,20 @@ DEEPEP_DEVICE int clamp_to_int32(long long v) {
 
 }  // namespace
 
+#include "layout_params.cuh"   // DispatchLayoutParams
+
 extern "C" __global__ void __launch_bounds__(kThreads)
-get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk,
-                    int num_experts, int* __restrict__ num_tokens_per_rank,
-                    int* __restrict__ num_tokens_per_rdma_rank,  // nullptr when kNumNodes == 1
-                    int* __restrict__ num_tokens_per_expert, bool* __restrict__ is_token_in_rank,
-                    int* __restrict__ workspace, deepep::ErrorRecord* err, int rank) {
+get_dispatch_layout(const DispatchLayoutParams p) {
+    // the fields under the names the body uses: outputs as __restrict__ locals; topk_idx is read
+    // through `row` (ReadOnly: the const __restrict__ parameter's ld.global.nc)
+    const int num_tokens = static_cast<int>(p.num_tokens), num_topk = static_cast<int>(p.num_topk);
+    const int num_experts = static_cast<int>(p.num_experts), rank = static_cast<int>(p.rank);
+    int* __restrict__ num_tokens_per_rank = p.num_tokens_per_rank;
+    int* __restrict__ num_tokens_per_rdma_rank = p.num_tokens_per_rdma_rank;
+    int* __restrict__ num_tokens_per_expert = p.num_tokens_per_expert;
+    bool* __restrict__ is_token_in_rank = p.is_token_in_rank;
+    int* __restrict__ workspace = p.workspace;
+    deepep::ErrorRecord* const err = p.err;
     extern __shared__ int smem_counts[];  // [E] experts, [R] ranks, [N] nodes
     int* s_expert = smem_counts;
     int* s_rank = s_expert + num_experts;
@@ -68,7 +79,7 @@ get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int nu
     const int experts_per_rank = num_experts / kNumRanks;
     const int token = blockIdx.x * kThreads + threadIdx.x;
     if (token < num_tokens) {
-        const int64_t* row = topk_idx + static_cast<int64_t>(token) * num_topk;
+        const ReadOnly<int64_t> row{p.topk_idx + static_cast<int64_t>(token) * num_topk};
         bool* in_rank = is_token_in_rank + static_cast<int64_t>(token) * kNumRanks;
         uint64_t rank_mask = 0;
         uint64_t node_mask = 0;

@@ -14,11 +14,17 @@ from __future__ import annotations
 from typing import Optional
 
 from . import jit
+from .kernel_params import ParamStruct
 
 __all__ = ["LayoutKernel", "MAX_LAYOUT_EXPERTS"]
 
 _THREADS = 256
 MAX_LAYOUT_EXPERTS = 8192  # shared memory holds one int32 counter per expert (32 KiB)
+
+# The kernel's one by-value parameter (DispatchLayoutParams, cuda_src/layout_params.cuh, same order)
+LAYOUT_PARAMS = ParamStruct("DispatchLayoutParams", (
+    "topk_idx", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank",
+    "workspace", "err", "num_tokens", "num_topk", "num_experts", "rank"))
 
 
 class LayoutKernel:
@@ -70,10 +76,10 @@ class LayoutKernel:
         workspace = self._workspace_for(num_experts, stream)
         smem = (num_experts + self.num_ranks + self.num_nodes) * 4
         blocks = max(1, (num_tokens + _THREADS - 1) // _THREADS)
+        params = LAYOUT_PARAMS.pack(topk_idx=topk_idx, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                    num_tokens_per_expert=per_expert, is_token_in_rank=in_rank, workspace=workspace,
+                                    err=error_record_ptr, num_tokens=num_tokens, num_topk=num_topk,
+                                    num_experts=num_experts, rank=rank)
         with stream:
-            self._kernel((blocks,), (_THREADS,),
-                         (topk_idx, cupy.int32(num_tokens), cupy.int32(num_topk), cupy.int32(num_experts),
-                          per_rank, per_rdma if per_rdma is not None else cupy.uint64(0), per_expert,
-                          in_rank, workspace, cupy.uint64(error_record_ptr), cupy.int32(rank)),
-                         shared_mem=smem)
+            self._kernel((blocks,), (_THREADS,), (params,), shared_mem=smem)
         return per_rank, per_rdma, per_expert, in_rank

@@ -1,7 +1,7 @@
 """Kernel parameter structs (deepep_cupy/kernel_params.py) on the CPU: every ``*Params`` struct in
-cuda_src/ matches its host ``ParamStruct`` field for field, the packer's rules, and the intranode
-and low-latency launch sites pack what their kernels read (through a recording stand-in for the
-module)."""
+cuda_src/ matches its host ``ParamStruct`` field for field, the packer's rules, and the intranode,
+low-latency and layout launch sites pack what their kernels read (through a recording stand-in for
+the module)."""
 
 import contextlib
 import re
@@ -15,6 +15,7 @@ from deepep_cupy.config import settings
 from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
                                    IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
 from deepep_cupy.kernel_params import ParamStruct
+from deepep_cupy.layout import LAYOUT_PARAMS, LayoutKernel
 from deepep_cupy.low_latency import (LL_COMBINE_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_SEND_PARAMS,
                                      LL_DISPATCH_PARAMS, LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_SEND_PARAMS,
                                      LowLatencyKernels, LowLatencyLayout)
@@ -23,17 +24,17 @@ CUDA_SRC = Path(__file__).resolve().parents[1] / "cuda_src"
 # every host struct, by its C name
 HOST_STRUCTS = {s.name: s for s in (
     DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS, COMBINE_PARAMS, LL_DISPATCH_SEND_PARAMS,
-    LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_PARAMS, LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_PARAMS)}
+    LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_PARAMS, LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_PARAMS,
+    LAYOUT_PARAMS)}
 # the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
 KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_notify": "NotifyParams",
            "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
            "intranode_combine_f32": "CombineParams", "ll_dispatch_send": "LLDispatchSendParams",
            "ll_dispatch_recv": "LLDispatchRecvParams", "ll_dispatch": "LLDispatchParams",
            "ll_combine_send": "LLCombineSendParams", "ll_combine_recv": "LLCombineRecvParams",
-           "ll_combine": "LLCombineParams"}
+           "ll_combine": "LLCombineParams", "get_dispatch_layout": "DispatchLayoutParams"}
 # kernels left with positional parameters: short lists (see docs/intranode.md, Kernel parameters)
-POSITIONAL = {"intranode_bump_seq", "internode_final_order", "check_index_range", "ring_put_signal", "peer_store",
-              "get_dispatch_layout"}
+POSITIONAL = {"intranode_bump_seq", "internode_final_order", "check_index_range", "ring_put_signal", "peer_store"}
 EIGHT_BYTE_TYPES = ("long long", "unsigned long long", "int64_t", "uint64_t")
 
 
@@ -420,3 +421,29 @@ def test_ll_send_guard_word_follows_the_operations_in_flight(ll):
               if launch[0] == "ll_dispatch_send"]
     assert guards == [0, 0, 1, 1]
 
+
+# ---- the layout launch site ---------------------------------------------------------------------
+@pytest.mark.parametrize("num_ranks, ranks_per_node", [(4, 4), (16, 8)])
+def test_layout_launch_packs_dispatch_layout_params(monkeypatch, num_ranks, ranks_per_node):
+    import cupy
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype=np.float32: FakeArray(shape, dtype))
+    k = object.__new__(LayoutKernel)
+    k.num_ranks, k.ranks_per_node, k.num_nodes = num_ranks, ranks_per_node, num_ranks // ranks_per_node
+    k._workspace = FakeArray(4096, np.int32)      # big enough: not reallocated
+    module = Recorder()
+    k._kernel = module["get_dispatch_layout"]
+    T, K, E = 300, 4, 64
+    idx = FakeArray((T, K), np.int64)
+    per_rank, per_rdma, per_expert, in_rank = k(idx, E, contextlib.nullcontext(), error_record_ptr=0xE0000, rank=3)
+    (launch,) = module.launches
+    assert launch[1:3] == ((2,), (256,)) and launch[4] == {"shared_mem": (E + num_ranks + k.num_nodes) * 4}
+    assert (per_rdma is None) == (k.num_nodes == 1)
+    assert unpack(LAYOUT_PARAMS, launch) == dict(
+        topk_idx=idx.data.ptr, num_tokens_per_rank=per_rank.data.ptr,
+        num_tokens_per_rdma_rank=0 if per_rdma is None else per_rdma.data.ptr,
+        num_tokens_per_expert=per_expert.data.ptr, is_token_in_rank=in_rank.data.ptr,
+        workspace=k._workspace.data.ptr, err=0xE0000, num_tokens=T, num_topk=K, num_experts=E, rank=3)
+    module.launches.clear()
+    k(idx, E, contextlib.nullcontext())            # no error record: 0, rank -1
+    words = unpack(LAYOUT_PARAMS, module.launches[0])
+    assert words["err"] == 0 and words["rank"] == -1
