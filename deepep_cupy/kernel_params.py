@@ -12,6 +12,7 @@ tests/test_kernel_params.py parses every ``*Params`` struct in cuda_src/ and com
 from __future__ import annotations
 
 import operator
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 __all__ = ["ParamStruct"]
 
 _MASK = (1 << 64) - 1
+_MIN = -(1 << 63)
 
 
 class ParamStruct:
@@ -33,6 +35,9 @@ class ParamStruct:
             raise ValueError(f"{name}: fields must be non-empty and unique (repeated: {dup})")
         # one field of int64 words: numpy hands CuPy the raw bytes, which match the C layout
         self.dtype = np.dtype({"names": ["words"], "formats": [(np.int64, (len(self.fields),))]})
+        self._names = frozenset(self.fields)
+        # every word as an unsigned 64-bit little-endian integer, all packed by one call
+        self._struct = struct.Struct(f"<{len(self.fields)}Q")
 
     @property
     def nbytes(self) -> int:
@@ -44,27 +49,58 @@ class ParamStruct:
 
         Arrays (anything with ``.data.ptr``) become their device address, None becomes 0, bools
         0 or 1, negative ints their two's complement; any other value must be an integer in
-        [-2**63, 2**64). Raises ValueError naming missing and unknown fields."""
-        missing = [f for f in self.fields if f not in values]
-        unknown = sorted(set(values) - set(self.fields))
-        if missing or unknown:
+        [-2**63, 2**64). Raises ValueError naming missing and unknown fields, TypeError naming a
+        field whose value is not an integer (a float, say).
+
+        This runs on every kernel launch, so it is written for the host's time: the names are
+        checked as one comparison of key sets, plain ints, None, bools and arrays take a short
+        path, and the words go into the struct with one ``struct.pack``. A call with any value off
+        that path packs again through ``_checked``, which names the culprit."""
+        if values.keys() != self._names:
+            missing = [f for f in self.fields if f not in values]
+            unknown = sorted(set(values) - self._names)
             raise ValueError(f"{self.name}: missing fields {missing}, unknown fields {unknown}")
-        words = np.zeros(len(self.fields), dtype=np.uint64)
-        for i, name in enumerate(self.fields):
-            words[i] = self._word(name, values[name])
-        return words.view(self.dtype)
+        words = list(map(values.__getitem__, self.fields))
+        for i, v in enumerate(words):
+            if type(v) is not int:
+                if v is None or v is False:
+                    words[i] = 0
+                elif v is True:
+                    words[i] = 1
+                else:
+                    try:
+                        words[i] = v.data.ptr    # a device array: its address
+                    except AttributeError:
+                        break                    # numpy integers, bad values
+            elif v < 0:
+                if v < _MIN:
+                    break
+                words[i] = v & _MASK             # two's complement
+        else:
+            try:
+                return np.frombuffer(self._struct.pack(*words), dtype=self.dtype)
+            except struct.error:    # an int of 2**64 or more, an address that is no 64-bit integer
+                pass
+        return self._checked(values)
+
+    def _checked(self, values: dict) -> np.ndarray:
+        """``pack`` field by field: raises naming the field whose value does not fit."""
+        words = [self._word(name, values[name]) for name in self.fields]
+        return np.frombuffer(self._struct.pack(*words), dtype=self.dtype)
 
     def _word(self, name: str, v) -> int:
         if v is None:
             return 0
-        if hasattr(v, "data") and hasattr(v.data, "ptr"):
-            return int(v.data.ptr)
+        data = getattr(v, "data", None)
+        ptr = getattr(data, "ptr", None)
+        if ptr is not None:
+            v = ptr
         try:
             n = operator.index(v)   # int, bool, numpy integers; not floats (silent truncation)
         except TypeError:
             raise TypeError(f"{self.name}.{name}: expected an integer, an array or None, "
                             f"got {type(v).__name__}") from None
-        if not -(1 << 63) <= n <= _MASK:
+        if not _MIN <= n <= _MASK:
             raise ValueError(f"{self.name}.{name}: {n} does not fit 64 bits")
         return n & _MASK
 

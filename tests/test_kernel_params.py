@@ -134,6 +134,26 @@ def test_pack_rejects_values_that_are_not_64_bit_integers():
         s.pack(n=-(1 << 63) - 1)
 
 
+def test_pack_off_the_fast_path_gives_the_same_words():
+    """Values the short path does not take (numpy integers, int subclasses, an address that is a
+    numpy integer) pack as the checked path packs them; a bad address is named like a bad value."""
+    import enum
+
+    class Three(enum.IntEnum):
+        THREE = 3
+
+    s = ParamStruct("P", ("a", "b", "c", "d"))
+    packed = s.pack(a=_Ptr(np.uint64(0xBEEF00)), b=np.int64(-2), c=Three.THREE, d=np.uint64((1 << 64) - 1))
+    assert packed.shape == (1,) and packed.dtype == s.dtype
+    assert packed.view(np.int64).tolist() == [0xBEEF00, -2, 3, -1]
+    with pytest.raises(TypeError, match=r"P\.a: expected an integer"):
+        s.pack(a=_Ptr(1.5), b=0, c=0, d=0)
+    with pytest.raises(ValueError, match=r"P\.a: .* does not fit 64 bits"):
+        s.pack(a=_Ptr(1 << 64), b=0, c=0, d=0)
+    with pytest.raises(TypeError, match=r"P\.d: expected an integer"):
+        s.pack(a=0, b=0, c=0, d="7")
+
+
 def test_struct_fields_must_be_unique():
     with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
         ParamStruct("P", ("a", "b", "a"))
