@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deepep_cupy.arena import ReceiveArena
-from deepep_cupy.intranode import SymmetricLayout, arena_row_bytes, dispatch_row_bytes, size_hint
+from deepep_cupy.intranode import IntranodeKernels, SymmetricLayout, arena_row_bytes, dispatch_row_bytes, size_hint
 
 
 def test_alloc_is_aligned_first_fit_and_fails_when_full():
