@@ -72,6 +72,7 @@ constexpr int kPhaseDispatchBarrier = 14;
 constexpr int kPhaseWorstOverflow = 15;
 constexpr int kPhaseDirectInfo = 16;
 constexpr int kPhaseCombineDone = 17;
+constexpr int kPhaseDirectSend = 18;
 
 template <bool B, typename T, typename F>
 struct pick { using type = T; };

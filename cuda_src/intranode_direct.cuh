@@ -67,8 +67,10 @@ struct DirectDispatchParams {
     long long slot_rows;              // staged rows per source slot
     long long row_bytes;              // staged row bytes (data, scales, K ids, K weights, source)
     long long direct;                 // 1: outputs in this rank's arena (mode 1), 0: mode 2
+    long long tma_producers;          // > 0: rows move by TMA bulk copies, this many producer warps a block
+    long long tma_stages;             //   each with a ring of this many rows of dynamic shared memory
 };
-DEEPEP_PARAMS_CHECK(DirectDispatchParams, 28);
+DEEPEP_PARAMS_CHECK(DirectDispatchParams, 30);
 
 // 16-byte load of input data the kernel never writes (no L1 allocation: each byte is read once)
 DEEPEP_DEVICE int4 ld_nc_16(const int4* p) {
@@ -141,6 +143,297 @@ struct DestInfo {
     int mode;
 };
 
+// ---- where a token's copies go (both send paths) ------------------------------------------------
+
+// What every send role needs about the destinations, fixed for the kernel.
+struct SendTargets {
+    const DirectDispatchParams& p;
+    const DestInfo* dest;      // shared memory, [kNumRanks]
+    PeerBases peers;
+    const Layout& layout;
+    int rank;
+
+    // Row of token t's copy at destination j given its send position `pos` (own: its row of recv_x;
+    // a peer: the position in the peer's block), or -1 when t does not go to j or the row is dropped
+    // (num_worst_tokens here, or the receiver's row limit: both record the overflow elsewhere).
+    DEEPEP_DEVICE long long row(int j, int pos) const {
+        if (pos < 0) return -1;
+        if (j == rank) {
+            const long long r = static_cast<long long>(p.recv_info[rank]) + pos;
+            return p.num_worst_tokens > 0 && r >= p.num_worst_tokens ? -1 : r;
+        }
+        if (dest[j].mode == kModeDirect && pos >= dest[j].limit) return -1;
+        return pos;
+    }
+    // Start of row r's data at destination j: recv_x here, the peer's arena block (direct), or the
+    // peer's staging slot (staged: the row's scales and top-k trailer follow the data).
+    DEEPEP_DEVICE uint8_t* data(int j, long long r) const {
+        if (j == rank) return p.recv_x + r * p.hidden_bytes;
+        if (dest[j].mode == kModeDirect) return peers.base[j] + dest[j].off[0] + r * p.hidden_bytes;
+        return at<uint8_t>(peers.base[j], layout.dispatch_staging) +
+               (static_cast<long long>(slot_of(rank, j)) * p.slot_rows + r) * p.row_bytes;
+    }
+    DEEPEP_DEVICE int* scales(int j, long long r) const {
+        if (j == rank) return reinterpret_cast<int*>(p.recv_x_scales + r * p.scale_bytes);
+        if (dest[j].mode == kModeDirect) return reinterpret_cast<int*>(peers.base[j] + dest[j].off[1] + r * p.scale_bytes);
+        return reinterpret_cast<int*>(data(j, r) + p.hidden_bytes);
+    }
+    // One warp: the top-k ids (as j's local ids, -1 elsewhere), weights (0 where not local) and source
+    // index of token t at row r of destination j; `e` and `w` are lane k's expert id and weight.
+    DEEPEP_DEVICE void store_meta(int j, long long r, int t, int64_t e, float w, int lane) const {
+        const int num_topk = static_cast<int>(p.num_topk);
+        const bool with_topk = p.with_topk != 0, with_weights = p.with_weights != 0;
+        const long long num_local = p.num_local_experts;
+        const bool local = e >= j * num_local && e < (j + 1) * num_local;
+        const int64_t local_id = local ? e - j * num_local : -1;
+        const float local_w = local ? w : 0.0f;
+        if (j == rank) {
+            if (with_topk && lane < num_topk) {
+                p.recv_topk_idx[r * num_topk + lane] = local_id;
+                if (with_weights) p.recv_topk_weights[r * num_topk + lane] = local_w;
+            }
+            if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[r] = t;
+        } else if (dest[j].mode == kModeDirect) {
+            uint8_t* b = peers.base[j];
+            if (with_topk && lane < num_topk && dest[j].off[2] >= 0) {
+                at<int64_t>(b, dest[j].off[2])[r * num_topk + lane] = local_id;
+                if (with_weights && dest[j].off[3] >= 0) at<float>(b, dest[j].off[3])[r * num_topk + lane] = local_w;
+            }
+            if (lane == 0 && dest[j].off[4] >= 0) at<int>(b, dest[j].off[4])[r] = t;
+        } else {   // staged: int32 ids (global), weights, source behind the row's data and scales
+            int* ids = reinterpret_cast<int*>(data(j, r) + p.hidden_bytes + p.scale_bytes);
+            if (with_topk && lane < num_topk) {
+                ids[lane] = static_cast<int>(e);
+                if (with_weights) reinterpret_cast<float*>(ids + num_topk)[lane] = w;
+            }
+            if (lane == 0) ids[2 * num_topk] = t;
+        }
+    }
+    // One warp: token t's scales (FP8) and top-k data to every destination whose row is rows[j] >= 0.
+    DEEPEP_DEVICE void send_small(int t, const long long (&rows)[kNumRanks], int lane) const;
+    // The thread for peer j != rank, once chunk c (tokens [t0, t1)) is written everywhere: for a
+    // staged peer the chunk's row range (it copies them out), then the flag, each after a system fence
+    // (which orders every row this block wrote before it: the caller synchronised with the writers).
+    DEEPEP_DEVICE void publish(int j, int c, int t0, int t1, uint64_t seq) const {
+        if (dest[j].mode == kModeStaged) {
+            int first = 0, count = 0;
+            for (int t = t0; t < t1; ++t) {
+                const int q = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
+                if (q >= 0) {
+                    if (count == 0) first = q;
+                    ++count;
+                }
+            }
+            __threadfence_system();
+            int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
+            ranges[0] = first;
+            ranges[1] = count;
+        }
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
+    }
+};
+
+// ---- TMA send path ----------------------------------------------------------------------------
+// The warps of a block split into roles, so that rows stream through the SM's bulk-copy unit while
+// ordinary warps do the per-token work:
+//   warp 0, table:     per chunk, each token's destination rows (send_pos through SendTargets::row)
+//                      into shared memory (one lane per token)
+//   warp 1, publisher: per chunk, once every producer and small-data warp counted it done, the
+//                      fence and the chunk flag to every peer (and, staged peers, the row range)
+//   warps 2 .. 2+P-1, producers (lane 0 only): a ring of `stages` whole-row buffers in dynamic
+//                      shared memory; bulk-load row k (mbarrier), bulk-store it to every destination,
+//                      refill the ring one row behind. A producer counts a chunk done once the
+//                      bulk-store groups of its rows there completed (kTmaLag rows later)
+//   the rest, small data: per token, scales, top-k ids, weights and source index (send_small)
+// Chunk slots: chunk i of the block uses slot i % kTmaSlots; `ready` (table written), `count`
+// (roles done) and `freed` (published: the table may be rewritten) hand the slot around.
+constexpr int kTmaSlots = 4;
+constexpr int kTmaLag = 2;           // rows a producer issues past a chunk before waiting for its writes
+constexpr int kTmaMaxProducers = 8;
+constexpr int kTmaMaxStages = 16;
+constexpr int kTmaFixedWarps = 2;    // table, publisher
+
+struct TmaSendShared {
+    int drow[kTmaSlots][kChunk][kNumRanks];
+    int ready[kTmaSlots];
+    int count[kTmaSlots];
+    int freed[kTmaSlots];
+    unsigned long long bars[kTmaMaxProducers][kTmaMaxStages];
+};
+
+DEEPEP_DEVICE unsigned int smem_u32(const void* ptr) { return static_cast<unsigned int>(__cvta_generic_to_shared(ptr)); }
+DEEPEP_DEVICE int ld_acquire_cta(const int* ptr) {
+    int v;
+    asm volatile("ld.acquire.cta.shared::cta.s32 %0, [%1];" : "=r"(v) : "r"(smem_u32(ptr)) : "memory");
+    return v;
+}
+DEEPEP_DEVICE void st_release_cta(int* ptr, int v) {
+    asm volatile("st.release.cta.shared::cta.s32 [%0], %1;" ::"r"(smem_u32(ptr)), "r"(v) : "memory");
+}
+DEEPEP_DEVICE void add_release_cta(int* ptr, int v) {
+    asm volatile("red.release.cta.shared::cta.add.s32 [%0], %1;" ::"r"(smem_u32(ptr)), "r"(v) : "memory");
+}
+// Wait until *ptr >= v, written by other warps of this block. They depend only on this block's own
+// progress, so a timeout here means a bug (or a bulk copy that never completes): an error, not a hang.
+DEEPEP_DEVICE bool wait_block_geq(const int* ptr, int v, const DirectDispatchParams& p, int rank) {
+    if (ld_acquire_cta(ptr) >= v) return true;
+    const uint64_t start = deepep::global_timer_ns();
+    while (ld_acquire_cta(ptr) < v) {
+        if (deepep::global_timer_ns() - start > p.timeout_ns) {
+            deepep::record_error(p.err, deepep::kTimeout, kPhaseDirectSend, rank, rank);
+            return false;
+        }
+    }
+    return true;
+}
+
+// Chunks of this block: local chunk i is global chunk blockIdx.x + i * gridDim.x.
+struct BlockChunks {
+    int num_tokens;
+    DEEPEP_DEVICE int count() const {
+        const int chunks = (num_tokens + kChunk - 1) / kChunk;
+        return chunks > static_cast<int>(blockIdx.x) ? (chunks - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    }
+    DEEPEP_DEVICE int first_token(int i) const { return (blockIdx.x + i * gridDim.x) * kChunk; }
+    DEEPEP_DEVICE int end_token(int i) const { return min(num_tokens, first_token(i) + kChunk); }
+};
+
+DEEPEP_DEVICE void tma_table_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, int lane) {
+    for (int i = 0; i < bc.count(); ++i) {
+        const int slot = i % kTmaSlots;
+        if (i >= kTmaSlots && !wait_block_geq(&sh.freed[slot], i - kTmaSlots + 1, to.p, to.rank)) return;
+        const int t = bc.first_token(i) + lane;
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j)
+            sh.drow[slot][lane][j] =
+                t < bc.end_token(i) ? static_cast<int>(to.row(j, to.p.send_pos[static_cast<long long>(t) * kNumRanks + j])) : -1;
+        __syncwarp();
+        if (lane == 0) st_release_cta(&sh.ready[slot], i + 1);
+    }
+}
+
+DEEPEP_DEVICE void tma_small_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, int role_warp,
+                                  int num_role_warps, int lane) {
+    for (int i = 0; i < bc.count(); ++i) {
+        const int slot = i % kTmaSlots;
+        if (!wait_block_geq(&sh.ready[slot], i + 1, to.p, to.rank)) return;
+        for (int l = role_warp; l < kChunk; l += num_role_warps) {
+            const int t = bc.first_token(i) + l;
+            if (t >= bc.end_token(i)) break;
+            long long rows[kNumRanks];
+#pragma unroll
+            for (int j = 0; j < kNumRanks; ++j) rows[j] = sh.drow[slot][l][j];
+            to.send_small(t, rows, lane);
+        }
+        __syncwarp();
+        if (lane == 0) add_release_cta(&sh.count[slot], 1);
+    }
+}
+
+DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, uint64_t seq,
+                                      int expected, int lane) {
+    for (int i = 0; i < bc.count(); ++i) {
+        const int slot = i % kTmaSlots;
+        if (!wait_block_geq(&sh.count[slot], expected, to.p, to.rank)) return;
+        const int j = lane;
+        if (j < kNumRanks && j != to.rank) to.publish(j, blockIdx.x + i * gridDim.x, bc.first_token(i), bc.end_token(i), seq);
+        __syncwarp();
+        if (lane == 0) {
+            sh.count[slot] = 0;
+            st_release_cta(&sh.freed[slot], i + 1);
+        }
+    }
+}
+
+// Lane 0 of producer warp `w` of `P`: rows w, w + P, ... of each of the block's chunks, in order.
+DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, uint8_t* ring,
+                                     int w, int P, int stages) {
+    const DirectDispatchParams& p = to.p;
+    const int row_bytes = static_cast<int>(p.hidden_bytes);
+    const int per_chunk = kChunk / P;   // P divides kChunk (the host picks 1, 2, 4 or 8)
+    const int block_chunks = bc.count();
+    int n = 0;                          // rows of this producer: full chunks, then the last one
+    if (block_chunks > 0) {
+        const int last = bc.end_token(block_chunks - 1) - bc.first_token(block_chunks - 1);
+        n = (block_chunks - 1) * per_chunk + max(0, (last - w + P - 1) / P);
+    }
+    auto token_of = [&](int k) { return bc.first_token(k / per_chunk) + w + (k % per_chunk) * P; };
+    auto last_row_of = [&](int i) { return min((i + 1) * per_chunk, n) - 1; };
+    unsigned long long* bars = sh.bars[w];
+    for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + s)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    auto issue_load = [&](int k) {
+        const int s = k % stages;
+        const unsigned int bar = smem_u32(bars + s), buf = smem_u32(ring + static_cast<long long>(s) * row_bytes);
+        const uint8_t* src = p.x + static_cast<long long>(token_of(k)) * row_bytes;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(row_bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(buf), "l"(src), "r"(row_bytes), "r"(bar) : "memory");
+    };
+    for (int k = 0; k < min(stages, n); ++k) issue_load(k);
+    int signalled = 0;   // local chunks counted done so far
+    bool ok = true;
+    for (int k = 0; k < n && ok; ++k) {
+        const int i = k / per_chunk, slot = i % kTmaSlots, l = w + (k % per_chunk) * P;
+        if (k % per_chunk == 0 && !wait_block_geq(&sh.ready[slot], i + 1, p, to.rank)) {
+            ok = false;
+            break;
+        }
+        const int s = k % stages;
+        const unsigned int bar = smem_u32(bars + s), buf = smem_u32(ring + static_cast<long long>(s) * row_bytes);
+        const unsigned int parity = (k / stages) & 1;
+        for (unsigned int done = 0; !done;)
+            asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j) {
+            const int r = sh.drow[slot][l][j];
+            if (r >= 0)
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                             ::"l"(to.data(j, r)), "r"(buf), "r"(row_bytes) : "memory");
+        }
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        if (k >= 1 && k - 1 + stages < n) {   // row k-1's stores have read its stage: refill it
+            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+            issue_load(k - 1 + stages);
+        }
+        while (signalled < block_chunks && last_row_of(signalled) <= k - kTmaLag) {
+            asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kTmaLag) : "memory");
+            asm volatile("fence.proxy.async.global;" ::: "memory");   // the bulk writes before the count
+            add_release_cta(&sh.count[signalled % kTmaSlots], 1);
+            ++signalled;
+        }
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    // the rest, including a last chunk without rows of this producer (its slot must be ready first:
+    // counting it earlier could land in the count of the chunk that used the slot before)
+    for (; ok && signalled < block_chunks; ++signalled) {
+        const int slot = signalled % kTmaSlots;
+        if (!wait_block_geq(&sh.ready[slot], signalled + 1, p, to.rank)) break;
+        add_release_cta(&sh.count[slot], 1);
+    }
+}
+
+DEEPEP_DEVICE void SendTargets::send_small(int t, const long long (&rows)[kNumRanks], int lane) const {
+    const int scale_bytes = static_cast<int>(p.scale_bytes), num_topk = static_cast<int>(p.num_topk);
+    if (scale_bytes) {
+        int* dscale[kNumRanks];
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j) dscale[j] = rows[j] >= 0 ? scales(j, rows[j]) : nullptr;
+        const int words = scale_bytes >> 2;
+        const int* src = reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes);
+        ScaleWords::load(src, words, lane).store(dscale, words, lane);
+        copy_words_to_all(src, dscale, ScaleWords::kWords, words, lane);
+    }
+    const int64_t e = (p.with_topk && lane < num_topk) ? __ldg(p.topk_idx + static_cast<long long>(t) * num_topk + lane) : -1;
+    const float w = (p.with_weights && lane < num_topk) ? __ldg(p.topk_weights + static_cast<long long>(t) * num_topk + lane) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kNumRanks; ++j)
+        if (rows[j] >= 0) store_meta(j, rows[j], t, e, w, lane);
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(512, 1)
@@ -206,106 +499,69 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
         __syncthreads();
         if (!s_ok) return;
     }
-    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-        const int t_end = min(num_tokens, (c + 1) * kChunk);
-        for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
-            // per destination: row index there (own row in recv_x, or the peer's position), or -1
-            int4* dx[kNumRanks];
-            int* dscale[kNumRanks];
-            long long drow[kNumRanks];
-#pragma unroll
-            for (int j = 0; j < kNumRanks; ++j) {
-                const int pos = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
-                dx[j] = nullptr;
-                dscale[j] = nullptr;
-                drow[j] = -1;
-                if (pos < 0) continue;
-                if (j == rank) {
-                    const long long r = recv_offsets[rank] + pos;
-                    if (num_worst > 0 && r >= num_worst) continue;   // recorded above
-                    drow[j] = r;
-                    dx[j] = reinterpret_cast<int4*>(p.recv_x + r * hidden_bytes);
-                    if (scale_bytes) dscale[j] = reinterpret_cast<int*>(p.recv_x_scales + r * scale_bytes);
-                } else if (s_dest[j].mode == kModeDirect) {
-                    if (pos >= s_dest[j].limit) continue;             // the receiver records the overflow
-                    drow[j] = pos;
-                    dx[j] = reinterpret_cast<int4*>(peers.base[j] + s_dest[j].off[0] + static_cast<long long>(pos) * hidden_bytes);
-                    if (scale_bytes)
-                        dscale[j] = reinterpret_cast<int*>(peers.base[j] + s_dest[j].off[1] +
-                                                           static_cast<long long>(pos) * scale_bytes);
-                } else {   // staged: the receiver's staging slot, row `pos`, with the row trailer
-                    uint8_t* row = at<uint8_t>(peers.base[j], layout.dispatch_staging) +
-                                   (static_cast<long long>(slot_of(rank, j)) * p.slot_rows + pos) * row_bytes;
-                    drow[j] = pos;
-                    dx[j] = reinterpret_cast<int4*>(row);
-                    if (scale_bytes) dscale[j] = reinterpret_cast<int*>(row + hidden_bytes);
-                }
-            }
-            // The token's small loads (scales, top-k ids and weights: one lane per top-k slot) go first,
-            // so they wait together with the row's data instead of one round trip after another (FP8
-            // rows are half as long, so these rounds were a third of a token's latency).
-            const int scale_words = scale_bytes >> 2;
-            const int* scales = reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes);
-            const ScaleWords head = scale_bytes ? ScaleWords::load(scales, scale_words, lane) : ScaleWords{0, 0};
-            const int64_t e = (with_topk && lane < num_topk) ? __ldg(p.topk_idx + static_cast<long long>(t) * num_topk + lane) : -1;
-            const float w = (with_weights && lane < num_topk) ? __ldg(p.topk_weights + static_cast<long long>(t) * num_topk + lane) : 0.0f;
-            copy_row_to_all(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
-                            hidden_bytes >> 4, lane);
-            if (scale_bytes) {
-                head.store(dscale, scale_words, lane);
-                copy_words_to_all(scales, dscale, ScaleWords::kWords, scale_words, lane);
-            }
-#pragma unroll
-            for (int j = 0; j < kNumRanks; ++j) {
-                if (drow[j] < 0) continue;
-                const long long r = drow[j];
-                const bool local = e >= static_cast<long long>(j) * num_local && e < static_cast<long long>(j + 1) * num_local;
-                const int64_t local_id = local ? e - static_cast<long long>(j) * num_local : -1;
-                const float local_w = local ? w : 0.0f;
-                if (j == rank) {
-                    if (with_topk && lane < num_topk) {
-                        p.recv_topk_idx[r * num_topk + lane] = local_id;
-                        if (with_weights) p.recv_topk_weights[r * num_topk + lane] = local_w;
-                    }
-                    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[r] = t;
-                } else if (s_dest[j].mode == kModeDirect) {
-                    uint8_t* b = peers.base[j];
-                    if (with_topk && lane < num_topk && s_dest[j].off[2] >= 0) {
-                        at<int64_t>(b, s_dest[j].off[2])[r * num_topk + lane] = local_id;
-                        if (with_weights && s_dest[j].off[3] >= 0) at<float>(b, s_dest[j].off[3])[r * num_topk + lane] = local_w;
-                    }
-                    if (lane == 0 && s_dest[j].off[4] >= 0) at<int>(b, s_dest[j].off[4])[r] = t;
-                } else {
-                    int* ids = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(dx[j]) + hidden_bytes + scale_bytes);
-                    if (with_topk && lane < num_topk) {
-                        ids[lane] = static_cast<int>(e);
-                        if (with_weights) reinterpret_cast<float*>(ids + num_topk)[lane] = w;
-                    }
-                    if (lane == 0) ids[2 * num_topk] = t;
-                }
-            }
+    const SendTargets to{p, s_dest, peers, layout, rank};
+    const int producers = static_cast<int>(p.tma_producers);
+    if (producers > 0) {   // TMA path: roles (see "TMA send path" above)
+        __shared__ TmaSendShared s_tma;
+        extern __shared__ __align__(128) uint8_t s_ring[];
+        if (threadIdx.x < kTmaSlots) {
+            s_tma.ready[threadIdx.x] = 0;
+            s_tma.count[threadIdx.x] = 0;
+            s_tma.freed[threadIdx.x] = 0;
         }
         __syncthreads();
-        // publish the chunk to every peer j (thread j): the row range (staged peers copy it out),
-        // then the flag, after a fence that orders every warp's rows before it
-        if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
-            const int j = threadIdx.x;
-            if (s_dest[j].mode == kModeStaged) {
-                int first = 0, count = 0;
-                for (int t = c * kChunk; t < t_end; ++t) {
-                    const int q = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
-                    if (q >= 0) {
-                        if (count == 0) first = q;
-                        ++count;
-                    }
+        const BlockChunks bc{num_tokens};
+        const int stages = static_cast<int>(p.tma_stages);
+        const int small_warps = num_warps - kTmaFixedWarps - producers;
+        if (warp == 0) {
+            tma_table_role(to, s_tma, bc, lane);
+        } else if (warp == 1) {
+            tma_publisher_role(to, s_tma, bc, seq, producers + small_warps, lane);
+        } else if (warp < kTmaFixedWarps + producers) {
+            const int w = warp - kTmaFixedWarps;
+            if (lane == 0)
+                tma_producer_role(to, s_tma, bc, s_ring + static_cast<long long>(w) * stages * hidden_bytes, w,
+                                  producers, stages);
+        } else {
+            tma_small_role(to, s_tma, bc, warp - kTmaFixedWarps - producers, small_warps, lane);
+        }
+        __syncwarp();
+    } else {   // register path: a warp per token, 16-byte copies
+        for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+            const int t_end = min(num_tokens, (c + 1) * kChunk);
+            for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+                // per destination: row there (own row in recv_x, or the peer's position), or -1
+                int4* dx[kNumRanks];
+                int* dscale[kNumRanks];
+                long long drow[kNumRanks];
+#pragma unroll
+                for (int j = 0; j < kNumRanks; ++j) {
+                    drow[j] = to.row(j, p.send_pos[static_cast<long long>(t) * kNumRanks + j]);
+                    dx[j] = drow[j] < 0 ? nullptr : reinterpret_cast<int4*>(to.data(j, drow[j]));
+                    dscale[j] = drow[j] < 0 || !scale_bytes ? nullptr : to.scales(j, drow[j]);
                 }
-                __threadfence_system();
-                int* ranges = at<int>(peers.base[j], layout.dispatch_ranges) + 2 * (rank * layout.max_chunks + c);
-                ranges[0] = first;
-                ranges[1] = count;
+                // The token's small loads (scales, top-k ids and weights: one lane per top-k slot) go first,
+                // so they wait together with the row's data instead of one round trip after another (FP8
+                // rows are half as long, so these rounds were a third of a token's latency).
+                const int scale_words = scale_bytes >> 2;
+                const int* scales = reinterpret_cast<const int*>(p.x_scales + static_cast<long long>(t) * scale_bytes);
+                const ScaleWords head = scale_bytes ? ScaleWords::load(scales, scale_words, lane) : ScaleWords{0, 0};
+                const int64_t e = (with_topk && lane < num_topk) ? __ldg(p.topk_idx + static_cast<long long>(t) * num_topk + lane) : -1;
+                const float w = (with_weights && lane < num_topk) ? __ldg(p.topk_weights + static_cast<long long>(t) * num_topk + lane) : 0.0f;
+                copy_row_to_all(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
+                                hidden_bytes >> 4, lane);
+                if (scale_bytes) {
+                    head.store(dscale, scale_words, lane);
+                    copy_words_to_all(scales, dscale, ScaleWords::kWords, scale_words, lane);
+                }
+#pragma unroll
+                for (int j = 0; j < kNumRanks; ++j)
+                    if (drow[j] >= 0) to.store_meta(j, drow[j], t, e, w, lane);
             }
-            __threadfence_system();
-            st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
+            __syncthreads();
+            // publish the chunk to every peer j (thread j)
+            if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank)
+                to.publish(threadIdx.x, c, c * kChunk, t_end, seq);
         }
     }
 

@@ -98,6 +98,10 @@ class Settings:
             arena has them written in place by its senders, one copy per row; "staged": the
             earlier kernel, every remote row through the receiver's staging area, two copies
             ($DEEPEP_CUPY_INTRANODE_DISPATCH; kept to compare the two).
+        intranode_copy: how the direct dispatch moves rows: "registers" (default): a warp a token,
+            16-byte loads and stores; "tma": TMA bulk copies through shared memory, a few producer
+            warps a block, while the other warps move the scales and top-k data (an experiment: not
+            faster yet, docs/performance.md) ($DEEPEP_CUPY_INTRANODE_COPY).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -126,6 +130,8 @@ class Settings:
         default_factory=lambda: _env_bool("DEEPEP_CUPY_CHECK_EACH_CALL", False))
     intranode_dispatch: str = dataclasses.field(
         default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_DISPATCH", "direct"))
+    intranode_copy: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_COPY", "registers"))
 
 
 settings = Settings()

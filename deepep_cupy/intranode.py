@@ -41,6 +41,7 @@ MAX_CHUNKS = 4096            # -> at most 131072 tokens per rank
 MAX_LOCAL_EXPERTS = 1022     # notify slot: 2 counts + per-expert counts
 NOTIFY_THREADS = 1024
 DATA_THREADS = 512
+TMA_MAX_STAGES = 16          # cuda_src/intranode_direct.cuh kTmaMaxStages
 _ALIGN = 256
 
 
@@ -51,6 +52,23 @@ def _align(x: int, a: int = _ALIGN) -> int:
 def dispatch_row_bytes(hidden_bytes: int, scale_bytes: int, num_topk: int) -> int:
     """Bytes of one staged dispatch row: data, scales, int32 expert ids, float weights, source index."""
     return _align(hidden_bytes + scale_bytes + 8 * num_topk + 4, 16)
+
+
+def tma_plan(hidden_bytes: int, smem_bytes: int) -> tuple:
+    """(producer warps per block, ring stages per producer) of the direct dispatch's TMA send path for
+    rows of ``hidden_bytes``, within ``smem_bytes`` of dynamic shared memory; (0, 0) selects the
+    register path (rows not whole 16-byte units, or too long for a ring of two).
+
+    Each producer holds ``stages`` whole rows. The one-GPU probe (scripts/bench_copy_paths.py, H100,
+    2026-12-07) was fastest with about 200 KB in flight a block: 2 producers of 7 - 8 rows for
+    14 KB rows, 4 of 8 for 7 KB rows; one producer or 8 shallow ones were 2 - 16 % slower."""
+    if hidden_bytes <= 0 or hidden_bytes % 16:
+        return 0, 0
+    for producers in ((2, 1) if hidden_bytes > 8192 else (4, 2, 1)):
+        stages = min(TMA_MAX_STAGES, smem_bytes // (producers * hidden_bytes))
+        if stages >= 4 or (producers == 1 and stages >= 2):
+            return producers, stages
+    return 0, 0
 
 
 def combine_row_bytes(hidden_bytes: int, num_topk: int) -> int:
@@ -252,7 +270,7 @@ DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "recv_info", "recv_x", "recv_x_scales",
     "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
     "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
-    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct"))
+    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct", "tma_producers", "tma_stages"))
 DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
 # The team fields every struct below ends with (IntranodeKernels._team_fields fills them)
@@ -322,6 +340,7 @@ class IntranodeKernels:
         self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
         self.arena = None
         self.last_dispatch_direct = False    # whether the last dispatch wrote its outputs in place (tests)
+        self._copy_plans = {}                # (hidden bytes, settings.intranode_copy) -> _copy_plan
         self.last_combine_pull = False       # whether peers read the last combine's x in place (tests)
         # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
         # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
@@ -470,6 +489,37 @@ class IntranodeKernels:
                 None if topk_weights is None else ((num_rows, num_topk), cupy.float32),
                 None if cached else ((num_rows,), cupy.int32)]
 
+    def _copy_plan(self, hidden_bytes: int) -> tuple:
+        """(TMA producers, stages, dynamic shared bytes) of the direct dispatch for rows of
+        ``hidden_bytes`` under ``settings.intranode_copy``; (0, 0, 0) is the register path. Worked out
+        once per row size and setting (it reads kernel and device attributes)."""
+        key = (hidden_bytes, settings.intranode_copy)
+        plan = self._copy_plans.get(key)
+        if plan is not None:
+            return plan
+        if settings.intranode_copy not in ("tma", "registers"):
+            raise DeepEPInvalid(f"settings.intranode_copy: expected 'tma' or 'registers', got "
+                                f"{settings.intranode_copy!r}")
+        plan = (0, 0, 0)
+        if settings.intranode_copy == "tma":
+            producers, stages = tma_plan(hidden_bytes, self._tma_smem_limit())
+            plan = (producers, stages, producers * stages * hidden_bytes)
+            self._allow_dynamic_smem(plan[2])
+        self._copy_plans[key] = plan
+        return plan
+
+    def _tma_smem_limit(self) -> int:
+        """Dynamic shared memory a block of intranode_dispatch_direct may take on this device."""
+        import cupy
+        return (cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+                - self.module["intranode_dispatch_direct"].shared_size_bytes)
+
+    def _allow_dynamic_smem(self, nbytes: int) -> None:
+        """Raise intranode_dispatch_direct's dynamic shared memory limit to ``nbytes`` if below."""
+        fn = self.module["intranode_dispatch_direct"]
+        if nbytes > fn.max_dynamic_shared_size_bytes:
+            fn.max_dynamic_shared_size_bytes = nbytes
+
     def _launch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, outputs, direct: bool,
                        num_experts: int, num_worst_tokens: int, num_sms: int, stream, row_bytes: int,
                        slot_rows: int, bump_seq: bool) -> None:
@@ -477,6 +527,7 @@ class IntranodeKernels:
         index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
         (senders write them in place)."""
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
+        producers, stages, smem = self._copy_plan(x.shape[1] * x.itemsize)
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
@@ -488,12 +539,12 @@ class IntranodeKernels:
             num_topk=0 if topk_idx is None else topk_idx.shape[1],
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
             num_local_experts=num_experts // self.num_ranks, num_worst_tokens=num_worst_tokens, rank=self.rank,
-            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct)
+            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers, tma_stages=stages)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            self.module["intranode_dispatch_direct"]((num_sms,), (DATA_THREADS,), (params,))
+            self.module["intranode_dispatch_direct"]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
 
     def _dispatch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, num_rows: int,
                          num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int, stream,

@@ -28,6 +28,7 @@ PHASES = {
     15: "dispatch: more rows than num_worst_tokens (rows dropped)",
     16: "direct dispatch setup (waiting for a peer's output addresses)",
     17: "combine completion (waiting for a peer to finish reading this rank's rows)",
+    18: "direct dispatch send (a role of the TMA send path waiting for another warp of its block)",
     20: "low-latency dispatch receive (waiting for a peer's tokens)",
     21: "low-latency combine receive (waiting for a peer's expert outputs)",
     22: "low-latency dispatch: an expert chosen more than num_max_dispatch_tokens_per_rank times",

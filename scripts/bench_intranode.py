@@ -103,9 +103,10 @@ def main():
     ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
-    ap.add_argument("--dispatch-kernels", default="direct,staged",
-                    help="settings.intranode_dispatch values to time side by side (one node only): "
-                         "direct (one copy per row into the receivers' arenas) and staged (the "
+    ap.add_argument("--dispatch-kernels", default="direct,direct-tma,staged",
+                    help="dispatch kernels to time side by side (one node only): direct (one copy per "
+                         "row into the receivers' arenas, 16-byte register copies), direct-tma (the "
+                         "same kernel with TMA bulk copies: settings.intranode_copy) and staged (the "
                          "earlier kernel, two copies); the first is also the one combine follows")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks per node; fewer than the rank count benchmarks the hierarchical "
@@ -196,7 +197,9 @@ def main():
         results = {}
         kinds = ["direct"] if internode else args.dispatch_kernels.split(",")
         for kind in kinds:
-            ep.settings.intranode_dispatch = kind
+            # "direct-tma": the direct kernel with TMA bulk copies (settings.intranode_copy)
+            ep.settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
+            ep.settings.intranode_copy = "tma" if kind == "direct-tma" else "registers"
             suffix = "" if kind == kinds[0] else f"[{kind}]"
             say(f"  num_sms={sms}, {kind} dispatch: timing ...")
             handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
@@ -206,14 +209,15 @@ def main():
                 # a fresh direct dispatch queues its data kernel before the host's poll unless the arena
                 # cannot hold its worst-case blocks; then the GPU waits for the poll (count the calls)
                 ahead = []
-                track = (not internode and kind == "direct" and "cached" not in name)
+                track = (not internode and kind.startswith("direct") and "cached" not in name)
                 after = (lambda: ahead.append(buf._backend.intranode().last_dispatch_ahead)) if track else None
                 results[name + suffix] = time_calls(fn, num_tests=args.iters, host_us=host_times[name + suffix],
                                                     after=after)
                 if track:   # (`after` also runs after the warm-ups: count the timed calls only)
                     timed = ahead[-args.iters:]
                     say(f"    {name}: data kernel queued before the poll in {sum(timed)} of {len(timed)} timed calls")
-        ep.settings.intranode_dispatch = kinds[0]
+        ep.settings.intranode_dispatch = "direct" if kinds[0].startswith("direct") else kinds[0]
+        ep.settings.intranode_copy = "tma" if kinds[0] == "direct-tma" else "registers"
         handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
         recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
         host_times["combine_bf16"] = []

@@ -12,6 +12,7 @@ import pytest
 
 from deepep_cupy import intranode, low_latency
 from deepep_cupy.config import settings
+from deepep_cupy.errors import DeepEPInvalid
 from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
                                    IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
 from deepep_cupy.kernel_params import ParamStruct
@@ -217,6 +218,10 @@ def kernels(monkeypatch):
     k._info_pinned = type("Pinned", (), {"ptr": 0xF0000})()
     k.host_info = np.zeros(4096, dtype=np.int32)
     k.module = Recorder()
+    k._copy_plans = {}
+    k._tma_smem_limit = lambda: 227 * 1024 - 3000        # an H100's opt-in limit less some static bytes
+    k.dynamic_smem_allowed = []
+    k._allow_dynamic_smem = k.dynamic_smem_allowed.append
     return k
 
 
@@ -245,6 +250,7 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
     """_launch_direct packs DirectDispatchParams: its outputs come as arrays, raw addresses (a fresh
     direct dispatch passes its arena blocks' addresses) or None; bump_seq adds the seq launch first."""
     monkeypatch.setattr(settings, "timeout_seconds", 2.5)
+    monkeypatch.setattr(settings, "intranode_copy", "tma")
     T, H, K = 96, 7168, 8
     x, scales = FakeArray((T, H), np.uint16), FakeArray((T, 56), np.float32)
     idx, w = FakeArray((T, K), np.int64), FakeArray((T, K), np.float32)
@@ -256,6 +262,8 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
     bump, launch = kernels.module.launches
     assert bump[:4] == ("intranode_bump_seq", (1,), (1,), (kernels.seq,))
     assert launch[:3] == ("intranode_dispatch_direct", (24,), (512,))
+    # TMA copies: 2 producers of 8 rows of 14336 bytes
+    assert launch[4] == {"shared_mem": 2 * 8 * H * 2} and kernels.dynamic_smem_allowed == [2 * 8 * H * 2]
     assert intranode.DIRECT_PARAM_FIELDS == DIRECT_PARAMS.fields
     assert unpack(DIRECT_PARAMS, launch) == dict(
         x=x.data.ptr, x_scales=scales.data.ptr, topk_idx=idx.data.ptr, topk_weights=w.data.ptr,
@@ -264,8 +272,48 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
         peer_bases=kernels.peer_bases.data.ptr, layout=kernels.layout_struct.data.ptr, seq=kernels.seq.data.ptr,
         err=0xE0000, timeout_ns=2_500_000_000, num_tokens=T, hidden_bytes=H * 2, scale_bytes=56 * 4, num_topk=K,
         with_topk=1, with_weights=1, num_local_experts=64, num_worst_tokens=-1, rank=1, slot_rows=4096,
-        row_bytes=14592, direct=1)
+        row_bytes=14592, direct=1, tma_producers=2, tma_stages=8)
     assert kernels.last_dispatch_direct is True
+
+
+@pytest.mark.parametrize("copy", ["tma", "registers"])
+def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
+    """settings.intranode_copy picks the direct kernel's copy path per call: "registers" packs zero
+    producers and no shared memory; an unknown value raises before any launch."""
+    monkeypatch.setattr(settings, "intranode_copy", copy)
+    T, H = 16, 2048
+    x, send_pos, recv_info = FakeArray((T, H), np.uint8), FakeArray((T, 4), np.int32), FakeArray(9 + 64, np.int32)
+    outputs = (FakeArray((T, H), np.uint8), None, None, None, None)
+    kernels._launch_direct(x, None, None, None, send_pos, recv_info, outputs, True, 256, 0, 8,
+                           contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
+    (launch,) = kernels.module.launches
+    words = unpack(DIRECT_PARAMS, launch)
+    want = (4, 16) if copy == "tma" else (0, 0)   # 2 KiB rows: 4 producers, the deepest ring
+    assert (words["tma_producers"], words["tma_stages"]) == want
+    assert launch[4] == {"shared_mem": want[0] * want[1] * H}
+    monkeypatch.setattr(settings, "intranode_copy", "bulk")
+    kernels.module.launches.clear()
+    with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected 'tma' or 'registers', got 'bulk'"):
+        kernels._launch_direct(x, None, None, None, send_pos, recv_info, outputs, True, 256, 0, 8,
+                               contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
+    assert kernels.module.launches == []
+
+
+@pytest.mark.parametrize("hidden_bytes,smem,want", [
+    (14336, 229_000, (2, 7)),      # BF16 rows of hidden 7168
+    (7168, 229_000, (4, 7)),       # FP8 rows of hidden 7168
+    (2048, 229_000, (4, 16)),      # short rows: the ring depth is capped
+    (18432, 229_000, (2, 6)),      # BF16 hidden 9216
+    (65536, 229_000, (1, 3)),      # long rows: one producer
+    (131072, 229_000, (0, 0)),     # a ring of two does not fit: register path
+    (7176, 229_000, (0, 0)),       # not whole 16-byte units
+    (0, 229_000, (0, 0)),
+])
+def test_tma_plan(hidden_bytes, smem, want):
+    got = intranode.tma_plan(hidden_bytes, smem)
+    assert got == want
+    producers, stages = got
+    assert producers * stages * hidden_bytes <= smem and (producers == 0 or 32 % producers == 0)
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -329,6 +377,10 @@ def ll(monkeypatch):
     k.errors = type("Err", (), {"ptr": 0xE0000})()
     k._sms, k.pending, k._guarded_sends = 24, [], 0
     k.module = Recorder()
+    k._copy_plans = {}
+    k._tma_smem_limit = lambda: 227 * 1024 - 3000        # an H100's opt-in limit less some static bytes
+    k.dynamic_smem_allowed = []
+    k._allow_dynamic_smem = k.dynamic_smem_allowed.append
     return k
 
 

@@ -167,26 +167,36 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
 
 @pytest.fixture
 def dispatch_kernel(request):
-    """settings.intranode_dispatch for one test, restored afterwards."""
+    """settings.intranode_dispatch (and intranode_copy: "direct-tma" is the direct kernel with TMA
+    bulk copies, "direct" its default register copies) for one test, restored afterwards."""
     import deepep_cupy as ep
-    old = ep.settings.intranode_dispatch
-    ep.settings.intranode_dispatch = request.param
+    old = ep.settings.intranode_dispatch, ep.settings.intranode_copy
+    ep.settings.intranode_dispatch = "direct" if request.param.startswith("direct") else request.param
+    ep.settings.intranode_copy = "tma" if request.param == "direct-tma" else "registers"
     yield request.param
-    ep.settings.intranode_dispatch = old
+    ep.settings.intranode_dispatch, ep.settings.intranode_copy = old
 
 
 @pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
-                                                           ("direct", "all")],
+                                                           ("direct", "all"), ("direct-tma", None),
+                                                           ("direct-tma", 0)],
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
-                                                            "direct-all-arenas-full"])
+                                                            "direct-all-arenas-full", "direct-tma",
+                                                            "direct-tma-rank0-arena-full"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
                                                     (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
                                                     (129, 9216, "random", True)])   # 72 scale words a row
 def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on, tokens, hidden, kind, fp8):
-    """The staged kernel, and the direct kernel with every receiver direct, with rank 0 staged
-    (its arena held full, the others direct: the modes mix within one operation) and with every
-    receiver staged: all bit-exact against the reference (dispatch, combine, cached dispatch)."""
+    """The staged kernel, and the direct kernel (register copies, and TMA copies) with every
+    receiver direct, with rank 0 staged (its arena held full, the others direct: the modes mix
+    within one operation) and with every receiver staged: all bit-exact against the reference
+    (dispatch, combine, cached dispatch)."""
     kernels = buf._backend.intranode()
+    producers, stages, smem = kernels._copy_plan(hidden * 2)
+    if dispatch_kernel == "direct":
+        assert (producers, stages, smem) == (0, 0, 0)
+    elif dispatch_kernel == "direct-tma":   # every size here takes the TMA path
+        assert producers > 0 and stages >= 4 and smem == producers * stages * hidden * 2, (producers, stages)
     hold = None
     if arena_full_on == "all" or arena_full_on == buf.rank:   # the caller "keeps" the whole arena
         hold = []
@@ -196,7 +206,7 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
         seed = 4000 + tokens + hidden + (0 if arena_full_on is None else 7)
         problems = run_case(buf, seed, tokens, hidden, 8, 256, kind, fp8=fp8, with_weights=True,
                             use_cached=not fp8, alignment=1)
-        want_direct = dispatch_kernel == "direct" and hold is None
+        want_direct = dispatch_kernel.startswith("direct") and hold is None
         if kernels.last_dispatch_direct != want_direct:
             problems.append(f"rank {buf.rank}: last dispatch direct={kernels.last_dispatch_direct}, "
                             f"expected {want_direct}")

@@ -1,0 +1,126 @@
+// Row-scatter probe (scripts/bench_copy_paths.py): the direct dispatch's data movement alone, on one
+// GPU. A "rank" reads each of its rows once and writes it to two places (its own receive array at
+// row perm[t], the peer's at row dst1_row0 + perm[t]), as intranode_dispatch_direct does at 2 ranks.
+// Two variants of the copy engine inside an SM:
+//   scatter_regs<U>: a warp per row, 16-byte loads (U in flight per lane), then the stores: the
+//                    library's copy_row_to_all today. _pf: the loads carry the L2::256B prefetch hint.
+//   scatter_tma:     lane 0 of each producer warp drives a ring of `stages` whole-row buffers in
+//                    shared memory: bulk-load a row (mbarrier completion), bulk-store it to both
+//                    places, refill the ring one row behind, so stages - 1 row loads stay in flight.
+// Not part of the library's data path: the numbers decide whether the dispatch moves to TMA.
+#include "common/utils.cuh"
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kChunk = 32;   // rows per chunk; chunk c belongs to block c % gridDim.x (as in the dispatch)
+
+DEEPEP_DEVICE unsigned int smem_addr(const void* p) { return static_cast<unsigned int>(__cvta_generic_to_shared(p)); }
+
+template <bool kPrefetch>
+DEEPEP_DEVICE int4 load_16(const int4* p) {
+    int4 v;
+    if (kPrefetch)
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    else
+        asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+template <int kUnroll, bool kPrefetch>
+DEEPEP_DEVICE void scatter_regs(const uint8_t* __restrict__ x, uint8_t* dst0, uint8_t* dst1,
+                                const int* __restrict__ perm, int num_rows, int row_bytes, long long dst1_row0) {
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, num_warps = blockDim.x / kWarpSize;
+    const int n16 = row_bytes >> 4;
+    const int num_chunks = (num_rows + kChunk - 1) / kChunk;
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+        const int t_end = min(num_rows, (c + 1) * kChunk);
+        for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+            const long long r = __ldg(perm + t);
+            const int4* src = reinterpret_cast<const int4*>(x + static_cast<long long>(t) * row_bytes);
+            int4* d0 = reinterpret_cast<int4*>(dst0 + r * row_bytes);
+            int4* d1 = reinterpret_cast<int4*>(dst1 + (dst1_row0 + r) * row_bytes);
+            for (int i0 = 0; i0 < n16; i0 += kUnroll * kWarpSize) {
+                int4 v[kUnroll];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int i = i0 + u * kWarpSize + lane;
+                    if (i < n16) v[u] = load_16<kPrefetch>(src + i);
+                }
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int i = i0 + u * kWarpSize + lane;
+                    if (i < n16) d0[i] = v[u];
+                }
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int i = i0 + u * kWarpSize + lane;
+                    if (i < n16) d1[i] = v[u];
+                }
+            }
+        }
+        __syncthreads();   // the dispatch publishes each chunk after one
+    }
+}
+
+}  // namespace
+
+#define DEEPEP_SCATTER_REGS(NAME, UNROLL, PREFETCH)                                                          \
+    extern "C" __global__ void __launch_bounds__(512, 1)                                                      \
+    NAME(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int num_rows, int row_bytes,        \
+         long long dst1_row0) {                                                                               \
+        scatter_regs<UNROLL, PREFETCH>(x, dst0, dst1, perm, num_rows, row_bytes, dst1_row0);                  \
+    }
+DEEPEP_SCATTER_REGS(scatter_regs16, 16, false)
+DEEPEP_SCATTER_REGS(scatter_regs16_pf, 16, true)
+DEEPEP_SCATTER_REGS(scatter_regs8, 8, false)
+
+// Producer warp w of the block (blockDim.x = 32 x producers) owns stages [w * stages, (w+1) * stages)
+// of the dynamic shared memory (stages x row_bytes each) and rows g, g + G, ... (g its global producer
+// index, G their count). Only lane 0 works: the TMA unit does the copying.
+extern "C" __global__ void __launch_bounds__(512, 1)
+scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int num_rows, int row_bytes,
+            long long dst1_row0, int stages) {
+    extern __shared__ __align__(128) uint8_t ring[];
+    __shared__ __align__(8) uint64_t bars[16][16];   // [producer][stage]
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    if (lane != 0) return;
+    const int producers = blockDim.x / kWarpSize;
+    uint8_t* my_ring = ring + static_cast<long long>(warp) * stages * row_bytes;
+    uint64_t* my_bars = bars[warp];
+    for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(my_bars + s)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const int g = blockIdx.x * producers + warp, G = gridDim.x * producers;
+    const int n = num_rows > g ? (num_rows - g + G - 1) / G : 0;   // rows of this producer
+    auto issue_load = [&](int k) {
+        const int s = k % stages;
+        const unsigned int b = smem_addr(my_bars + s), buf = smem_addr(my_ring + static_cast<long long>(s) * row_bytes);
+        const uint8_t* src = x + static_cast<long long>(g + k * G) * row_bytes;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(row_bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(buf), "l"(src), "r"(row_bytes), "r"(b) : "memory");
+    };
+    for (int k = 0; k < min(stages, n); ++k) issue_load(k);
+    for (int k = 0; k < n; ++k) {
+        const int s = k % stages;
+        const unsigned int b = smem_addr(my_bars + s), buf = smem_addr(my_ring + static_cast<long long>(s) * row_bytes);
+        const unsigned int parity = (k / stages) & 1;
+        for (unsigned int done = 0; !done;)
+            asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+        const long long r = __ldg(perm + g + k * G);
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                     ::"l"(dst0 + r * row_bytes), "r"(buf), "r"(row_bytes) : "memory");
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                     ::"l"(dst1 + (dst1_row0 + r) * row_bytes), "r"(buf), "r"(row_bytes) : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        // the previous row's stores have read their stage: refill it, `stages` rows ahead
+        if (k >= 1 && k - 1 + stages < n) {
+            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+            issue_load(k - 1 + stages);
+        }
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");   // the writes are complete before the kernel ends
+}
