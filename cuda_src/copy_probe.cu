@@ -29,15 +29,18 @@ DEEPEP_DEVICE int4 load_16(const int4* p) {
     return v;
 }
 
-template <int kUnroll, bool kPrefetch>
+// kChunked: rows in chunks of kChunk, chunk c to block c % gridDim.x (the dispatch's split: blocks
+// differ by a chunk when the chunks do not divide evenly); else row t to global warp t % warps.
+template <int kUnroll, bool kPrefetch, bool kChunked = true>
 DEEPEP_DEVICE void scatter_regs(const uint8_t* __restrict__ x, uint8_t* dst0, uint8_t* dst1,
                                 const int* __restrict__ perm, int num_rows, int row_bytes, long long dst1_row0) {
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, num_warps = blockDim.x / kWarpSize;
     const int n16 = row_bytes >> 4;
-    const int num_chunks = (num_rows + kChunk - 1) / kChunk;
+    const int chunk = kChunked ? kChunk : num_warps;   // flat: one "chunk" a warp-row of the grid
+    const int num_chunks = (num_rows + chunk - 1) / chunk;
     for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-        const int t_end = min(num_rows, (c + 1) * kChunk);
-        for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
+        const int t_end = min(num_rows, (c + 1) * chunk);
+        for (int t = c * chunk + warp; t < t_end; t += num_warps) {
             const long long r = __ldg(perm + t);
             const int4* src = reinterpret_cast<const int4*>(x + static_cast<long long>(t) * row_bytes);
             int4* d0 = reinterpret_cast<int4*>(dst0 + r * row_bytes);
@@ -61,28 +64,29 @@ DEEPEP_DEVICE void scatter_regs(const uint8_t* __restrict__ x, uint8_t* dst0, ui
                 }
             }
         }
-        __syncthreads();   // the dispatch publishes each chunk after one
+        if (kChunked) __syncthreads();   // the dispatch publishes each chunk after one
     }
 }
 
 }  // namespace
 
-#define DEEPEP_SCATTER_REGS(NAME, UNROLL, PREFETCH)                                                          \
+#define DEEPEP_SCATTER_REGS(NAME, UNROLL, PREFETCH, CHUNKED)                                                 \
     extern "C" __global__ void __launch_bounds__(512, 1)                                                      \
     NAME(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int num_rows, int row_bytes,        \
          long long dst1_row0) {                                                                               \
-        scatter_regs<UNROLL, PREFETCH>(x, dst0, dst1, perm, num_rows, row_bytes, dst1_row0);                  \
+        scatter_regs<UNROLL, PREFETCH, CHUNKED>(x, dst0, dst1, perm, num_rows, row_bytes, dst1_row0);         \
     }
-DEEPEP_SCATTER_REGS(scatter_regs16, 16, false)
-DEEPEP_SCATTER_REGS(scatter_regs16_pf, 16, true)
-DEEPEP_SCATTER_REGS(scatter_regs8, 8, false)
+DEEPEP_SCATTER_REGS(scatter_regs16, 16, false, true)
+DEEPEP_SCATTER_REGS(scatter_regs16_pf, 16, true, true)
+DEEPEP_SCATTER_REGS(scatter_regs8, 8, false, true)
+DEEPEP_SCATTER_REGS(scatter_regs16_flat, 16, false, false)
 
 // Producer warp w of the block (blockDim.x = 32 x producers) owns stages [w * stages, (w+1) * stages)
 // of the dynamic shared memory (stages x row_bytes each) and rows g, g + G, ... (g its global producer
 // index, G their count). Only lane 0 works: the TMA unit does the copying.
 extern "C" __global__ void __launch_bounds__(512, 1)
 scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int num_rows, int row_bytes,
-            long long dst1_row0, int stages) {
+            long long dst1_row0, int stages, int chunked) {
     extern __shared__ __align__(128) uint8_t ring[];
     __shared__ __align__(8) uint64_t bars[16][16];   // [producer][stage]
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -92,12 +96,30 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
     uint64_t* my_bars = bars[warp];
     for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(my_bars + s)));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    // chunked == 0, flat: row g + k * G (g the global producer index, G their count); chunked > 0, the
+    // dispatch's split with chunks of `chunked` rows: chunk c to block c % gridDim.x, its rows w, w + P,
+    // ... to producer w (chunked a multiple of the producer count)
     const int g = blockIdx.x * producers + warp, G = gridDim.x * producers;
-    const int n = num_rows > g ? (num_rows - g + G - 1) / G : 0;   // rows of this producer
+    const int chunk = chunked > 0 ? chunked : kChunk;
+    const int per_chunk = chunk / producers;
+    const int num_chunks = (num_rows + chunk - 1) / chunk;
+    const int block_chunks = num_chunks > static_cast<int>(blockIdx.x) ? (num_chunks - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    int n = num_rows > g ? (num_rows - g + G - 1) / G : 0;   // rows of this producer
+    if (chunked > 0) {
+        n = 0;
+        for (int k = 0; k < block_chunks * per_chunk; ++k) {
+            const int t = (blockIdx.x + (k / per_chunk) * gridDim.x) * chunk + warp + (k % per_chunk) * producers;
+            if (t < num_rows) n = k + 1;
+        }
+    }
+    auto row_of = [&](int k) {
+        return chunked > 0 ? (blockIdx.x + (k / per_chunk) * gridDim.x) * chunk + warp + (k % per_chunk) * producers
+                           : g + k * G;
+    };
     auto issue_load = [&](int k) {
         const int s = k % stages;
         const unsigned int b = smem_addr(my_bars + s), buf = smem_addr(my_ring + static_cast<long long>(s) * row_bytes);
-        const uint8_t* src = x + static_cast<long long>(g + k * G) * row_bytes;
+        const uint8_t* src = x + static_cast<long long>(row_of(k)) * row_bytes;
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(row_bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                      ::"r"(buf), "l"(src), "r"(row_bytes), "r"(b) : "memory");
@@ -110,7 +132,7 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
         for (unsigned int done = 0; !done;)
             asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
                          " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(b), "r"(parity) : "memory");
-        const long long r = __ldg(perm + g + k * G);
+        const long long r = __ldg(perm + row_of(k));
         asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
                      ::"l"(dst0 + r * row_bytes), "r"(buf), "r"(row_bytes) : "memory");
         asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"

@@ -19,7 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PROBE = ("copy_probe.cu", ("scatter_regs16", "scatter_regs16_pf", "scatter_regs8", "scatter_tma"))
+PROBE = ("copy_probe.cu", ("scatter_regs16", "scatter_regs16_pf", "scatter_regs8", "scatter_regs16_flat",
+                           "scatter_tma"))
 MAX_DYNAMIC_SMEM = 227 * 1024 - 2048   # the H100/H200 opt-in limit less the kernel's static mbarriers
 
 
@@ -102,12 +103,13 @@ def main():
             return [lambda a=a: k((grid,), (512,), (x[a], recv[a], recv[1 - a], perm[a], cp.int32(T),
                                                   cp.int32(row_bytes), cp.int64(T))) for a in range(2)]
 
-        def tma(producers, stages):
+        def tma(producers, stages, chunked=0):
             k = mod["scatter_tma"]
             smem = producers * stages * row_bytes
             k.max_dynamic_shared_size_bytes = smem
             return [lambda a=a: k((grid,), (32 * producers,), (x[a], recv[a], recv[1 - a], perm[a], cp.int32(T),
-                                                               cp.int32(row_bytes), cp.int64(T), cp.int32(stages)),
+                                                               cp.int32(row_bytes), cp.int64(T), cp.int32(stages),
+                                                               cp.int32(chunked)),
                                   shared_mem=smem) for a in range(2)]
 
         doubled = [cp.concatenate([x[a], x[a]]) for a in range(2)]
@@ -118,8 +120,12 @@ def main():
                     for a in range(2)]
 
         variants = [("regs16", regs("scatter_regs16")), ("regs16 L2::256B", regs("scatter_regs16_pf")),
-                    ("regs8", regs("scatter_regs8"))]
+                    ("regs8", regs("scatter_regs8")), ("regs16 flat", regs("scatter_regs16_flat"))]
         variants += [(f"tma {p}x{s} stages", tma(p, s)) for p, s in tma_variants(row_bytes)]
+        # the dispatch's chunk split (blocks differ by up to one chunk of rows): 32-row chunks as today,
+        # and smaller ones, which even the blocks out at the cost of more chunk flags
+        variants += [(f"tma {p}x{s} chunk {c}", tma(p, s, c)) for p, s in tma_variants(row_bytes) if p in (2, 4)
+                     for c in (32, 16, 8)]
         for name, launches in variants:
             for r in recv:
                 r.fill(0)

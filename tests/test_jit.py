@@ -62,6 +62,23 @@ def test_nvlink_probe_compiles_for_sm90(cache):
         assert res["stack_bytes"] == 0 and res["spill_store_bytes"] == 0, res
 
 
+def test_copy_probe_compiles_for_sm90(cache):
+    """scripts/bench_copy_paths.py's kernels (register and TMA row scatters) build for sm_90, with no
+    stack or spills."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_copy_paths.py"
+    module_spec = importlib.util.spec_from_file_location("bench_copy_paths", path)
+    probe = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(probe)
+    compiled = jit.build(probe.probe_spec(), jit.JitOptions(arch="sm_90", route="nvrtc"))
+    blob = Path(compiled.cubin_path).read_bytes()
+    for name in probe.PROBE[1]:
+        assert name.encode() in blob, name
+    for res in compiled.resources.values():
+        assert res["stack_bytes"] == 0 and res["spill_store_bytes"] == 0, res
+    assert probe.tma_variants(14336) == [(1, 15), (2, 8), (4, 4), (8, 2)]
+
+
 def test_cache_hit_and_source_edit_recompiles(cache, tmp_path, monkeypatch):
     src = tmp_path / "cuda_src"
     shutil.copytree(jit.cuda_src_dir(), src)
