@@ -8,14 +8,13 @@
 //                    shared memory: bulk-load a row (mbarrier completion), bulk-store it to both
 //                    places, refill the ring one row behind, so stages - 1 row loads stay in flight.
 // Not part of the library's data path: the numbers decide whether the dispatch moves to TMA.
+#include "common/tma.cuh"
 #include "common/utils.cuh"
 
 namespace {
 
 constexpr int kWarpSize = 32;
 constexpr int kChunk = 32;   // rows per chunk; chunk c belongs to block c % gridDim.x (as in the dispatch)
-
-DEEPEP_DEVICE unsigned int smem_addr(const void* p) { return static_cast<unsigned int>(__cvta_generic_to_shared(p)); }
 
 template <bool kPrefetch>
 DEEPEP_DEVICE int4 load_16(const int4* p) {
@@ -94,8 +93,8 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
     const int producers = blockDim.x / kWarpSize;
     uint8_t* my_ring = ring + static_cast<long long>(warp) * stages * row_bytes;
     uint64_t* my_bars = bars[warp];
-    for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(my_bars + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < stages; ++s) deepep::tma::init_barrier(my_bars + s);
+    deepep::tma::fence_barrier_init();
     // chunked == 0, flat: row g + k * G (g the global producer index, G their count); chunked > 0, the
     // dispatch's split with chunks of `chunked` rows: chunk c to block c % gridDim.x, its rows w, w + P,
     // ... to producer w (chunked a multiple of the producer count)
@@ -116,33 +115,21 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
         return chunked > 0 ? (blockIdx.x + (k / per_chunk) * gridDim.x) * chunk + warp + (k % per_chunk) * producers
                            : g + k * G;
     };
+    auto stage = [&](int k) { return my_ring + static_cast<long long>(k % stages) * row_bytes; };
     auto issue_load = [&](int k) {
-        const int s = k % stages;
-        const unsigned int b = smem_addr(my_bars + s), buf = smem_addr(my_ring + static_cast<long long>(s) * row_bytes);
-        const uint8_t* src = x + static_cast<long long>(row_of(k)) * row_bytes;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(row_bytes) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     ::"r"(buf), "l"(src), "r"(row_bytes), "r"(b) : "memory");
+        deepep::tma::load(stage(k), x + static_cast<long long>(row_of(k)) * row_bytes, row_bytes, my_bars + k % stages);
     };
     for (int k = 0; k < min(stages, n); ++k) issue_load(k);
     for (int k = 0; k < n; ++k) {
-        const int s = k % stages;
-        const unsigned int b = smem_addr(my_bars + s), buf = smem_addr(my_ring + static_cast<long long>(s) * row_bytes);
-        const unsigned int parity = (k / stages) & 1;
-        for (unsigned int done = 0; !done;)
-            asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
-                         " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+        deepep::tma::wait_barrier(my_bars + k % stages, (k / stages) & 1);
         const long long r = __ldg(perm + row_of(k));
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                     ::"l"(dst0 + r * row_bytes), "r"(buf), "r"(row_bytes) : "memory");
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                     ::"l"(dst1 + (dst1_row0 + r) * row_bytes), "r"(buf), "r"(row_bytes) : "memory");
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        // the previous row's stores have read their stage: refill it, `stages` rows ahead
-        if (k >= 1 && k - 1 + stages < n) {
-            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        deepep::tma::store(dst0 + r * row_bytes, stage(k), row_bytes);
+        deepep::tma::store(dst1 + (dst1_row0 + r) * row_bytes, stage(k), row_bytes);
+        deepep::tma::commit();
+        if (k >= 1 && k - 1 + stages < n) {   // the previous row's stores have read their stage: refill it
+            deepep::tma::wait_read<1>();
             issue_load(k - 1 + stages);
         }
     }
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");   // the writes are complete before the kernel ends
+    deepep::tma::wait_done<0>();   // the writes are complete before the kernel ends
 }

@@ -45,6 +45,7 @@
 // Compile-time constants: DEEPEP_NUM_RANKS (team size), DEEPEP_INTRANODE_PUTS (0 or 1).
 #include "common/exception.cuh"
 #include "common/params.cuh"
+#include "common/tma.cuh"
 #include "common/utils.cuh"
 #ifndef DEEPEP_INTRANODE_PUTS
 #define DEEPEP_INTRANODE_PUTS 0

@@ -259,10 +259,10 @@ struct TmaSendShared {
     int ready[kTmaSlots];
     int count[kTmaSlots];
     int freed[kTmaSlots];
-    unsigned long long bars[kTmaMaxProducers][kTmaMaxStages];
+    uint64_t bars[kTmaMaxProducers][kTmaMaxStages];
 };
 
-DEEPEP_DEVICE unsigned int smem_u32(const void* ptr) { return static_cast<unsigned int>(__cvta_generic_to_shared(ptr)); }
+using deepep::tma::smem_u32;
 DEEPEP_DEVICE int ld_acquire_cta(const int* ptr) {
     int v;
     asm volatile("ld.acquire.cta.shared::cta.s32 %0, [%1];" : "=r"(v) : "r"(smem_u32(ptr)) : "memory");
@@ -360,16 +360,12 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
     }
     auto token_of = [&](int k) { return bc.first_token(k / per_chunk) + w + (k % per_chunk) * P; };
     auto last_row_of = [&](int i) { return min((i + 1) * per_chunk, n) - 1; };
-    unsigned long long* bars = sh.bars[w];
-    for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bars + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    uint64_t* bars = sh.bars[w];
+    for (int s = 0; s < stages; ++s) deepep::tma::init_barrier(bars + s);
+    deepep::tma::fence_barrier_init();
+    auto stage = [&](int k) { return ring + static_cast<long long>(k % stages) * row_bytes; };
     auto issue_load = [&](int k) {
-        const int s = k % stages;
-        const unsigned int bar = smem_u32(bars + s), buf = smem_u32(ring + static_cast<long long>(s) * row_bytes);
-        const uint8_t* src = p.x + static_cast<long long>(token_of(k)) * row_bytes;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(row_bytes) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     ::"r"(buf), "l"(src), "r"(row_bytes), "r"(bar) : "memory");
+        deepep::tma::load(stage(k), p.x + static_cast<long long>(token_of(k)) * row_bytes, row_bytes, bars + k % stages);
     };
     for (int k = 0; k < min(stages, n); ++k) issue_load(k);
     int signalled = 0;   // local chunks counted done so far
@@ -380,33 +376,24 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
             ok = false;
             break;
         }
-        const int s = k % stages;
-        const unsigned int bar = smem_u32(bars + s), buf = smem_u32(ring + static_cast<long long>(s) * row_bytes);
-        const unsigned int parity = (k / stages) & 1;
-        for (unsigned int done = 0; !done;)
-            asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n"
-                         " selp.u32 %0, 1, 0, q;\n}" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+        deepep::tma::wait_barrier(bars + k % stages, (k / stages) & 1);
 #pragma unroll
         for (int j = 0; j < kNumRanks; ++j) {
             const int r = sh.drow[slot][l][j];
-            if (r >= 0)
-                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                             ::"l"(to.data(j, r)), "r"(buf), "r"(row_bytes) : "memory");
+            if (r >= 0) deepep::tma::store(to.data(j, r), stage(k), row_bytes);
         }
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        deepep::tma::commit();
         if (k >= 1 && k - 1 + stages < n) {   // row k-1's stores have read its stage: refill it
-            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+            deepep::tma::wait_read<1>();
             issue_load(k - 1 + stages);
         }
         while (signalled < block_chunks && last_row_of(signalled) <= k - kTmaLag) {
-            asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kTmaLag) : "memory");
-            asm volatile("fence.proxy.async.global;" ::: "memory");   // the bulk writes before the count
+            deepep::tma::wait_done<kTmaLag>();   // the chunk's bulk writes, ordered before the count
             add_release_cta(&sh.count[signalled % kTmaSlots], 1);
             ++signalled;
         }
     }
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-    asm volatile("fence.proxy.async.global;" ::: "memory");
+    deepep::tma::wait_done<0>();
     // the rest, including a last chunk without rows of this producer (its slot must be ready first:
     // counting it earlier could land in the count of the chunk that used the slot before)
     for (; ok && signalled < block_chunks; ++signalled) {
