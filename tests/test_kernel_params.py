@@ -377,10 +377,6 @@ def ll(monkeypatch):
     k.errors = type("Err", (), {"ptr": 0xE0000})()
     k._sms, k.pending, k._guarded_sends = 24, [], 0
     k.module = Recorder()
-    k._copy_plans = {}
-    k._tma_smem_limit = lambda: 227 * 1024 - 3000        # an H100's opt-in limit less some static bytes
-    k.dynamic_smem_allowed = []
-    k._allow_dynamic_smem = k.dynamic_smem_allowed.append
     return k
 
 
