@@ -41,6 +41,16 @@ tier_file_summary() {
   done
 }
 
+# Succeeds when every given pytest log ends its run with pytest's final summary line: a launch that
+# the time limit killed during the MPI shutdown still finished every test.
+all_ranks_finished() {
+  local log
+  [ "$#" -gt 0 ] || return 1
+  for log in "$@"; do
+    grep -qE '^=+ .*[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s' "$log" 2>/dev/null || return 1
+  done
+}
+
 # ---- environment the shared GPU machine requires, in every process -----------------------------
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_REMOTE_TRANSPORT="${NVSHMEM_REMOTE_TRANSPORT:-none}"   # one node: NVLink only
@@ -127,7 +137,13 @@ if [[ "$STEPS" == *tests* ]]; then
   tier_file_summary "$OUTD"/gpu_tests_rank*.log > "$OUTD/tier_files.txt"
   cat "$OUTD/tier_files.txt"
   grep -hE "^(FAILED|ERROR) " "$OUTD"/gpu_tests_rank*.log | sort -u | head -12
-  [ "$rc" -eq 124 ] && row "gpu tier (mpirun -n $NUM_RANKS)" "CUT at TIER_LIMIT_S=${TIER_LIMIT_S:-480} s: per-file results above"
+  if [ "$rc" -eq 124 ]; then
+    if all_ranks_finished "$OUTD"/gpu_tests_rank*.log; then
+      row "gpu tier (mpirun -n $NUM_RANKS)" "every rank finished its tests; TIER_LIMIT_S=${TIER_LIMIT_S:-480} s ran out in the MPI shutdown"
+    else
+      row "gpu tier (mpirun -n $NUM_RANKS)" "CUT at TIER_LIMIT_S=${TIER_LIMIT_S:-480} s: per-file results above"
+    fi
+  fi
   row "gpu tier (mpirun -n $NUM_RANKS)" "rc=$rc $(grep -hE '[0-9]+ (passed|failed)' "$OUTD"/gpu_tests_rank*.log | tr '\n' ' ')"
   if [ -z "${SKIP_CPU_TIER:-}" ]; then   # CI runs it too; SKIP_CPU_TIER=1 saves GPU time
   say "CPU tier on the GPU machine's python (single process)"

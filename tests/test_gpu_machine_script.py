@@ -30,6 +30,12 @@ tests/gpu/test_b_gpu.py::test_skipped SKIPPED (no GPU)                   [ 40%]
 tests/gpu/test_b_gpu.py::test_slow """
 
 
+def _function(name):
+    body = SCRIPT.read_text()
+    start = body.index(f"{name}() {{")
+    return body[start:body.index("\n}\n", start) + 3]
+
+
 def _summary(tmp_path, logs):
     body = SCRIPT.read_text()
     start = body.index("tier_file_summary() {")
@@ -56,3 +62,19 @@ def test_counts_per_file_and_rank_also_for_a_cut_log(tmp_path):
         ("1", "tests/gpu/test_a_gpu.py", 2, 0, 0, 0),
         ("1", "tests/gpu/test_b_gpu.py", 0, 0, 1, 0),   # the test running at the cut counts nowhere
     ]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("grep") is None, reason="needs bash and grep")
+@pytest.mark.parametrize("logs,finished", [
+    ({"r0.log": COMPLETE, "r1.log": COMPLETE}, True),    # a timeout then hit the shutdown only
+    ({"r0.log": COMPLETE, "r1.log": CUT}, False),        # a rank was still testing: cut
+    ({}, False),                                         # no logs: nothing finished
+])
+def test_all_ranks_finished_tells_a_cut_run_from_a_slow_shutdown(tmp_path, logs, finished):
+    paths = []
+    for name, text in logs.items():
+        (tmp_path / name).write_text(text)
+        paths.append(str(tmp_path / name))
+    rc = subprocess.run(["bash", "-c", _function("all_ranks_finished") + '\nall_ranks_finished "$@"', "check"] + paths,
+                        capture_output=True, text=True).returncode
+    assert (rc == 0) is finished
