@@ -39,8 +39,10 @@
 //      destination's staging, one slot per peer), then a chunk's rows for one peer travel as one
 //      contiguous put. Before a flag is raised the puts are completed (nvshmem_quiet), so a peer
 //      that sees the flag sees the data.
-// Only writes ever go to a peer; every read is of this rank's own memory, so the receive paths are
-// the same for both.
+// On the puts route only writes go to a peer and every read is of this rank's own memory, so the
+// receive paths are the same for both routes. The stores route alone also reads peers: a pull-mode
+// combine reads its peers' x rows in place over NVLink (and the direct dispatch reads where each
+// receiver wants its rows, the direct_info entries the receivers wrote here).
 //
 // Compile-time constants: DEEPEP_NUM_RANKS (team size), DEEPEP_INTRANODE_PUTS (0 or 1).
 #include "common/exception.cuh"

@@ -325,6 +325,8 @@ class GpuBackend(Backend):
                 recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
                 recv_idx = recv_w = per_expert = None
         event = queued[0] if queued else self._finish(scope, *inputs, recv_x, recv_scales, recv_idx, recv_w)
+        if event.extra_arrays is not None:   # async: the handle's arrays too (the caller may drop it first)
+            event.extra_arrays = event.extra_arrays + handle.device_arrays()
         if request.by_rank_mask:   # no expert information travelled
             recv_idx, recv_w, per_expert = None, None, []
         return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, per_expert, handle, event)
@@ -346,7 +348,8 @@ class GpuBackend(Backend):
                              request.allocate_on_comm_stream) as scope:
             out, out_w = kernels.combine(x, handle, topk_weights, bias0, bias1, request.config.num_sms,
                                          self.comm_stream)
-        return CombineResult(out, out_w, self._finish(scope, x, topk_weights, bias0, bias1, out, out_w))
+        return CombineResult(out, out_w, self._finish(scope, x, topk_weights, bias0, bias1, out, out_w,
+                                                      *handle.device_arrays()))
 
     # ------------------------------------------------------------------------------ low latency
     def low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> LowLatencyKernels:

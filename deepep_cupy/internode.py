@@ -77,6 +77,12 @@ class InternodeHandle:
     num_experts: int
     hidden: int
 
+    def device_arrays(self) -> tuple:
+        """The GPU arrays kernels read through this handle, both stages' included (see
+        ``IntranodeHandle.device_arrays``)."""
+        own = tuple(a for a in (self.rdma_tags, self.dest, self.perm, self.recv_src_idx) if a is not None)
+        return self.rdma.device_arrays() + (() if self.nvl is None else self.nvl.device_arrays()) + own
+
 
 class InternodeKernels:
     """The hierarchical path of one buffer: its RDMA team, its NVLink team and the order kernel.

@@ -253,6 +253,12 @@ class IntranodeHandle:
         r = self.send_pos.shape[1]
         return self.recv_info[:r + 1]
 
+    def device_arrays(self) -> tuple:
+        """The GPU arrays kernels read through this handle: an asynchronous operation keeps them
+        alive until its event completes, even if the caller drops the handle first."""
+        return tuple(a for a in (self.is_token_in_rank, self.send_pos, self.recv_info, self.recv_src_idx)
+                     if a is not None)
+
 
 def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
     """The JIT instance of cuda_src/intranode.cu for a team of ``num_ranks`` ranks; ``puts`` selects

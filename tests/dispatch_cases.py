@@ -245,14 +245,21 @@ def async_problems(buf, allocate_on_comm_stream, combine_oracle=rank_order_combi
         to_gpu(xs[me]), topk_idx=idx_g, topk_weights=to_gpu(ws[me]),
         num_tokens_per_expert=buf.get_dispatch_layout(idx_g, E)[2], previous_event=prev,
         async_finish=True, allocate_on_comm_stream=allocate_on_comm_stream)
+    problems = []
+    # the event holds the handle's arrays too: a caller that drops the handle before the event
+    # completes must not hand send_pos & co. back to the memory pool while kernels read them
+    kept = lambda ev: {id(a) for a in (ev.extra_arrays or ())}   # noqa: E731
+    if not {id(a) for a in handle.device_arrays()} <= kept(event):
+        problems.append("the async dispatch's event does not keep the handle's arrays alive")
     for _ in range(4):   # caller-stream work racing the communication
         cp.full((T * 4, H), 7, dtype=cp.float32).sum()
     event.current_stream_wait()
     res = reference.dispatch(xs, idxs, ws, E)
-    problems = []
     if not np.array_equal(host(recv_x).view(np.uint16), res[me].recv_x.view(np.uint16)):
         problems.append("async dispatch differs")
     out, out_w, event = buf.combine(recv_x, handle, topk_weights=recv_w, async_finish=True)
+    if not {id(a) for a in handle.device_arrays()} <= kept(event):
+        problems.append("the async combine's event does not keep the handle's arrays alive")
     for _ in range(4):
         cp.full((T * 4, H), 7, dtype=cp.float32).sum()
     with event:

@@ -515,3 +515,21 @@ def test_layout_launch_packs_dispatch_layout_params(monkeypatch, num_ranks, rank
     k(idx, E, contextlib.nullcontext())            # no error record: 0, rank -1
     words = unpack(LAYOUT_PARAMS, module.launches[0])
     assert words["err"] == 0 and words["rank"] == -1
+
+
+def test_handles_list_the_arrays_their_kernels_read():
+    """IntranodeHandle / InternodeHandle.device_arrays: what an async dispatch or combine keeps alive
+    with its event (a caller may drop the handle first); None fields are left out."""
+    from deepep_cupy.internode import InternodeHandle
+    T, rows = 8, 5
+    in_rank, send_pos, info, src = (FakeArray((T, 4), np.bool_), FakeArray((T, 4), np.int32), FakeArray(13, np.int32),
+                                    FakeArray(rows, np.int32))
+    h = IntranodeHandle(in_rank, send_pos, info, src, T, rows, rows, 0, 16, 256)
+    assert h.device_arrays() == (in_rank, send_pos, info, src)
+    cached_only = IntranodeHandle(in_rank, send_pos, info, None, T, rows, rows, 0, 16, 256)
+    assert cached_only.device_arrays() == (in_rank, send_pos, info)
+    tags, dest, perm, src2 = (FakeArray(rows, np.int32) for _ in range(4))
+    both = InternodeHandle(h, cached_only, tags, dest, perm, src2, False, T, rows, rows, 0, 16, 256)
+    assert both.device_arrays() == h.device_arrays() + cached_only.device_arrays() + (tags, dest, perm, src2)
+    one_per_node = InternodeHandle(h, None, None, None, None, src2, False, T, rows, rows, 0, 16, 256)
+    assert one_per_node.device_arrays() == h.device_arrays() + (src2,)

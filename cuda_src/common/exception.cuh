@@ -3,8 +3,10 @@
 // Every kernel that waits on a peer takes an `ErrorRecord*` (4 int32, zeroed by the host) and a
 // timeout in nanoseconds. A wait that runs out records {code, phase, peer, rank} (first writer
 // wins) and the kernel returns. The record lives in device memory read after a sync (self-test),
-// or in pinned host memory read without a sync (intranode kernels: at the notify poll and at the
-// start of the next call); the host raises DeepEPTimeout naming the rank, the phase and the peer.
+// or in pinned host memory read without a sync (the intranode kernels: at the notify poll and at
+// the start of the next call; likewise the low-latency kernels' record and the layout kernel's
+// input-check record, checks.DeviceInputErrors); the host raises DeepEPTimeout (DeepEPInvalid for a
+// bad value) naming the rank, the phase and the peer.
 // Phase ids are listed in deepep_cupy/kernel_errors.py.
 #pragma once
 #include "common/utils.cuh"
