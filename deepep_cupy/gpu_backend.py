@@ -15,6 +15,7 @@ from .backend import (Backend, CombineRequest, CombineResult, DispatchRequest, D
                       LayoutResult, LowLatencyCombineRequest, LowLatencyCombineResult, LowLatencyDispatchRequest,
                       LowLatencyDispatchResult)
 from .config import settings
+from .dispatch_args import DispatchPayload, DispatchRouting
 from .layout import MAX_LAYOUT_EXPERTS, LayoutKernel
 from .runtime import nvshmem as nvshmem_runtime
 from .streams import CommStreamScope
@@ -318,9 +319,10 @@ class GpuBackend(Backend):
 
             if handle is None:
                 recv_x, recv_scales, recv_idx, recv_w, per_expert, handle = kernels.notify_and_dispatch(
-                    x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
-                    num_tokens_per_expert, num_experts, expert_alignment, num_worst_tokens, config.num_sms,
-                    self.comm_stream, on_queued=on_queued)
+                    DispatchPayload(x, x_scales, topk_idx, topk_weights),
+                    DispatchRouting(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
+                                    expert_alignment),
+                    num_worst_tokens, config.num_sms, self.comm_stream, on_queued=on_queued)
             else:
                 recv_x, recv_scales = kernels.cached_dispatch(x, x_scales, handle, config.num_sms, self.comm_stream)
                 recv_idx = recv_w = per_expert = None

@@ -32,6 +32,7 @@ from typing import Optional
 
 from . import jit
 from .errors import DeepEPInvalid
+from .dispatch_args import DataPlan, DispatchPayload, DispatchRouting, FreshDispatch
 from .intranode import (CHUNK_TOKENS, MAX_CHUNKS, MAX_LOCAL_EXPERTS, IntranodeHandle, IntranodeKernels,
                         dispatch_row_bytes)
 from .layout import LayoutKernel
@@ -148,17 +149,16 @@ class InternodeKernels:
         if self.nvl is not None:
             self.nvl.check_rows(self.num_nodes * num_tokens, row, "dispatch (NVLink stage)")
 
-    def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
-                            num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                            num_sms: int, stream, on_queued=None) -> tuple:
+    def notify_and_dispatch(self, payload: DispatchPayload, routing: DispatchRouting, num_worst_tokens: int,
+                            num_sms: int, stream, on_queued=None) -> FreshDispatch:
         """A fresh (non-cached) hierarchical dispatch on ``stream``, with the arguments of
         ``IntranodeKernels.notify_and_dispatch``; the caller has run ``check_dispatch``.
         ``on_queued`` is never called here (the stages wait on the host in between).
-
-        Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert list or None, handle).
         ``topk_idx`` None routes by ``is_token_in_rank`` alone (one synthetic expert per rank).
         """
         import cupy
+        x, x_scales, topk_idx, topk_weights = payload
+        is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts, expert_alignment = routing
         N, L = self.num_nodes, self.ranks_per_node
         num_tokens = x.shape[0]
         synthesized = topk_idx is None
@@ -170,10 +170,11 @@ class InternodeKernels:
             in_node = cupy.ascontiguousarray(is_token_in_rank.reshape(num_tokens, N, L).any(axis=2))
             num_tokens_per_rdma_rank = in_node.sum(axis=0, dtype=cupy.int32)
         worst = num_worst_tokens > 0
+        payload = DispatchPayload(x, x_scales, topk_idx, topk_weights)   # (with the synthesized ids)
         if self.single:
-            return self._single_stage_dispatch(x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_rdma_rank,
-                                               num_tokens_per_expert, num_experts, expert_alignment,
-                                               num_worst_tokens, synthesized, num_sms, stream)
+            return self._single_stage_dispatch(
+                payload, DispatchRouting(in_node, num_tokens_per_rdma_rank, num_tokens_per_expert, num_experts,
+                                         expert_alignment), num_worst_tokens, synthesized, num_sms, stream)
 
         # Stages 1-3 allocate their intermediates with the communication stream current: a freed block
         # then returns to that stream's pool and is reused only in its order, even with async_finish.
@@ -189,8 +190,8 @@ class InternodeKernels:
             else:
                 rows1 = int(info1[N])
                 self.nvl.check_rows(rows1, row, "dispatch (NVLink stage)")
-            out1 = self.rdma.dispatch(x, x_scales, topk_idx, topk_weights, in_node, send_pos1, recv_info1, rows1,
-                                      num_experts, rows1 if worst else 0, None, num_sms, stream)
+            out1 = self.rdma.dispatch(payload, DataPlan(in_node, send_pos1, recv_info1, rows1, num_experts,
+                                                        rows1 if worst else 0), num_sms, stream)
             recv1_x, recv1_scales, recv1_idx, recv1_w, recv1_src = out1
             handle1 = IntranodeHandle(in_node, send_pos1, recv_info1, recv1_src, num_tokens, rows1,
                                       -1 if info1 is None else int(info1[N]), rows1 if worst else 0, num_experts,
@@ -201,8 +202,9 @@ class InternodeKernels:
             experts_per_node = num_experts // N
             per_rank2, _, per_expert2, in_rank2 = self.nvl_layout(recv1_idx, experts_per_node, stream)
             recv2_x, recv2_scales, recv2_idx, recv2_w, per_expert, handle2 = self.nvl.notify_and_dispatch(
-                recv1_x, recv1_scales, recv1_idx, recv1_w, in_rank2, per_rank2, per_expert2, experts_per_node,
-                expert_alignment, num_worst_tokens, num_sms, stream, src_tags=tags1)
+                DispatchPayload(recv1_x, recv1_scales, recv1_idx, recv1_w),
+                DispatchRouting(in_rank2, per_rank2, per_expert2, experts_per_node, expert_alignment),
+                num_worst_tokens, num_sms, stream, src_tags=tags1)
 
             # 3. the API's order (the NVLink stage recorded each row's tag as its source index)
             dest, perm, src_idx = self._final_order(handle2.recv_src_idx, stream)
@@ -213,22 +215,23 @@ class InternodeKernels:
         if synthesized:
             recv_idx = recv_w = None
             per_expert = []
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+        return FreshDispatch(recv_x, recv_scales, recv_idx, recv_w, per_expert, handle)
 
-    def _single_stage_dispatch(self, x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_node,
-                               num_tokens_per_expert, num_experts: int, expert_alignment: int,
-                               num_worst_tokens: int, synthesized: bool, num_sms: int, stream) -> tuple:
-        """One rank per node: the RDMA stage is the whole dispatch. Its rows come ordered by source
-        node, which is the source rank, and its node-relative expert ids are this rank's."""
+    def _single_stage_dispatch(self, payload: DispatchPayload, routing: DispatchRouting, num_worst_tokens: int,
+                               synthesized: bool, num_sms: int, stream) -> FreshDispatch:
+        """One rank per node: the RDMA stage is the whole dispatch (``routing`` by node). Its rows come
+        ordered by source node, which is the source rank, and its node-relative expert ids are this
+        rank's."""
         recv_x, recv_scales, recv_idx, recv_w, per_expert, h1 = self.rdma.notify_and_dispatch(
-            x, x_scales, topk_idx, topk_weights, in_node, num_tokens_per_node, num_tokens_per_expert, num_experts,
-            expert_alignment, num_worst_tokens, num_sms, stream)
+            payload, routing, num_worst_tokens, num_sms, stream)
+        x = payload.x
         handle = InternodeHandle(h1, None, None, None, None, h1.recv_src_idx, synthesized, int(x.shape[0]),
-                                 h1.num_rows, h1.num_recv_tokens, num_worst_tokens, num_experts, int(x.shape[1]))
+                                 h1.num_rows, h1.num_recv_tokens, num_worst_tokens, routing.num_experts,
+                                 int(x.shape[1]))
         if synthesized:
             recv_idx = recv_w = None
             per_expert = []
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+        return FreshDispatch(recv_x, recv_scales, recv_idx, recv_w, per_expert, handle)
 
     def _check_cached_dispatch(self, x, x_scales, handle: InternodeHandle) -> None:
         """Before any launch: ``x`` fits the RDMA staging and the forwarded rows the NVLink staging."""

@@ -29,6 +29,7 @@ import numpy as np
 from . import jit
 from .config import settings
 from .errors import DeepEPError, DeepEPInvalid, DeepEPTimeout
+from .dispatch_args import DataPlan, DispatchOutputs, DispatchPayload, DispatchRouting, FreshDispatch
 from .arena import ReceiveArena, spec_nbytes
 from .kernel_errors import PinnedErrorRecord
 from .kernel_params import ParamStruct
@@ -253,6 +254,11 @@ class IntranodeHandle:
         r = self.send_pos.shape[1]
         return self.recv_info[:r + 1]
 
+    def data_plan(self) -> DataPlan:
+        """The routing a cached dispatch with this handle runs its data kernel with."""
+        return DataPlan(self.is_token_in_rank, self.send_pos, self.recv_info, self.num_rows, self.num_experts,
+                        self.num_worst_tokens, self.recv_src_idx)
+
     def device_arrays(self) -> tuple:
         """The GPU arrays kernels read through this handle: an asynchronous operation keeps them
         alive until its event completes, even if the caller drops the handle first."""
@@ -438,23 +444,22 @@ class IntranodeKernels:
 
         return send_pos, recv_info, poll
 
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info,
-                 num_rows: int, num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int,
-                 stream, src_tags=None):
-        """The data kernel on ``stream``; allocates and returns (recv_x, recv_scales, recv_topk_idx,
-        recv_topk_weights, recv_src_idx). Raw-storage CuPy arrays (fp8 as uint8). ``src_tags``
-        (int32 [T], optional): what each row's receiver records as its source index instead of the
-        token index (the internode path tags rows with their origin)."""
+    def dispatch(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream,
+                 src_tags=None) -> DispatchOutputs:
+        """The data kernel on ``stream``; allocates and returns the outputs (raw-storage CuPy arrays,
+        fp8 as uint8). ``src_tags`` (int32 [T], optional): what each row's receiver records as its
+        source index instead of the token index (the internode path tags rows with their origin)."""
         import cupy
+        x, x_scales, topk_idx, topk_weights = payload
+        num_rows, num_experts, num_worst_tokens, cached_src_idx = (plan.num_rows, plan.num_experts,
+                                                                   plan.num_worst_tokens, plan.cached_src_idx)
         num_tokens, hidden = x.shape
         hidden_bytes = hidden * x.itemsize
         scale_bytes = 0 if x_scales is None else x_scales.shape[1] * 4
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
         if self._direct_enabled(src_tags):
-            return self._dispatch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, num_rows,
-                                         num_experts, num_worst_tokens, cached_src_idx, num_sms, stream,
-                                         row_bytes, slot_rows)
+            return self._dispatch_direct(payload, plan, num_sms, stream, row_bytes, slot_rows)
         self.last_dispatch_direct = False
         # outputs on the current stream (the caller's, or the communication stream with
         # allocate_on_comm_stream: CommStreamScope decides)
@@ -464,8 +469,8 @@ class IntranodeKernels:
         recv_w = None if topk_weights is None else cupy.empty((num_rows, num_topk), cupy.float32)
         recv_src = cached_src_idx if cached_src_idx is not None else cupy.empty(num_rows, cupy.int32)
         params = STAGED_DISPATCH_PARAMS.pack(
-            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
-            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
+            recv_info=plan.recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
             recv_topk_weights=recv_w, recv_src_idx=recv_src, src_tags=src_tags, num_tokens=num_tokens,
             hidden_bytes=hidden_bytes, scale_bytes=scale_bytes, num_topk=num_topk, with_topk=topk_idx is not None,
             with_weights=topk_weights is not None, num_local_experts=num_experts // self.num_ranks,
@@ -475,7 +480,7 @@ class IntranodeKernels:
             if cached_src_idx is not None:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
             self.module["intranode_dispatch"]((num_sms,), (DATA_THREADS,), (params,))
-        return recv_x, recv_scales, recv_idx, recv_w, recv_src
+        return DispatchOutputs(recv_x, recv_scales, recv_idx, recv_w, recv_src)
 
     def _direct_enabled(self, src_tags) -> bool:
         """Whether dispatches take intranode_dispatch_direct (``settings.intranode_dispatch``): only
@@ -485,9 +490,10 @@ class IntranodeKernels:
                                 f"{settings.intranode_dispatch!r}")
         return self.arena is not None and src_tags is None and settings.intranode_dispatch == "direct"
 
-    def _direct_specs(self, x, x_scales, topk_idx, topk_weights, num_rows: int, cached: bool) -> list:
+    def _direct_specs(self, payload: DispatchPayload, num_rows: int, cached: bool) -> list:
         """(shape, dtype) of each output of a dispatch, or None where it has none."""
         import cupy
+        x, x_scales, topk_idx, topk_weights = payload
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         return [((num_rows, x.shape[1]), x.dtype),
                 None if x_scales is None else ((num_rows, x_scales.shape[1]), cupy.float32),
@@ -526,52 +532,51 @@ class IntranodeKernels:
         if nbytes > fn.max_dynamic_shared_size_bytes:
             fn.max_dynamic_shared_size_bytes = nbytes
 
-    def _launch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, outputs, direct: bool,
-                       num_experts: int, num_worst_tokens: int, num_sms: int, stream, row_bytes: int,
-                       slot_rows: int, bump_seq: bool) -> None:
+    def _launch_direct(self, payload: DispatchPayload, plan: DataPlan, outputs, direct: bool, num_sms: int, stream,
+                       row_bytes: int, slot_rows: int, bump_seq: bool) -> None:
         """Launch intranode_dispatch_direct writing ``outputs`` (recv_x, scales, ids, weights, source
         index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
-        (senders write them in place)."""
+        (senders write them in place). ``plan`` gives send_pos, recv_info, the expert count and
+        num_worst_tokens."""
+        x, x_scales, topk_idx, topk_weights = payload
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         producers, stages, smem = self._copy_plan(x.shape[1] * x.itemsize)
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
-            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=send_pos,
-            recv_info=recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
+            x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
+            recv_info=plan.recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
             recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
             seq=self.seq, err=self.errors.ptr, timeout_ns=min(int(settings.timeout_seconds * 1e9), (1 << 64) - 1),
             num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
             scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
             num_topk=0 if topk_idx is None else topk_idx.shape[1],
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
-            num_local_experts=num_experts // self.num_ranks, num_worst_tokens=num_worst_tokens, rank=self.rank,
-            slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers, tma_stages=stages)
+            num_local_experts=plan.num_experts // self.num_ranks, num_worst_tokens=plan.num_worst_tokens,
+            rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers,
+            tma_stages=stages)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
             self.module["intranode_dispatch_direct"]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
 
-    def _dispatch_direct(self, x, x_scales, topk_idx, topk_weights, send_pos, recv_info, num_rows: int,
-                         num_experts: int, num_worst_tokens: int, cached_src_idx, num_sms: int, stream,
-                         row_bytes: int, slot_rows: int) -> tuple:
+    def _dispatch_direct(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream, row_bytes: int,
+                         slot_rows: int) -> DispatchOutputs:
         """``dispatch`` through intranode_dispatch_direct: outputs from the receive arena when they
         fit (senders then write them in place), else ordinary memory reached through staging."""
         import cupy
-        cached = cached_src_idx is not None
-        specs = self._direct_specs(x, x_scales, topk_idx, topk_weights, num_rows, cached)
+        cached = plan.cached_src_idx is not None
+        specs = self._direct_specs(payload, plan.num_rows, cached)
         outputs = self.arena.arrays(specs)
         direct = outputs is not None
         if not direct:
             outputs = [None if spec is None else cupy.empty(spec[0], spec[1]) for spec in specs]
-        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, outputs, direct, num_experts,
-                            num_worst_tokens, num_sms, stream, row_bytes, slot_rows, bump_seq=cached)
+        self._launch_direct(payload, plan, outputs, direct, num_sms, stream, row_bytes, slot_rows, bump_seq=cached)
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
-        return recv_x, recv_scales, recv_idx, recv_w, cached_src_idx if cached else recv_src
+        return DispatchOutputs(recv_x, recv_scales, recv_idx, recv_w, plan.cached_src_idx if cached else recv_src)
 
-    def _notify_and_dispatch_ahead(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
-                                   num_tokens_per_expert, num_experts: int, expert_alignment: int, num_sms: int,
-                                   stream, on_queued=None) -> Optional[tuple]:
+    def _notify_and_dispatch_ahead(self, payload: DispatchPayload, routing: DispatchRouting, num_sms: int, stream,
+                                   on_queued=None) -> Optional[FreshDispatch]:
         """A fresh direct dispatch whose data kernel is queued right behind notify, before the host
         knows the receive count, so the GPU never waits for the host's poll and allocation.
 
@@ -582,18 +587,21 @@ class IntranodeKernels:
         both kernels are queued, before the host waits (the caller closes its stream bookkeeping
         there, so that nothing but the poll and the arrays' views follows the wait). Returns None,
         having launched nothing, when the arena cannot hold that many rows."""
-        row_bytes, slot_rows = self.check_dispatch_capacity(x, x_scales, topk_idx)
+        x = payload.x
+        row_bytes, slot_rows = self.check_dispatch_capacity(x, payload.x_scales, payload.topk_idx)
         capacity = max(1, int(x.shape[0]) + (self.num_ranks - 1) * slot_rows)
-        specs = self._direct_specs(x, x_scales, topk_idx, topk_weights, capacity, cached=False)
+        specs = self._direct_specs(payload, capacity, cached=False)
         blocks = self.arena.take(specs)
         if blocks is None:
             return None
-        send_pos, recv_info, poll = self._launch_notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                                        num_experts, expert_alignment, True, stream)
+        send_pos, recv_info, poll = self._launch_notify(routing.is_token_in_rank, routing.num_tokens_per_rank,
+                                                        routing.num_tokens_per_expert, routing.num_experts,
+                                                        routing.expert_alignment, True, stream)
         # the kernel needs only the blocks' addresses: the arrays are made once the count is known
         addrs = [None if b is None else b.ptr for b in blocks]
-        self._launch_direct(x, x_scales, topk_idx, topk_weights, send_pos, recv_info, addrs, True, num_experts, 0,
-                            num_sms, stream, row_bytes, slot_rows, bump_seq=False)
+        self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
+                                              routing.num_experts),
+                            addrs, True, num_sms, stream, row_bytes, slot_rows, bump_seq=False)
         try:
             if on_queued is not None:
                 on_queued()
@@ -614,49 +622,45 @@ class IntranodeKernels:
             # them out again; the buffer is out of step after this anyway
             self._parked_blocks.extend(b for b in blocks if b is not None)
             raise
-        handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
-                                 num_rows, 0, num_experts, int(x.shape[1]))
-        return recv_x, recv_scales, recv_idx, recv_w, info[2 * r + 1:].tolist(), handle
+        handle = IntranodeHandle(routing.is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
+                                 num_rows, 0, routing.num_experts, int(x.shape[1]))
+        return FreshDispatch(recv_x, recv_scales, recv_idx, recv_w, info[2 * r + 1:].tolist(), handle)
 
-    def notify_and_dispatch(self, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
-                            num_tokens_per_expert, num_experts: int, expert_alignment: int, num_worst_tokens: int,
-                            num_sms: int, stream, src_tags=None, on_queued=None) -> tuple:
+    def notify_and_dispatch(self, payload: DispatchPayload, routing: DispatchRouting, num_worst_tokens: int,
+                            num_sms: int, stream, src_tags=None, on_queued=None) -> FreshDispatch:
         """A fresh dispatch on ``stream``: notify (the host waits for the receive count unless
-        ``num_worst_tokens``), then the data kernel. Returns (recv_x, recv_scales, recv_topk_idx,
-        recv_topk_weights, per-expert list, IntranodeHandle); ``src_tags`` as in ``dispatch``.
+        ``num_worst_tokens``), then the data kernel; ``src_tags`` as in ``dispatch``.
         A direct dispatch queues its data kernel before the host waits (``_notify_and_dispatch_ahead``,
         which calls ``on_queued`` then); the other paths never call ``on_queued``."""
         self.last_dispatch_ahead = False
         if num_worst_tokens == 0 and self._direct_enabled(src_tags):
-            done = self._notify_and_dispatch_ahead(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
-                                                   num_tokens_per_rank, num_tokens_per_expert, num_experts,
-                                                   expert_alignment, num_sms, stream, on_queued)
+            done = self._notify_and_dispatch_ahead(payload, routing, num_sms, stream, on_queued)
             if done is not None:
                 self.last_dispatch_ahead = True
                 return done
-        send_pos, recv_info, info = self.notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                                num_experts, expert_alignment, wait=num_worst_tokens == 0,
-                                                stream=stream)
+        is_token_in_rank, num_experts = routing.is_token_in_rank, routing.num_experts
+        send_pos, recv_info, info = self.notify(is_token_in_rank, routing.num_tokens_per_rank,
+                                                routing.num_tokens_per_expert, num_experts, routing.expert_alignment,
+                                                wait=num_worst_tokens == 0, stream=stream)
         r = self.num_ranks
         if info is None:
             num_rows, num_recv, per_expert = num_worst_tokens, -1, []
         else:
             num_rows = num_recv = int(info[r])
             per_expert = info[2 * r + 1:].tolist()
-        recv_x, recv_scales, recv_idx, recv_w, recv_src = self.dispatch(
-            x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos, recv_info, num_rows, num_experts,
-            num_worst_tokens, None, num_sms, stream, src_tags=src_tags)
-        handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
+        out = self.dispatch(payload, DataPlan(is_token_in_rank, send_pos, recv_info, num_rows, num_experts,
+                                              num_worst_tokens), num_sms, stream, src_tags=src_tags)
+        x = payload.x
+        handle = IntranodeHandle(is_token_in_rank, send_pos, recv_info, out.recv_src_idx, int(x.shape[0]), num_rows,
                                  num_recv, num_worst_tokens, num_experts, int(x.shape[1]))
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert, handle
+        return FreshDispatch(out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, per_expert,
+                             handle)
 
     def cached_dispatch(self, x, x_scales, handle: IntranodeHandle, num_sms: int, stream, src_tags=None) -> tuple:
         """A dispatch of other data with ``handle``'s routing (no notify, no host wait) on ``stream``:
         (recv_x, recv_scales)."""
-        recv_x, recv_scales, _, _, _ = self.dispatch(
-            x, x_scales, None, None, handle.is_token_in_rank, handle.send_pos, handle.recv_info, handle.num_rows,
-            handle.num_experts, handle.num_worst_tokens, handle.recv_src_idx, num_sms, stream, src_tags=src_tags)
-        return recv_x, recv_scales
+        out = self.dispatch(DispatchPayload(x, x_scales), handle.data_plan(), num_sms, stream, src_tags=src_tags)
+        return out.recv_x, out.recv_x_scales
 
     def check_dispatch(self, x, x_scales, topk_idx, num_experts: int, handle) -> None:
         """Before any launch: this rank's rows fit the staging (the dispatch interface shared with

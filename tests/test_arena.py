@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deepep_cupy.arena import ReceiveArena
+from deepep_cupy.dispatch_args import DispatchPayload, DispatchRouting
 from deepep_cupy.intranode import IntranodeKernels, SymmetricLayout, arena_row_bytes, dispatch_row_bytes, size_hint
 
 
@@ -179,7 +180,8 @@ def test_failed_fresh_dispatch_parks_its_blocks(fail_in):
     x, idx = np.zeros((16, 32), np.uint16), np.zeros((16, 4), np.int64)
     expected = {"poll": DeepEPTimeout, "on_queued": KeyboardInterrupt, "overrun": DeepEPError}[fail_in]
     with pytest.raises(expected, match="more than the" if fail_in == "overrun" else None):
-        IntranodeKernels._notify_and_dispatch_ahead(self, x, None, idx, None, None, None, None, 8, 1, 24, None,
+        IntranodeKernels._notify_and_dispatch_ahead(self, DispatchPayload(x, None, idx, None),
+                                                    DispatchRouting(None, None, None, 8, 1), 24, None,
                                                     on_queued=on_queued)
     gc.collect()
     taken = sum(b.nbytes for b in self._parked_blocks)
@@ -205,7 +207,7 @@ def test_fresh_dispatch_makes_its_arrays_after_the_poll():
     x, scales = np.zeros((16, 256), np.uint8), np.zeros((16, 2), np.float32)
     idx, w = np.zeros((16, 4), np.int64), np.zeros((16, 4), np.float32)
     recv_x, recv_s, recv_i, recv_w, per_expert, handle = IntranodeKernels._notify_and_dispatch_ahead(
-        self, x, scales, idx, w, "in_rank", None, None, 4, 1, 24, None)
+        self, DispatchPayload(x, scales, idx, w), DispatchRouting("in_rank", None, None, 4, 1), 24, None)
     capacity = 16 + 32                     # own tokens + one staging slot from the peer
     assert [v[0] for v in (recv_x, recv_s, recv_i, recv_w)] == [(num_rows, 256), (num_rows, 2), (num_rows, 4),
                                                                 (num_rows, 4)]
@@ -236,5 +238,5 @@ def _fake_intranode(arena, launch_notify, launched):
     self.check_dispatch_capacity = lambda *a: (64, 32)
     self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
     self._launch_notify = launch_notify
-    self._launch_direct = lambda *a, **k: launched.append(a[6])
+    self._launch_direct = lambda *a, **k: launched.append(a[2])   # (payload, plan, outputs, ...)
     return self

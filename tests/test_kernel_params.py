@@ -12,6 +12,7 @@ import pytest
 
 from deepep_cupy import intranode, low_latency
 from deepep_cupy.config import settings
+from deepep_cupy.dispatch_args import DataPlan, DispatchPayload
 from deepep_cupy.errors import DeepEPInvalid
 from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
                                    IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
@@ -257,8 +258,9 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
     send_pos, recv_info = FakeArray((T, 4), np.int32), FakeArray(2 * 4 + 1 + 64, np.int32)
     recv_x, recv_w, recv_src = FakeArray((T, H), np.uint16), FakeArray((T, K), np.float32), FakeArray(T, np.int32)
     outputs = (recv_x, 0x80, None, recv_w, recv_src)          # arrays, a raw address, None
-    kernels._launch_direct(x, scales, idx, w, send_pos, recv_info, outputs, True, 256, -1, 24,
-                           contextlib.nullcontext(), row_bytes=14592, slot_rows=4096, bump_seq=True)
+    kernels._launch_direct(DispatchPayload(x, scales, idx, w), DataPlan(None, send_pos, recv_info, T, 256, -1),
+                           outputs, True, 24, contextlib.nullcontext(), row_bytes=14592, slot_rows=4096,
+                           bump_seq=True)
     bump, launch = kernels.module.launches
     assert bump[:4] == ("intranode_bump_seq", (1,), (1,), (kernels.seq,))
     assert launch[:3] == ("intranode_dispatch_direct", (24,), (512,))
@@ -284,7 +286,7 @@ def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
     T, H = 16, 2048
     x, send_pos, recv_info = FakeArray((T, H), np.uint8), FakeArray((T, 4), np.int32), FakeArray(9 + 64, np.int32)
     outputs = (FakeArray((T, H), np.uint8), None, None, None, None)
-    kernels._launch_direct(x, None, None, None, send_pos, recv_info, outputs, True, 256, 0, 8,
+    kernels._launch_direct(DispatchPayload(x), DataPlan(None, send_pos, recv_info, T, 256), outputs, True, 8,
                            contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     (launch,) = kernels.module.launches
     words = unpack(DIRECT_PARAMS, launch)
@@ -294,7 +296,7 @@ def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
     monkeypatch.setattr(settings, "intranode_copy", "bulk")
     kernels.module.launches.clear()
     with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected 'tma' or 'registers', got 'bulk'"):
-        kernels._launch_direct(x, None, None, None, send_pos, recv_info, outputs, True, 256, 0, 8,
+        kernels._launch_direct(DispatchPayload(x), DataPlan(None, send_pos, recv_info, T, 256), outputs, True, 8,
                                contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     assert kernels.module.launches == []
 
@@ -325,8 +327,9 @@ def test_staged_dispatch_launch_packs_staged_dispatch_params(kernels, cached):
     send_pos, recv_info = FakeArray((T, 4), np.int32), FakeArray(2 * 4 + 1 + E // 4, np.int32)
     src_idx = FakeArray(rows, np.int32) if cached else None
     tags = FakeArray(T, np.int32)
-    out = kernels.dispatch(x, scales, idx, w, FakeArray((T, 4), np.bool_), send_pos, recv_info, rows, E, 0,
-                           src_idx, 24, contextlib.nullcontext(), src_tags=tags)
+    out = kernels.dispatch(DispatchPayload(x, scales, idx, w),
+                           DataPlan(FakeArray((T, 4), np.bool_), send_pos, recv_info, rows, E, 0, src_idx), 24,
+                           contextlib.nullcontext(), src_tags=tags)
     recv_x, recv_scales, recv_idx, recv_w, recv_src = out
     launches = kernels.module.launches
     assert [name for name, *_ in launches] == (["intranode_bump_seq"] if cached else []) + ["intranode_dispatch"]
