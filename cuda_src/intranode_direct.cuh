@@ -249,6 +249,7 @@ struct SendTargets {
 // Chunk slots: chunk i of the block uses slot i % kTmaSlots; `ready` (table written), `count`
 // (roles done) and `freed` (published: the table may be rewritten) hand the slot around.
 constexpr int kTmaSlots = 4;
+static_assert(kChunk == kWarpSize, "the table warp takes a chunk's tokens a lane each");
 constexpr int kTmaLag = 2;           // rows a producer issues past a chunk before waiting for its writes
 constexpr int kTmaMaxProducers = 8;
 constexpr int kTmaMaxStages = 16;
@@ -364,8 +365,10 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
     for (int s = 0; s < stages; ++s) deepep::tma::init_barrier(bars + s);
     deepep::tma::fence_barrier_init();
     auto stage = [&](int k) { return ring + static_cast<long long>(k % stages) * row_bytes; };
+    int loaded = 0;   // rows whose bulk load was issued: [0, loaded)
     auto issue_load = [&](int k) {
         deepep::tma::load(stage(k), p.x + static_cast<long long>(token_of(k)) * row_bytes, row_bytes, bars + k % stages);
+        loaded = k + 1;
     };
     for (int k = 0; k < min(stages, n); ++k) issue_load(k);
     int signalled = 0;   // local chunks counted done so far
@@ -373,6 +376,9 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
     for (int k = 0; k < n && ok; ++k) {
         const int i = k / per_chunk, slot = i % kTmaSlots, l = w + (k % per_chunk) * P;
         if (k % per_chunk == 0 && !wait_block_geq(&sh.ready[slot], i + 1, p, to.rank)) {
+            // the loads in flight still write the ring and its barriers: let them land before the
+            // block may retire (they read this rank's own x, so they complete)
+            for (int kk = k; kk < loaded; ++kk) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
             ok = false;
             break;
         }

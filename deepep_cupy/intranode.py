@@ -515,6 +515,8 @@ class IntranodeKernels:
         plan = (0, 0, 0)
         if settings.intranode_copy == "tma":
             producers, stages = tma_plan(hidden_bytes, self._tma_smem_limit())
+            # the kernel's roles: producers divide a chunk's 32 tokens; rings of 2 .. 16 rows
+            assert producers == 0 or (CHUNK_TOKENS % producers == 0 and 2 <= stages <= TMA_MAX_STAGES), plan
             plan = (producers, stages, producers * stages * hidden_bytes)
             self._allow_dynamic_smem(plan[2])
         self._copy_plans[key] = plan

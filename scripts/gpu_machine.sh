@@ -41,11 +41,12 @@ tier_file_summary() {
   done
 }
 
-# Succeeds when every given pytest log ends its run with pytest's final summary line: a launch that
-# the time limit killed during the MPI shutdown still finished every test.
+# Succeeds when there is a log for each of NUM_RANKS ranks and every one ends its run with pytest's
+# final summary line: a launch that the time limit killed during the MPI shutdown still finished
+# every test.
 all_ranks_finished() {
   local log
-  [ "$#" -gt 0 ] || return 1
+  [ "$#" -gt 0 ] && [ "$#" -eq "${NUM_RANKS:-$#}" ] || return 1
   for log in "$@"; do
     grep -qE '^=+ .*[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s' "$log" 2>/dev/null || return 1
   done

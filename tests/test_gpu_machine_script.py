@@ -2,6 +2,7 @@
 file and rank from each rank's ``pytest -v`` log, also for a log cut off by the time limit (no
 final summary line), which is what a device call that runs out of time leaves."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -76,5 +77,15 @@ def test_all_ranks_finished_tells_a_cut_run_from_a_slow_shutdown(tmp_path, logs,
         (tmp_path / name).write_text(text)
         paths.append(str(tmp_path / name))
     rc = subprocess.run(["bash", "-c", _function("all_ranks_finished") + '\nall_ranks_finished "$@"', "check"] + paths,
-                        capture_output=True, text=True).returncode
+                        capture_output=True, text=True, env={**os.environ, "NUM_RANKS": "2"}).returncode
     assert (rc == 0) is finished
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("grep") is None, reason="needs bash and grep")
+def test_all_ranks_finished_needs_a_log_for_every_rank(tmp_path):
+    """A rank that never wrote its log does not make a cut run read as finished."""
+    (tmp_path / "r0.log").write_text(COMPLETE)
+    run = lambda n: subprocess.run(   # noqa: E731
+        ["bash", "-c", _function("all_ranks_finished") + '\nall_ranks_finished "$@"', "check", str(tmp_path / "r0.log")],
+        capture_output=True, text=True, env={**os.environ, "NUM_RANKS": n}).returncode
+    assert run("2") != 0 and run("1") == 0

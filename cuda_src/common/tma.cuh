@@ -15,7 +15,12 @@ DEEPEP_DEVICE unsigned int smem_u32(const void* p) { return static_cast<unsigned
 DEEPEP_DEVICE void init_barrier(uint64_t* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }
-DEEPEP_DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// After init_barrier: the initialised barriers visible to the rest of the cluster and to the async
+// proxy (the bulk copies' complete_tx), as the CUDA programming guide's TMA example does.
+DEEPEP_DEVICE void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
 
 // Bulk-load `bytes` from global `src` into shared `dst`; `bar`'s current phase completes when they landed.
 DEEPEP_DEVICE void load(void* dst, const void* src, int bytes, uint64_t* bar) {
