@@ -278,15 +278,9 @@ DEEPEP_DEVICE void add_release_cta(int* ptr, int v) {
 // Wait until *ptr >= v, written by other warps of this block. They depend only on this block's own
 // progress, so a timeout here means a bug (or a bulk copy that never completes): an error, not a hang.
 DEEPEP_DEVICE bool wait_block_geq(const int* ptr, int v, const DirectDispatchParams& p, int rank) {
-    if (ld_acquire_cta(ptr) >= v) return true;
-    const uint64_t start = deepep::global_timer_ns();
-    while (ld_acquire_cta(ptr) < v) {
-        if (deepep::global_timer_ns() - start > p.timeout_ns) {
-            deepep::record_error(p.err, deepep::kTimeout, kPhaseDirectSend, rank, rank);
-            return false;
-        }
-    }
-    return true;
+    if (ld_acquire_cta(ptr) >= v) return true;   // (the common case: no clock read)
+    return deepep::wait_until([&] { return ld_acquire_cta(ptr) >= v; }, p.timeout_ns, p.err, kPhaseDirectSend,
+                              rank, rank);
 }
 
 // Chunks of this block: local chunk i is global chunk blockIdx.x + i * gridDim.x.

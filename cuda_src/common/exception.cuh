@@ -31,18 +31,24 @@ DEEPEP_DEVICE void record_error(ErrorRecord* rec, int code, int phase, int peer,
     }
 }
 
-// Spin until *flag >= expected (acquire, system scope) or the deadline passes.
-// Returns true on success; on timeout records the error and returns false.
-DEEPEP_DEVICE bool wait_geq(const uint64_t* flag, uint64_t expected, uint64_t timeout_ns,
-                            ErrorRecord* rec, int phase, int peer, int rank) {
+// Spin until ready() holds or the deadline passes. Returns true on success; on timeout records the
+// error and returns false. Every bounded wait of the kernels is this loop over its own condition.
+template <typename Ready>
+DEEPEP_DEVICE bool wait_until(Ready ready, uint64_t timeout_ns, ErrorRecord* rec, int phase, int peer, int rank) {
     const uint64_t start = global_timer_ns();
-    while (ld_acquire_sys(flag) < expected) {
+    while (!ready()) {
         if (global_timer_ns() - start > timeout_ns) {
             record_error(rec, kTimeout, phase, peer, rank);
             return false;
         }
     }
     return true;
+}
+
+// Spin until *flag >= expected (acquire, system scope) or the deadline passes (see wait_until).
+DEEPEP_DEVICE bool wait_geq(const uint64_t* flag, uint64_t expected, uint64_t timeout_ns,
+                            ErrorRecord* rec, int phase, int peer, int rank) {
+    return wait_until([&] { return ld_acquire_sys(flag) >= expected; }, timeout_ns, rec, phase, peer, rank);
 }
 
 }  // namespace deepep
