@@ -65,6 +65,13 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pul
     return (tokens_sent + own_rows + sent_remote) * row_bytes
 
 
+def use_dispatch_kernel(settings, kind: str) -> None:
+    """Select a --dispatch-kernels entry: "direct", "direct-tma" (the direct kernel with TMA bulk
+    copies, settings.intranode_copy) or "staged"."""
+    settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
+    settings.intranode_copy = "tma" if kind == "direct-tma" else "registers"
+
+
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
     """Rows of one rank's tokens that cross between nodes (host side, numpy): for each token, the
     number of nodes other than ``node`` holding at least one of its experts (``topk`` int [T, K],
@@ -197,9 +204,7 @@ def main():
         results = {}
         kinds = ["direct"] if internode else args.dispatch_kernels.split(",")
         for kind in kinds:
-            # "direct-tma": the direct kernel with TMA bulk copies (settings.intranode_copy)
-            ep.settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
-            ep.settings.intranode_copy = "tma" if kind == "direct-tma" else "registers"
+            use_dispatch_kernel(ep.settings, kind)
             suffix = "" if kind == kinds[0] else f"[{kind}]"
             say(f"  num_sms={sms}, {kind} dispatch: timing ...")
             handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
@@ -216,8 +221,7 @@ def main():
                 if track:   # (`after` also runs after the warm-ups: count the timed calls only)
                     timed = ahead[-args.iters:]
                     say(f"    {name}: data kernel queued before the poll in {sum(timed)} of {len(timed)} timed calls")
-        ep.settings.intranode_dispatch = "direct" if kinds[0].startswith("direct") else kinds[0]
-        ep.settings.intranode_copy = "tma" if kinds[0] == "direct-tma" else "registers"
+        use_dispatch_kernel(ep.settings, kinds[0])
         handle_box[0] = buf.dispatch(xs[0], topk_idx=idx, topk_weights=weights, config=cfg, **layout)[4]
         recv_x = buf.dispatch(xs[0], handle=handle_box[0], config=cfg)[0]
         host_times["combine_bf16"] = []

@@ -48,6 +48,16 @@ def test_every_kernel_compiles_for_sm90(spec, route):
             assert res["stack_bytes"] == 0, (name, res)
 
 
+def _script(name):
+    """scripts/<name>.py loaded as a module (the scripts are not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script,names", [
     ("bench_nvlink_write", ("probe_stores", "probe_tma")),
     ("bench_copy_paths", ("scatter_regs16", "scatter_regs16_pf", "scatter_regs8", "scatter_regs16_flat", "scatter_tma")),
@@ -55,11 +65,7 @@ def test_every_kernel_compiles_for_sm90(spec, route):
 def test_probe_kernels_compile_for_sm90(cache, script, names):
     """The probe scripts' kernels (NVLink stores vs TMA; the dispatch's row scatter with register
     copies vs TMA rings) build for sm_90 with no stack or spills."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{script}.py"
-    module_spec = importlib.util.spec_from_file_location(script, path)
-    probe = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(probe)
+    probe = _script(script)
     compiled = jit.build(probe.probe_spec(), jit.JitOptions(arch="sm_90", route="nvrtc"))
     blob = Path(compiled.cubin_path).read_bytes()
     for name in names:
@@ -71,11 +77,7 @@ def test_probe_kernels_compile_for_sm90(cache, script, names):
 def test_copy_probe_tma_variants_fit_shared_memory():
     """bench_copy_paths' TMA rings: every (producers, stages) fits the opt-in shared memory, with a
     ring of at least two rows (the ring refills one row behind)."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_copy_paths.py"
-    module_spec = importlib.util.spec_from_file_location("bench_copy_paths", path)
-    probe = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(probe)
+    probe = _script("bench_copy_paths")
     assert probe.tma_variants(14336) == [(1, 15), (2, 8), (4, 4), (8, 2)]
     for row in (14336, 7168, 2048):
         for producers, stages in probe.tma_variants(row):
