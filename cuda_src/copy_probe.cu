@@ -18,13 +18,10 @@ constexpr int kChunk = 32;   // rows per chunk; chunk c belongs to block c % gri
 
 template <bool kPrefetch>
 DEEPEP_DEVICE int4 load_16(const int4* p) {
+    if (!kPrefetch) return deepep::ld_nc_16(p);   // the dispatch's load
     int4 v;
-    if (kPrefetch)
-        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else
-        asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 

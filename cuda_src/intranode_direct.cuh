@@ -72,13 +72,7 @@ struct DirectDispatchParams {
 };
 DEEPEP_PARAMS_CHECK(DirectDispatchParams, 30);
 
-// 16-byte load of input data the kernel never writes (no L1 allocation: each byte is read once)
-DEEPEP_DEVICE int4 ld_nc_16(const int4* p) {
-    int4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+using deepep::ld_nc_16;   // common/utils.cuh
 
 // One warp copies `n16` 16-byte words from `src` to every non-null dst[j]: each load once, all
 // kCopyUnroll loads of a lane in flight before their stores.

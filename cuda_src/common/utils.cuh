@@ -26,6 +26,14 @@ DEEPEP_DEVICE uint64_t global_timer_ns() {
     return t;
 }
 
+// 16-byte load of input data the kernel never writes (no L1 allocation: each byte is read once).
+DEEPEP_DEVICE int4 ld_nc_16(const int4* p) {
+    int4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 DEEPEP_DEVICE uint64_t ld_acquire_sys(const uint64_t* p) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
