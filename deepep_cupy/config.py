@@ -133,6 +133,12 @@ class Settings:
     intranode_copy: str = dataclasses.field(
         default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_COPY", "registers"))
 
+    @property
+    def timeout_ns(self) -> int:
+        """``timeout_seconds`` as the kernels' uint64 nanosecond deadline, saturated (a timeout past
+        2^64 ns is a wait without end, not a value the parameter packer must refuse)."""
+        return min(int(self.timeout_seconds * 1e9), (1 << 64) - 1)
+
 
 settings = Settings()
 

@@ -393,7 +393,7 @@ class IntranodeKernels:
         """The fields every parameter struct of this module takes: the team, its layout, the
         operation's seq, the error record, the timeout and this rank."""
         return dict(peer_bases=self.peer_bases, team_pes=self.team_pes, layout=self.layout_struct, seq=self.seq,
-                    err=self.errors.ptr, timeout_ns=int(settings.timeout_seconds * 1e9), rank=self.rank)
+                    err=self.errors.ptr, timeout_ns=settings.timeout_ns, rank=self.rank)
 
     # ------------------------------------------------------------------------------------------
     def notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts: int,
@@ -548,7 +548,7 @@ class IntranodeKernels:
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
             recv_info=plan.recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
             recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
-            seq=self.seq, err=self.errors.ptr, timeout_ns=min(int(settings.timeout_seconds * 1e9), (1 << 64) - 1),
+            seq=self.seq, err=self.errors.ptr, timeout_ns=settings.timeout_ns,
             num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
             scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
             num_topk=0 if topk_idx is None else topk_idx.shape[1],

@@ -277,7 +277,7 @@ class LowLatencyKernels:
         timeout, the call's shape and this rank."""
         lay = self.layout
         return dict(region=self.region, layout=self.layout_struct, seq=seq, done=done, err=self.errors.ptr,
-                    timeout_ns=int(settings.timeout_seconds * 1e9), num_tokens=num_tokens, hidden=lay.hidden,
+                    timeout_ns=settings.timeout_ns, num_tokens=num_tokens, hidden=lay.hidden,
                     num_topk=num_topk, num_experts=lay.num_experts, use_fp8=use_fp8, round_scale=round_scale,
                     use_ue8m0=use_ue8m0, rank=self.rank)
 

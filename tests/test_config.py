@@ -186,3 +186,12 @@ def test_intranode_size_hint_counts_the_row_dtype():
     assert 1.9 * bf16 < f32 < 2.0 * bf16
     with pytest.raises(ValueError, match="dtype: .*got int8"):
         ep.Buffer.get_intranode_size_hint(4096, 7168, 2, dtype=np.int8)
+
+
+def test_timeout_ns_is_the_kernels_saturated_deadline(monkeypatch):
+    """settings.timeout_ns: what every launch packs as its uint64 deadline; a timeout past 2^64 ns
+    saturates instead of failing the parameter packer."""
+    monkeypatch.setattr(settings, "timeout_seconds", 2.5)
+    assert settings.timeout_ns == 2_500_000_000
+    monkeypatch.setattr(settings, "timeout_seconds", 1e12)
+    assert settings.timeout_ns == (1 << 64) - 1
