@@ -542,14 +542,15 @@ class IntranodeKernels:
         num_worst_tokens."""
         x, x_scales, topk_idx, topk_weights = payload
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
-        producers, stages, smem = self._copy_plan(x.shape[1] * x.itemsize)
+        hidden_bytes = x.shape[1] * x.itemsize
+        producers, stages, smem = self._copy_plan(hidden_bytes)
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
             recv_info=plan.recv_info, recv_x=recv_x, recv_x_scales=recv_scales, recv_topk_idx=recv_idx,
             recv_topk_weights=recv_w, recv_src_idx=recv_src, peer_bases=self.peer_bases, layout=self.layout_struct,
             seq=self.seq, err=self.errors.ptr, timeout_ns=settings.timeout_ns,
-            num_tokens=x.shape[0], hidden_bytes=x.shape[1] * x.itemsize,
+            num_tokens=x.shape[0], hidden_bytes=hidden_bytes,
             scale_bytes=0 if x_scales is None else x_scales.shape[1] * 4,
             num_topk=0 if topk_idx is None else topk_idx.shape[1],
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
