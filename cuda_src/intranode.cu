@@ -200,6 +200,25 @@ struct Team {
     const int* pes;   // global PE of each team member (puts only)
 };
 
+// The team fields every parameter struct of this file ends with (intranode.py _TEAM_FIELDS), as the
+// kernels use them; a kernel takes them with
+//     const auto [rank, timeout_ns, err, peers, team, layout, seq] = TeamArgs::of(p);
+struct TeamArgs {
+    int rank;
+    uint64_t timeout_ns;
+    deepep::ErrorRecord* err;
+    PeerBases peers;
+    Team team;
+    Layout layout;
+    uint64_t seq;   // this operation's, read once at kernel start
+
+    template <typename Params>
+    DEEPEP_DEVICE static TeamArgs of(const Params& p) {
+        return {static_cast<int>(p.rank), p.timeout_ns, p.err, PeerBases{reinterpret_cast<uint8_t* const*>(p.peer_bases)},
+                Team{p.team_pes}, *p.layout, *reinterpret_cast<const volatile uint64_t*>(p.seq)};
+    }
+};
+
 DEEPEP_DEVICE void remote_store_i32(const Team& team, int j, int* dst, int v) {
 #if DEEPEP_INTRANODE_PUTS
     put_i32(dst, v, team.pes[j]);
@@ -279,13 +298,7 @@ intranode_notify(const NotifyParams p) {
     const int num_tokens = static_cast<int>(p.num_tokens);
     const int num_local_experts = static_cast<int>(p.num_local_experts);
     const int expert_alignment = static_cast<int>(p.expert_alignment);
-    const int rank = static_cast<int>(p.rank);
-    const uint64_t timeout_ns = p.timeout_ns;
-    deepep::ErrorRecord* const err = p.err;
-    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
-    const Team team{p.team_pes};
-    const Layout layout = *p.layout;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
+    const auto [rank, timeout_ns, err, peers, team, layout, seq] = TeamArgs::of(p);
     const int j = blockIdx.x;
     __shared__ int warp_sums[32];
     __shared__ int carry;
@@ -436,13 +449,7 @@ intranode_dispatch(const StagedDispatchParams p) {
     const int num_local_experts = static_cast<int>(p.num_local_experts);
     const int row_bytes = static_cast<int>(p.row_bytes), slot_rows = static_cast<int>(p.slot_rows);
     const int num_worst_tokens = static_cast<int>(p.num_worst_tokens);
-    const int rank = static_cast<int>(p.rank);
-    const uint64_t timeout_ns = p.timeout_ns;
-    deepep::ErrorRecord* const err = p.err;
-    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
-    const Team team{p.team_pes};
-    const Layout layout = *p.layout;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
+    const auto [rank, timeout_ns, err, peers, team, layout, seq] = TeamArgs::of(p);
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     const int num_warps = blockDim.x / kWarpSize;
     // explicit flags: an empty array's pointer is NULL on a rank with no tokens, yet that rank
@@ -1052,13 +1059,7 @@ DEEPEP_DEVICE void combine_entry(const CombineParams& p) {
     const int num_topk = static_cast<int>(p.num_topk), with_weights_flag = static_cast<int>(p.with_weights);
     const int row_bytes = static_cast<int>(p.row_bytes), slot_rows = static_cast<int>(p.slot_rows);
     const int pull = static_cast<int>(p.pull);
-    const int rank = static_cast<int>(p.rank);
-    const uint64_t timeout_ns = p.timeout_ns;
-    deepep::ErrorRecord* const err = p.err;
-    const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
-    const Team team{p.team_pes};
-    const Layout layout = *p.layout;
-    const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
+    const auto [rank, timeout_ns, err, peers, team, layout, seq] = TeamArgs::of(p);
     __shared__ CombinePeer s_peer[kNumRanks];
     const int hidden_bytes = hidden * (kBf16 ? 2 : 4);
     combine_own_entry(s_peer, x, topk_weights, recv_offsets, hidden_bytes, num_topk, with_weights_flag, rank);
