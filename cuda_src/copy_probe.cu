@@ -96,11 +96,19 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
     // dispatch's split with chunks of `chunked` rows: chunk c to block c % gridDim.x, its rows w, w + P,
     // ... to producer w (chunked a multiple of the producer count)
     const int g = blockIdx.x * producers + warp, G = gridDim.x * producers;
-    const int chunk = chunked > 0 ? chunked : kChunk;
+    const int chunk = chunked > 0 ? chunked : kChunk;   // (unused by the flat modes)
     const int per_chunk = chunk / producers;
     const int num_chunks = (num_rows + chunk - 1) / chunk;
     const int block_chunks = num_chunks > static_cast<int>(blockIdx.x) ? (num_chunks - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
     int n = num_rows > g ? (num_rows - g + G - 1) / G : 0;   // rows of this producer
+    // chunked == -1: block b owns rows [b T / grid, (b+1) T / grid) (balanced, contiguous), its producers
+    // take every P-th of them; chunked == -2: producer g owns rows [g T / G, (g+1) T / G)
+    const int lo = chunked == -1 ? static_cast<int>(static_cast<long long>(blockIdx.x) * num_rows / gridDim.x)
+                                 : static_cast<int>(static_cast<long long>(g) * num_rows / G);
+    const int hi = chunked == -1 ? static_cast<int>(static_cast<long long>(blockIdx.x + 1) * num_rows / gridDim.x)
+                                 : static_cast<int>(static_cast<long long>(g + 1) * num_rows / G);
+    if (chunked == -1) n = hi - lo > warp ? (hi - lo - warp + producers - 1) / producers : 0;
+    if (chunked == -2) n = hi - lo;
     if (chunked > 0) {
         n = 0;
         for (int k = 0; k < block_chunks * per_chunk; ++k) {
@@ -108,7 +116,9 @@ scatter_tma(const uint8_t* x, uint8_t* dst0, uint8_t* dst1, const int* perm, int
             if (t < num_rows) n = k + 1;
         }
     }
-    auto row_of = [&](int k) {
+    auto row_of = [&](int k) -> int {
+        if (chunked == -1) return lo + warp + k * producers;
+        if (chunked == -2) return lo + k;
         return chunked > 0 ? (blockIdx.x + (k / per_chunk) * gridDim.x) * chunk + warp + (k % per_chunk) * producers
                            : g + k * G;
     };

@@ -69,8 +69,9 @@ struct DirectDispatchParams {
     long long direct;                 // 1: outputs in this rank's arena (mode 1), 0: mode 2
     long long tma_producers;          // > 0: rows move by TMA bulk copies, this many producer warps a block
     long long tma_stages;             //   each with a ring of this many rows of dynamic shared memory
+    unsigned long long* chunk_counters;  // TMA path: [max_chunks] arrivals at chunks several blocks write
 };
-DEEPEP_PARAMS_CHECK(DirectDispatchParams, 30);
+DEEPEP_PARAMS_CHECK(DirectDispatchParams, 31);
 
 using deepep::ld_nc_16;   // common/utils.cuh
 
@@ -277,16 +278,54 @@ DEEPEP_DEVICE bool wait_block_geq(const int* ptr, int v, const DirectDispatchPar
                               rank, rank);
 }
 
-// Chunks of this block: local chunk i is global chunk blockIdx.x + i * gridDim.x.
+// The TMA path's split: block b sends tokens [b T / G, (b+1) T / G) (G blocks), so blocks differ by at
+// most one token (whole chunks per block left some blocks a chunk more: at DeepEP's shape 6 chunks
+// against 5, and the bulk-copy unit runs at the slowest block's pace). The range is cut at the global
+// chunk boundaries: local chunk i is global chunk chunk(i). A chunk the range does not hold whole is
+// shared with the neighbouring blocks; its flag goes up when the last of them arrives
+// (arrive_shared_chunk).
 struct BlockChunks {
-    int num_tokens;
-    DEEPEP_DEVICE int count() const {
-        const int chunks = (num_tokens + kChunk - 1) / kChunk;
-        return chunks > static_cast<int>(blockIdx.x) ? (chunks - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    int num_tokens, lo, hi;
+    DEEPEP_DEVICE static BlockChunks of(int num_tokens) {
+        const long long t = num_tokens;
+        return {num_tokens, static_cast<int>(t * blockIdx.x / gridDim.x),
+                static_cast<int>(t * (blockIdx.x + 1) / gridDim.x)};
     }
-    DEEPEP_DEVICE int first_token(int i) const { return (blockIdx.x + i * gridDim.x) * kChunk; }
-    DEEPEP_DEVICE int end_token(int i) const { return min(num_tokens, first_token(i) + kChunk); }
+    DEEPEP_DEVICE int count() const { return hi > lo ? (hi - 1) / kChunk - lo / kChunk + 1 : 0; }
+    DEEPEP_DEVICE int chunk(int i) const { return lo / kChunk + i; }
+    DEEPEP_DEVICE int first_token(int i) const { return max(lo, chunk(i) * kChunk); }
+    DEEPEP_DEVICE int end_token(int i) const { return min(hi, (chunk(i) + 1) * kChunk); }
+    // the whole global chunk: [chunk_first, chunk_end)
+    DEEPEP_DEVICE int chunk_first(int i) const { return chunk(i) * kChunk; }
+    DEEPEP_DEVICE int chunk_end(int i) const { return min(num_tokens, (chunk(i) + 1) * kChunk); }
+    DEEPEP_DEVICE bool whole(int i) const { return first_token(i) == chunk_first(i) && end_token(i) == chunk_end(i); }
+    // The block whose range holds token t: the largest b with b T / G <= t.
+    DEEPEP_DEVICE int block_of(int t) const {
+        return static_cast<int>((static_cast<long long>(t + 1) * gridDim.x - 1) / num_tokens);
+    }
+    // One warp: how many blocks hold tokens of local chunk i (a lane per token; empty ranges hold none).
+    DEEPEP_DEVICE int writers(int i, int lane) const {
+        const int t = chunk_first(i) + lane;
+        const bool starts = t < chunk_end(i) && (lane == 0 || block_of(t) != block_of(t - 1));
+        return __popc(__ballot_sync(0xffffffffu, starts));
+    }
 };
+
+// One thread of each block writing part of a shared chunk, after a system fence that orders the
+// block's writes of it before: counts the arrival; true in the last of `writers`, which publishes.
+// The counter's high word tags it with the operation (low 32 bits of seq), so a count left by an
+// earlier operation (one that gave up part-way) reads as zero and nothing needs resetting. Lock-free:
+// each failed compare-and-swap means another block arrived, so it loops at most `writers` times.
+DEEPEP_DEVICE bool arrive_shared_chunk(unsigned long long* counter, uint64_t seq, int writers) {
+    const unsigned long long tag = static_cast<unsigned long long>(static_cast<uint32_t>(seq)) << 32;
+    unsigned long long old = *reinterpret_cast<volatile unsigned long long*>(counter);
+    for (;;) {
+        const unsigned long long count = (old & ~0xffffffffull) == tag ? (old & 0xffffffffull) : 0;
+        const unsigned long long prev = atomicCAS(counter, old, tag | (count + 1));
+        if (prev == old) return static_cast<int>(count + 1) == writers;
+        old = prev;
+    }
+}
 
 DEEPEP_DEVICE void tma_table_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, int lane) {
     for (int i = 0; i < bc.count(); ++i) {
@@ -325,8 +364,19 @@ DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, 
     for (int i = 0; i < bc.count(); ++i) {
         const int slot = i % kTmaSlots;
         if (!wait_block_geq(&sh.count[slot], expected, to.p, to.rank)) return;
+        bool publish = bc.whole(i);
+        if (!publish) {   // a shared chunk: the last block to arrive publishes it
+            const int writers = bc.writers(i, lane);
+            if (lane == 0) {
+                __threadfence_system();   // this block's part (acquired from its roles) before the count
+                publish = arrive_shared_chunk(to.p.chunk_counters + bc.chunk(i), seq, writers);
+                if (publish) __threadfence_system();   // the other blocks' parts before the flag
+            }
+            publish = __shfl_sync(0xffffffffu, publish, 0);
+        }
         const int j = lane;
-        if (j < kNumRanks && j != to.rank) to.publish(j, blockIdx.x + i * gridDim.x, bc.first_token(i), bc.end_token(i), seq);
+        if (publish && j < kNumRanks && j != to.rank)
+            to.publish(j, bc.chunk(i), bc.chunk_first(i), bc.chunk_end(i), seq);
         __syncwarp();
         if (lane == 0) {
             sh.count[slot] = 0;
@@ -335,20 +385,26 @@ DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, 
     }
 }
 
-// Lane 0 of producer warp `w` of `P`: rows w, w + P, ... of each of the block's chunks, in order.
+// Lane 0 of producer warp `w` of `P`: rows w, w + P, ... of each of the block's local chunks, in order.
+// Only the first and the last local chunk can be partial, so the producer's rows are n_first of
+// chunk 0, then kChunk / P of each middle chunk, then those of the last.
 DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, uint8_t* ring,
                                      int w, int P, int stages) {
     const DirectDispatchParams& p = to.p;
     const int row_bytes = static_cast<int>(p.hidden_bytes);
     const int per_chunk = kChunk / P;   // P divides kChunk (the host picks 1, 2, 4 or 8)
     const int block_chunks = bc.count();
-    int n = 0;                          // rows of this producer: full chunks, then the last one
-    if (block_chunks > 0) {
-        const int last = bc.end_token(block_chunks - 1) - bc.first_token(block_chunks - 1);
-        n = (block_chunks - 1) * per_chunk + max(0, (last - w + P - 1) / P);
-    }
-    auto token_of = [&](int k) { return bc.first_token(k / per_chunk) + w + (k % per_chunk) * P; };
-    auto last_row_of = [&](int i) { return min((i + 1) * per_chunk, n) - 1; };
+    auto rows_in = [&](int i) {
+        const int len = bc.end_token(i) - bc.first_token(i);
+        return len > w ? (len - w + P - 1) / P : 0;
+    };
+    const int n_first = block_chunks > 0 ? rows_in(0) : 0;
+    const int n = block_chunks > 1 ? n_first + (block_chunks - 2) * per_chunk + rows_in(block_chunks - 1) : n_first;
+    auto chunk_of = [&](int k) { return k < n_first ? 0 : 1 + (k - n_first) / per_chunk; };
+    // row k's token, as its index in its chunk's table
+    auto index_of = [&](int k) { return w + (k < n_first ? k : (k - n_first) % per_chunk) * P; };
+    auto token_of = [&](int k) { return bc.first_token(chunk_of(k)) + index_of(k); };
+    auto rows_through = [&](int i) { return i == 0 ? n_first : min(n, n_first + i * per_chunk); };   // rows of chunks <= i
     uint64_t* bars = sh.bars[w];
     for (int s = 0; s < stages; ++s) deepep::tma::init_barrier(bars + s);
     deepep::tma::fence_barrier_init();
@@ -358,18 +414,22 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
         deepep::tma::load(stage(k), p.x + static_cast<long long>(token_of(k)) * row_bytes, row_bytes, bars + k % stages);
         loaded = k + 1;
     };
+    // wait until chunk i's table is written; on a timeout let the loads in flight land first (they
+    // write the ring and its barriers, and read this rank's own x, so they complete)
+    auto wait_ready = [&](int i) {
+        if (wait_block_geq(&sh.ready[i % kTmaSlots], i + 1, p, to.rank)) return true;
+        for (int kk = 0; kk < loaded; ++kk)
+            if (kk + stages >= loaded) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
+        deepep::tma::wait_done<0>();
+        return false;
+    };
     for (int k = 0; k < min(stages, n); ++k) issue_load(k);
     int signalled = 0;   // local chunks counted done so far
-    bool ok = true;
-    for (int k = 0; k < n && ok; ++k) {
-        const int i = k / per_chunk, slot = i % kTmaSlots, l = w + (k % per_chunk) * P;
-        if (k % per_chunk == 0 && !wait_block_geq(&sh.ready[slot], i + 1, p, to.rank)) {
-            // the loads in flight still write the ring and its barriers: let them land before the
-            // block may retire (they read this rank's own x, so they complete)
-            for (int kk = k; kk < loaded; ++kk) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
-            ok = false;
-            break;
-        }
+    int waited = -1;     // the last chunk whose table this producer waited for
+    for (int k = 0; k < n; ++k) {
+        const int i = chunk_of(k), slot = i % kTmaSlots, l = index_of(k);
+        for (; waited < i; ++waited)   // (with a chunk before it that has no rows of this producer)
+            if (!wait_ready(waited + 1)) return;
         deepep::tma::wait_barrier(bars + k % stages, (k / stages) & 1);
 #pragma unroll
         for (int j = 0; j < kNumRanks; ++j) {
@@ -381,19 +441,21 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
             deepep::tma::wait_read<1>();
             issue_load(k - 1 + stages);
         }
-        while (signalled < block_chunks && last_row_of(signalled) <= k - kTmaLag) {
+        // chunks whose rows' bulk writes completed (all but the newest kTmaLag rows') are counted; a
+        // chunk's slot must be ready before its count (else it could land in the count of the chunk
+        // that used the slot before): every chunk up to `waited` is
+        while (signalled <= waited && rows_through(signalled) <= k + 1 - kTmaLag) {
             deepep::tma::wait_done<kTmaLag>();   // the chunk's bulk writes, ordered before the count
             add_release_cta(&sh.count[signalled % kTmaSlots], 1);
             ++signalled;
         }
     }
     deepep::tma::wait_done<0>();
-    // the rest, including a last chunk without rows of this producer (its slot must be ready first:
-    // counting it earlier could land in the count of the chunk that used the slot before)
-    for (; ok && signalled < block_chunks; ++signalled) {
-        const int slot = signalled % kTmaSlots;
-        if (!wait_block_geq(&sh.ready[slot], signalled + 1, p, to.rank)) break;
-        add_release_cta(&sh.count[slot], 1);
+    // the rest, including chunks without rows of this producer
+    for (; signalled < block_chunks; ++signalled) {
+        for (; waited < signalled; ++waited)
+            if (!wait_ready(waited + 1)) return;
+        add_release_cta(&sh.count[signalled % kTmaSlots], 1);
     }
 }
 
@@ -461,7 +523,10 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
     __shared__ DestInfo s_dest[kNumRanks];
     __shared__ bool s_ok;
     const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
-    if (static_cast<int>(blockIdx.x) < num_chunks) {
+    // (blocks with tokens to send: the TMA path splits them by range, the register path by chunk)
+    const BlockChunks bc = BlockChunks::of(num_tokens);
+    const int producers = static_cast<int>(p.tma_producers);
+    if (producers > 0 ? bc.count() > 0 : static_cast<int>(blockIdx.x) < num_chunks) {
         if (threadIdx.x == 0) s_ok = true;
         __syncthreads();
         if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
@@ -481,7 +546,6 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
         if (!s_ok) return;
     }
     const SendTargets to{p, s_dest, peers, layout, rank};
-    const int producers = static_cast<int>(p.tma_producers);
     if (producers > 0) {   // TMA path: roles (see "TMA send path" above)
         __shared__ TmaSendShared s_tma;
         extern __shared__ __align__(128) uint8_t s_ring[];
@@ -491,7 +555,6 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
             s_tma.freed[threadIdx.x] = 0;
         }
         __syncthreads();
-        const BlockChunks bc{num_tokens};
         const int stages = static_cast<int>(p.tma_stages);
         const int small_warps = num_warps - kTmaFixedWarps - producers;
         if (warp == 0) {

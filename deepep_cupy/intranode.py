@@ -282,7 +282,8 @@ DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "x", "x_scales", "topk_idx", "topk_weights", "send_pos", "recv_info", "recv_x", "recv_x_scales",
     "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
     "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
-    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct", "tma_producers", "tma_stages"))
+    "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct", "tma_producers", "tma_stages",
+    "chunk_counters"))
 DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
 # The team fields every struct below ends with (IntranodeKernels._team_fields fills them)
@@ -365,6 +366,8 @@ class IntranodeKernels:
         self.team_pes = cupy.asarray(np.array(self.team, dtype=np.int32))
         self.layout_struct = self.layout.device_struct()
         self.seq = cupy.zeros(1, dtype=np.uint64)
+        # the TMA send path's arrivals at chunks that several blocks write (tagged with seq: never reset)
+        self.chunk_counters = cupy.zeros(MAX_CHUNKS, dtype=np.uint64)
         self.module = jit.load(intranode_spec(self.num_ranks, self.puts), jit_options)
         if self.puts:
             rt.register_module(self.module)
@@ -556,7 +559,7 @@ class IntranodeKernels:
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
             num_local_experts=plan.num_experts // self.num_ranks, num_worst_tokens=plan.num_worst_tokens,
             rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers,
-            tma_stages=stages)
+            tma_stages=stages, chunk_counters=self.chunk_counters)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:

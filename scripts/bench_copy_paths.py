@@ -126,6 +126,10 @@ def main():
         # and smaller ones, which even the blocks out at the cost of more chunk flags
         variants += [(f"tma {p}x{s} chunk {c}", tma(p, s, c)) for p, s in tma_variants(row_bytes) if p in (2, 4)
                      for c in (32, 16, 8)]
+        # balanced splits without chunks: a contiguous row range per block (its producers interleaved),
+        # and a contiguous range per producer
+        variants += [(f"tma {p}x{s} block-range", tma(p, s, -1)) for p, s in tma_variants(row_bytes) if p in (1, 2, 4)]
+        variants += [(f"tma {p}x{s} producer-range", tma(p, s, -2)) for p, s in tma_variants(row_bytes) if p in (2, 4)]
         for name, launches in variants:
             for r in recv:
                 r.fill(0)

@@ -75,10 +75,10 @@ def rank_order_combine(ys, results, weights, bias, me):
 
 
 def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights,
-             alignment=1, worst=0, with_bias=False, use_cached=False, combine_oracle=rank_order_combine):
+             alignment=1, worst=0, with_bias=False, use_cached=False, combine_oracle=rank_order_combine, config=None):
     """Dispatch (+ combine, + a cached dispatch) on the GPU against the reference; returns a list of
     problems. Dispatch is compared bit for bit; combine against ``combine_oracle(ys, results,
-    weights, bias, me)``, bit for bit too."""
+    weights, bias, me)``, bit for bit too. ``config``: the ep.Config of every call (None: the default)."""
     from deepep_cupy import reference
     R, me = buf.num_ranks, buf.rank
     xs, scales, idxs, ws = make_inputs(case_seed, R, tokens, hidden, num_topk, num_experts, kind, fp8, with_weights)
@@ -93,7 +93,7 @@ def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, w
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
         x_in, topk_idx=idx_g, topk_weights=w_g, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, expert_alignment=alignment,
-        num_worst_tokens=worst)
+        num_worst_tokens=worst, config=config)
     rows = worst or ref.num_recv_tokens
     n = ref.num_recv_tokens
     got_x = host(recv_x[0] if fp8 else recv_x)
@@ -126,7 +126,8 @@ def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, w
     ref_w = [r.recv_topk_weights for r in results] if with_weights else None
     want, want_w = combine_oracle(ys, results, ref_w, bias, me)
     b = None if bias is None else (to_gpu(bias[me][0]), to_gpu(bias[me][1]))
-    got, got_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w if with_weights else None, bias=b)
+    got, got_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w if with_weights else None, bias=b,
+                                config=config)
     if not np.array_equal(host(got).view(np.uint16), want.view(np.uint16)):
         diff = np.abs(host(got).astype(np.float32) - want.astype(np.float32)).max() if want.size else 0
         problems.append(f"{tag}: combine differs (max abs {diff})")
@@ -136,7 +137,7 @@ def run_case(buf, case_seed, tokens, hidden, num_topk, num_experts, kind, fp8, w
     if use_cached:   # same routing, new data, no layout work
         xs2 = [(x.astype(np.float32) * 2 - 1).astype(BF16) for x in xs]
         want2 = reference.dispatch(xs2, idxs, None, num_experts, num_worst_tokens=worst)[me]
-        recv2, idx2, w2, counts2, _, _ = buf.dispatch(to_gpu(xs2[me]), handle=handle)
+        recv2, idx2, w2, counts2, _, _ = buf.dispatch(to_gpu(xs2[me]), handle=handle, config=config)
         if idx2 is not None or w2 is not None or counts2 is not None:
             problems.append(f"{tag}: cached dispatch returned top-k outputs")
         if not np.array_equal(host(recv2)[:n].view(np.uint16), want2.recv_x[:n].view(np.uint16)):

@@ -215,6 +215,7 @@ def kernels(monkeypatch):
     k.layout = SymmetricLayout.build(4, size_hint(4, 64, 512, 4), arena=False)   # room for F32 rows
     k.peer_bases, k.team_pes = FakeArray(4, np.uint64), FakeArray(4, np.int32)
     k.layout_struct, k.seq = FakeArray(120, np.uint8), FakeArray(1, np.uint64)
+    k.chunk_counters = FakeArray(4096, np.uint64)
     k.errors = type("Err", (), {"ptr": 0xE0000})()
     k._info_pinned = type("Pinned", (), {"ptr": 0xF0000})()
     k.host_info = np.zeros(4096, dtype=np.int32)
@@ -274,7 +275,7 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
         peer_bases=kernels.peer_bases.data.ptr, layout=kernels.layout_struct.data.ptr, seq=kernels.seq.data.ptr,
         err=0xE0000, timeout_ns=2_500_000_000, num_tokens=T, hidden_bytes=H * 2, scale_bytes=56 * 4, num_topk=K,
         with_topk=1, with_weights=1, num_local_experts=64, num_worst_tokens=-1, rank=1, slot_rows=4096,
-        row_bytes=14592, direct=1, tma_producers=2, tma_stages=8)
+        row_bytes=14592, direct=1, tma_producers=2, tma_stages=8, chunk_counters=kernels.chunk_counters.data.ptr)
     assert kernels.last_dispatch_direct is True
 
 

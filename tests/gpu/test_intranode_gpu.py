@@ -219,6 +219,23 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
 
 
+@pytest.mark.parametrize("dispatch_kernel", ["direct-tma"], indirect=True)
+@pytest.mark.parametrize("tokens,num_sms,fp8", [(7, 24, False), (33, 4, True), (700, 34, False), (4096, 24, True)],
+                         ids=["7-tokens-24-blocks", "33-tokens-4-blocks", "700-tokens-34-blocks", "4096-tokens-24-blocks"])
+def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, fp8):
+    """The TMA path gives block b tokens [b T / G, (b+1) T / G): chunks cut by a range boundary are
+    written by several blocks and published by the last to arrive. Fewer tokens than blocks (empty
+    ranges between the writers of one chunk), a chunk split over many blocks, and ranges that do not
+    fall on chunk boundaries: bit-exact, twice in a row (the arrival counters carry over, tagged by
+    the operation)."""
+    import deepep_cupy as ep
+    problems = []
+    for rep in range(2):
+        problems += run_case(buf, 4100 + tokens + num_sms + rep, tokens, 2048, 8, 64, "random", fp8=fp8,
+                             with_weights=True, use_cached=not fp8, config=ep.Config(num_sms=num_sms))
+    assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
+
+
 def test_receive_arena_blocks_return_when_arrays_die(buf):
     """recv_x from the arena is freed when the caller drops it, so a loop that drops its outputs
     keeps taking the one-copy path; a kept output stays valid while later dispatches run."""
