@@ -235,7 +235,8 @@ struct SendTargets {
 //   warp 0, table:     per chunk, each token's destination rows (send_pos through SendTargets::row)
 //                      into shared memory (one lane per token)
 //   warp 1, publisher: per chunk, once every producer and small-data warp counted it done, the
-//                      fence and the chunk flag to every peer (and, staged peers, the row range)
+//                      fence and the chunk flag to every peer (and, staged peers, the row range);
+//                      for a chunk other blocks write too, an arrival first (BlockChunks below)
 //   warps 2 .. 2+P-1, producers (lane 0 only): a ring of `stages` whole-row buffers in dynamic
 //                      shared memory; bulk-load row k (mbarrier), bulk-store it to every destination,
 //                      refill the ring one row behind. A producer counts a chunk done once the

@@ -100,8 +100,9 @@ class Settings:
             ($DEEPEP_CUPY_INTRANODE_DISPATCH; kept to compare the two).
         intranode_copy: how the direct dispatch moves rows: "registers" (default): a warp a token,
             16-byte loads and stores; "tma": TMA bulk copies through shared memory, a few producer
-            warps a block, while the other warps move the scales and top-k data (an experiment: not
-            faster yet, docs/performance.md) ($DEEPEP_CUPY_INTRANODE_COPY).
+            warps a block over a balanced token range, while the other warps move the scales and
+            top-k data (level with registers, not faster yet: docs/performance.md)
+            ($DEEPEP_CUPY_INTRANODE_COPY).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(

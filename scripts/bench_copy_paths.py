@@ -47,6 +47,9 @@ def main():
     ap.add_argument("--row-bytes", default="14336,7168", help="comma-separated (BF16 and FP8 rows of hidden 7168)")
     ap.add_argument("--sms", type=int, default=24, help="blocks per rank")
     ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--perm", default="random", choices=("random", "identity"),
+                    help="destination row of source row t: a random permutation, or t itself (the dispatch's "
+                         "own pattern: a receiver's rows from one source are in token order)")
     args = ap.parse_args()
 
     import cupy as cp
@@ -82,14 +85,16 @@ def main():
                 samples.append(cp.cuda.get_elapsed_time(start, end) * 1e3)
         return samples
 
-    print(f"{T} rows per rank, 2 ranks as 2 streams, {grid} blocks each; SM bytes per rank = 3 x rows x row",
+    print(f"{T} rows per rank, 2 ranks as 2 streams, {grid} blocks each, {args.perm} destination rows; "
+          f"SM bytes per rank = 3 x rows x row",
           flush=True)
     print(f"{'row B':>6} {'variant':<22} {'median us':>10} {'p10':>8} {'p90':>8} {'SM GB/s/rank':>13} "
           f"{'HBM TB/s':>9}  check")
     for row_bytes in (int(v) for v in args.row_bytes.split(",")):
         x = [cp.asarray(rng.integers(0, 256, size=(T, row_bytes), dtype=np.uint8)) for _ in range(2)]
         recv = [cp.zeros((2 * T, row_bytes), dtype=cp.uint8) for _ in range(2)]
-        perm = [cp.asarray(rng.permutation(T).astype(np.int32)) for _ in range(2)]
+        perm = [cp.asarray((rng.permutation(T) if args.perm == "random" else np.arange(T)).astype(np.int32))
+                for _ in range(2)]
         nbytes = 3 * T * row_bytes
 
         def check():
@@ -125,7 +130,7 @@ def main():
         # the dispatch's chunk split (blocks differ by up to one chunk of rows): 32-row chunks as today,
         # and smaller ones, which even the blocks out at the cost of more chunk flags
         variants += [(f"tma {p}x{s} chunk {c}", tma(p, s, c)) for p, s in tma_variants(row_bytes) if p in (2, 4)
-                     for c in (32, 16, 8)]
+                     for c in (32, 16, 8, 4, 2) if c % p == 0]
         # balanced splits without chunks: a contiguous row range per block (its producers interleaved),
         # and a contiguous range per producer
         variants += [(f"tma {p}x{s} block-range", tma(p, s, -1)) for p, s in tma_variants(row_bytes) if p in (1, 2, 4)]
