@@ -70,8 +70,9 @@ struct DirectDispatchParams {
     long long tma_producers;          // > 0: rows move by TMA bulk copies, this many producer warps a block
     long long tma_stages;             //   each with a ring of this many rows of dynamic shared memory
     unsigned long long* chunk_counters;  // TMA path: [max_chunks] arrivals at chunks several blocks write
+    long long tma_split;              // TMA path: 0 balanced block ranges (RangeSplit), 1 grid stride (GridSplit)
 };
-DEEPEP_PARAMS_CHECK(DirectDispatchParams, 31);
+DEEPEP_PARAMS_CHECK(DirectDispatchParams, 32);
 
 using deepep::ld_nc_16;   // common/utils.cuh
 
@@ -236,7 +237,7 @@ struct SendTargets {
 //                      into shared memory (one lane per token)
 //   warp 1, publisher: per chunk, once every producer and small-data warp counted it done, the
 //                      fence and the chunk flag to every peer (and, staged peers, the row range);
-//                      for a chunk other blocks write too, an arrival first (BlockChunks below)
+//                      for a chunk other blocks write too, an arrival first (the splits below)
 //   warps 2 .. 2+P-1, producers (lane 0 only): a ring of `stages` whole-row buffers in dynamic
 //                      shared memory; bulk-load row k (mbarrier), bulk-store it to every destination,
 //                      refill the ring one row behind. A producer counts a chunk done once the
@@ -279,44 +280,17 @@ DEEPEP_DEVICE bool wait_block_geq(const int* ptr, int v, const DirectDispatchPar
                               rank, rank);
 }
 
-// The TMA path's split: block b sends tokens [b T / G, (b+1) T / G) (G blocks), so blocks differ by at
-// most one token (whole chunks per block left some blocks a chunk more: at DeepEP's shape 6 chunks
-// against 5, and the bulk-copy unit runs at the slowest block's pace). The range is cut at the global
-// chunk boundaries: local chunk i is global chunk chunk(i). A chunk the range does not hold whole is
-// shared with the neighbouring blocks; its flag goes up when the last of them arrives
-// (arrive_shared_chunk).
-struct BlockChunks {
-    int num_tokens, lo, hi;
-    DEEPEP_DEVICE static BlockChunks of(int num_tokens) {
-        const long long t = num_tokens;
-        return {num_tokens, static_cast<int>(t * blockIdx.x / gridDim.x),
-                static_cast<int>(t * (blockIdx.x + 1) / gridDim.x)};
-    }
-    DEEPEP_DEVICE int count() const { return hi > lo ? (hi - 1) / kChunk - lo / kChunk + 1 : 0; }
-    DEEPEP_DEVICE int chunk(int i) const { return lo / kChunk + i; }
-    DEEPEP_DEVICE int first_token(int i) const { return max(lo, chunk(i) * kChunk); }
-    DEEPEP_DEVICE int end_token(int i) const { return min(hi, (chunk(i) + 1) * kChunk); }
-    // the whole global chunk: [chunk_first, chunk_end)
-    DEEPEP_DEVICE int chunk_first(int i) const { return chunk(i) * kChunk; }
-    DEEPEP_DEVICE int chunk_end(int i) const { return min(num_tokens, (chunk(i) + 1) * kChunk); }
-    DEEPEP_DEVICE bool whole(int i) const { return first_token(i) == chunk_first(i) && end_token(i) == chunk_end(i); }
-    // The block whose range holds token t: the largest b with b T / G <= t.
-    DEEPEP_DEVICE int block_of(int t) const {
-        return static_cast<int>((static_cast<long long>(t + 1) * gridDim.x - 1) / num_tokens);
-    }
-    // One warp: how many blocks hold tokens of local chunk i (a lane per token; empty ranges hold none).
-    DEEPEP_DEVICE int writers(int i, int lane) const {
-        const int t = chunk_first(i) + lane;
-        const bool starts = t < chunk_end(i) && (lane == 0 || block_of(t) != block_of(t - 1));
-        return __popc(__ballot_sync(0xffffffffu, starts));
-    }
-};
+// ---- how the TMA path splits the tokens over the blocks ----------------------------------------
+// Each split says, for this block: count() local chunks; token(i, l), the token at index l (< kChunk)
+// of local chunk i's table, or -1; producer(w), which of those rows producer warp w moves, in order
+// (ProducerRows: rows(), chunk_of(q), index_of(q), token_of(q), rows_through(i) = rows of chunks <= i);
+// and publish(i, ...), the publisher warp's work once local chunk i is written.
 
-// One thread of each block writing part of a shared chunk, after a system fence that orders the
-// block's writes of it before: counts the arrival; true in the last of `writers`, which publishes.
-// The counter's high word tags it with the operation (low 32 bits of seq), so a count left by an
-// earlier operation (one that gave up part-way) reads as zero and nothing needs resetting. Lock-free:
-// each failed compare-and-swap means another block arrived, so it loops at most `writers` times.
+// One thread of each writer of a shared chunk, after a system fence that orders the writer's part of
+// it before: counts the arrival; true in the last of `writers`, which publishes. The counter's high
+// word tags it with the operation (low 32 bits of seq), so a count left by an earlier operation (one
+// that gave up part-way) reads as zero and nothing needs resetting. Lock-free: each failed
+// compare-and-swap means another writer arrived, so it loops at most `writers` times.
 DEEPEP_DEVICE bool arrive_shared_chunk(unsigned long long* counter, uint64_t seq, int writers) {
     const unsigned long long tag = static_cast<unsigned long long>(static_cast<uint32_t>(seq)) << 32;
     unsigned long long old = *reinterpret_cast<volatile unsigned long long*>(counter);
@@ -328,28 +302,158 @@ DEEPEP_DEVICE bool arrive_shared_chunk(unsigned long long* counter, uint64_t seq
     }
 }
 
-DEEPEP_DEVICE void tma_table_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, int lane) {
-    for (int i = 0; i < bc.count(); ++i) {
+// Tokens [c kChunk, end) of global chunk c.
+DEEPEP_DEVICE int chunk_end_token(int c, int num_tokens) { return min(num_tokens, (c + 1) * kChunk); }
+
+// settings.intranode_copy = "tma": block b sends tokens [b T / G, (b+1) T / G) (G blocks), so blocks
+// differ by at most one token. The range is cut at the global chunk boundaries: local chunk i is
+// global chunk chunk(i). A chunk the range does not hold whole is shared with the neighbouring
+// blocks; its flag goes up when the last of them arrives.
+struct RangeSplit {
+    int num_tokens, lo, hi, P;
+    DEEPEP_DEVICE static RangeSplit of(int num_tokens, int producers) {
+        const long long t = num_tokens;
+        return {num_tokens, static_cast<int>(t * blockIdx.x / gridDim.x),
+                static_cast<int>(t * (blockIdx.x + 1) / gridDim.x), producers};
+    }
+    DEEPEP_DEVICE int count() const { return hi > lo ? (hi - 1) / kChunk - lo / kChunk + 1 : 0; }
+    DEEPEP_DEVICE int chunk(int i) const { return lo / kChunk + i; }
+    DEEPEP_DEVICE int first_token(int i) const { return max(lo, chunk(i) * kChunk); }
+    DEEPEP_DEVICE int end_token(int i) const { return min(hi, (chunk(i) + 1) * kChunk); }
+    DEEPEP_DEVICE int token(int i, int l) const {
+        const int t = first_token(i) + l;
+        return t < end_token(i) ? t : -1;
+    }
+    DEEPEP_DEVICE bool whole(int i) const {
+        return first_token(i) == chunk(i) * kChunk && end_token(i) == chunk_end_token(chunk(i), num_tokens);
+    }
+    // The block whose range holds token t: the largest b with b T / G <= t.
+    DEEPEP_DEVICE int block_of(int t) const {
+        return static_cast<int>((static_cast<long long>(t + 1) * gridDim.x - 1) / num_tokens);
+    }
+    // One warp: how many blocks hold tokens of local chunk i (a lane per token; empty ranges hold none).
+    DEEPEP_DEVICE int writers(int i, int lane) const {
+        const int t = chunk(i) * kChunk + lane;
+        const bool starts = t < chunk_end_token(chunk(i), num_tokens) && (lane == 0 || block_of(t) != block_of(t - 1));
+        return __popc(__ballot_sync(0xffffffffu, starts));
+    }
+    // Producer w: rows w, w + P, ... of each local chunk. Only the first and the last local chunk can
+    // be partial, so its rows are n_first of chunk 0, then kChunk / P of each middle chunk, then those
+    // of the last.
+    struct ProducerRows {   // (values, not a reference to the split: fewer live registers)
+        int lo, P, w, n_first, n;
+        DEEPEP_DEVICE int per_chunk() const { return kChunk / P; }
+        DEEPEP_DEVICE int rows() const { return n; }
+        DEEPEP_DEVICE int chunk_of(int q) const { return q < n_first ? 0 : 1 + (q - n_first) / per_chunk(); }
+        DEEPEP_DEVICE int index_of(int q) const { return w + (q < n_first ? q : (q - n_first) % per_chunk()) * P; }
+        DEEPEP_DEVICE int token_of(int q) const { return max(lo, (lo / kChunk + chunk_of(q)) * kChunk) + index_of(q); }
+        DEEPEP_DEVICE int rows_through(int i) const { return i == 0 ? n_first : min(n, n_first + i * per_chunk()); }
+    };
+    DEEPEP_DEVICE ProducerRows producer(int w) const {
+        auto rows_in = [&](int i) {
+            const int len = end_token(i) - first_token(i);
+            return len > w ? (len - w + P - 1) / P : 0;
+        };
+        const int chunks = count();
+        const int n_first = chunks > 0 ? rows_in(0) : 0;
+        const int n = chunks > 1 ? n_first + (chunks - 2) * (kChunk / P) + rows_in(chunks - 1) : n_first;
+        return {lo, P, w, n_first, n};
+    }
+    // The publisher warp, local chunk i written (acquired by every lane): a whole chunk is published;
+    // a shared one is counted, and published by the block that arrives last.
+    DEEPEP_DEVICE void publish(int i, int lane, const SendTargets& to, uint64_t seq) const {
+        bool publish = whole(i);
+        if (!publish) {
+            const int n_writers = writers(i, lane);
+            if (lane == 0) {
+                __threadfence_system();   // this block's part before the count
+                publish = arrive_shared_chunk(to.p.chunk_counters + chunk(i), seq, n_writers);
+                if (publish) __threadfence_system();   // the other blocks' parts before the flag
+            }
+            publish = __shfl_sync(0xffffffffu, publish, 0);
+        }
+        const int j = lane, c = chunk(i);
+        if (publish && j < kNumRanks && j != to.rank) to.publish(j, c, c * kChunk, chunk_end_token(c, num_tokens), seq);
+    }
+};
+
+// settings.intranode_copy = "tma-grid": tokens in groups of P (the block's producer count) dealt to
+// the blocks in turn: group m of block b is tokens [(m G + b) P, +P). Local chunk i is the block's
+// groups [i B, (i+1) B), B = kChunk / P, so its table still holds kChunk tokens (index l: token l % P
+// of group i B + l / P), and producer w's q-th row is token (q G + b) P + w: its successive rows lie
+// G P tokens apart, the split under which the copy probe's bulk copies ran fastest (intranode.md).
+// Every global chunk is written by the blocks of its groups (16 of them for P = 2), each arriving
+// once per group; the last arrival publishes it.
+struct GridSplit {
+    int num_tokens, P, groups;   // groups: this block's, m with (m G + b) P < T
+    DEEPEP_DEVICE static GridSplit of(int num_tokens, int producers) {
+        const int total = (num_tokens + producers - 1) / producers, b = blockIdx.x, G = gridDim.x;
+        return {num_tokens, producers, total > b ? (total - b + G - 1) / G : 0};
+    }
+    DEEPEP_DEVICE int batch() const { return kChunk / P; }
+    DEEPEP_DEVICE int count() const { return (groups + batch() - 1) / batch(); }
+    DEEPEP_DEVICE int group_first(int m) const { return (m * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x)) * P; }
+    DEEPEP_DEVICE int token(int i, int l) const {
+        const int m = i * batch() + l / P;
+        const int t = m < groups ? group_first(m) + l % P : num_tokens;
+        return t < num_tokens ? t : -1;
+    }
+    struct ProducerRows {
+        int P, w, n;
+        DEEPEP_DEVICE int batch() const { return kChunk / P; }
+        DEEPEP_DEVICE int rows() const { return n; }
+        DEEPEP_DEVICE int chunk_of(int q) const { return q / batch(); }
+        DEEPEP_DEVICE int index_of(int q) const { return w + (q % batch()) * P; }
+        DEEPEP_DEVICE int token_of(int q) const { return (q * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x)) * P + w; }
+        DEEPEP_DEVICE int rows_through(int i) const { return min(n, (i + 1) * batch()); }
+    };
+    // every group of the block but a last one (the grid's last, when P does not divide T) too short for w
+    DEEPEP_DEVICE ProducerRows producer(int w) const {
+        return {P, w, groups == 0 || group_first(groups - 1) + w < num_tokens ? groups : groups - 1};
+    }
+    // The publisher warp, local chunk i written (acquired by every lane): lane g arrives for the
+    // chunk's g-th group, and publishes that group's global chunk if it arrived last.
+    DEEPEP_DEVICE void publish(int i, int lane, const SendTargets& to, uint64_t seq) const {
+        const int m = i * batch() + lane;
+        const bool mine = lane < batch() && m < groups;
+        const int c = mine ? group_first(m) / kChunk : 0;
+        __threadfence_system();   // (every lane) this block's groups before their counts
+        bool last = false;
+        if (mine) {
+            const int writers = (chunk_end_token(c, num_tokens) - c * kChunk + P - 1) / P;
+            last = arrive_shared_chunk(to.p.chunk_counters + c, seq, writers);
+        }
+        if (__any_sync(0xffffffffu, last)) __threadfence_system();   // the other blocks' groups before the flags
+        if (last)
+            for (int j = 0; j < kNumRanks; ++j)
+                if (j != to.rank) to.publish(j, c, c * kChunk, chunk_end_token(c, num_tokens), seq);
+    }
+};
+
+template <typename Split>
+DEEPEP_DEVICE void tma_table_role(const SendTargets& to, TmaSendShared& sh, const Split& split, int lane) {
+    for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
         if (i >= kTmaSlots && !wait_block_geq(&sh.freed[slot], i - kTmaSlots + 1, to.p, to.rank)) return;
-        const int t = bc.first_token(i) + lane;
+        const int t = split.token(i, lane);
 #pragma unroll
         for (int j = 0; j < kNumRanks; ++j)
             sh.drow[slot][lane][j] =
-                t < bc.end_token(i) ? static_cast<int>(to.row(j, to.p.send_pos[static_cast<long long>(t) * kNumRanks + j])) : -1;
+                t >= 0 ? static_cast<int>(to.row(j, to.p.send_pos[static_cast<long long>(t) * kNumRanks + j])) : -1;
         __syncwarp();
         if (lane == 0) st_release_cta(&sh.ready[slot], i + 1);
     }
 }
 
-DEEPEP_DEVICE void tma_small_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, int role_warp,
+template <typename Split>
+DEEPEP_DEVICE void tma_small_role(const SendTargets& to, TmaSendShared& sh, const Split& split, int role_warp,
                                   int num_role_warps, int lane) {
-    for (int i = 0; i < bc.count(); ++i) {
+    for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
         if (!wait_block_geq(&sh.ready[slot], i + 1, to.p, to.rank)) return;
         for (int l = role_warp; l < kChunk; l += num_role_warps) {
-            const int t = bc.first_token(i) + l;
-            if (t >= bc.end_token(i)) break;
+            const int t = split.token(i, l);
+            if (t < 0) continue;
             long long rows[kNumRanks];
 #pragma unroll
             for (int j = 0; j < kNumRanks; ++j) rows[j] = sh.drow[slot][l][j];
@@ -360,24 +464,13 @@ DEEPEP_DEVICE void tma_small_role(const SendTargets& to, TmaSendShared& sh, cons
     }
 }
 
-DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, uint64_t seq,
+template <typename Split>
+DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, const Split& split, uint64_t seq,
                                       int expected, int lane) {
-    for (int i = 0; i < bc.count(); ++i) {
+    for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
         if (!wait_block_geq(&sh.count[slot], expected, to.p, to.rank)) return;
-        bool publish = bc.whole(i);
-        if (!publish) {   // a shared chunk: the last block to arrive publishes it
-            const int writers = bc.writers(i, lane);
-            if (lane == 0) {
-                __threadfence_system();   // this block's part (acquired from its roles) before the count
-                publish = arrive_shared_chunk(to.p.chunk_counters + bc.chunk(i), seq, writers);
-                if (publish) __threadfence_system();   // the other blocks' parts before the flag
-            }
-            publish = __shfl_sync(0xffffffffu, publish, 0);
-        }
-        const int j = lane;
-        if (publish && j < kNumRanks && j != to.rank)
-            to.publish(j, bc.chunk(i), bc.chunk_first(i), bc.chunk_end(i), seq);
+        split.publish(i, lane, to, seq);
         __syncwarp();
         if (lane == 0) {
             sh.count[slot] = 0;
@@ -386,41 +479,30 @@ DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, 
     }
 }
 
-// Lane 0 of producer warp `w` of `P`: rows w, w + P, ... of each of the block's local chunks, in order.
-// Only the first and the last local chunk can be partial, so the producer's rows are n_first of
-// chunk 0, then kChunk / P of each middle chunk, then those of the last.
-DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, const BlockChunks& bc, uint8_t* ring,
-                                     int w, int P, int stages) {
+// Lane 0 of producer warp `w`: its rows (Split::producer) in order through a ring of `stages` rows.
+template <typename Split>
+DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, const Split& split, uint8_t* ring,
+                                     int w, int stages) {
     const DirectDispatchParams& p = to.p;
     const int row_bytes = static_cast<int>(p.hidden_bytes);
-    const int per_chunk = kChunk / P;   // P divides kChunk (the host picks 1, 2, 4 or 8)
-    const int block_chunks = bc.count();
-    auto rows_in = [&](int i) {
-        const int len = bc.end_token(i) - bc.first_token(i);
-        return len > w ? (len - w + P - 1) / P : 0;
-    };
-    const int n_first = block_chunks > 0 ? rows_in(0) : 0;
-    const int n = block_chunks > 1 ? n_first + (block_chunks - 2) * per_chunk + rows_in(block_chunks - 1) : n_first;
-    auto chunk_of = [&](int k) { return k < n_first ? 0 : 1 + (k - n_first) / per_chunk; };
-    // row k's token, as its index in its chunk's table
-    auto index_of = [&](int k) { return w + (k < n_first ? k : (k - n_first) % per_chunk) * P; };
-    auto token_of = [&](int k) { return bc.first_token(chunk_of(k)) + index_of(k); };
-    auto rows_through = [&](int i) { return i == 0 ? n_first : min(n, n_first + i * per_chunk); };   // rows of chunks <= i
+    const int block_chunks = split.count();
+    const auto mine = split.producer(w);
+    const int n = mine.rows();
     uint64_t* bars = sh.bars[w];
     for (int s = 0; s < stages; ++s) deepep::tma::init_barrier(bars + s);
     deepep::tma::fence_barrier_init();
     auto stage = [&](int k) { return ring + static_cast<long long>(k % stages) * row_bytes; };
     int loaded = 0;   // rows whose bulk load was issued: [0, loaded)
     auto issue_load = [&](int k) {
-        deepep::tma::load(stage(k), p.x + static_cast<long long>(token_of(k)) * row_bytes, row_bytes, bars + k % stages);
+        deepep::tma::load(stage(k), p.x + static_cast<long long>(mine.token_of(k)) * row_bytes, row_bytes,
+                          bars + k % stages);
         loaded = k + 1;
     };
     // wait until chunk i's table is written; on a timeout let the loads in flight land first (they
     // write the ring and its barriers, and read this rank's own x, so they complete)
     auto wait_ready = [&](int i) {
         if (wait_block_geq(&sh.ready[i % kTmaSlots], i + 1, p, to.rank)) return true;
-        for (int kk = 0; kk < loaded; ++kk)
-            if (kk + stages >= loaded) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
+        for (int kk = max(0, loaded - stages); kk < loaded; ++kk) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
         deepep::tma::wait_done<0>();
         return false;
     };
@@ -428,7 +510,7 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
     int signalled = 0;   // local chunks counted done so far
     int waited = -1;     // the last chunk whose table this producer waited for
     for (int k = 0; k < n; ++k) {
-        const int i = chunk_of(k), slot = i % kTmaSlots, l = index_of(k);
+        const int i = mine.chunk_of(k), slot = i % kTmaSlots, l = mine.index_of(k);
         for (; waited < i; ++waited)   // (with a chunk before it that has no rows of this producer)
             if (!wait_ready(waited + 1)) return;
         deepep::tma::wait_barrier(bars + k % stages, (k / stages) & 1);
@@ -445,7 +527,7 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
         // chunks whose rows' bulk writes completed (all but the newest kTmaLag rows') are counted; a
         // chunk's slot must be ready before its count (else it could land in the count of the chunk
         // that used the slot before): every chunk up to `waited` is
-        while (signalled <= waited && rows_through(signalled) <= k + 1 - kTmaLag) {
+        while (signalled <= waited && mine.rows_through(signalled) <= k + 1 - kTmaLag) {
             deepep::tma::wait_done<kTmaLag>();   // the chunk's bulk writes, ordered before the count
             add_release_cta(&sh.count[signalled % kTmaSlots], 1);
             ++signalled;
@@ -457,6 +539,25 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
         for (; waited < signalled; ++waited)
             if (!wait_ready(waited + 1)) return;
         add_release_cta(&sh.count[signalled % kTmaSlots], 1);
+    }
+}
+
+// The TMA path's roles for one split (see "TMA send path" above).
+template <typename Split>
+DEEPEP_DEVICE void tma_send(const SendTargets& to, TmaSendShared& sh, const Split& split, uint8_t* s_ring, uint64_t seq,
+                            int producers, int warp, int num_warps, int lane) {
+    const int stages = static_cast<int>(to.p.tma_stages);
+    const int small_warps = num_warps - kTmaFixedWarps - producers;
+    if (warp == 0) {
+        tma_table_role(to, sh, split, lane);
+    } else if (warp == 1) {
+        tma_publisher_role(to, sh, split, seq, producers + small_warps, lane);
+    } else if (warp < kTmaFixedWarps + producers) {
+        const int w = warp - kTmaFixedWarps;
+        if (lane == 0)
+            tma_producer_role(to, sh, split, s_ring + static_cast<long long>(w) * stages * to.p.hidden_bytes, w, stages);
+    } else {
+        tma_small_role(to, sh, split, warp - kTmaFixedWarps - producers, small_warps, lane);
     }
 }
 
@@ -480,8 +581,12 @@ DEEPEP_DEVICE void SendTargets::send_small(int t, const long long (&rows)[kNumRa
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(512, 1)
-intranode_dispatch_direct(const DirectDispatchParams p) {
+// The kernel body; kTma: the TMA send path (p.tma_producers > 0), else the register path. Two entry
+// points, so that each path gets its own register allocation: the register path's 16 loads in
+// flight take 126 of the 128 registers a thread may have at 2 ranks, and the TMA roles in the same
+// function pushed it into spills.
+template <bool kTma>
+DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
     const Layout layout = *p.layout;
     const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
@@ -524,10 +629,14 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
     __shared__ DestInfo s_dest[kNumRanks];
     __shared__ bool s_ok;
     const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
-    // (blocks with tokens to send: the TMA path splits them by range, the register path by chunk)
-    const BlockChunks bc = BlockChunks::of(num_tokens);
-    const int producers = static_cast<int>(p.tma_producers);
-    if (producers > 0 ? bc.count() > 0 : static_cast<int>(blockIdx.x) < num_chunks) {
+    // (blocks with tokens to send: the TMA path splits them by range or grid stride, the register
+    // path by chunk)
+    const int producers = kTma ? static_cast<int>(p.tma_producers) : 0;
+    const bool grid_split = p.tma_split != 0;
+    const int tma_chunks = !kTma ? 0
+                           : grid_split ? GridSplit::of(num_tokens, producers).count()
+                                        : RangeSplit::of(num_tokens, producers).count();
+    if (kTma ? tma_chunks > 0 : static_cast<int>(blockIdx.x) < num_chunks) {
         if (threadIdx.x == 0) s_ok = true;
         __syncthreads();
         if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
@@ -547,7 +656,7 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
         if (!s_ok) return;
     }
     const SendTargets to{p, s_dest, peers, layout, rank};
-    if (producers > 0) {   // TMA path: roles (see "TMA send path" above)
+    if constexpr (kTma) {   // TMA path: roles (see "TMA send path" above)
         __shared__ TmaSendShared s_tma;
         extern __shared__ __align__(128) uint8_t s_ring[];
         if (threadIdx.x < kTmaSlots) {
@@ -556,20 +665,10 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
             s_tma.freed[threadIdx.x] = 0;
         }
         __syncthreads();
-        const int stages = static_cast<int>(p.tma_stages);
-        const int small_warps = num_warps - kTmaFixedWarps - producers;
-        if (warp == 0) {
-            tma_table_role(to, s_tma, bc, lane);
-        } else if (warp == 1) {
-            tma_publisher_role(to, s_tma, bc, seq, producers + small_warps, lane);
-        } else if (warp < kTmaFixedWarps + producers) {
-            const int w = warp - kTmaFixedWarps;
-            if (lane == 0)
-                tma_producer_role(to, s_tma, bc, s_ring + static_cast<long long>(w) * stages * hidden_bytes, w,
-                                  producers, stages);
-        } else {
-            tma_small_role(to, s_tma, bc, warp - kTmaFixedWarps - producers, small_warps, lane);
-        }
+        if (grid_split)
+            tma_send(to, s_tma, GridSplit::of(num_tokens, producers), s_ring, seq, producers, warp, num_warps, lane);
+        else
+            tma_send(to, s_tma, RangeSplit::of(num_tokens, producers), s_ring, seq, producers, warp, num_warps, lane);
         __syncwarp();
     } else {   // register path: a warp per token, 16-byte copies
         for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
@@ -674,4 +773,11 @@ intranode_dispatch_direct(const DirectDispatchParams p) {
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct(const DirectDispatchParams p) {
+    dispatch_direct<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_tma(const DirectDispatchParams p) {
+    dispatch_direct<true>(p);
 }

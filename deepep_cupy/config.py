@@ -101,8 +101,9 @@ class Settings:
         intranode_copy: how the direct dispatch moves rows: "registers" (default): a warp a token,
             16-byte loads and stores; "tma": TMA bulk copies through shared memory, a few producer
             warps a block over a balanced token range, while the other warps move the scales and
-            top-k data (level with registers, not faster yet: docs/performance.md)
-            ($DEEPEP_CUPY_INTRANODE_COPY).
+            top-k data (level with registers, not faster yet: docs/performance.md); "tma-grid": the
+            same with each producer's rows strided over the whole grid (the split the copy probe
+            found fastest; docs/intranode.md) ($DEEPEP_CUPY_INTRANODE_COPY).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(

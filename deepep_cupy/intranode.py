@@ -43,6 +43,8 @@ MAX_LOCAL_EXPERTS = 1022     # notify slot: 2 counts + per-expert counts
 NOTIFY_THREADS = 1024
 DATA_THREADS = 512
 TMA_MAX_STAGES = 16          # cuda_src/intranode_direct.cuh kTmaMaxStages
+# settings.intranode_copy: register copies, TMA over balanced block ranges, TMA grid-strided
+COPY_PATHS = ("registers", "tma", "tma-grid")
 _ALIGN = 256
 
 
@@ -270,7 +272,7 @@ def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
     """The JIT instance of cuda_src/intranode.cu for a team of ``num_ranks`` ranks; ``puts`` selects
     the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores,
     which alone has the direct (one-copy) dispatch."""
-    direct = [] if puts else ["intranode_dispatch_direct"]
+    direct = [] if puts else ["intranode_dispatch_direct", "intranode_dispatch_direct_tma"]
     return jit.KernelSpec.make(
         "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch"] + direct +
         ["intranode_combine_bf16", "intranode_combine_f32"],
@@ -283,7 +285,7 @@ DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
     "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
     "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct", "tma_producers", "tma_stages",
-    "chunk_counters"))
+    "chunk_counters", "tma_split"))
 DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
 # The team fields every struct below ends with (IntranodeKernels._team_fields fills them)
@@ -505,35 +507,37 @@ class IntranodeKernels:
                 None if cached else ((num_rows,), cupy.int32)]
 
     def _copy_plan(self, hidden_bytes: int) -> tuple:
-        """(TMA producers, stages, dynamic shared bytes) of the direct dispatch for rows of
-        ``hidden_bytes`` under ``settings.intranode_copy``; (0, 0, 0) is the register path. Worked out
-        once per row size and setting (it reads kernel and device attributes)."""
+        """(TMA producers, stages, dynamic shared bytes, split) of the direct dispatch for rows of
+        ``hidden_bytes`` under ``settings.intranode_copy``; (0, 0, 0, 0) is the register path, split 1
+        the grid-strided one ("tma-grid"). Worked out once per row size and setting (it reads kernel
+        and device attributes)."""
         key = (hidden_bytes, settings.intranode_copy)
         plan = self._copy_plans.get(key)
         if plan is not None:
             return plan
-        if settings.intranode_copy not in ("tma", "registers"):
-            raise DeepEPInvalid(f"settings.intranode_copy: expected 'tma' or 'registers', got "
+        if settings.intranode_copy not in COPY_PATHS:
+            raise DeepEPInvalid(f"settings.intranode_copy: expected one of {', '.join(map(repr, COPY_PATHS))}, got "
                                 f"{settings.intranode_copy!r}")
-        plan = (0, 0, 0)
-        if settings.intranode_copy == "tma":
+        plan = (0, 0, 0, 0)
+        if settings.intranode_copy != "registers":
             producers, stages = tma_plan(hidden_bytes, self._tma_smem_limit())
             # the kernel's roles: producers divide a chunk's 32 tokens; rings of 2 .. 16 rows
             assert producers == 0 or (CHUNK_TOKENS % producers == 0 and 2 <= stages <= TMA_MAX_STAGES), plan
-            plan = (producers, stages, producers * stages * hidden_bytes)
+            plan = (producers, stages, producers * stages * hidden_bytes,
+                    int(producers > 0 and settings.intranode_copy == "tma-grid"))
             self._allow_dynamic_smem(plan[2])
         self._copy_plans[key] = plan
         return plan
 
     def _tma_smem_limit(self) -> int:
-        """Dynamic shared memory a block of intranode_dispatch_direct may take on this device."""
+        """Dynamic shared memory a block of intranode_dispatch_direct_tma may take on this device."""
         import cupy
         return (cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-                - self.module["intranode_dispatch_direct"].shared_size_bytes)
+                - self.module["intranode_dispatch_direct_tma"].shared_size_bytes)
 
     def _allow_dynamic_smem(self, nbytes: int) -> None:
-        """Raise intranode_dispatch_direct's dynamic shared memory limit to ``nbytes`` if below."""
-        fn = self.module["intranode_dispatch_direct"]
+        """Raise intranode_dispatch_direct_tma's dynamic shared memory limit to ``nbytes`` if below."""
+        fn = self.module["intranode_dispatch_direct_tma"]
         if nbytes > fn.max_dynamic_shared_size_bytes:
             fn.max_dynamic_shared_size_bytes = nbytes
 
@@ -546,7 +550,7 @@ class IntranodeKernels:
         x, x_scales, topk_idx, topk_weights = payload
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         hidden_bytes = x.shape[1] * x.itemsize
-        producers, stages, smem = self._copy_plan(hidden_bytes)
+        producers, stages, smem, split = self._copy_plan(hidden_bytes)
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
@@ -559,12 +563,14 @@ class IntranodeKernels:
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
             num_local_experts=plan.num_experts // self.num_ranks, num_worst_tokens=plan.num_worst_tokens,
             rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers,
-            tma_stages=stages, chunk_counters=self.chunk_counters)
+            tma_stages=stages, chunk_counters=self.chunk_counters, tma_split=split)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            self.module["intranode_dispatch_direct"]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
+            # the TMA path is an entry point of its own (its own register allocation)
+            kernel = "intranode_dispatch_direct_tma" if producers > 0 else "intranode_dispatch_direct"
+            self.module[kernel]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
 
     def _dispatch_direct(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream, row_bytes: int,
                          slot_rows: int) -> DispatchOutputs:

@@ -66,10 +66,10 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pul
 
 
 def use_dispatch_kernel(settings, kind: str) -> None:
-    """Select a --dispatch-kernels entry: "direct", "direct-tma" (the direct kernel with TMA bulk
-    copies, settings.intranode_copy) or "staged"."""
+    """Select a --dispatch-kernels entry: "direct", "direct-tma" / "direct-tma-grid" (the direct kernel
+    with TMA bulk copies over block ranges / grid-strided, settings.intranode_copy) or "staged"."""
     settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
-    settings.intranode_copy = "tma" if kind == "direct-tma" else "registers"
+    settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid"}.get(kind, "registers")
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
@@ -110,10 +110,11 @@ def main():
     ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
-    ap.add_argument("--dispatch-kernels", default="direct,direct-tma,staged",
+    ap.add_argument("--dispatch-kernels", default="direct,direct-tma,direct-tma-grid,staged",
                     help="dispatch kernels to time side by side (one node only): direct (one copy per "
-                         "row into the receivers' arenas, 16-byte register copies), direct-tma (the "
-                         "same kernel with TMA bulk copies: settings.intranode_copy) and staged (the "
+                         "row into the receivers' arenas, 16-byte register copies), direct-tma and "
+                         "direct-tma-grid (the same kernel with TMA bulk copies over block ranges / "
+                         "grid-strided: settings.intranode_copy) and staged (the "
                          "earlier kernel, two copies); the first is also the one combine follows")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks per node; fewer than the rank count benchmarks the hierarchical "

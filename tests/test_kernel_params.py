@@ -29,7 +29,8 @@ HOST_STRUCTS = {s.name: s for s in (
     LL_DISPATCH_RECV_PARAMS, LL_DISPATCH_PARAMS, LL_COMBINE_SEND_PARAMS, LL_COMBINE_RECV_PARAMS, LL_COMBINE_PARAMS,
     LAYOUT_PARAMS)}
 # the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
-KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_notify": "NotifyParams",
+KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_dispatch_direct_tma": "DirectDispatchParams",
+           "intranode_notify": "NotifyParams",
            "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
            "intranode_combine_f32": "CombineParams", "ll_dispatch_send": "LLDispatchSendParams",
            "ll_dispatch_recv": "LLDispatchRecvParams", "ll_dispatch": "LLDispatchParams",
@@ -264,7 +265,7 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
                            bump_seq=True)
     bump, launch = kernels.module.launches
     assert bump[:4] == ("intranode_bump_seq", (1,), (1,), (kernels.seq,))
-    assert launch[:3] == ("intranode_dispatch_direct", (24,), (512,))
+    assert launch[:3] == ("intranode_dispatch_direct_tma", (24,), (512,))   # the TMA path's entry point
     # TMA copies: 2 producers of 8 rows of 14336 bytes
     assert launch[4] == {"shared_mem": 2 * 8 * H * 2} and kernels.dynamic_smem_allowed == [2 * 8 * H * 2]
     assert intranode.DIRECT_PARAM_FIELDS == DIRECT_PARAMS.fields
@@ -275,14 +276,16 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
         peer_bases=kernels.peer_bases.data.ptr, layout=kernels.layout_struct.data.ptr, seq=kernels.seq.data.ptr,
         err=0xE0000, timeout_ns=2_500_000_000, num_tokens=T, hidden_bytes=H * 2, scale_bytes=56 * 4, num_topk=K,
         with_topk=1, with_weights=1, num_local_experts=64, num_worst_tokens=-1, rank=1, slot_rows=4096,
-        row_bytes=14592, direct=1, tma_producers=2, tma_stages=8, chunk_counters=kernels.chunk_counters.data.ptr)
+        row_bytes=14592, direct=1, tma_producers=2, tma_stages=8, chunk_counters=kernels.chunk_counters.data.ptr,
+        tma_split=0)
     assert kernels.last_dispatch_direct is True
 
 
-@pytest.mark.parametrize("copy", ["tma", "registers"])
+@pytest.mark.parametrize("copy", ["tma", "tma-grid", "registers"])
 def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
     """settings.intranode_copy picks the direct kernel's copy path per call: "registers" packs zero
-    producers and no shared memory; an unknown value raises before any launch."""
+    producers and no shared memory, "tma" the block-range split and "tma-grid" the grid-strided one;
+    an unknown value raises before any launch."""
     monkeypatch.setattr(settings, "intranode_copy", copy)
     T, H = 16, 2048
     x, send_pos, recv_info = FakeArray((T, H), np.uint8), FakeArray((T, 4), np.int32), FakeArray(9 + 64, np.int32)
@@ -291,12 +294,15 @@ def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
                            contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     (launch,) = kernels.module.launches
     words = unpack(DIRECT_PARAMS, launch)
-    want = (4, 16) if copy == "tma" else (0, 0)   # 2 KiB rows: 4 producers, the deepest ring
+    want = (0, 0) if copy == "registers" else (4, 16)   # 2 KiB rows: 4 producers, the deepest ring
     assert (words["tma_producers"], words["tma_stages"]) == want
+    assert words["tma_split"] == (copy == "tma-grid")
     assert launch[4] == {"shared_mem": want[0] * want[1] * H}
+    # the TMA path has an entry point of its own
+    assert launch[0] == ("intranode_dispatch_direct" if copy == "registers" else "intranode_dispatch_direct_tma")
     monkeypatch.setattr(settings, "intranode_copy", "bulk")
     kernels.module.launches.clear()
-    with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected 'tma' or 'registers', got 'bulk'"):
+    with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected one of 'registers', 'tma', 'tma-grid', got 'bulk'"):
         kernels._launch_direct(DispatchPayload(x), DataPlan(None, send_pos, recv_info, T, 256), outputs, True, 8,
                                contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     assert kernels.module.launches == []

@@ -168,21 +168,24 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
 @pytest.fixture
 def dispatch_kernel(request):
     """settings.intranode_dispatch (and intranode_copy: "direct-tma" is the direct kernel with TMA
-    bulk copies, "direct" its default register copies) for one test, restored afterwards."""
+    bulk copies over block ranges, "direct-tma-grid" with TMA grid-strided, "direct" its default
+    register copies) for one test, restored afterwards."""
     import deepep_cupy as ep
     old = ep.settings.intranode_dispatch, ep.settings.intranode_copy
     ep.settings.intranode_dispatch = "direct" if request.param.startswith("direct") else request.param
-    ep.settings.intranode_copy = "tma" if request.param == "direct-tma" else "registers"
+    ep.settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid"}.get(request.param, "registers")
     yield request.param
     ep.settings.intranode_dispatch, ep.settings.intranode_copy = old
 
 
 @pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
                                                            ("direct", "all"), ("direct-tma", None),
-                                                           ("direct-tma", 0)],
+                                                           ("direct-tma", 0), ("direct-tma-grid", None),
+                                                           ("direct-tma-grid", 0)],
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
                                                             "direct-all-arenas-full", "direct-tma",
-                                                            "direct-tma-rank0-arena-full"])
+                                                            "direct-tma-rank0-arena-full", "direct-tma-grid",
+                                                            "direct-tma-grid-rank0-arena-full"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
                                                     (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
                                                     (129, 9216, "random", True)])   # 72 scale words a row
@@ -192,11 +195,12 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     within one operation) and with every receiver staged: all bit-exact against the reference
     (dispatch, combine, cached dispatch)."""
     kernels = buf._backend.intranode()
-    producers, stages, smem = kernels._copy_plan(hidden * 2)
+    producers, stages, smem, split = kernels._copy_plan(hidden * 2)
     if dispatch_kernel == "direct":
-        assert (producers, stages, smem) == (0, 0, 0)
-    elif dispatch_kernel == "direct-tma":   # every size here takes the TMA path
+        assert (producers, stages, smem, split) == (0, 0, 0, 0)
+    elif dispatch_kernel.startswith("direct-tma"):   # every size here takes the TMA path
         assert producers > 0 and stages >= 4 and smem == producers * stages * hidden * 2, (producers, stages)
+        assert split == (dispatch_kernel == "direct-tma-grid"), split
     hold = None
     if arena_full_on == "all" or arena_full_on == buf.rank:   # the caller "keeps" the whole arena
         hold = []
@@ -219,15 +223,16 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
 
 
-@pytest.mark.parametrize("dispatch_kernel", ["direct-tma"], indirect=True)
+@pytest.mark.parametrize("dispatch_kernel", ["direct-tma", "direct-tma-grid"], indirect=True)
 @pytest.mark.parametrize("tokens,num_sms,fp8", [(7, 24, False), (33, 4, True), (700, 34, False), (4096, 24, True)],
                          ids=["7-tokens-24-blocks", "33-tokens-4-blocks", "700-tokens-34-blocks", "4096-tokens-24-blocks"])
 def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, fp8):
-    """The TMA path gives block b tokens [b T / G, (b+1) T / G): chunks cut by a range boundary are
-    written by several blocks and published by the last to arrive. Fewer tokens than blocks (empty
-    ranges between the writers of one chunk), a chunk split over many blocks, and ranges that do not
-    fall on chunk boundaries: bit-exact, twice in a row (the arrival counters carry over, tagged by
-    the operation)."""
+    """The TMA path's splits: block ranges [b T / G, (b+1) T / G), whose chunks cut by a range boundary
+    are written by several blocks and published by the last to arrive, and the grid stride (groups
+    of P tokens dealt to the blocks in turn: every chunk written by many blocks). Fewer tokens than
+    blocks (empty ranges between the writers of one chunk), a chunk split over many blocks, ranges
+    that do not fall on chunk boundaries, 33 tokens (the last group short of a producer): bit-exact,
+    twice in a row (the arrival counters carry over, tagged by the operation)."""
     import deepep_cupy as ep
     problems = []
     for rep in range(2):
