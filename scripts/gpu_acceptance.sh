@@ -14,6 +14,8 @@
 #   tier4       the same at 4 ranks
 #   deadrank    the dead-rank tests (each launches its own 2- and 4-rank groups)
 #   sanitizers  compute-sanitizer memcheck and synccheck over 12 small low-latency tests, racecheck over 4, 1 rank
+#   copies      the direct dispatch's copy paths side by side at 2 ranks, 24 SMs: registers, TMA over
+#               block ranges, TMA grid-strided, in both orders (one process each), then the copy probe
 # Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
 # count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
 # below), so a slow piece cannot eat the next one's time, and every limit is cut to what is left of
@@ -39,13 +41,14 @@ piece() {   # piece NAME NUM_RANKS STEPS [VAR=VALUE ...]: one gpu_machine.sh run
   # gpu_machine.sh ends with its table; keep the lines after the separator
   SUMMARY+=("--- $name")
   while IFS= read -r line; do SUMMARY+=("$line"); done \
-      < <(grep -E "^(FAILED|ERROR) |^bench_intranode rc=" "$OUT_ROOT/$name/gpu_machine.log" | sort -u | head -12)
+      < <(grep -E "^(FAILED|ERROR) |^bench_intranode rc=" "$OUT_ROOT/$name/gpu_machine.log" | sort -u | head -12;
+          grep -E "^COPIES " "$OUT_ROOT/$name/extra.log" 2>/dev/null | head -60)
   while IFS= read -r line; do SUMMARY+=("$line"); done \
       < <(sed -n '/^-----/,$p' "$OUT_ROOT/$name/gpu_machine.log" | sed 1d | grep -v "^mpi launcher\|^CUDA MPS")
 }
 
-KNOWN_PIECES="bench24 tier2 tier4 deadrank sanitizers"
-for v in TOTAL_S BENCH_S TIER2_S TIER4_S DEADRANK_S SAN_S RACE_S; do   # `timeout 0` would mean no limit at all
+KNOWN_PIECES="bench24 tier2 tier4 deadrank sanitizers copies"
+for v in TOTAL_S BENCH_S TIER2_S TIER4_S DEADRANK_S SAN_S RACE_S COPIES_S; do   # `timeout 0` would mean no limit at all
   [[ -z "${!v:-}" || "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "$v=${!v}: a limit must be a whole number of seconds >= 1 (drop a piece from PIECES to skip it)"; exit 2; }
 done
 for p in $PIECES; do   # every name first: a typo must not cost a device call's earlier pieces
@@ -58,6 +61,11 @@ for p in $PIECES; do
       piece bench24 2 extra \
           EXTRA='timeout -k 10 '"$(within "${BENCH_S:-120}")"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 > $OUTD/bench_intranode.log 2>&1; echo "bench_intranode rc=$?"' ;;
     tier2) piece tier2 2 tests TIER_LIMIT_S="$(within "${TIER2_S:-320}")" ;;
+    copies)   # about 90 s: two benches of 3 kernels (25 - 30 s each) and the probe (15 s); the rows
+      # come back prefixed "COPIES " (the piece's summary keeps those lines)
+      lim=$(within "${COPIES_S:-150}" 3)
+      piece copies 2 extra \
+          EXTRA='for k in direct,direct-tma,direct-tma-grid direct-tma-grid,direct-tma,direct; do f=$OUTD/bench_${k//,/_}.log; timeout -k 10 '"$lim"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 --no-nccl --dispatch-kernels $k > $f 2>&1; echo "bench_intranode rc=$? ($k)"; echo "COPIES order $k"; grep -E "^ +24 " $f | cut -c1-76 | sed "s/^/COPIES /"; done; (cd scripts && timeout -k 10 '"$lim"' $PY bench_copy_paths.py --iters 12 --perm identity 2>&1 | grep -E "tma 2x8|tma 4x8|regs16 " | sed "s/^/COPIES probe /")' ;;
     tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-480}")" ;;
     deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
     # memcheck and synccheck: one small routing per mode, the receive hook and graph replay, on both
