@@ -359,21 +359,23 @@ struct RangeSplit {
         const int n = chunks > 1 ? n_first + (chunks - 2) * (kChunk / P) + rows_in(chunks - 1) : n_first;
         return {lo, P, w, n_first, n};
     }
-    // The publisher warp, local chunk i written (acquired by every lane): a whole chunk is published;
-    // a shared one is counted, and published by the block that arrives last.
+    // The publisher warp, local chunk i written (acquired by every lane): lane j publishes a whole
+    // chunk to peer j; a shared one is counted by lane 0, which, if its block arrived last, publishes
+    // it to every peer itself (it is the thread that observed the other blocks' arrivals, so its
+    // fences order their rows before the flags; a shuffle to other lanes would not).
     DEEPEP_DEVICE void publish(int i, int lane, const SendTargets& to, uint64_t seq) const {
-        bool publish = whole(i);
-        if (!publish) {
-            const int n_writers = writers(i, lane);
-            if (lane == 0) {
-                __threadfence_system();   // this block's part before the count
-                publish = arrive_shared_chunk(to.p.chunk_counters + chunk(i), seq, n_writers);
-                if (publish) __threadfence_system();   // the other blocks' parts before the flag
-            }
-            publish = __shfl_sync(0xffffffffu, publish, 0);
+        const int c = chunk(i), end = chunk_end_token(c, num_tokens);
+        if (whole(i)) {
+            if (lane < kNumRanks && lane != to.rank) to.publish(lane, c, c * kChunk, end, seq);
+            return;
         }
-        const int j = lane, c = chunk(i);
-        if (publish && j < kNumRanks && j != to.rank) to.publish(j, c, c * kChunk, chunk_end_token(c, num_tokens), seq);
+        const int n_writers = writers(i, lane);
+        if (lane != 0) return;
+        __threadfence_system();   // this block's part before the count
+        if (!arrive_shared_chunk(to.p.chunk_counters + c, seq, n_writers)) return;
+        __threadfence_system();   // the other blocks' parts before the flags
+        for (int j = 0; j < kNumRanks; ++j)
+            if (j != to.rank) to.publish(j, c, c * kChunk, end, seq);
     }
 };
 
@@ -430,11 +432,17 @@ struct GridSplit {
     }
 };
 
+// wait_block_geq for a whole-warp role, with one outcome for every lane: a lane that timed out must
+// not leave the others behind in the role's full-warp collectives (__syncwarp, ballots).
+DEEPEP_DEVICE bool warp_waits(const int* ptr, int v, const SendTargets& to) {
+    return __all_sync(0xffffffffu, wait_block_geq(ptr, v, to.p, to.rank));
+}
+
 template <typename Split>
 DEEPEP_DEVICE void tma_table_role(const SendTargets& to, TmaSendShared& sh, const Split& split, int lane) {
     for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
-        if (i >= kTmaSlots && !wait_block_geq(&sh.freed[slot], i - kTmaSlots + 1, to.p, to.rank)) return;
+        if (i >= kTmaSlots && !warp_waits(&sh.freed[slot], i - kTmaSlots + 1, to)) return;
         const int t = split.token(i, lane);
 #pragma unroll
         for (int j = 0; j < kNumRanks; ++j)
@@ -450,7 +458,7 @@ DEEPEP_DEVICE void tma_small_role(const SendTargets& to, TmaSendShared& sh, cons
                                   int num_role_warps, int lane) {
     for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
-        if (!wait_block_geq(&sh.ready[slot], i + 1, to.p, to.rank)) return;
+        if (!warp_waits(&sh.ready[slot], i + 1, to)) return;
         for (int l = role_warp; l < kChunk; l += num_role_warps) {
             const int t = split.token(i, l);
             if (t < 0) continue;
@@ -469,7 +477,7 @@ DEEPEP_DEVICE void tma_publisher_role(const SendTargets& to, TmaSendShared& sh, 
                                       int expected, int lane) {
     for (int i = 0; i < split.count(); ++i) {
         const int slot = i % kTmaSlots;
-        if (!wait_block_geq(&sh.count[slot], expected, to.p, to.rank)) return;
+        if (!warp_waits(&sh.count[slot], expected, to)) return;
         split.publish(i, lane, to, seq);
         __syncwarp();
         if (lane == 0) {

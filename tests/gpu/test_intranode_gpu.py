@@ -195,11 +195,12 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     within one operation) and with every receiver staged: all bit-exact against the reference
     (dispatch, combine, cached dispatch)."""
     kernels = buf._backend.intranode()
-    producers, stages, smem, split = kernels._copy_plan(hidden * 2)
+    row = hidden * (1 if fp8 else 2)   # the launched rows' bytes
+    producers, stages, smem, split = kernels._copy_plan(row)
     if dispatch_kernel == "direct":
         assert (producers, stages, smem, split) == (0, 0, 0, 0)
     elif dispatch_kernel.startswith("direct-tma"):   # every size here takes the TMA path
-        assert producers > 0 and stages >= 4 and smem == producers * stages * hidden * 2, (producers, stages)
+        assert producers > 0 and stages >= 4 and smem == producers * stages * row, (producers, stages)
         assert split == (dispatch_kernel == "direct-tma-grid"), split
     hold = None
     if arena_full_on == "all" or arena_full_on == buf.rank:   # the caller "keeps" the whole arena
@@ -224,20 +225,32 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
 
 
 @pytest.mark.parametrize("dispatch_kernel", ["direct-tma", "direct-tma-grid"], indirect=True)
-@pytest.mark.parametrize("tokens,num_sms,fp8", [(7, 24, False), (33, 4, True), (700, 34, False), (4096, 24, True)],
-                         ids=["7-tokens-24-blocks", "33-tokens-4-blocks", "700-tokens-34-blocks", "4096-tokens-24-blocks"])
-def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, fp8):
+@pytest.mark.parametrize("tokens,num_sms,hidden,fp8", [(7, 24, 6144, False), (33, 4, 2048, True),
+                                                       (129, 6, 6144, False), (700, 34, 2048, False),
+                                                       (4096, 24, 2048, True), (4096, 24, 6144, False)],
+                         ids=["7-tokens-24-blocks-P2", "33-tokens-4-blocks-P4", "129-tokens-6-blocks-P2",
+                              "700-tokens-34-blocks-P4", "4096-tokens-24-blocks-P4", "4096-tokens-24-blocks-P2"])
+def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, hidden, fp8):
     """The TMA path's splits: block ranges [b T / G, (b+1) T / G), whose chunks cut by a range boundary
     are written by several blocks and published by the last to arrive, and the grid stride (groups
     of P tokens dealt to the blocks in turn: every chunk written by many blocks). Fewer tokens than
     blocks (empty ranges between the writers of one chunk), a chunk split over many blocks, ranges
-    that do not fall on chunk boundaries, 33 tokens (the last group short of a producer): bit-exact,
-    twice in a row (the arrival counters carry over, tagged by the operation)."""
+    that do not fall on chunk boundaries, a last group short of a producer (129 and 33 tokens), and
+    blocks with more local chunks than shared-memory slots (4096 tokens), with 2 producers a block
+    (12 KiB rows) and 4 (2 KiB rows): bit-exact, twice in a row (the arrival counters carry over,
+    tagged by the operation), and the path the test names is the one that ran."""
     import deepep_cupy as ep
+    kernels = buf._backend.intranode()
+    row = hidden * (1 if fp8 else 2)
+    producers, _, _, split = kernels._copy_plan(row)
     problems = []
+    if producers != (2 if row > 8192 else 4) or split != (dispatch_kernel == "direct-tma-grid"):
+        problems.append(f"rank {buf.rank}: copy plan for {row}-byte rows: {producers} producers, split {split}")
     for rep in range(2):
-        problems += run_case(buf, 4100 + tokens + num_sms + rep, tokens, 2048, 8, 64, "random", fp8=fp8,
+        problems += run_case(buf, 4100 + tokens + num_sms + hidden + rep, tokens, hidden, 8, 64, "random", fp8=fp8,
                              with_weights=True, use_cached=not fp8, config=ep.Config(num_sms=num_sms))
+        if not kernels.last_dispatch_direct:
+            problems.append(f"rank {buf.rank}: the dispatch did not take the direct kernel")
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
 
 
