@@ -77,13 +77,14 @@ DEEPEP_PARAMS_CHECK(DirectDispatchParams, 32);
 using deepep::ld_nc_16;   // common/utils.cuh
 
 // One warp copies `n16` 16-byte words from `src` to every non-null dst[j]: each load once, all
-// kCopyUnroll loads of a lane in flight before their stores.
+// kUnroll (kCopyUnroll, or 8 for the "registers8" entry point) loads of a lane in flight before their stores.
+template <int kUnroll>
 DEEPEP_DEVICE void copy_row_to_all(const int4* __restrict__ src, int4* const (&dst)[kNumRanks], int n16,
                                    int lane) {
-    for (int i0 = 0; i0 < n16; i0 += kCopyUnroll * kWarpSize) {
-        int4 v[kCopyUnroll];
+    for (int i0 = 0; i0 < n16; i0 += kUnroll * kWarpSize) {
+        int4 v[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
             const int i = i0 + u * kWarpSize + lane;
             if (i < n16) v[u] = ld_nc_16(src + i);
         }
@@ -91,7 +92,7 @@ DEEPEP_DEVICE void copy_row_to_all(const int4* __restrict__ src, int4* const (&d
         for (int j = 0; j < kNumRanks; ++j) {
             if (dst[j] == nullptr) continue;
 #pragma unroll
-            for (int u = 0; u < kCopyUnroll; ++u) {
+            for (int u = 0; u < kUnroll; ++u) {
                 const int i = i0 + u * kWarpSize + lane;
                 if (i < n16) dst[j][i] = v[u];
             }
@@ -593,7 +594,7 @@ DEEPEP_DEVICE void SendTargets::send_small(int t, const long long (&rows)[kNumRa
 // points, so that each path gets its own register allocation: the register path's 16 loads in
 // flight take 126 of the 128 registers a thread may have at 2 ranks, and the TMA roles in the same
 // function pushed it into spills.
-template <bool kTma>
+template <bool kTma, int kUnroll = kCopyUnroll>
 DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
     const Layout layout = *p.layout;
@@ -700,7 +701,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
                 const ScaleWords head = scale_bytes ? ScaleWords::load(scales, scale_words, lane) : ScaleWords{0, 0};
                 const int64_t e = (with_topk && lane < num_topk) ? __ldg(p.topk_idx + static_cast<long long>(t) * num_topk + lane) : -1;
                 const float w = (with_weights && lane < num_topk) ? __ldg(p.topk_weights + static_cast<long long>(t) * num_topk + lane) : 0.0f;
-                copy_row_to_all(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
+                copy_row_to_all<kUnroll>(reinterpret_cast<const int4*>(p.x + static_cast<long long>(t) * hidden_bytes), dx,
                                 hidden_bytes >> 4, lane);
                 if (scale_bytes) {
                     head.store(dscale, scale_words, lane);
@@ -788,4 +789,10 @@ extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct(c
 }
 extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_tma(const DirectDispatchParams p) {
     dispatch_direct<true>(p);
+}
+// settings.intranode_copy = "registers8": the register path with 8 loads a lane in flight (the
+// default's kCopyUnroll is 16 at 2 ranks; the copy probe had 8 about 3 % faster there). At 4 and 8
+// ranks it is the default's code.
+extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_r8(const DirectDispatchParams p) {
+    dispatch_direct<false, 8>(p);
 }

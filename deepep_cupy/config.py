@@ -103,7 +103,9 @@ class Settings:
             warps a block over a balanced token range, while the other warps move the scales and
             top-k data (level with registers, not faster yet: docs/performance.md); "tma-grid": the
             same with each producer's rows strided over the whole grid (the split the copy probe
-            found fastest; docs/intranode.md) ($DEEPEP_CUPY_INTRANODE_COPY).
+            found fastest; docs/intranode.md); "registers8": the register path with 8 loads a lane
+            in flight instead of 16 at 2 ranks (the same code at more ranks)
+            ($DEEPEP_CUPY_INTRANODE_COPY).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(

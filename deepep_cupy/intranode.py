@@ -43,8 +43,9 @@ MAX_LOCAL_EXPERTS = 1022     # notify slot: 2 counts + per-expert counts
 NOTIFY_THREADS = 1024
 DATA_THREADS = 512
 TMA_MAX_STAGES = 16          # cuda_src/intranode_direct.cuh kTmaMaxStages
-# settings.intranode_copy: register copies, TMA over balanced block ranges, TMA grid-strided
-COPY_PATHS = ("registers", "tma", "tma-grid")
+# settings.intranode_copy: register copies (16 loads a lane in flight at 2 ranks, 8 at more; 8 always
+# with "registers8"), TMA over balanced block ranges, TMA grid-strided
+COPY_PATHS = ("registers", "registers8", "tma", "tma-grid")
 _ALIGN = 256
 
 
@@ -272,7 +273,8 @@ def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
     """The JIT instance of cuda_src/intranode.cu for a team of ``num_ranks`` ranks; ``puts`` selects
     the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores,
     which alone has the direct (one-copy) dispatch."""
-    direct = [] if puts else ["intranode_dispatch_direct", "intranode_dispatch_direct_tma"]
+    direct = [] if puts else ["intranode_dispatch_direct", "intranode_dispatch_direct_tma",
+                              "intranode_dispatch_direct_r8"]
     return jit.KernelSpec.make(
         "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch"] + direct +
         ["intranode_combine_bf16", "intranode_combine_f32"],
@@ -519,7 +521,7 @@ class IntranodeKernels:
             raise DeepEPInvalid(f"settings.intranode_copy: expected one of {', '.join(map(repr, COPY_PATHS))}, got "
                                 f"{settings.intranode_copy!r}")
         plan = (0, 0, 0, 0)
-        if settings.intranode_copy != "registers":
+        if settings.intranode_copy.startswith("tma"):
             producers, stages = tma_plan(hidden_bytes, self._tma_smem_limit())
             # the kernel's roles: producers divide a chunk's 32 tokens; rings of 2 .. 16 rows
             assert producers == 0 or (CHUNK_TOKENS % producers == 0 and 2 <= stages <= TMA_MAX_STAGES), plan
@@ -568,8 +570,11 @@ class IntranodeKernels:
         with stream:
             if bump_seq:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            # the TMA path is an entry point of its own (its own register allocation)
-            kernel = "intranode_dispatch_direct_tma" if producers > 0 else "intranode_dispatch_direct"
+            # the TMA path is an entry point of its own (its own register allocation), and so is the
+            # register path with 8 loads in flight
+            kernel = ("intranode_dispatch_direct_tma" if producers > 0 else
+                      "intranode_dispatch_direct_r8" if settings.intranode_copy == "registers8" else
+                      "intranode_dispatch_direct")
             self.module[kernel]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
 
     def _dispatch_direct(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream, row_bytes: int,

@@ -66,10 +66,12 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pul
 
 
 def use_dispatch_kernel(settings, kind: str) -> None:
-    """Select a --dispatch-kernels entry: "direct", "direct-tma" / "direct-tma-grid" (the direct kernel
-    with TMA bulk copies over block ranges / grid-strided, settings.intranode_copy) or "staged"."""
+    """Select a --dispatch-kernels entry: "direct", "direct-regs8" (its register copies with 8 loads a
+    lane in flight), "direct-tma" / "direct-tma-grid" (the direct kernel with TMA bulk copies over
+    block ranges / grid-strided; all settings.intranode_copy) or "staged"."""
     settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
-    settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid"}.get(kind, "registers")
+    settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid",
+                               "direct-regs8": "registers8"}.get(kind, "registers")
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):

@@ -14,8 +14,9 @@
 #   tier4       the same at 4 ranks
 #   deadrank    the dead-rank tests (each launches its own 2- and 4-rank groups)
 #   sanitizers  compute-sanitizer memcheck and synccheck over 12 small low-latency tests, racecheck over 4, 1 rank
-#   copies      the direct dispatch's copy paths side by side at 2 ranks, 24 SMs: registers, TMA over
-#               block ranges, TMA grid-strided, in both orders (one process each), then the copy probe
+#   copies      the direct dispatch's copy paths side by side at 2 ranks, 24 SMs: registers (16 and 8
+#               loads in flight), TMA over block ranges, TMA grid-strided, in both orders (one process
+#               each), then the copy probe
 # Each piece is one scripts/gpu_machine.sh invocation (it starts and stops CUDA MPS for its rank
 # count) with its own log folder $OUT/<piece>, and a time limit of its own (the *_S variables
 # below), so a slow piece cannot eat the next one's time, and every limit is cut to what is left of
@@ -65,7 +66,7 @@ for p in $PIECES; do
       # come back prefixed "COPIES " (the piece's summary keeps those lines)
       lim=$(within "${COPIES_S:-150}" 3)
       piece copies 2 extra \
-          EXTRA='for k in direct,direct-tma,direct-tma-grid direct-tma-grid,direct-tma,direct; do f=$OUTD/bench_${k//,/_}.log; timeout -k 10 '"$lim"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 --no-nccl --dispatch-kernels $k > $f 2>&1; echo "bench_intranode rc=$? ($k)"; echo "COPIES order $k"; grep -E "^ +24 " $f | cut -c1-96 | sed "s/^/COPIES /"; done; (cd scripts && timeout -k 10 '"$lim"' $PY bench_copy_paths.py --iters 12 --perm identity 2>&1 | grep -E "tma 2x8|tma 4x8|regs16 " | sed "s/^/COPIES probe /")' ;;
+          EXTRA='for k in direct,direct-regs8,direct-tma,direct-tma-grid direct-tma-grid,direct-tma,direct-regs8,direct; do f=$OUTD/bench_${k//,/_}.log; timeout -k 10 '"$lim"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 --no-nccl --dispatch-kernels $k > $f 2>&1; echo "bench_intranode rc=$? ($k)"; echo "COPIES order $k"; grep -E "^ +24 " $f | cut -c1-96 | sed "s/^/COPIES /"; done; (cd scripts && timeout -k 10 '"$lim"' $PY bench_copy_paths.py --iters 12 --perm identity 2>&1 | grep -E "tma 2x8|tma 4x8|regs16 " | sed "s/^/COPIES probe /")' ;;
     tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-480}")" ;;
     deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
     # memcheck and synccheck: one small routing per mode, the receive hook and graph replay, on both

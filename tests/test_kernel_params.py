@@ -30,6 +30,7 @@ HOST_STRUCTS = {s.name: s for s in (
     LAYOUT_PARAMS)}
 # the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
 KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_dispatch_direct_tma": "DirectDispatchParams",
+           "intranode_dispatch_direct_r8": "DirectDispatchParams",
            "intranode_notify": "NotifyParams",
            "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
            "intranode_combine_f32": "CombineParams", "ll_dispatch_send": "LLDispatchSendParams",
@@ -281,7 +282,7 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
     assert kernels.last_dispatch_direct is True
 
 
-@pytest.mark.parametrize("copy", ["tma", "tma-grid", "registers"])
+@pytest.mark.parametrize("copy", ["tma", "tma-grid", "registers", "registers8"])
 def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
     """settings.intranode_copy picks the direct kernel's copy path per call: "registers" packs zero
     producers and no shared memory, "tma" the block-range split and "tma-grid" the grid-strided one;
@@ -294,15 +295,16 @@ def test_direct_dispatch_copy_setting(kernels, monkeypatch, copy):
                            contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     (launch,) = kernels.module.launches
     words = unpack(DIRECT_PARAMS, launch)
-    want = (0, 0) if copy == "registers" else (4, 16)   # 2 KiB rows: 4 producers, the deepest ring
+    want = (0, 0) if copy.startswith("registers") else (4, 16)   # 2 KiB rows: 4 producers, the deepest ring
     assert (words["tma_producers"], words["tma_stages"]) == want
     assert words["tma_split"] == (copy == "tma-grid")
     assert launch[4] == {"shared_mem": want[0] * want[1] * H}
     # the TMA path has an entry point of its own
-    assert launch[0] == ("intranode_dispatch_direct" if copy == "registers" else "intranode_dispatch_direct_tma")
+    assert launch[0] == {"registers": "intranode_dispatch_direct", "registers8": "intranode_dispatch_direct_r8"}.get(
+        copy, "intranode_dispatch_direct_tma")
     monkeypatch.setattr(settings, "intranode_copy", "bulk")
     kernels.module.launches.clear()
-    with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected one of 'registers', 'tma', 'tma-grid', got 'bulk'"):
+    with pytest.raises(DeepEPInvalid, match="settings.intranode_copy: expected one of 'registers', 'registers8', 'tma', 'tma-grid', got 'bulk'"):
         kernels._launch_direct(DispatchPayload(x), DataPlan(None, send_pos, recv_info, T, 256), outputs, True, 8,
                                contextlib.nullcontext(), row_bytes=2064, slot_rows=64, bump_seq=False)
     assert kernels.module.launches == []

@@ -169,11 +169,12 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
 def dispatch_kernel(request):
     """settings.intranode_dispatch (and intranode_copy: "direct-tma" is the direct kernel with TMA
     bulk copies over block ranges, "direct-tma-grid" with TMA grid-strided, "direct" its default
-    register copies) for one test, restored afterwards."""
+    register copies, "direct-regs8" those with 8 loads a lane in flight) for one test, restored afterwards."""
     import deepep_cupy as ep
     old = ep.settings.intranode_dispatch, ep.settings.intranode_copy
     ep.settings.intranode_dispatch = "direct" if request.param.startswith("direct") else request.param
-    ep.settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid"}.get(request.param, "registers")
+    ep.settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid",
+                                  "direct-regs8": "registers8"}.get(request.param, "registers")
     yield request.param
     ep.settings.intranode_dispatch, ep.settings.intranode_copy = old
 
@@ -181,11 +182,11 @@ def dispatch_kernel(request):
 @pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
                                                            ("direct", "all"), ("direct-tma", None),
                                                            ("direct-tma", 0), ("direct-tma-grid", None),
-                                                           ("direct-tma-grid", 0)],
+                                                           ("direct-tma-grid", 0), ("direct-regs8", None)],
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
                                                             "direct-all-arenas-full", "direct-tma",
                                                             "direct-tma-rank0-arena-full", "direct-tma-grid",
-                                                            "direct-tma-grid-rank0-arena-full"])
+                                                            "direct-tma-grid-rank0-arena-full", "direct-regs8"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
                                                     (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
                                                     (129, 9216, "random", True)])   # 72 scale words a row
@@ -197,7 +198,7 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     kernels = buf._backend.intranode()
     row = hidden * (1 if fp8 else 2)   # the launched rows' bytes
     producers, stages, smem, split = kernels._copy_plan(row)
-    if dispatch_kernel == "direct":
+    if dispatch_kernel in ("direct", "direct-regs8"):
         assert (producers, stages, smem, split) == (0, 0, 0, 0)
     elif dispatch_kernel.startswith("direct-tma"):   # every size here takes the TMA path
         assert producers > 0 and stages >= 4 and smem == producers * stages * row, (producers, stages)
