@@ -208,13 +208,14 @@ struct SendTargets {
     }
     // One warp: token t's scales (FP8) and top-k data to every destination whose row is rows[j] >= 0.
     DEEPEP_DEVICE void send_small(int t, const long long (&rows)[kNumRanks], int lane) const;
-    // The thread for peer j != rank, once chunk c (tokens [t0, t1)) is written everywhere: for a
-    // staged peer the chunk's row range (it copies them out), then the flag, each after a system fence
-    // (which orders every row this block wrote before it: the caller synchronised with the writers).
-    DEEPEP_DEVICE void publish(int j, int c, int t0, int t1, uint64_t seq) const {
+    // The thread for peer j != rank, once chunk c is written everywhere: for a staged peer the
+    // chunk's row range (it copies them out), then the flag, each after a system fence (which orders
+    // every row this block wrote before it: the caller synchronised with the writers).
+    DEEPEP_DEVICE void publish(int j, int c, uint64_t seq) const {
         if (dest[j].mode == kModeStaged) {
             int first = 0, count = 0;
-            for (int t = t0; t < t1; ++t) {
+            const int t_end = min(static_cast<int>(p.num_tokens), (c + 1) * kChunk);
+            for (int t = c * kChunk; t < t_end; ++t) {
                 const int q = p.send_pos[static_cast<long long>(t) * kNumRanks + j];
                 if (q >= 0) {
                     if (count == 0) first = q;
@@ -229,6 +230,12 @@ struct SendTargets {
         __threadfence_system();
         st_release_sys_u64(at<uint64_t>(peers.base[j], layout.dispatch_flags) + rank * layout.max_chunks + c, seq);
     }
+    // One thread of each writer of a chunk that several write, after a system fence that orders its
+    // part before: counts the arrival at chunk_counters[c] (arrive_shared_chunk below) and, in the
+    // last of `writers` to arrive, publishes the chunk to every peer itself. That thread observed the
+    // other writers' arrivals, so its fences order their rows before the flags; a shuffle of the
+    // outcome to other lanes would not, in the PTX memory model.
+    DEEPEP_DEVICE void publish_when_last(int c, int writers, uint64_t seq) const;
 };
 
 // ---- TMA send path ----------------------------------------------------------------------------
@@ -303,6 +310,13 @@ DEEPEP_DEVICE bool arrive_shared_chunk(unsigned long long* counter, uint64_t seq
     }
 }
 
+DEEPEP_DEVICE void SendTargets::publish_when_last(int c, int writers, uint64_t seq) const {
+    if (!arrive_shared_chunk(p.chunk_counters + c, seq, writers)) return;
+    __threadfence_system();   // the other writers' parts before the flags
+    for (int j = 0; j < kNumRanks; ++j)
+        if (j != rank) publish(j, c, seq);
+}
+
 // Tokens [c kChunk, end) of global chunk c.
 DEEPEP_DEVICE int chunk_end_token(int c, int num_tokens) { return min(num_tokens, (c + 1) * kChunk); }
 
@@ -341,44 +355,43 @@ struct RangeSplit {
     // Producer w: rows w, w + P, ... of each local chunk. Only the first and the last local chunk can
     // be partial, so its rows are n_first of chunk 0, then kChunk / P of each middle chunk, then those
     // of the last.
-    struct ProducerRows {   // (values, not a reference to the split: fewer live registers)
-        int lo, P, w, n_first, n;
-        DEEPEP_DEVICE int per_chunk() const { return kChunk / P; }
-        DEEPEP_DEVICE int rows() const { return n; }
-        DEEPEP_DEVICE int chunk_of(int q) const { return q < n_first ? 0 : 1 + (q - n_first) / per_chunk(); }
-        DEEPEP_DEVICE int index_of(int q) const { return w + (q < n_first ? q : (q - n_first) % per_chunk()) * P; }
-        DEEPEP_DEVICE int token_of(int q) const { return max(lo, (lo / kChunk + chunk_of(q)) * kChunk) + index_of(q); }
-        DEEPEP_DEVICE int rows_through(int i) const { return i == 0 ? n_first : min(n, n_first + i * per_chunk()); }
-    };
-    DEEPEP_DEVICE ProducerRows producer(int w) const {
-        auto rows_in = [&](int i) {
-            const int len = end_token(i) - first_token(i);
-            return len > w ? (len - w + P - 1) / P : 0;
-        };
-        const int chunks = count();
-        const int n_first = chunks > 0 ? rows_in(0) : 0;
-        const int n = chunks > 1 ? n_first + (chunks - 2) * (kChunk / P) + rows_in(chunks - 1) : n_first;
-        return {lo, P, w, n_first, n};
-    }
+    struct ProducerRows;   // (below: it holds a copy of the split)
+    DEEPEP_DEVICE ProducerRows producer(int w) const;
     // The publisher warp, local chunk i written (acquired by every lane): lane j publishes a whole
-    // chunk to peer j; a shared one is counted by lane 0, which, if its block arrived last, publishes
-    // it to every peer itself (it is the thread that observed the other blocks' arrivals, so its
-    // fences order their rows before the flags; a shuffle to other lanes would not).
+    // chunk to peer j; a shared one lane 0 counts, publishing it if its block arrived last.
     DEEPEP_DEVICE void publish(int i, int lane, const SendTargets& to, uint64_t seq) const {
-        const int c = chunk(i), end = chunk_end_token(c, num_tokens);
+        const int c = chunk(i);
         if (whole(i)) {
-            if (lane < kNumRanks && lane != to.rank) to.publish(lane, c, c * kChunk, end, seq);
+            if (lane < kNumRanks && lane != to.rank) to.publish(lane, c, seq);
             return;
         }
         const int n_writers = writers(i, lane);
         if (lane != 0) return;
         __threadfence_system();   // this block's part before the count
-        if (!arrive_shared_chunk(to.p.chunk_counters + c, seq, n_writers)) return;
-        __threadfence_system();   // the other blocks' parts before the flags
-        for (int j = 0; j < kNumRanks; ++j)
-            if (j != to.rank) to.publish(j, c, c * kChunk, end, seq);
+        to.publish_when_last(c, n_writers, seq);
     }
 };
+
+struct RangeSplit::ProducerRows {
+    RangeSplit s;
+    int w, n_first, n;
+    DEEPEP_DEVICE int per_chunk() const { return kChunk / s.P; }
+    DEEPEP_DEVICE int rows() const { return n; }
+    DEEPEP_DEVICE int chunk_of(int q) const { return q < n_first ? 0 : 1 + (q - n_first) / per_chunk(); }
+    DEEPEP_DEVICE int index_of(int q) const { return w + (q < n_first ? q : (q - n_first) % per_chunk()) * s.P; }
+    DEEPEP_DEVICE int token_of(int q) const { return s.first_token(chunk_of(q)) + index_of(q); }
+    DEEPEP_DEVICE int rows_through(int i) const { return i == 0 ? n_first : min(n, n_first + i * per_chunk()); }
+};
+DEEPEP_DEVICE RangeSplit::ProducerRows RangeSplit::producer(int w) const {
+    auto rows_in = [&](int i) {
+        const int len = end_token(i) - first_token(i);
+        return len > w ? (len - w + P - 1) / P : 0;
+    };
+    const int chunks = count();
+    const int n_first = chunks > 0 ? rows_in(0) : 0;
+    const int n = chunks > 1 ? n_first + (chunks - 2) * (kChunk / P) + rows_in(chunks - 1) : n_first;
+    return {*this, w, n_first, n};
+}
 
 // settings.intranode_copy = "tma-grid": tokens in groups of P (the block's producer count) dealt to
 // the blocks in turn: group m of block b is tokens [(m G + b) P, +P). Local chunk i is the block's
@@ -401,37 +414,32 @@ struct GridSplit {
         const int t = m < groups ? group_first(m) + l % P : num_tokens;
         return t < num_tokens ? t : -1;
     }
-    struct ProducerRows {
-        int P, w, n;
-        DEEPEP_DEVICE int batch() const { return kChunk / P; }
-        DEEPEP_DEVICE int rows() const { return n; }
-        DEEPEP_DEVICE int chunk_of(int q) const { return q / batch(); }
-        DEEPEP_DEVICE int index_of(int q) const { return w + (q % batch()) * P; }
-        DEEPEP_DEVICE int token_of(int q) const { return (q * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x)) * P + w; }
-        DEEPEP_DEVICE int rows_through(int i) const { return min(n, (i + 1) * batch()); }
-    };
+    struct ProducerRows;   // (below: it holds a copy of the split)
     // every group of the block but a last one (the grid's last, when P does not divide T) too short for w
-    DEEPEP_DEVICE ProducerRows producer(int w) const {
-        return {P, w, groups == 0 || group_first(groups - 1) + w < num_tokens ? groups : groups - 1};
-    }
+    DEEPEP_DEVICE ProducerRows producer(int w) const;
     // The publisher warp, local chunk i written (acquired by every lane): lane g arrives for the
     // chunk's g-th group, and publishes that group's global chunk if it arrived last.
     DEEPEP_DEVICE void publish(int i, int lane, const SendTargets& to, uint64_t seq) const {
         const int m = i * batch() + lane;
-        const bool mine = lane < batch() && m < groups;
-        const int c = mine ? group_first(m) / kChunk : 0;
-        __threadfence_system();   // (every lane) this block's groups before their counts
-        bool last = false;
-        if (mine) {
-            const int writers = (chunk_end_token(c, num_tokens) - c * kChunk + P - 1) / P;
-            last = arrive_shared_chunk(to.p.chunk_counters + c, seq, writers);
-        }
-        if (__any_sync(0xffffffffu, last)) __threadfence_system();   // the other blocks' groups before the flags
-        if (last)
-            for (int j = 0; j < kNumRanks; ++j)
-                if (j != to.rank) to.publish(j, c, c * kChunk, chunk_end_token(c, num_tokens), seq);
+        if (lane >= batch() || m >= groups) return;
+        const int c = group_first(m) / kChunk;
+        __threadfence_system();   // this block's group before its count
+        to.publish_when_last(c, (chunk_end_token(c, num_tokens) - c * kChunk + P - 1) / P, seq);
     }
 };
+
+struct GridSplit::ProducerRows {
+    GridSplit s;
+    int w, n;
+    DEEPEP_DEVICE int rows() const { return n; }
+    DEEPEP_DEVICE int chunk_of(int q) const { return q / s.batch(); }
+    DEEPEP_DEVICE int index_of(int q) const { return w + (q % s.batch()) * s.P; }
+    DEEPEP_DEVICE int token_of(int q) const { return s.group_first(q) + w; }
+    DEEPEP_DEVICE int rows_through(int i) const { return min(n, (i + 1) * s.batch()); }
+};
+DEEPEP_DEVICE GridSplit::ProducerRows GridSplit::producer(int w) const {
+    return {*this, w, groups == 0 || group_first(groups - 1) + w < num_tokens ? groups : groups - 1};
+}
 
 // wait_block_geq for a whole-warp role, with one outcome for every lane: a lane that timed out must
 // not leave the others behind in the role's full-warp collectives (__syncwarp, ballots).
@@ -511,7 +519,8 @@ DEEPEP_DEVICE void tma_producer_role(const SendTargets& to, TmaSendShared& sh, c
     // write the ring and its barriers, and read this rank's own x, so they complete)
     auto wait_ready = [&](int i) {
         if (wait_block_geq(&sh.ready[i % kTmaSlots], i + 1, p, to.rank)) return true;
-        for (int kk = max(0, loaded - stages); kk < loaded; ++kk) deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
+        for (int kk = max(0, loaded - stages); kk < loaded; ++kk)
+            deepep::tma::wait_barrier(bars + kk % stages, (kk / stages) & 1);
         deepep::tma::wait_done<0>();
         return false;
     };
@@ -714,7 +723,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
             __syncthreads();
             // publish the chunk to every peer j (thread j)
             if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank)
-                to.publish(threadIdx.x, c, c * kChunk, t_end, seq);
+                to.publish(threadIdx.x, c, seq);
         }
     }
 
