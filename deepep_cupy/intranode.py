@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -73,6 +73,17 @@ def tma_plan(hidden_bytes: int, smem_bytes: int) -> tuple:
         if stages >= 4 or (producers == 1 and stages >= 2):
             return producers, stages
     return 0, 0
+
+
+class CopyPlan(NamedTuple):
+    """How the direct dispatch moves rows of one size under one ``settings.intranode_copy``: the
+    kernel to launch, and for the TMA path its producer warps a block, ring stages, dynamic shared
+    bytes and split (1: grid-strided, 0: block ranges); zeros for the register paths."""
+    kernel: str
+    producers: int = 0
+    stages: int = 0
+    smem: int = 0
+    split: int = 0
 
 
 def combine_row_bytes(hidden_bytes: int, num_topk: int) -> int:
@@ -357,7 +368,7 @@ class IntranodeKernels:
         self.peer_bases = cupy.asarray(np.array(bases, dtype=np.uint64))
         self.arena = None
         self.last_dispatch_direct = False    # whether the last dispatch wrote its outputs in place (tests)
-        self._copy_plans = {}                # (hidden bytes, settings.intranode_copy) -> _copy_plan
+        self._copy_plans = {}                # (hidden bytes, settings.intranode_copy) -> CopyPlan
         self.last_combine_pull = False       # whether peers read the last combine's x in place (tests)
         # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
         # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
@@ -508,11 +519,11 @@ class IntranodeKernels:
                 None if topk_weights is None else ((num_rows, num_topk), cupy.float32),
                 None if cached else ((num_rows,), cupy.int32)]
 
-    def _copy_plan(self, hidden_bytes: int) -> tuple:
-        """(TMA producers, stages, dynamic shared bytes, split) of the direct dispatch for rows of
-        ``hidden_bytes`` under ``settings.intranode_copy``; (0, 0, 0, 0) is the register path, split 1
-        the grid-strided one ("tma-grid"). Worked out once per row size and setting (it reads kernel
-        and device attributes)."""
+    def _copy_plan(self, hidden_bytes: int) -> CopyPlan:
+        """The direct dispatch's CopyPlan for rows of ``hidden_bytes`` under
+        ``settings.intranode_copy``: the register kernel (16 or 8 loads a lane in flight), or the TMA
+        kernel with its producers, stages and split, or the register kernel where TMA rows do not
+        fit. Worked out once per row size and setting (it reads kernel and device attributes)."""
         key = (hidden_bytes, settings.intranode_copy)
         plan = self._copy_plans.get(key)
         if plan is not None:
@@ -520,14 +531,19 @@ class IntranodeKernels:
         if settings.intranode_copy not in COPY_PATHS:
             raise DeepEPInvalid(f"settings.intranode_copy: expected one of {', '.join(map(repr, COPY_PATHS))}, got "
                                 f"{settings.intranode_copy!r}")
-        plan = (0, 0, 0, 0)
+        # the TMA path and the register path with 8 loads in flight are entry points of their own
+        # (each its own register allocation)
+        plan = CopyPlan("intranode_dispatch_direct_r8" if settings.intranode_copy == "registers8"
+                        else "intranode_dispatch_direct")
         if settings.intranode_copy.startswith("tma"):
             producers, stages = tma_plan(hidden_bytes, self._tma_smem_limit())
             # the kernel's roles: producers divide a chunk's 32 tokens; rings of 2 .. 16 rows
-            assert producers == 0 or (CHUNK_TOKENS % producers == 0 and 2 <= stages <= TMA_MAX_STAGES), plan
-            plan = (producers, stages, producers * stages * hidden_bytes,
-                    int(producers > 0 and settings.intranode_copy == "tma-grid"))
-            self._allow_dynamic_smem(plan[2])
+            assert producers == 0 or (CHUNK_TOKENS % producers == 0 and 2 <= stages <= TMA_MAX_STAGES), \
+                (producers, stages)
+            if producers > 0:
+                plan = CopyPlan("intranode_dispatch_direct_tma", producers, stages, producers * stages * hidden_bytes,
+                                int(settings.intranode_copy == "tma-grid"))
+                self._allow_dynamic_smem(plan.smem)
         self._copy_plans[key] = plan
         return plan
 
@@ -552,7 +568,7 @@ class IntranodeKernels:
         x, x_scales, topk_idx, topk_weights = payload
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         hidden_bytes = x.shape[1] * x.itemsize
-        producers, stages, smem, split = self._copy_plan(hidden_bytes)
+        copy = self._copy_plan(hidden_bytes)
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
@@ -564,18 +580,13 @@ class IntranodeKernels:
             num_topk=0 if topk_idx is None else topk_idx.shape[1],
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
             num_local_experts=plan.num_experts // self.num_ranks, num_worst_tokens=plan.num_worst_tokens,
-            rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=producers,
-            tma_stages=stages, chunk_counters=self.chunk_counters, tma_split=split)
+            rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=copy.producers,
+            tma_stages=copy.stages, chunk_counters=self.chunk_counters, tma_split=copy.split)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
                 self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
-            # the TMA path is an entry point of its own (its own register allocation), and so is the
-            # register path with 8 loads in flight
-            kernel = ("intranode_dispatch_direct_tma" if producers > 0 else
-                      "intranode_dispatch_direct_r8" if settings.intranode_copy == "registers8" else
-                      "intranode_dispatch_direct")
-            self.module[kernel]((num_sms,), (DATA_THREADS,), (params,), shared_mem=smem)
+            self.module[copy.kernel]((num_sms,), (DATA_THREADS,), (params,), shared_mem=copy.smem)
 
     def _dispatch_direct(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream, row_bytes: int,
                          slot_rows: int) -> DispatchOutputs:
