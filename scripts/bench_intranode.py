@@ -66,12 +66,12 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pul
 
 
 def use_dispatch_kernel(settings, kind: str) -> None:
-    """Select a --dispatch-kernels entry: "direct", "direct-regs8" (its register copies with 8 loads a
-    lane in flight), "direct-tma" / "direct-tma-grid" (the direct kernel with TMA bulk copies over
-    block ranges / grid-strided; all settings.intranode_copy) or "staged"."""
+    """Select a --dispatch-kernels entry: "staged", "direct" (the direct kernel, register copies) or
+    "direct-<path>", the direct kernel with settings.intranode_copy = <path>: "direct-registers8"
+    (8 loads a lane in flight), "direct-tma" / "direct-tma-grid" (TMA bulk copies over block ranges /
+    grid-strided)."""
     settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
-    settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid",
-                               "direct-regs8": "registers8"}.get(kind, "registers")
+    settings.intranode_copy = kind.removeprefix("direct-") if kind.startswith("direct-") else "registers"
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
@@ -114,10 +114,10 @@ def main():
     ap.add_argument("--no-nccl", action="store_true")
     ap.add_argument("--dispatch-kernels", default="direct,direct-tma,direct-tma-grid,staged",
                     help="dispatch kernels to time side by side (one node only): direct (one copy per "
-                         "row into the receivers' arenas, 16-byte register copies), direct-tma and "
-                         "direct-tma-grid (the same kernel with TMA bulk copies over block ranges / "
-                         "grid-strided: settings.intranode_copy) and staged (the "
-                         "earlier kernel, two copies); the first is also the one combine follows")
+                         "row into the receivers' arenas, 16-byte register copies), direct-<path> (the "
+                         "same kernel with settings.intranode_copy = <path>: direct-registers8, "
+                         "direct-tma, direct-tma-grid) and staged (the earlier kernel, two copies); "
+                         "the first is also the one combine follows")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks per node; fewer than the rank count benchmarks the hierarchical "
                          "(internode) path with the ranks split into nodes of this many "

@@ -66,7 +66,7 @@ for p in $PIECES; do
       # come back prefixed "COPIES " (the piece's summary keeps those lines)
       lim=$(within "${COPIES_S:-150}" 3)
       piece copies 2 extra \
-          EXTRA='for k in direct,direct-regs8,direct-tma,direct-tma-grid direct-tma-grid,direct-tma,direct-regs8,direct; do f=$OUTD/bench_${k//,/_}.log; timeout -k 10 '"$lim"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 --no-nccl --dispatch-kernels $k > $f 2>&1; echo "bench_intranode rc=$? ($k)"; echo "COPIES order $k"; grep -E "^ +24 " $f | cut -c1-96 | sed "s/^/COPIES /"; done; (cd scripts && timeout -k 10 '"$lim"' $PY bench_copy_paths.py --iters 12 --perm identity 2>&1 | grep -E "tma 2x8|tma 4x8|regs16 |regs8 " | sed "s/^/COPIES probe /")' ;;
+          EXTRA='for k in direct,direct-registers8,direct-tma,direct-tma-grid direct-tma-grid,direct-tma,direct-registers8,direct; do f=$OUTD/bench_${k//,/_}.log; timeout -k 10 '"$lim"' $MPIRUN -n 2 $PY scripts/bench_intranode.py --sms 24 --iters 40 --no-nccl --dispatch-kernels $k > $f 2>&1; echo "bench_intranode rc=$? ($k)"; echo "COPIES order $k"; grep -E "^ +24 " $f | cut -c1-96 | sed "s/^/COPIES /"; done; (cd scripts && timeout -k 10 '"$lim"' $PY bench_copy_paths.py --iters 12 --perm identity 2>&1 | grep -E "tma 2x8|tma 4x8|regs16 |regs8 " | sed "s/^/COPIES probe /")' ;;
     tier4) piece tier4 4 tests TIER_LIMIT_S="$(within "${TIER4_S:-480}")" ;;
     deadrank) piece deadrank 2 deadrank DEADRANK_LIMIT_S="$(within "${DEADRANK_S:-260}")" ;;
     # memcheck and synccheck: one small routing per mode, the receive hook and graph replay, on both

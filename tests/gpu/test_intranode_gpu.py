@@ -167,14 +167,14 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
 
 @pytest.fixture
 def dispatch_kernel(request):
-    """settings.intranode_dispatch (and intranode_copy: "direct-tma" is the direct kernel with TMA
-    bulk copies over block ranges, "direct-tma-grid" with TMA grid-strided, "direct" its default
-    register copies, "direct-regs8" those with 8 loads a lane in flight) for one test, restored afterwards."""
+    """settings.intranode_dispatch (and intranode_copy: "direct-<path>" is the direct kernel with
+    intranode_copy = <path>, e.g. "direct-tma" TMA bulk copies over block ranges, "direct" its
+    default register copies) for one test, restored afterwards."""
     import deepep_cupy as ep
     old = ep.settings.intranode_dispatch, ep.settings.intranode_copy
     ep.settings.intranode_dispatch = "direct" if request.param.startswith("direct") else request.param
-    ep.settings.intranode_copy = {"direct-tma": "tma", "direct-tma-grid": "tma-grid",
-                                  "direct-regs8": "registers8"}.get(request.param, "registers")
+    ep.settings.intranode_copy = (request.param.removeprefix("direct-") if request.param.startswith("direct-")
+                                  else "registers")
     yield request.param
     ep.settings.intranode_dispatch, ep.settings.intranode_copy = old
 
@@ -182,11 +182,11 @@ def dispatch_kernel(request):
 @pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
                                                            ("direct", "all"), ("direct-tma", None),
                                                            ("direct-tma", 0), ("direct-tma-grid", None),
-                                                           ("direct-tma-grid", 0), ("direct-regs8", None)],
+                                                           ("direct-tma-grid", 0), ("direct-registers8", None)],
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
                                                             "direct-all-arenas-full", "direct-tma",
                                                             "direct-tma-rank0-arena-full", "direct-tma-grid",
-                                                            "direct-tma-grid-rank0-arena-full", "direct-regs8"])
+                                                            "direct-tma-grid-rank0-arena-full", "direct-registers8"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
                                                     (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
                                                     (129, 9216, "random", True)])   # 72 scale words a row
@@ -197,8 +197,9 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
     (dispatch, combine, cached dispatch)."""
     kernels = buf._backend.intranode()
     row = hidden * (1 if fp8 else 2)   # the launched rows' bytes
-    producers, stages, smem, split = kernels._copy_plan(row)
-    if dispatch_kernel in ("direct", "direct-regs8"):
+    plan = kernels._copy_plan(row)
+    producers, stages, smem, split = plan.producers, plan.stages, plan.smem, plan.split
+    if dispatch_kernel in ("direct", "direct-registers8"):
         assert (producers, stages, smem, split) == (0, 0, 0, 0)
     elif dispatch_kernel.startswith("direct-tma"):   # every size here takes the TMA path
         assert producers > 0 and stages >= 4 and smem == producers * stages * row, (producers, stages)
@@ -243,7 +244,8 @@ def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, hidden, fp8):
     import deepep_cupy as ep
     kernels = buf._backend.intranode()
     row = hidden * (1 if fp8 else 2)
-    producers, _, _, split = kernels._copy_plan(row)
+    plan = kernels._copy_plan(row)
+    producers, split = plan.producers, plan.split
     problems = []
     if producers != (2 if row > 8192 else 4) or split != (dispatch_kernel == "direct-tma-grid"):
         problems.append(f"rank {buf.rank}: copy plan for {row}-byte rows: {producers} producers, split {split}")
