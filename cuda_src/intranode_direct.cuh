@@ -43,8 +43,8 @@ struct DirectDispatchParams {
     const uint8_t* x_scales;          // [T][scale_bytes] (FP8) or null
     const int64_t* topk_idx;          // [T][K] or null (cached dispatch)
     const float* topk_weights;        // [T][K] or null
-    const int* send_pos;              // [T][R]: row of token t in destination j's block, or -1
-    const int* recv_info;             // [R+1] receive offsets, [R] source token counts, ...
+    int* send_pos;                    // [T][R]: row of token t in destination j's block, or -1 (written when fused)
+    int* recv_info;                   // [R+1] receive offsets, [R] source token counts, ... (written when fused)
     uint8_t* recv_x;                  // this rank's outputs; in its arena when `direct`
     uint8_t* recv_x_scales;
     int64_t* recv_topk_idx;
@@ -71,8 +71,16 @@ struct DirectDispatchParams {
     long long tma_stages;             //   each with a ring of this many rows of dynamic shared memory
     unsigned long long* chunk_counters;  // TMA path: [max_chunks] arrivals at chunks several blocks write
     long long tma_split;              // TMA path: 0 balanced block ranges (RangeSplit), 1 grid stride (GridSplit)
+    // A fresh dispatch with the count exchange inside (settings.intranode_notify = "fused", register
+    // path only): is_token_in_rank non-null. The kernel then writes send_pos and recv_info itself
+    // (the handle's copies) instead of reading notify's, and the receive layout into host_info.
+    const bool* is_token_in_rank;     // [T][R]
+    const int* num_tokens_per_rank;   // [R]
+    const int* num_tokens_per_expert; // [R * num_local_experts]
+    int* host_info;                   // pinned record the host polls (notify's layout), or null
+    long long expert_alignment;
 };
-DEEPEP_PARAMS_CHECK(DirectDispatchParams, 32);
+DEEPEP_PARAMS_CHECK(DirectDispatchParams, 37);
 
 using deepep::ld_nc_16;   // common/utils.cuh
 
@@ -149,6 +157,7 @@ struct SendTargets {
     PeerBases peers;
     const Layout& layout;
     int rank;
+    const int* recv_offsets;   // [R+1]: p.recv_info, or shared memory when the kernel derives it (fused)
 
     // Row of token t's copy at destination j given its send position `pos` (own: its row of recv_x;
     // a peer: the position in the peer's block), or -1 when t does not go to j or the row is dropped
@@ -156,7 +165,7 @@ struct SendTargets {
     DEEPEP_DEVICE long long row(int j, int pos) const {
         if (pos < 0) return -1;
         if (j == rank) {
-            const long long r = static_cast<long long>(p.recv_info[rank]) + pos;
+            const long long r = static_cast<long long>(recv_offsets[rank]) + pos;
             return p.num_worst_tokens > 0 && r >= p.num_worst_tokens ? -1 : r;
         }
         if (dest[j].mode == kModeDirect && pos >= dest[j].limit) return -1;
@@ -599,12 +608,244 @@ DEEPEP_DEVICE void SendTargets::send_small(int t, const long long (&rows)[kNumRa
 
 }  // namespace
 
+// ---- the fused count exchange: a fresh dispatch without the notify kernel ----------------------
+// settings.intranode_notify = "fused" (register path). Every rank posts one direct_info entry per
+// receiver holding all its peers need from it: as a receiver, where its outputs are (mode, region
+// offsets of its blocks' first rows, the row limit as an absolute row); as a source, its token
+// count and the rows it sends to each rank. With every source's row of counts a sender derives
+// where its first row goes in each receiver's blocks (the rows of lower-ranked sources come first)
+// and each receiver its receive offsets: one exchange instead of notify's plus the data kernel's.
+// The per-expert counts go into the notify slots, for the receive layout the host polls. Each
+// block derives its tokens' send positions from is_token_in_rank itself (scan_send_window).
+//
+// direct_info entry (int64 words, by seq parity: a fused block that sends nothing still reads its
+// peers' entries, possibly after they started the next operation):
+//   [0] mode, [1..5] region offsets of x / scales / top-k ids / weights / source index (staged
+//   path: of the poster's first row from this source; fused: of row 0), [6] row limit (staged
+//   path: relative to that first row; fused: absolute), [7] the poster's token count (fused),
+//   [8..11] the poster's rows to each rank, int32 [8] (fused)
+constexpr int kDirectInfoWords = 16;
+static_assert(kNumRanks <= 8, "a direct_info entry holds 8 counts");
+
+// The entry that rank `s` posted for operation `seq` in the region at `base`.
+DEEPEP_DEVICE long long* direct_entry(uint8_t* base, const Layout& layout, uint64_t seq, int s) {
+    return at<long long>(base, layout.direct_info) + (static_cast<long long>(seq & 1) * kNumRanks + s) * kDirectInfoWords;
+}
+
+constexpr int kScanWindow = 64;   // own chunks whose send positions one scan derives
+constexpr int kScanBatch = 4;     // chunks a warp loads before its ballots
+
+struct FusedShared {
+    int counts[kNumRanks][kNumRanks];        // [s][k]: rows source s sends to rank k
+    int recv_offsets[kNumRanks + 1];
+    int src_tokens[kNumRanks];
+    int prefix[kScanWindow][kNumRanks];      // rows to j before own chunk k0 + k (bucket sums first)
+    uint32_t mask[kScanWindow][kNumRanks];   // which tokens (lanes) of own chunk k0 + k go to j
+    int carry[kNumRanks];                    // rows to j before the window's first own chunk
+};
+
+// Block 0 of a fused dispatch: this rank's entry and notify slot at every rank (its own too: the
+// receive layout sums its own slot), then a release of each peer's flag.
+DEEPEP_DEVICE void post_fused_entries(const DirectDispatchParams& p, const PeerBases& peers, const Layout& layout,
+                                      int rank, uint64_t seq) {
+    const int num_local = static_cast<int>(p.num_local_experts);
+    const long long parity = static_cast<long long>(seq & 1) * kNumRanks * layout.notify_ints;
+    for (int s = 0; s < kNumRanks; ++s) {   // slot `rank` at s: [0] rows to s, [1] tokens, [2 + l] per expert of s
+        int* slot = at<int>(peers.base[s], layout.notify_slots) + parity + rank * layout.notify_ints;
+        for (int i = threadIdx.x; i < 2 + num_local; i += blockDim.x)
+            slot[i] = i == 0 ? p.num_tokens_per_rank[s]
+                      : i == 1 ? static_cast<int>(p.num_tokens) : p.num_tokens_per_expert[s * num_local + i - 2];
+    }
+    if (threadIdx.x < kNumRanks) {
+        const int s = threadIdx.x;
+        long long* e = direct_entry(peers.base[s], layout, seq, rank);
+        const uint8_t* own = peers.base[rank];
+        auto region_off = [&](const void* q) -> long long {
+            return q == nullptr ? -1 : reinterpret_cast<const uint8_t*>(q) - own;
+        };
+        e[0] = p.direct ? kModeDirect : kModeStaged;
+        e[1] = region_off(p.recv_x);
+        e[2] = region_off(p.recv_x_scales);
+        e[3] = region_off(p.recv_topk_idx);
+        e[4] = region_off(p.recv_topk_weights);
+        e[5] = region_off(p.recv_src_idx);
+        e[6] = p.num_worst_tokens > 0 ? p.num_worst_tokens : kNoLimit;
+        e[7] = p.num_tokens;
+        int* counts = reinterpret_cast<int*>(e + 8);
+#pragma unroll
+        for (int k = 0; k < kNumRanks; ++k) counts[k] = p.num_tokens_per_rank[k];
+    }
+    __syncthreads();   // every thread's words before the flags
+    if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        __threadfence_system();
+        st_release_sys_u64(at<uint64_t>(peers.base[threadIdx.x], layout.direct_flags) + rank, seq);
+    }
+}
+
+// Every block of a fused dispatch: wait for every peer's entry, then derive this rank's receive
+// offsets and, per peer j, where this rank's first row goes in j's outputs (into dest[j]). False,
+// in every thread, when a wait timed out (recorded).
+DEEPEP_DEVICE bool gather_fused_entries(const DirectDispatchParams& p, const PeerBases& peers, const Layout& layout,
+                                        int rank, uint64_t seq, FusedShared& f, DestInfo* dest, bool& s_ok) {
+    if (threadIdx.x == 0) s_ok = true;
+    __syncthreads();
+    uint8_t* mine = peers.base[rank];
+    if (threadIdx.x < kNumRanks) {
+        const int s = threadIdx.x;
+        if (s == rank) {
+#pragma unroll
+            for (int k = 0; k < kNumRanks; ++k) f.counts[s][k] = p.num_tokens_per_rank[k];
+            f.src_tokens[s] = static_cast<int>(p.num_tokens);
+        } else if (wait_flag(at<uint64_t>(mine, layout.direct_flags) + s, seq, p.timeout_ns, p.err, kPhaseDirectInfo,
+                             s, rank)) {
+            const volatile long long* e = direct_entry(mine, layout, seq, s);
+            const volatile int* counts = reinterpret_cast<const volatile int*>(e + 8);
+#pragma unroll
+            for (int k = 0; k < kNumRanks; ++k) f.counts[s][k] = counts[k];
+            f.src_tokens[s] = static_cast<int>(e[7]);
+            dest[s].mode = static_cast<int>(e[0]);
+#pragma unroll
+            for (int q = 0; q < 5; ++q) dest[s].off[q] = e[1 + q];
+            dest[s].limit = e[6];
+        } else {
+            s_ok = false;
+        }
+    }
+    __syncthreads();
+    if (!s_ok) return false;
+    if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        const int j = threadIdx.x;
+        long long row0 = 0;   // rows of lower-ranked sources before this rank's in j's outputs
+        for (int s = 0; s < rank; ++s) row0 += f.counts[s][j];
+        const long long elem_bytes[5] = {p.hidden_bytes, p.scale_bytes, 8 * p.num_topk, 4 * p.num_topk, 4};
+#pragma unroll
+        for (int q = 0; q < 5; ++q)
+            if (dest[j].off[q] >= 0) dest[j].off[q] += row0 * elem_bytes[q];
+        if (dest[j].limit != kNoLimit) dest[j].limit = max(0LL, dest[j].limit - row0);
+    }
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int s = 0; s < kNumRanks; ++s) {
+            f.recv_offsets[s] = acc;
+            acc += f.counts[s][rank];
+        }
+        f.recv_offsets[kNumRanks] = acc;
+    }
+    __syncthreads();
+    return true;
+}
+
+// Block 0 of a fused dispatch, after the gather: recv_info (the handle's copy) and, where the host
+// waits, the pinned record notify would have written (same layout, the seq word last); an empty
+// layout after a timeout, so that the host's poll wakes and raises what was recorded.
+DEEPEP_DEVICE void record_fused_layout(const DirectDispatchParams& p, const PeerBases& peers, const Layout& layout,
+                                       int rank, uint64_t seq, const FusedShared& f, bool ok) {
+    const int num_local = static_cast<int>(p.num_local_experts);
+    const int align = static_cast<int>(p.expert_alignment);
+    const volatile int* slots = at<int>(peers.base[rank], layout.notify_slots) +
+                                static_cast<long long>(seq & 1) * kNumRanks * layout.notify_ints;
+    const int num_info = 2 * kNumRanks + 1 + num_local;
+    for (int i = threadIdx.x; i < num_info; i += blockDim.x) {
+        int v = 0;
+        if (!ok) {
+        } else if (i <= kNumRanks) {
+            v = f.recv_offsets[i];
+        } else if (i <= 2 * kNumRanks) {
+            v = f.src_tokens[i - kNumRanks - 1];
+        } else {
+            const int l = i - 2 * kNumRanks - 1;
+            for (int s = 0; s < kNumRanks; ++s) v += slots[s * layout.notify_ints + 2 + l];
+            v = (v + align - 1) / align * align;
+        }
+        p.recv_info[i] = v;
+        if (p.host_info != nullptr) p.host_info[i] = v;
+    }
+    if (p.host_info == nullptr) return;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        volatile long long* host_seq = reinterpret_cast<volatile long long*>(
+            p.host_info + ((2 * kNumRanks + 1 + (layout.notify_ints - 2) + 1) & ~1));
+        *host_seq = static_cast<long long>(seq);
+    }
+}
+
+// The register path deals global chunk c to block c % G: own chunk k of this block is chunk
+// b + k G. One scan of is_token_in_rank gives, for own chunks k0 .. k0 + kScanWindow - 1, the rows
+// to each destination before the chunk (f.prefix) and which of its tokens go there (f.mask).
+// Bucket k holds the chunks [b + (k-1) G, b + k G) (from chunk 0 for k = 0); f.carry brings the rows
+// before the window in and leaves with those before its last own chunk. Block-wide (barriers).
+DEEPEP_DEVICE void scan_send_window(const DirectDispatchParams& p, FusedShared& f, int k0, int warp, int num_warps,
+                                    int lane) {
+    const int G = gridDim.x, b = blockIdx.x;
+    const int num_tokens = static_cast<int>(p.num_tokens);
+    const int own_chunks = ((num_tokens + kChunk - 1) / kChunk - b + G - 1) / G;   // (> 0: the caller's block sends)
+    const int k_last = min(k0 + kScanWindow, own_chunks) - 1;
+    for (int i = threadIdx.x; i < kScanWindow * kNumRanks; i += blockDim.x) f.prefix[i / kNumRanks][i % kNumRanks] = 0;
+    if (k0 == 0 && threadIdx.x < kNumRanks) f.carry[threadIdx.x] = 0;
+    __syncthreads();
+    const int c_first = k0 == 0 ? 0 : b + (k0 - 1) * G;
+    const int c_end = b + k_last * G + 1;   // through the window's last own chunk (its mask)
+    const uint8_t* in_rank = reinterpret_cast<const uint8_t*>(p.is_token_in_rank);
+    for (int c0 = c_first + warp * kScanBatch; c0 < c_end; c0 += num_warps * kScanBatch) {
+        bool in[kScanBatch][kNumRanks];   // loads of kScanBatch chunks in flight before the ballots
+#pragma unroll
+        for (int u = 0; u < kScanBatch; ++u) {
+            const int t = (c0 + u) * kChunk + lane;
+            const bool valid = c0 + u < c_end && t < num_tokens;
+#pragma unroll
+            for (int j = 0; j < kNumRanks; ++j)
+                in[u][j] = valid && __ldg(in_rank + static_cast<long long>(t) * kNumRanks + j) != 0;
+        }
+#pragma unroll
+        for (int u = 0; u < kScanBatch; ++u) {
+            const int c = c0 + u;   // (warp-uniform)
+            if (c >= c_end) break;
+            const int own = c >= b && (c - b) % G == 0 ? (c - b) / G - k0 : -1;
+            const int bucket = (c < b ? 0 : (c - b) / G + 1) - k0;
+#pragma unroll
+            for (int j = 0; j < kNumRanks; ++j) {
+                const uint32_t m = __ballot_sync(0xffffffffu, in[u][j]);
+                if (lane == 0) {
+                    if (own >= 0) f.mask[own][j] = m;
+                    if (bucket + k0 <= k_last) atomicAdd(&f.prefix[bucket][j], __popc(m));
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < kNumRanks) {
+        const int j = threadIdx.x;
+        int run = f.carry[j];
+        for (int k = 0; k <= k_last - k0; ++k) {
+            run += f.prefix[k][j];
+            f.prefix[k][j] = run;
+        }
+        f.carry[j] = f.prefix[k_last - k0][j];
+    }
+    __syncthreads();
+    // the window's send positions into send_pos (the handle's copy, which the send loop then reads
+    // as it reads notify's): a warp per own chunk, a lane per token
+    for (int k = warp; k <= k_last - k0; k += num_warps) {
+        const int t = (b + (k0 + k) * G) * kChunk + lane;
+        if (t >= num_tokens) continue;
+#pragma unroll
+        for (int j = 0; j < kNumRanks; ++j) {
+            const uint32_t m = f.mask[k][j];
+            p.send_pos[static_cast<long long>(t) * kNumRanks + j] =
+                (m >> lane) & 1u ? f.prefix[k][j] + __popc(m & ((1u << lane) - 1u)) : -1;
+        }
+    }
+    __syncthreads();
+}
+
 // The kernel body; kTma: the TMA send path (p.tma_producers > 0), else the register path. Two entry
 // points, so that each path gets its own register allocation: the register path's 16 loads in
 // flight take 126 of the 128 registers a thread may have at 2 ranks, and the TMA roles in the same
 // function pushed it into spills.
-template <bool kTma, int kUnroll = kCopyUnroll>
+template <bool kTma, int kUnroll = kCopyUnroll, bool kFused = false>
 DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
+    static_assert(!(kTma && kFused), "the fused count exchange is the register path's");
     const PeerBases peers{reinterpret_cast<uint8_t* const*>(p.peer_bases)};
     const Layout layout = *p.layout;
     const uint64_t seq = *reinterpret_cast<const volatile uint64_t*>(p.seq);
@@ -620,11 +861,33 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const int* recv_offsets = p.recv_info;
     const int* src_tokens = p.recv_info + kNumRanks + 1;
     const int num_worst = static_cast<int>(p.num_worst_tokens);
+    const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
+    __shared__ DestInfo s_dest[kNumRanks];
+    __shared__ bool s_ok;
+    // the fused count exchange (register path only; the host never asks the TMA path for it)
+    constexpr bool fused = kFused;
+    FusedShared* fs = nullptr;
+    if constexpr (kFused) {
+        __shared__ FusedShared s_fused;
+        fs = &s_fused;
+    }
+    const int own_chunks = static_cast<int>(blockIdx.x) < num_chunks
+                               ? (num_chunks - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 0;
 
-    // 0. tell every source where its rows go (block 0, one thread per source)
-    if (blockIdx.x == 0 && threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+    if (fused) {
+        // 0. post this rank's counts and output places to every rank; scan this block's first send
+        //    positions while the peers' entries travel; then gather theirs
+        if (blockIdx.x == 0) post_fused_entries(p, peers, layout, rank, seq);
+        if (own_chunks > 0) scan_send_window(p, *fs, 0, warp, num_warps, lane);
+        const bool ok = gather_fused_entries(p, peers, layout, rank, seq, *fs, s_dest, s_ok);
+        if (blockIdx.x == 0) record_fused_layout(p, peers, layout, rank, seq, *fs, ok);
+        if (!ok) return;
+        recv_offsets = fs->recv_offsets;
+        src_tokens = fs->src_tokens;
+    } else if (blockIdx.x == 0 && threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
+        // 0. tell every source where its rows go (block 0, one thread per source)
         const int s = threadIdx.x;
-        long long* e = at<long long>(peers.base[s], layout.direct_info) + rank * 8;
+        long long* e = direct_entry(peers.base[s], layout, seq, rank);
         const long long row0 = recv_offsets[s];
         const uint8_t* own = peers.base[rank];
         auto region_off = [&](const void* q, long long elem_bytes) -> long long {
@@ -644,9 +907,6 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
         deepep::record_error(p.err, deepep::kBadValue, kPhaseWorstOverflow, rank, rank);
 
     // 1. send
-    __shared__ DestInfo s_dest[kNumRanks];
-    __shared__ bool s_ok;
-    const int num_chunks = (num_tokens + kChunk - 1) / kChunk;
     // (blocks with tokens to send: the TMA path splits them by range or grid stride, the register
     // path by chunk)
     const int producers = kTma ? static_cast<int>(p.tma_producers) : 0;
@@ -654,7 +914,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const int tma_chunks = !kTma ? 0
                            : grid_split ? GridSplit::of(num_tokens, producers).count()
                                         : RangeSplit::of(num_tokens, producers).count();
-    if (kTma ? tma_chunks > 0 : static_cast<int>(blockIdx.x) < num_chunks) {
+    if (!fused && (kTma ? tma_chunks > 0 : own_chunks > 0)) {
         if (threadIdx.x == 0) s_ok = true;
         __syncthreads();
         if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
@@ -662,7 +922,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
             uint8_t* mine = peers.base[rank];
             if (wait_flag(at<uint64_t>(mine, layout.direct_flags) + j, seq, p.timeout_ns, p.err, kPhaseDirectInfo,
                           j, rank)) {
-                const volatile long long* e = at<long long>(mine, layout.direct_info) + j * 8;
+                const volatile long long* e = direct_entry(mine, layout, seq, j);
                 s_dest[j].mode = static_cast<int>(e[0]);
                 for (int f = 0; f < 5; ++f) s_dest[j].off[f] = e[1 + f];
                 s_dest[j].limit = e[6];
@@ -673,7 +933,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
         __syncthreads();
         if (!s_ok) return;
     }
-    const SendTargets to{p, s_dest, peers, layout, rank};
+    const SendTargets to{p, s_dest, peers, layout, rank, recv_offsets};
     if constexpr (kTma) {   // TMA path: roles (see "TMA send path" above)
         __shared__ TmaSendShared s_tma;
         extern __shared__ __align__(128) uint8_t s_ring[];
@@ -689,7 +949,9 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
             tma_send(to, s_tma, RangeSplit::of(num_tokens, producers), s_ring, seq, producers, warp, num_warps, lane);
         __syncwarp();
     } else {   // register path: a warp per token, 16-byte copies
-        for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+        // (the fused path derives the send positions a window of own chunks at a time)
+        for (int c = blockIdx.x, k = 0; c < num_chunks; c += gridDim.x, ++k) {   // own chunk k
+            if (kFused && k > 0 && k % kScanWindow == 0) scan_send_window(p, *fs, k, warp, num_warps, lane);
             const int t_end = min(num_tokens, (c + 1) * kChunk);
             for (int t = c * kChunk + warp; t < t_end; t += num_warps) {
                 // per destination: row there (own row in recv_x, or the peer's position), or -1
@@ -804,4 +1066,12 @@ extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_t
 // ranks it is the default's code.
 extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_r8(const DirectDispatchParams p) {
     dispatch_direct<false, 8>(p);
+}
+// settings.intranode_notify = "fused": a fresh dispatch whose kernel exchanges the counts itself
+// (p.is_token_in_rank non-null), with either register path
+extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_fused(const DirectDispatchParams p) {
+    dispatch_direct<false, kCopyUnroll, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) intranode_dispatch_direct_r8_fused(const DirectDispatchParams p) {
+    dispatch_direct<false, 8, true>(p);
 }

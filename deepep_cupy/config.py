@@ -106,6 +106,11 @@ class Settings:
             found fastest; docs/intranode.md); "registers8": the register path with 8 loads a lane
             in flight instead of 16 at 2 ranks (the same code at more ranks)
             ($DEEPEP_CUPY_INTRANODE_COPY).
+        intranode_notify: how a fresh direct dispatch (no handle, no num_worst_tokens) learns its
+            receive layout: "fused" (default): the data kernel exchanges the counts itself, in the
+            same round trip that tells each sender where its rows go (no notify kernel); "kernel":
+            the notify kernel first, as the staged path does (kept to compare). Only the register
+            copy paths fuse; every rank must use the same value ($DEEPEP_CUPY_INTRANODE_NOTIFY).
     """
 
     cache_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
@@ -136,6 +141,8 @@ class Settings:
         default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_DISPATCH", "direct"))
     intranode_copy: str = dataclasses.field(
         default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_COPY", "registers"))
+    intranode_notify: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("DEEPEP_CUPY_INTRANODE_NOTIFY", "fused"))
 
     @property
     def timeout_ns(self) -> int:

@@ -41,6 +41,8 @@ CHUNK_TOKENS = 32            # kChunk in the kernel
 MAX_CHUNKS = 4096            # -> at most 131072 tokens per rank
 MAX_LOCAL_EXPERTS = 1022     # notify slot: 2 counts + per-expert counts
 NOTIFY_THREADS = 1024
+NOTIFY_MODES = ("fused", "kernel")   # settings.intranode_notify
+DIRECT_INFO_WORDS = 16       # kDirectInfoWords: int64 words of a direct_info entry
 DATA_THREADS = 512
 TMA_MAX_STAGES = 16          # cuda_src/intranode_direct.cuh kTmaMaxStages
 # settings.intranode_copy: register copies (16 loads a lane in flight at 2 ranks, 8 at more; 8 always
@@ -107,7 +109,8 @@ class SymmetricLayout:
     combine_staging: int
     staging_bytes: int             # bytes of each staging area
     send_staging: int = 0          # puts transport only: this rank's rows before they are put
-    direct_info: int = 0           # int64 [R][8]: where each receiver wants this rank's rows
+    direct_info: int = 0           # int64 [2 parities][R][DIRECT_INFO_WORDS]: each peer's entry (where it wants
+                                   #   this rank's rows; fused: its counts too)
     direct_flags: int = 0          # uint64 [R]: seq of each receiver's direct_info entry
     combine_info: int = 0          # int64 [2 parities][R][4]: {mode, x offset, weights offset, seq} of each peer's combine
     combine_info_flags: int = 0    # uint64 [R]: seq of each peer's combine_info entry
@@ -123,7 +126,7 @@ class SymmetricLayout:
         return (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
                 ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
                 ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
-                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 8 * r), ("direct_flags", 8 * r),
+                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 2 * r * DIRECT_INFO_WORDS), ("direct_flags", 8 * r),
                 ("combine_info", 8 * 2 * r * 4), ("combine_info_flags", 8 * r), ("combine_done", 8 * 2 * r + 8))
 
     @staticmethod
@@ -285,7 +288,8 @@ def intranode_spec(num_ranks: int, puts: bool = False) -> jit.KernelSpec:
     the NVSHMEM-put transport (the RDMA stage of the internode path) instead of NVLink stores,
     which alone has the direct (one-copy) dispatch."""
     direct = [] if puts else ["intranode_dispatch_direct", "intranode_dispatch_direct_tma",
-                              "intranode_dispatch_direct_r8"]
+                              "intranode_dispatch_direct_r8", "intranode_dispatch_direct_fused",
+                              "intranode_dispatch_direct_r8_fused"]
     return jit.KernelSpec.make(
         "intranode.cu", ["intranode_bump_seq", "intranode_notify", "intranode_dispatch"] + direct +
         ["intranode_combine_bf16", "intranode_combine_f32"],
@@ -298,7 +302,8 @@ DIRECT_PARAMS = ParamStruct("DirectDispatchParams", (
     "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "peer_bases", "layout", "seq", "err", "timeout_ns",
     "num_tokens", "hidden_bytes", "scale_bytes", "num_topk", "with_topk", "with_weights", "num_local_experts",
     "num_worst_tokens", "rank", "slot_rows", "row_bytes", "direct", "tma_producers", "tma_stages",
-    "chunk_counters", "tma_split"))
+    "chunk_counters", "tma_split", "is_token_in_rank", "num_tokens_per_rank", "num_tokens_per_expert", "host_info",
+    "expert_alignment"))
 DIRECT_PARAM_FIELDS = DIRECT_PARAMS.fields
 
 # The team fields every struct below ends with (IntranodeKernels._team_fields fills them)
@@ -373,6 +378,7 @@ class IntranodeKernels:
         # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
         # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
         self.last_dispatch_ahead = False
+        self.last_dispatch_fused = False     # whether the last fresh dispatch exchanged its counts in the data kernel (tests)
         # arena blocks a fresh dispatch's kernel may still write when its host side failed (never reused)
         self._parked_blocks: list = []
         if self.layout.arena_bytes > 0:
@@ -425,14 +431,10 @@ class IntranodeKernels:
                        expert_alignment: int, host_record: bool, stream):
         """bump_seq + notify on ``stream``: (send_pos, recv_info, poll), where ``poll()`` waits for
         the pinned record (``host_record``) and returns the host copy of the receive layout."""
-        import cupy
         num_tokens = is_token_in_rank.shape[0]
         num_local = num_experts // self.num_ranks
-        send_pos = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.int32)
-        recv_info = cupy.empty(2 * self.num_ranks + 1 + num_local, dtype=cupy.int32)
-        seq_view = self.host_info.view(np.int64)
-        seq_index = self._seq_word_index()
-        before = int(seq_view[seq_index])
+        send_pos, recv_info = self._routing_arrays(num_tokens, num_local)
+        poll = self._host_record_poll(num_local)
         params = NOTIFY_PARAMS.pack(
             is_token_in_rank=is_token_in_rank, num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_expert=num_tokens_per_expert, send_pos=send_pos, recv_info=recv_info,
@@ -444,6 +446,28 @@ class IntranodeKernels:
         with stream:
             self.module["intranode_bump_seq"]((1,), (1,), (self.seq,))
             self.module["intranode_notify"]((self.num_ranks,), (NOTIFY_THREADS,), (params,))
+        return send_pos, recv_info, poll
+
+    def _routing_arrays(self, num_tokens: int, num_local: int) -> tuple:
+        """A fresh dispatch's send positions int32 [T, R] and receive info int32 [2R+1+L] (the handle
+        keeps both), for notify or the fused data kernel to fill."""
+        import cupy
+        return (cupy.empty((num_tokens, self.num_ranks), dtype=cupy.int32),
+                cupy.empty(2 * self.num_ranks + 1 + num_local, dtype=cupy.int32))
+
+    @staticmethod
+    def _ordinary_outputs(specs) -> list:
+        """Outputs of ``specs`` (``_direct_specs``) in ordinary device memory (None where absent)."""
+        import cupy
+        return [None if spec is None else cupy.empty(spec[0], spec[1]) for spec in specs]
+
+    def _host_record_poll(self, num_local: int):
+        """A ``poll()`` that waits until a kernel queued after this call writes the pinned receive
+        layout (notify's, or a fused dispatch's: the seq word moves last) and returns its host copy
+        (``2 R + 1 + num_local`` int32). Call before queuing that kernel: it notes the seq word now."""
+        seq_view = self.host_info.view(np.int64)
+        seq_index = self._seq_word_index()
+        before = int(seq_view[seq_index])
 
         def poll():
             deadline = time.monotonic() + settings.timeout_seconds + 5.0
@@ -460,7 +484,7 @@ class IntranodeKernels:
             self.check_errors("dispatch (notify)")
             return self.host_info[:2 * self.num_ranks + 1 + num_local].copy()
 
-        return send_pos, recv_info, poll
+        return poll
 
     def dispatch(self, payload: DispatchPayload, plan: DataPlan, num_sms: int, stream,
                  src_tags=None) -> DispatchOutputs:
@@ -560,15 +584,19 @@ class IntranodeKernels:
             fn.max_dynamic_shared_size_bytes = nbytes
 
     def _launch_direct(self, payload: DispatchPayload, plan: DataPlan, outputs, direct: bool, num_sms: int, stream,
-                       row_bytes: int, slot_rows: int, bump_seq: bool) -> None:
+                       row_bytes: int, slot_rows: int, bump_seq: bool, copy: Optional[CopyPlan] = None,
+                       fused: Optional[DispatchRouting] = None, host_record: bool = False) -> None:
         """Launch intranode_dispatch_direct writing ``outputs`` (recv_x, scales, ids, weights, source
         index, as arrays or device addresses; None where absent); ``direct``: they are in the arena
         (senders write them in place). ``plan`` gives send_pos, recv_info, the expert count and
-        num_worst_tokens."""
+        num_worst_tokens. ``fused``: the routing of a fresh dispatch whose kernel exchanges the
+        counts itself and writes ``plan``'s send_pos and recv_info (and, ``host_record``, the pinned
+        receive layout the host polls); ``copy`` must then be a register path."""
         x, x_scales, topk_idx, topk_weights = payload
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         hidden_bytes = x.shape[1] * x.itemsize
-        copy = self._copy_plan(hidden_bytes)
+        copy = copy or self._copy_plan(hidden_bytes)
+        assert fused is None or copy.producers == 0, "the fused count exchange is the register path's"
         # outputs may be raw addresses (ints) or None: the packer takes both
         params = DIRECT_PARAMS.pack(
             x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights, send_pos=plan.send_pos,
@@ -581,7 +609,12 @@ class IntranodeKernels:
             with_topk=topk_idx is not None, with_weights=topk_weights is not None,
             num_local_experts=plan.num_experts // self.num_ranks, num_worst_tokens=plan.num_worst_tokens,
             rank=self.rank, slot_rows=slot_rows, row_bytes=row_bytes, direct=direct, tma_producers=copy.producers,
-            tma_stages=copy.stages, chunk_counters=self.chunk_counters, tma_split=copy.split)
+            tma_stages=copy.stages, chunk_counters=self.chunk_counters, tma_split=copy.split,
+            is_token_in_rank=None if fused is None else fused.is_token_in_rank,
+            num_tokens_per_rank=None if fused is None else fused.num_tokens_per_rank,
+            num_tokens_per_expert=None if fused is None else fused.num_tokens_per_expert,
+            host_info=self._info_pinned.ptr if host_record else 0,
+            expert_alignment=1 if fused is None else fused.expert_alignment)
         self.last_dispatch_direct = direct
         with stream:
             if bump_seq:
@@ -603,33 +636,61 @@ class IntranodeKernels:
         recv_x, recv_scales, recv_idx, recv_w, recv_src = outputs
         return DispatchOutputs(recv_x, recv_scales, recv_idx, recv_w, plan.cached_src_idx if cached else recv_src)
 
+    def _fused_notify(self, hidden_bytes: int) -> Optional[CopyPlan]:
+        """The copy plan when fresh dispatches exchange their counts inside the data kernel
+        (``settings.intranode_notify == "fused"`` and a register copy path), else None. Every rank
+        decides alike (settings are the same everywhere), so a team never mixes the two exchanges."""
+        if settings.intranode_notify not in NOTIFY_MODES:
+            raise DeepEPInvalid(f"settings.intranode_notify: expected one of {', '.join(map(repr, NOTIFY_MODES))}, "
+                                f"got {settings.intranode_notify!r}")
+        if settings.intranode_notify != "fused":
+            return None
+        copy = self._copy_plan(hidden_bytes)
+        return copy._replace(kernel=copy.kernel + "_fused") if copy.producers == 0 else None
+
     def _notify_and_dispatch_ahead(self, payload: DispatchPayload, routing: DispatchRouting, num_sms: int, stream,
                                    on_queued=None) -> Optional[FreshDispatch]:
-        """A fresh direct dispatch whose data kernel is queued right behind notify, before the host
-        knows the receive count, so the GPU never waits for the host's poll and allocation.
+        """A fresh direct dispatch whose data kernel is queued before the host knows the receive
+        count, so the GPU never waits for the host's poll and allocation.
 
         The outputs are arena blocks sized for the most rows this rank can receive (its own tokens
         plus a full staging slot, the most any peer may send, from each peer); once the poll
         gives the count, the arrays take their real shape and the unused tails go back to the
-        arena (no later kernel can run before this one ends: one stream). ``on_queued()`` runs once
-        both kernels are queued, before the host waits (the caller closes its stream bookkeeping
-        there, so that nothing but the poll and the arrays' views follows the wait). Returns None,
-        having launched nothing, when the arena cannot hold that many rows."""
+        arena (no later kernel can run before this one ends: one stream). With the fused count
+        exchange (``_fused_notify``) one kernel does notify's work too; without it, notify runs
+        first. ``on_queued()`` runs once the kernels are queued, before the host waits (the caller
+        closes its stream bookkeeping there, so that nothing but the poll and the arrays' views
+        follows the wait). Returns None, having launched nothing, when the arena cannot hold that
+        many rows (notify then runs alone first); with the fused exchange, which every rank must
+        take alike, the outputs then come from ordinary memory instead (staged receive)."""
         x = payload.x
         row_bytes, slot_rows = self.check_dispatch_capacity(x, payload.x_scales, payload.topk_idx)
         capacity = max(1, int(x.shape[0]) + (self.num_ranks - 1) * slot_rows)
         specs = self._direct_specs(payload, capacity, cached=False)
+        fused = self._fused_notify(int(x.shape[1]) * x.itemsize)
         blocks = self.arena.take(specs)
-        if blocks is None:
+        if blocks is None and fused is None:
             return None
-        send_pos, recv_info, poll = self._launch_notify(routing.is_token_in_rank, routing.num_tokens_per_rank,
-                                                        routing.num_tokens_per_expert, routing.num_experts,
-                                                        routing.expert_alignment, True, stream)
-        # the kernel needs only the blocks' addresses: the arrays are made once the count is known
-        addrs = [None if b is None else b.ptr for b in blocks]
-        self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
-                                              routing.num_experts),
-                            addrs, True, num_sms, stream, row_bytes, slot_rows, bump_seq=False)
+        if blocks is None:   # outputs the senders cannot reach: they come through staging (mode 2)
+            outputs = self._ordinary_outputs(specs)
+        else:                # the kernel needs only the blocks' addresses: the arrays are made once the count is known
+            outputs = [None if b is None else b.ptr for b in blocks]
+        if fused is not None:
+            num_local = routing.num_experts // self.num_ranks
+            send_pos, recv_info = self._routing_arrays(int(x.shape[0]), num_local)
+            poll = self._host_record_poll(num_local)
+            self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
+                                                  routing.num_experts),
+                                outputs, blocks is not None, num_sms, stream, row_bytes, slot_rows, bump_seq=True,
+                                copy=fused, fused=routing, host_record=True)
+        else:
+            send_pos, recv_info, poll = self._launch_notify(routing.is_token_in_rank, routing.num_tokens_per_rank,
+                                                            routing.num_tokens_per_expert, routing.num_experts,
+                                                            routing.expert_alignment, True, stream)
+            self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
+                                                  routing.num_experts),
+                                outputs, True, num_sms, stream, row_bytes, slot_rows, bump_seq=False)
+        self.last_dispatch_fused = fused is not None
         try:
             if on_queued is not None:
                 on_queued()
@@ -640,15 +701,19 @@ class IntranodeKernels:
             if num_rows > capacity:   # the kernel would have overrun its blocks: never view past them
                 raise DeepEPError(f"rank {self.backend.rank}: dispatch received {num_rows} rows, more than the "
                                   f"{capacity} its arena blocks hold (a deepep_cupy bug)")
-            # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
-            shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
-            self.arena.shrink_all([(b, spec_nbytes(*shape)) for b, shape in zip(blocks, shapes) if b is not None])
-            recv_x, recv_scales, recv_idx, recv_w, recv_src = [
-                None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
+            if blocks is None:
+                recv_x, recv_scales, recv_idx, recv_w, recv_src = [None if a is None else a[:num_rows] for a in outputs]
+            else:
+                # each block keeps its first num_rows rows (it was taken for capacity rows); the tails go back
+                shapes = [None if spec is None else ((num_rows,) + tuple(spec[0][1:]), spec[1]) for spec in specs]
+                self.arena.shrink_all([(b, spec_nbytes(*shape)) for b, shape in zip(blocks, shapes) if b is not None])
+                recv_x, recv_scales, recv_idx, recv_w, recv_src = [
+                    None if b is None else self.arena.view(b, *shape) for b, shape in zip(blocks, shapes)]
         except BaseException:
             # the queued kernel may still write these blocks (a timeout, an interrupt): never hand
             # them out again; the buffer is out of step after this anyway
-            self._parked_blocks.extend(b for b in blocks if b is not None)
+            if blocks is not None:
+                self._parked_blocks.extend(b for b in blocks if b is not None)
             raise
         handle = IntranodeHandle(routing.is_token_in_rank, send_pos, recv_info, recv_src, int(x.shape[0]), num_rows,
                                  num_rows, 0, routing.num_experts, int(x.shape[1]))
@@ -660,7 +725,7 @@ class IntranodeKernels:
         ``num_worst_tokens``), then the data kernel; ``src_tags`` as in ``dispatch``.
         A direct dispatch queues its data kernel before the host waits (``_notify_and_dispatch_ahead``,
         which calls ``on_queued`` then); the other paths never call ``on_queued``."""
-        self.last_dispatch_ahead = False
+        self.last_dispatch_ahead = self.last_dispatch_fused = False
         if num_worst_tokens == 0 and self._direct_enabled(src_tags):
             done = self._notify_and_dispatch_ahead(payload, routing, num_sms, stream, on_queued)
             if done is not None:

@@ -11,7 +11,8 @@ import pytest
 
 from deepep_cupy.arena import ReceiveArena
 from deepep_cupy.dispatch_args import DispatchPayload, DispatchRouting
-from deepep_cupy.intranode import IntranodeKernels, SymmetricLayout, arena_row_bytes, dispatch_row_bytes, size_hint
+from deepep_cupy.intranode import (CopyPlan, IntranodeKernels, SymmetricLayout, arena_row_bytes, dispatch_row_bytes,
+                                  size_hint)
 
 
 def test_alloc_is_aligned_first_fit_and_fails_when_full():
@@ -156,27 +157,30 @@ def test_holds_only_arrays_wholly_inside():
     assert not arena.holds(Arr(1 << 20, 64, contiguous=False))
 
 
+@pytest.mark.parametrize("exchange", ["notify-kernel", "fused"])
 @pytest.mark.parametrize("fail_in", ["poll", "on_queued", "overrun"])
-def test_failed_fresh_dispatch_parks_its_blocks(fail_in):
+def test_failed_fresh_dispatch_parks_its_blocks(fail_in, exchange):
     """A fresh direct dispatch whose host side fails after its kernel is queued (a notify timeout,
     an interrupt, a count past its blocks) never returns the kernel's arena blocks: the kernel may
-    still write them."""
+    still write them. With the notify kernel, and with the fused exchange."""
     from deepep_cupy.errors import DeepEPError, DeepEPTimeout
     arena = ReceiveArena(base_ptr=1 << 20, nbytes=1 << 20, device_id=0)
     launched = []
 
+    def poll():
+        if fail_in == "poll":
+            raise DeepEPTimeout("rank 0: dispatch notify did not finish")
+        # [offsets (R+1), counts (R), per-expert]: row count at index R
+        return np.array([0, 0, 10 ** 6 if fail_in == "overrun" else 5, 0, 0, 0], np.int32)
+
     def launch_notify(*args):
-        def poll():
-            if fail_in == "poll":
-                raise DeepEPTimeout("rank 0: dispatch notify did not finish")
-            # [offsets (R+1), counts (R), per-expert]: row count at index R
-            return np.array([0, 0, 10 ** 6 if fail_in == "overrun" else 5, 0, 0, 0], np.int32)
+        assert exchange == "notify-kernel", "the fused exchange launched notify"
         return "send_pos", "recv_info", poll
 
     def on_queued():
         if fail_in == "on_queued":
             raise KeyboardInterrupt
-    self = _fake_intranode(arena, launch_notify, launched)
+    self = _fake_intranode(arena, launch_notify, launched, fused_poll=poll if exchange == "fused" else None)
     x, idx = np.zeros((16, 32), np.uint16), np.zeros((16, 4), np.int64)
     expected = {"poll": DeepEPTimeout, "on_queued": KeyboardInterrupt, "overrun": DeepEPError}[fail_in]
     with pytest.raises(expected, match="more than the" if fail_in == "overrun" else None):
@@ -221,6 +225,52 @@ def test_fresh_dispatch_makes_its_arrays_after_the_poll():
     assert arena.free_bytes == arena.nbytes - sum(b.nbytes for b in blocks) and not self._parked_blocks
 
 
+def test_fused_fresh_dispatch_is_one_launch():
+    """With the fused count exchange a fresh dispatch launches the data kernel alone (no notify),
+    asking it to bump the seq, exchange the counts for ``routing`` and write the host record, into
+    arena blocks sized for capacity rows; after the poll the arrays take the polled row count."""
+    arena = _ViewlessArena(base_ptr=1 << 20, nbytes=1 << 20, device_id=0)
+    launched, num_rows = [], 21
+
+    def launch_notify(*args):
+        raise AssertionError("the fused exchange launched notify")
+    poll = lambda: np.array([0, 9, num_rows, 9, 12, 7, 14], np.int32)   # noqa: E731
+    self = _fake_intranode(arena, launch_notify, launched, fused_poll=poll)
+    x, idx = np.zeros((16, 256), np.uint8), np.zeros((16, 4), np.int64)
+    routing = DispatchRouting("in_rank", "per_rank", "per_expert", 4, 2)
+    recv_x, recv_s, recv_i, recv_w, per_expert, handle = IntranodeKernels._notify_and_dispatch_ahead(
+        self, DispatchPayload(x, None, idx, None), routing, 24, None)
+    assert len(launched) == 1 and all(isinstance(a, int) for a in launched[0] if a is not None)
+    direct, kw = self.launches[0]
+    assert direct is True and kw["fused"] is routing and kw["host_record"] and kw["bump_seq"]
+    assert kw["copy"].kernel == "intranode_dispatch_direct_fused"
+    assert recv_x[0] == (num_rows, 256) and recv_i[0] == (num_rows, 4) and recv_s is None and recv_w is None
+    assert per_expert == [7, 14] and handle.send_pos == "send_pos" and handle.recv_info == "recv_info"
+    assert handle.num_rows == num_rows and not self._parked_blocks
+
+
+def test_fused_fresh_dispatch_with_a_full_arena_writes_ordinary_memory():
+    """The fused exchange never falls back to the notify kernel (every rank must take the same
+    exchange, and whether an arena is full is one rank's matter): with no room in the arena the
+    outputs are ordinary arrays of capacity rows, received through staging (direct=False), and the
+    results are their first num_rows rows."""
+    arena = _ViewlessArena(base_ptr=1 << 20, nbytes=1 << 20, device_id=0)
+    hold = arena.alloc(arena.largest_free)   # the caller keeps the whole arena
+    launched, num_rows = [], 5
+    poll = lambda: np.array([0, 2, num_rows, 2, 3, 5], np.int32)   # noqa: E731
+    self = _fake_intranode(arena, None, launched, fused_poll=poll)
+    x, idx = np.zeros((16, 32), np.uint16), np.zeros((16, 4), np.int64)
+    recv_x, _, recv_i, _, per_expert, handle = IntranodeKernels._notify_and_dispatch_ahead(
+        self, DispatchPayload(x, None, idx, None), DispatchRouting("in_rank", None, None, 2, 1), 24, None)
+    capacity = 16 + 32
+    direct, kw = self.launches[0]
+    assert direct is False and kw["fused"] is not None
+    assert [a.shape for a in launched[0] if a is not None] == [(capacity, 32), (capacity, 4), (capacity,)]
+    assert recv_x.shape == (num_rows, 32) and recv_i.shape == (num_rows, 4) and handle.recv_src_idx.shape == (num_rows,)
+    assert recv_x.base is launched[0][0] and per_expert == [5] and not self._parked_blocks
+    del hold
+
+
 class _ViewlessArena(ReceiveArena):
     """A ReceiveArena whose views are (shape, dtype, block) tuples: no GPU needed."""
 
@@ -228,15 +278,27 @@ class _ViewlessArena(ReceiveArena):
         return None if block is None else (tuple(shape), np.dtype(dtype), block)
 
 
-def _fake_intranode(arena, launch_notify, launched):
+def _fake_intranode(arena, launch_notify, launched, fused_poll=None):
     """What ``IntranodeKernels._notify_and_dispatch_ahead`` reads of its ``self``, at 2 ranks with
     32-row staging slots: ``launch_notify`` stands in for notify; each data-kernel launch appends
-    its output addresses to ``launched``."""
+    its output addresses to ``launched`` (and its direct flag and keywords to ``self.launches``).
+    ``fused_poll``: the fused count exchange is on, and this is the poll of its host record
+    (notify is then never launched); ordinary outputs are numpy arrays."""
     self = type("K", (), {})()
     self.arena, self.num_ranks, self._parked_blocks = arena, 2, []
     self.backend = type("B", (), {"rank": 0})()
     self.check_dispatch_capacity = lambda *a: (64, 32)
     self._direct_specs = lambda *a, **k: IntranodeKernels._direct_specs(self, *a, **k)
     self._launch_notify = launch_notify
-    self._launch_direct = lambda *a, **k: launched.append(a[2])   # (payload, plan, outputs, ...)
+    self.launches = []
+
+    def launch_direct(*a, **k):   # (payload, plan, outputs, direct, ...)
+        launched.append(a[2])
+        self.launches.append((a[3], k))
+    self._launch_direct = launch_direct
+    fused_plan = CopyPlan("intranode_dispatch_direct_fused")
+    self._fused_notify = lambda hidden_bytes: None if fused_poll is None else fused_plan
+    self._routing_arrays = lambda num_tokens, num_local: ("send_pos", "recv_info")
+    self._host_record_poll = lambda num_local: fused_poll
+    self._ordinary_outputs = lambda specs: [None if sp is None else np.zeros(sp[0], sp[1]) for sp in specs]
     return self

@@ -12,7 +12,7 @@ import pytest
 
 from deepep_cupy import intranode, low_latency
 from deepep_cupy.config import settings
-from deepep_cupy.dispatch_args import DataPlan, DispatchPayload
+from deepep_cupy.dispatch_args import DataPlan, DispatchPayload, DispatchRouting
 from deepep_cupy.errors import DeepEPInvalid
 from deepep_cupy.intranode import (COMBINE_PARAMS, DIRECT_PARAMS, NOTIFY_PARAMS, STAGED_DISPATCH_PARAMS,
                                    IntranodeHandle, IntranodeKernels, SymmetricLayout, size_hint)
@@ -31,6 +31,8 @@ HOST_STRUCTS = {s.name: s for s in (
 # the kernels that take each struct (the combine pair through DEEPEP_COMBINE_ENTRY)
 KERNELS = {"intranode_dispatch_direct": "DirectDispatchParams", "intranode_dispatch_direct_tma": "DirectDispatchParams",
            "intranode_dispatch_direct_r8": "DirectDispatchParams",
+           "intranode_dispatch_direct_fused": "DirectDispatchParams",
+           "intranode_dispatch_direct_r8_fused": "DirectDispatchParams",
            "intranode_notify": "NotifyParams",
            "intranode_dispatch": "StagedDispatchParams", "intranode_combine_bf16": "CombineParams",
            "intranode_combine_f32": "CombineParams", "ll_dispatch_send": "LLDispatchSendParams",
@@ -278,8 +280,48 @@ def test_direct_dispatch_launch_packs_direct_params(kernels, monkeypatch):
         err=0xE0000, timeout_ns=2_500_000_000, num_tokens=T, hidden_bytes=H * 2, scale_bytes=56 * 4, num_topk=K,
         with_topk=1, with_weights=1, num_local_experts=64, num_worst_tokens=-1, rank=1, slot_rows=4096,
         row_bytes=14592, direct=1, tma_producers=2, tma_stages=8, chunk_counters=kernels.chunk_counters.data.ptr,
-        tma_split=0)
+        tma_split=0, is_token_in_rank=0, num_tokens_per_rank=0, num_tokens_per_expert=0, host_info=0,
+        expert_alignment=1)
     assert kernels.last_dispatch_direct is True
+
+
+@pytest.mark.parametrize("copy", ["registers", "registers8"])
+def test_fused_dispatch_launch_packs_the_routing(kernels, monkeypatch, copy):
+    """The fused count exchange: the register path's _fused entry point, with the routing (layout
+    arrays, alignment) and the pinned host record in the struct; no notify launch."""
+    monkeypatch.setattr(settings, "intranode_copy", copy)
+    T, H = 32, 2048
+    x, send_pos, recv_info = FakeArray((T, H), np.uint16), FakeArray((T, 4), np.int32), FakeArray(9 + 64, np.int32)
+    in_rank, per_rank, per_expert = FakeArray((T, 4), np.bool_), FakeArray(4, np.int32), FakeArray(256, np.int32)
+    plan = kernels._fused_notify(H * 2)
+    assert plan.kernel == {"registers": "intranode_dispatch_direct_fused",
+                           "registers8": "intranode_dispatch_direct_r8_fused"}[copy] and plan.producers == 0
+    outputs = (FakeArray((T, H), np.uint16), None, None, None, FakeArray(T, np.int32))
+    kernels._launch_direct(DispatchPayload(x), DataPlan(in_rank, send_pos, recv_info, T, 256), outputs, False, 8,
+                           contextlib.nullcontext(), row_bytes=4112, slot_rows=64, bump_seq=True, copy=plan,
+                           fused=DispatchRouting(in_rank, per_rank, per_expert, 256, 4), host_record=True)
+    bump, launch = kernels.module.launches
+    assert bump[0] == "intranode_bump_seq" and launch[0] == plan.kernel
+    words = unpack(DIRECT_PARAMS, launch)
+    assert (words["is_token_in_rank"], words["num_tokens_per_rank"], words["num_tokens_per_expert"]) == (
+        in_rank.data.ptr, per_rank.data.ptr, per_expert.data.ptr)
+    assert words["host_info"] == 0xF0000 and words["expert_alignment"] == 4 and words["direct"] == 0
+    assert (words["send_pos"], words["recv_info"]) == (send_pos.data.ptr, recv_info.data.ptr)   # the kernel fills them
+
+
+def test_fused_exchange_setting(kernels, monkeypatch):
+    """settings.intranode_notify: "kernel" and the TMA paths keep the notify kernel (None); an unknown
+    value raises before any launch."""
+    assert kernels._fused_notify(4096) is not None
+    monkeypatch.setattr(settings, "intranode_copy", "tma")
+    assert kernels._fused_notify(4096) is None
+    monkeypatch.setattr(settings, "intranode_copy", "registers")
+    monkeypatch.setattr(settings, "intranode_notify", "kernel")
+    assert kernels._fused_notify(4096) is None
+    monkeypatch.setattr(settings, "intranode_notify", "inline")
+    with pytest.raises(DeepEPInvalid, match="settings.intranode_notify: expected one of 'fused', 'kernel', got 'inline'"):
+        kernels._fused_notify(4096)
+    assert kernels.module.launches == []
 
 
 @pytest.mark.parametrize("copy", ["tma", "tma-grid", "registers", "registers8"])

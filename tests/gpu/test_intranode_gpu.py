@@ -169,37 +169,48 @@ def test_dispatch_without_topk_routes_by_rank_mask(buf):
 def dispatch_kernel(request):
     """settings.intranode_dispatch (and intranode_copy: "direct-<path>" is the direct kernel with
     intranode_copy = <path>, e.g. "direct-tma" TMA bulk copies over block ranges, "direct" its
-    default register copies) for one test, restored afterwards."""
+    default register copies; a "+notify-kernel" suffix sets intranode_notify = "kernel", the notify
+    kernel before the data kernel instead of the fused exchange) for one test, restored afterwards."""
     import deepep_cupy as ep
-    old = ep.settings.intranode_dispatch, ep.settings.intranode_copy
-    ep.settings.intranode_dispatch = "direct" if request.param.startswith("direct") else request.param
-    ep.settings.intranode_copy = (request.param.removeprefix("direct-") if request.param.startswith("direct-")
-                                  else "registers")
+    old = ep.settings.intranode_dispatch, ep.settings.intranode_copy, ep.settings.intranode_notify
+    kind, _, notify = request.param.partition("+notify-")
+    ep.settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
+    ep.settings.intranode_copy = kind.removeprefix("direct-") if kind.startswith("direct-") else "registers"
+    ep.settings.intranode_notify = notify or "fused"
     yield request.param
-    ep.settings.intranode_dispatch, ep.settings.intranode_copy = old
+    ep.settings.intranode_dispatch, ep.settings.intranode_copy, ep.settings.intranode_notify = old
+
+
+def expects_fused(dispatch_kernel: str) -> bool:
+    """Whether a fresh dispatch under the ``dispatch_kernel`` fixture's setting exchanges its counts
+    inside the data kernel: the direct kernel's register paths with the default notify mode."""
+    return dispatch_kernel in ("direct", "direct-registers8")
 
 
 @pytest.mark.parametrize("dispatch_kernel,arena_full_on", [("staged", None), ("direct", None), ("direct", 0),
-                                                           ("direct", "all"), ("direct-tma", None),
+                                                           ("direct", "all"), ("direct+notify-kernel", None),
+                                                           ("direct+notify-kernel", 0), ("direct-tma", None),
                                                            ("direct-tma", 0), ("direct-tma-grid", None),
                                                            ("direct-tma-grid", 0), ("direct-registers8", None)],
                          indirect=["dispatch_kernel"], ids=["staged", "direct", "direct-rank0-arena-full",
-                                                            "direct-all-arenas-full", "direct-tma",
+                                                            "direct-all-arenas-full", "direct-notify-kernel",
+                                                            "direct-notify-kernel-rank0-arena-full", "direct-tma",
                                                             "direct-tma-rank0-arena-full", "direct-tma-grid",
                                                             "direct-tma-grid-rank0-arena-full", "direct-registers8"])
 @pytest.mark.parametrize("tokens,hidden,kind,fp8", [(4096, 7168, "random", False), (129, 2048, "hot", False),
                                                     (1000, 4096, "rank0_only", True), (0, 2048, "random", False),
                                                     (129, 9216, "random", True)])   # 72 scale words a row
 def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on, tokens, hidden, kind, fp8):
-    """The staged kernel, and the direct kernel (register copies, and TMA copies) with every
-    receiver direct, with rank 0 staged (its arena held full, the others direct: the modes mix
-    within one operation) and with every receiver staged: all bit-exact against the reference
-    (dispatch, combine, cached dispatch)."""
+    """The staged kernel, and the direct kernel (register copies, and TMA copies; the fresh
+    dispatch with the fused count exchange, and with the notify kernel) with every receiver direct,
+    with rank 0 staged (its arena held full, the others direct: the modes mix within one operation)
+    and with every receiver staged: all bit-exact against the reference (dispatch, combine, cached
+    dispatch)."""
     kernels = buf._backend.intranode()
     row = hidden * (1 if fp8 else 2)   # the launched rows' bytes
     plan = kernels._copy_plan(row)
     producers, stages, smem, split = plan.producers, plan.stages, plan.smem, plan.split
-    if dispatch_kernel in ("direct", "direct-registers8"):
+    if dispatch_kernel in ("direct", "direct-registers8", "direct+notify-kernel"):
         assert (producers, stages, smem, split) == (0, 0, 0, 0)
     elif dispatch_kernel.startswith("direct-tma"):   # every size here takes the TMA path
         assert producers > 0 and stages >= 4 and smem == producers * stages * row, (producers, stages)
@@ -214,13 +225,18 @@ def test_dispatch_kernels_and_receive_modes(buf, dispatch_kernel, arena_full_on,
         problems = run_case(buf, seed, tokens, hidden, 8, 256, kind, fp8=fp8, with_weights=True,
                             use_cached=not fp8, alignment=1)
         want_direct = dispatch_kernel.startswith("direct") and hold is None
+        want_fused = expects_fused(dispatch_kernel)
         if kernels.last_dispatch_direct != want_direct:
             problems.append(f"rank {buf.rank}: last dispatch direct={kernels.last_dispatch_direct}, "
                             f"expected {want_direct}")
-        # the fresh dispatch queued its data kernel before the host's poll exactly when direct
-        if kernels.last_dispatch_ahead != want_direct:
+        # the fresh dispatch queued its data kernel before the host's poll when its receiver was
+        # direct, and always with the fused exchange (a full arena: outputs in ordinary memory)
+        if kernels.last_dispatch_ahead != (want_direct or want_fused):
             problems.append(f"rank {buf.rank}: last fresh dispatch queued ahead of the poll="
-                            f"{kernels.last_dispatch_ahead}, expected {want_direct}")
+                            f"{kernels.last_dispatch_ahead}, expected {want_direct or want_fused}")
+        if kernels.last_dispatch_fused != want_fused:
+            problems.append(f"rank {buf.rank}: last fresh dispatch fused={kernels.last_dispatch_fused}, "
+                            f"expected {want_fused}")
     finally:
         del hold
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
@@ -254,6 +270,28 @@ def test_tma_block_ranges(buf, dispatch_kernel, tokens, num_sms, hidden, fp8):
                              with_weights=True, use_cached=not fp8, config=ep.Config(num_sms=num_sms))
         if not kernels.last_dispatch_direct:
             problems.append(f"rank {buf.rank}: the dispatch did not take the direct kernel")
+    assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
+
+
+@pytest.mark.parametrize("tokens,num_sms,hidden,fp8", [(4500, 2, 2048, False), (8300, 4, 2048, True),
+                                                       (33, 24, 4096, False), (1, 2, 2048, True)],
+                         ids=["4500-tokens-2-blocks", "8300-tokens-4-blocks-fp8", "33-tokens-24-blocks",
+                              "1-token-2-blocks-fp8"])
+def test_fused_exchange_windows(buf, tokens, num_sms, hidden, fp8):
+    """The fused count exchange derives each block's send positions a window of 64 own chunks at a
+    time: blocks with more than one window (4500 tokens over 2 blocks: 71 chunks for block 0; 8300
+    over 4: 65), blocks with no chunk at all (33 tokens over 24 blocks, 1 over 2): bit-exact against
+    the reference (dispatch, combine, cached dispatch reusing the send positions the kernel wrote),
+    twice in a row (the entries alternate by parity), with the fused kernel the one that ran."""
+    import deepep_cupy as ep
+    kernels = buf._backend.intranode()
+    problems = []
+    for rep in range(2):
+        problems += run_case(buf, 4300 + tokens + num_sms + rep, tokens, hidden, 8, 64, "random", fp8=fp8,
+                             with_weights=True, use_cached=not fp8, config=ep.Config(num_sms=num_sms))
+        if not (kernels.last_dispatch_fused and kernels.last_dispatch_ahead):
+            problems.append(f"rank {buf.rank}: fused={kernels.last_dispatch_fused}, "
+                            f"ahead={kernels.last_dispatch_ahead}: not the fused kernel")
     assert_all_ranks(world(), not problems, "\n".join(problems[:6]))
 
 
