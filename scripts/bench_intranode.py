@@ -69,9 +69,18 @@ def use_dispatch_kernel(settings, kind: str) -> None:
     """Select a --dispatch-kernels entry: "staged", "direct" (the direct kernel, register copies) or
     "direct-<path>", the direct kernel with settings.intranode_copy = <path>: "direct-registers8"
     (8 loads a lane in flight), "direct-tma" / "direct-tma-grid" (TMA bulk copies over block ranges /
-    grid-strided)."""
+    grid-strided). A "+notify-kernel" suffix: settings.intranode_notify = "kernel" (fresh dispatches
+    run the notify kernel first instead of the fused count exchange)."""
+    kind, _, notify = kind.partition("+notify-")
     settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
     settings.intranode_copy = kind.removeprefix("direct-") if kind.startswith("direct-") else "registers"
+    settings.intranode_notify = notify or "fused"
+
+
+def ep_copy_paths() -> tuple:
+    """settings.intranode_copy's values (deepep_cupy.intranode.COPY_PATHS)."""
+    from deepep_cupy.intranode import COPY_PATHS
+    return COPY_PATHS
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
@@ -112,17 +121,24 @@ def main():
     ap.add_argument("--sms", default="8,16,24,32")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-nccl", action="store_true")
-    ap.add_argument("--dispatch-kernels", default="direct,direct-tma,direct-tma-grid,staged",
+    ap.add_argument("--dispatch-kernels", default="direct,direct+notify-kernel,direct-tma,staged",
                     help="dispatch kernels to time side by side (one node only): direct (one copy per "
-                         "row into the receivers' arenas, 16-byte register copies), direct-<path> (the "
-                         "same kernel with settings.intranode_copy = <path>: direct-registers8, "
-                         "direct-tma, direct-tma-grid) and staged (the earlier kernel, two copies); "
-                         "the first is also the one combine follows")
+                         "row into the receivers' arenas, 16-byte register copies, the fused count "
+                         "exchange), direct-<path> (the same kernel with settings.intranode_copy = "
+                         "<path>: direct-registers8, direct-tma, direct-tma-grid), a +notify-kernel "
+                         "suffix (fresh dispatches run the notify kernel first) and staged (the earlier "
+                         "kernel, two copies); the first is also the one combine follows")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="ranks per node; fewer than the rank count benchmarks the hierarchical "
                          "(internode) path with the ranks split into nodes of this many "
                          "(default: all ranks on one node)")
     args = ap.parse_args()
+    for kind in args.dispatch_kernels.split(","):   # before any GPU work: a typo costs no device time
+        base, _, notify = kind.partition("+notify-")
+        path = base.removeprefix("direct-") if base.startswith("direct-") else "registers"
+        if base not in ("direct", "staged") and not base.startswith("direct-") or notify not in ("", "kernel") \
+                or path not in ep_copy_paths():
+            ap.error(f"--dispatch-kernels: unknown kind {kind!r}")
 
     from mpi4py import MPI
     import cupy as cp
