@@ -26,7 +26,7 @@ PHASES = {
     13: "combine receive (waiting for a peer's chunk)",
     14: "cached dispatch barrier (waiting for a peer to start dispatch)",
     15: "dispatch: more rows than num_worst_tokens (rows dropped)",
-    16: "direct dispatch setup (waiting for a peer's output addresses)",
+    16: "direct dispatch setup (waiting for a peer's output addresses, and in a fresh dispatch its counts)",
     17: "combine completion (waiting for a peer to finish reading this rank's rows)",
     18: "direct dispatch send (a role of the TMA send path waiting for another warp of its block)",
     20: "low-latency dispatch receive (waiting for a peer's tokens)",
