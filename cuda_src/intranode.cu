@@ -268,6 +268,31 @@ DEEPEP_DEVICE void send_rows(const Team& team, const PeerBases& peers, const Lay
 
 #include "intranode_params.cuh"   // NotifyParams, StagedDispatchParams, CombineParams
 
+// ---- the receive-layout exchange, shared by notify and the fused direct dispatch -------------------
+// Word i of the notify slot a rank posts to rank s: [0] its rows to s, [1] its token count,
+// [2 + l] its tokens for s's local expert l. (`PerRank` / `PerExpert`: pointers or ReadOnly.)
+template <typename PerRank, typename PerExpert>
+DEEPEP_DEVICE int notify_slot_word(const PerRank& num_tokens_per_rank, const PerExpert& num_tokens_per_expert,
+                                   int num_tokens, int num_local_experts, int s, int i) {
+    if (i == 0) return num_tokens_per_rank[s];
+    if (i == 1) return num_tokens;
+    return num_tokens_per_expert[s * num_local_experts + (i - 2)];
+}
+
+// Rows this rank receives for local expert l, summed over every source's slot, aligned up.
+DEEPEP_DEVICE int aligned_expert_total(const volatile int* slots, int notify_ints, int l, int expert_alignment) {
+    int total = 0;
+    for (int s = 0; s < kNumRanks; ++s) total += slots[s * notify_ints + 2 + l];
+    return (total + expert_alignment - 1) / expert_alignment * expert_alignment;
+}
+
+// The seq word of the pinned host record: an int64 at a fixed position after the largest receive
+// layout (2R + 1 + L words with L = notify_ints - 2), written last; the host polls it
+// (intranode.py, IntranodeKernels._seq_word_index).
+DEEPEP_DEVICE volatile long long* host_seq_word(int* host_info, const Layout& layout) {
+    return reinterpret_cast<volatile long long*>(host_info + ((2 * kNumRanks + 1 + (layout.notify_ints - 2) + 1) & ~1));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Every operation starts with this one-thread launch: the operation's sequence number lives in
 // device memory, so a captured CUDA graph advances it on every replay.
@@ -341,10 +366,7 @@ intranode_notify(const NotifyParams p) {
     const long long parity = static_cast<long long>(seq & 1) * kNumRanks * layout.notify_ints;
     int* slot = at<int>(peers.base[j], layout.notify_slots) + parity + rank * layout.notify_ints;
     for (int i = threadIdx.x; i < 2 + num_local_experts; i += blockDim.x) {
-        int v;
-        if (i == 0) v = num_tokens_per_rank[j];
-        else if (i == 1) v = num_tokens;
-        else v = num_tokens_per_expert[j * num_local_experts + (i - 2)];
+        const int v = notify_slot_word(num_tokens_per_rank, num_tokens_per_expert, num_tokens, num_local_experts, j, i);
         remote_store_i32(team, j, slot + i, v);
     }
     __syncthreads();
@@ -363,8 +385,7 @@ intranode_notify(const NotifyParams p) {
     __syncthreads();
     const volatile int* slots = at<int>(peers.base[rank], layout.notify_slots) + parity;
     const int num_info = 2 * kNumRanks + 1 + num_local_experts;
-    volatile long long* host_seq = reinterpret_cast<volatile long long*>(
-        host_info + ((2 * kNumRanks + 1 + (layout.notify_ints - 2) + 1) & ~1));
+    volatile long long* host_seq = host_seq_word(host_info, layout);
     if (!ok) {  // timed out: an empty receive layout, so the data kernel moves nothing
         for (int i = threadIdx.x; i < num_info; i += blockDim.x) recv_info[i] = 0;
         if (threadIdx.x == 0 && host_info != nullptr) {
@@ -382,12 +403,8 @@ intranode_notify(const NotifyParams p) {
         }
         recv_info[kNumRanks] = acc;
     }
-    for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x) {
-        int total = 0;
-        for (int s = 0; s < kNumRanks; ++s) total += slots[s * layout.notify_ints + 2 + l];
-        total = (total + expert_alignment - 1) / expert_alignment * expert_alignment;
-        recv_info[2 * kNumRanks + 1 + l] = total;
-    }
+    for (int l = threadIdx.x; l < num_local_experts; l += blockDim.x)
+        recv_info[2 * kNumRanks + 1 + l] = aligned_expert_total(slots, layout.notify_ints, l, expert_alignment);
     __syncthreads();
     if (host_info == nullptr) return;   // num_worst_tokens: the host does not wait
     for (int i = threadIdx.x; i < num_info; i += blockDim.x) host_info[i] = recv_info[i];

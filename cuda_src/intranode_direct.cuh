@@ -653,8 +653,8 @@ DEEPEP_DEVICE void post_fused_entries(const DirectDispatchParams& p, const PeerB
     for (int s = 0; s < kNumRanks; ++s) {   // slot `rank` at s: [0] rows to s, [1] tokens, [2 + l] per expert of s
         int* slot = at<int>(peers.base[s], layout.notify_slots) + parity + rank * layout.notify_ints;
         for (int i = threadIdx.x; i < 2 + num_local; i += blockDim.x)
-            slot[i] = i == 0 ? p.num_tokens_per_rank[s]
-                      : i == 1 ? static_cast<int>(p.num_tokens) : p.num_tokens_per_expert[s * num_local + i - 2];
+            slot[i] = notify_slot_word(p.num_tokens_per_rank, p.num_tokens_per_expert, static_cast<int>(p.num_tokens),
+                                       num_local, s, i);
     }
     if (threadIdx.x < kNumRanks) {
         const int s = threadIdx.x;
@@ -746,17 +746,10 @@ DEEPEP_DEVICE void record_fused_layout(const DirectDispatchParams& p, const Peer
                                 static_cast<long long>(seq & 1) * kNumRanks * layout.notify_ints;
     const int num_info = 2 * kNumRanks + 1 + num_local;
     for (int i = threadIdx.x; i < num_info; i += blockDim.x) {
-        int v = 0;
-        if (!ok) {
-        } else if (i <= kNumRanks) {
-            v = f.recv_offsets[i];
-        } else if (i <= 2 * kNumRanks) {
-            v = f.src_tokens[i - kNumRanks - 1];
-        } else {
-            const int l = i - 2 * kNumRanks - 1;
-            for (int s = 0; s < kNumRanks; ++s) v += slots[s * layout.notify_ints + 2 + l];
-            v = (v + align - 1) / align * align;
-        }
+        const int v = !ok ? 0
+                      : i <= kNumRanks ? f.recv_offsets[i]
+                      : i <= 2 * kNumRanks ? f.src_tokens[i - kNumRanks - 1]
+                      : aligned_expert_total(slots, layout.notify_ints, i - 2 * kNumRanks - 1, align);
         p.recv_info[i] = v;
         if (p.host_info != nullptr) p.host_info[i] = v;
     }
@@ -764,9 +757,7 @@ DEEPEP_DEVICE void record_fused_layout(const DirectDispatchParams& p, const Peer
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        volatile long long* host_seq = reinterpret_cast<volatile long long*>(
-            p.host_info + ((2 * kNumRanks + 1 + (layout.notify_ints - 2) + 1) & ~1));
-        *host_seq = static_cast<long long>(seq);
+        *host_seq_word(p.host_info, layout) = static_cast<long long>(seq);
     }
 }
 
@@ -865,7 +856,6 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     __shared__ DestInfo s_dest[kNumRanks];
     __shared__ bool s_ok;
     // the fused count exchange (register path only; the host never asks the TMA path for it)
-    constexpr bool fused = kFused;
     FusedShared* fs = nullptr;
     if constexpr (kFused) {
         __shared__ FusedShared s_fused;
@@ -874,7 +864,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const int own_chunks = static_cast<int>(blockIdx.x) < num_chunks
                                ? (num_chunks - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 0;
 
-    if (fused) {
+    if constexpr (kFused) {
         // 0. post this rank's counts and output places to every rank; scan this block's first send
         //    positions while the peers' entries travel; then gather theirs
         if (blockIdx.x == 0) post_fused_entries(p, peers, layout, rank, seq);
@@ -914,7 +904,7 @@ DEEPEP_DEVICE void dispatch_direct(const DirectDispatchParams& p) {
     const int tma_chunks = !kTma ? 0
                            : grid_split ? GridSplit::of(num_tokens, producers).count()
                                         : RangeSplit::of(num_tokens, producers).count();
-    if (!fused && (kTma ? tma_chunks > 0 : own_chunks > 0)) {
+    if (!kFused && (kTma ? tma_chunks > 0 : own_chunks > 0)) {
         if (threadIdx.x == 0) s_ok = true;
         __syncthreads();
         if (threadIdx.x < kNumRanks && static_cast<int>(threadIdx.x) != rank) {
