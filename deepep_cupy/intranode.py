@@ -109,8 +109,8 @@ class SymmetricLayout:
     combine_staging: int
     staging_bytes: int             # bytes of each staging area
     send_staging: int = 0          # puts transport only: this rank's rows before they are put
-    direct_info: int = 0           # int64 [2 parities][R][DIRECT_INFO_WORDS]: each peer's entry (where it wants
-                                   #   this rank's rows; fused: its counts too)
+    direct_info: int = 0           # int64 [2 parities][R][DIRECT_INFO_WORDS]: each peer's entry (where it
+                                   #   wants this rank's rows; fused: its counts too)
     direct_flags: int = 0          # uint64 [R]: seq of each receiver's direct_info entry
     combine_info: int = 0          # int64 [2 parities][R][4]: {mode, x offset, weights offset, seq} of each peer's combine
     combine_info_flags: int = 0    # uint64 [R]: seq of each peer's combine_info entry
@@ -126,7 +126,8 @@ class SymmetricLayout:
         return (("notify_slots", 2 * r * (MAX_LOCAL_EXPERTS + 2) * 4),
                 ("notify_flags", 8 * r), ("barrier_flags", 8 * r),
                 ("dispatch_flags", 8 * r * MAX_CHUNKS), ("dispatch_ranges", 8 * r * MAX_CHUNKS),
-                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 2 * r * DIRECT_INFO_WORDS), ("direct_flags", 8 * r),
+                ("combine_flags", 8 * r * MAX_CHUNKS), ("direct_info", 8 * 2 * r * DIRECT_INFO_WORDS),
+                ("direct_flags", 8 * r),
                 ("combine_info", 8 * 2 * r * 4), ("combine_info_flags", 8 * r), ("combine_done", 8 * 2 * r + 8))
 
     @staticmethod
@@ -378,7 +379,7 @@ class IntranodeKernels:
         # whether the last fresh dispatch queued its data kernel before the host's poll (benchmarks,
         # tests): False when it took notify, poll, allocate, launch (num_worst_tokens, staged, arena full)
         self.last_dispatch_ahead = False
-        self.last_dispatch_fused = False     # whether the last fresh dispatch exchanged its counts in the data kernel (tests)
+        self.last_dispatch_fused = False     # whether it exchanged its counts in the data kernel (tests)
         # arena blocks a fresh dispatch's kernel may still write when its host side failed (never reused)
         self._parked_blocks: list = []
         if self.layout.arena_bytes > 0:
@@ -667,30 +668,27 @@ class IntranodeKernels:
         row_bytes, slot_rows = self.check_dispatch_capacity(x, payload.x_scales, payload.topk_idx)
         capacity = max(1, int(x.shape[0]) + (self.num_ranks - 1) * slot_rows)
         specs = self._direct_specs(payload, capacity, cached=False)
-        fused = self._fused_notify(int(x.shape[1]) * x.itemsize)
+        fused_plan = self._fused_notify(int(x.shape[1]) * x.itemsize)
+        fused = fused_plan is not None
         blocks = self.arena.take(specs)
-        if blocks is None and fused is None:
+        if blocks is None and not fused:
             return None
         if blocks is None:   # outputs the senders cannot reach: they come through staging (mode 2)
             outputs = self._ordinary_outputs(specs)
         else:                # the kernel needs only the blocks' addresses: the arrays are made once the count is known
             outputs = [None if b is None else b.ptr for b in blocks]
-        if fused is not None:
+        if fused:            # the data kernel fills send_pos, recv_info and the host record itself
             num_local = routing.num_experts // self.num_ranks
             send_pos, recv_info = self._routing_arrays(int(x.shape[0]), num_local)
             poll = self._host_record_poll(num_local)
-            self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
-                                                  routing.num_experts),
-                                outputs, blocks is not None, num_sms, stream, row_bytes, slot_rows, bump_seq=True,
-                                copy=fused, fused=routing, host_record=True)
-        else:
+        else:                # notify (with bump_seq) fills them first
             send_pos, recv_info, poll = self._launch_notify(routing.is_token_in_rank, routing.num_tokens_per_rank,
                                                             routing.num_tokens_per_expert, routing.num_experts,
                                                             routing.expert_alignment, True, stream)
-            self._launch_direct(payload, DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity,
-                                                  routing.num_experts),
-                                outputs, True, num_sms, stream, row_bytes, slot_rows, bump_seq=False)
-        self.last_dispatch_fused = fused is not None
+        plan = DataPlan(routing.is_token_in_rank, send_pos, recv_info, capacity, routing.num_experts)
+        self._launch_direct(payload, plan, outputs, blocks is not None, num_sms, stream, row_bytes, slot_rows,
+                            bump_seq=fused, copy=fused_plan, fused=routing if fused else None, host_record=fused)
+        self.last_dispatch_fused = fused
         try:
             if on_queued is not None:
                 on_queued()

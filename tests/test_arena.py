@@ -219,6 +219,8 @@ def test_fresh_dispatch_makes_its_arrays_after_the_poll():
     assert handle.recv_src_idx[0] == (num_rows,) and handle.num_tokens == 16 and handle.hidden == 256
     blocks = [v[2] for v in (recv_x, recv_s, recv_i, recv_w, handle.recv_src_idx)]
     assert launched == [[b.ptr for b in blocks]]
+    # with the notify kernel: notify bumped the seq; the data kernel exchanges no counts
+    assert self.launches == [(True, dict(bump_seq=False, copy=None, fused=None, host_record=False))]
     need = [num_rows * 256, num_rows * 8, num_rows * 32, num_rows * 16, num_rows * 4]
     assert [b.nbytes for b in blocks] == [(n + 255) // 256 * 256 for n in need]
     assert capacity * 256 > blocks[0].nbytes     # the tail went back
