@@ -65,22 +65,25 @@ def sm_bytes(op, tokens_sent, own_rows, sent_remote, recv_remote, row_bytes, pul
     return (tokens_sent + own_rows + sent_remote) * row_bytes
 
 
-def use_dispatch_kernel(settings, kind: str) -> None:
-    """Select a --dispatch-kernels entry: "staged", "direct" (the direct kernel, register copies) or
+def parse_dispatch_kind(kind: str):
+    """A --dispatch-kernels entry as (intranode_dispatch, intranode_copy, intranode_notify), or None
+    when it names no kind: "staged", "direct" (the direct kernel, register copies) or
     "direct-<path>", the direct kernel with settings.intranode_copy = <path>: "direct-registers8"
     (8 loads a lane in flight), "direct-tma" / "direct-tma-grid" (TMA bulk copies over block ranges /
-    grid-strided). A "+notify-kernel" suffix: settings.intranode_notify = "kernel" (fresh dispatches
+    grid-strided); a "+notify-kernel" suffix: settings.intranode_notify = "kernel" (fresh dispatches
     run the notify kernel first instead of the fused count exchange)."""
-    kind, _, notify = kind.partition("+notify-")
-    settings.intranode_dispatch = "direct" if kind.startswith("direct") else kind
-    settings.intranode_copy = kind.removeprefix("direct-") if kind.startswith("direct-") else "registers"
-    settings.intranode_notify = notify or "fused"
-
-
-def ep_copy_paths() -> tuple:
-    """settings.intranode_copy's values (deepep_cupy.intranode.COPY_PATHS)."""
     from deepep_cupy.intranode import COPY_PATHS
-    return COPY_PATHS
+    base, _, notify = kind.partition("+notify-")
+    copy = base.removeprefix("direct-") if base.startswith("direct-") else "registers"
+    if base not in ("direct", "staged") and not base.startswith("direct-") or copy not in COPY_PATHS \
+            or notify not in ("", "kernel"):
+        return None
+    return ("direct" if base.startswith("direct") else base), copy, notify or "fused"
+
+
+def use_dispatch_kernel(settings, kind: str) -> None:
+    """Select a --dispatch-kernels entry (``parse_dispatch_kind``)."""
+    settings.intranode_dispatch, settings.intranode_copy, settings.intranode_notify = parse_dispatch_kind(kind)
 
 
 def rows_to_other_nodes(topk, num_experts, num_nodes, node):
@@ -134,10 +137,7 @@ def main():
                          "(default: all ranks on one node)")
     args = ap.parse_args()
     for kind in args.dispatch_kernels.split(","):   # before any GPU work: a typo costs no device time
-        base, _, notify = kind.partition("+notify-")
-        path = base.removeprefix("direct-") if base.startswith("direct-") else "registers"
-        if base not in ("direct", "staged") and not base.startswith("direct-") or notify not in ("", "kernel") \
-                or path not in ep_copy_paths():
+        if parse_dispatch_kind(kind) is None:
             ap.error(f"--dispatch-kernels: unknown kind {kind!r}")
 
     from mpi4py import MPI
